@@ -1,0 +1,159 @@
+"""Text sources -> token windows, for calibration (random windows) and evaluation (non-overlapping windows).
+
+A source is a named dataset (``wikitext2``, ``c4``, ``ptb``), any Hub dataset (``hf:NAME[:CONFIG[:SPLIT]]``), or a
+local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` file. Documents are joined with a blank line, as the Wanda and
+SparseGPT references do, then tokenized once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from llmprune.errors import UserError
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+# name -> (dataset, config, calibration split, evaluation split, text field, extra load_dataset kwargs)
+NAMED = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text", {}),
+    "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence", {}),
+    # The first shard of each C4 split, as the Wanda/SparseGPT references use.
+    "c4": (
+        "allenai/c4",
+        None,
+        "train",
+        "validation",
+        "text",
+        {
+            "data_files": {
+                "train": "en/c4-train.00000-of-01024.json.gz",
+                "validation": "en/c4-validation.00000-of-00008.json.gz",
+            }
+        },
+    ),
+}
+
+
+def describe(source: str) -> str:
+    return f"'{source}'"
+
+
+def _offline_error(source: str, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"cannot load dataset {describe(source)} from the Hugging Face Hub ({first[:160]}); "
+        "offline, pass a local file instead: --dataset path/to/text.txt|.jsonl|.parquet"
+    )
+
+
+def _texts_from_local(path: Path, text_field: str) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"dataset file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suffix in (".jsonl", ".json"):
+        raw = path.read_text(encoding="utf-8")
+        try:
+            if suffix == ".jsonl":
+                rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            else:
+                rows = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+        if isinstance(rows, dict):
+            rows = rows.get("data", rows.get("rows"))
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise UserError(f"{path}: expected a list of objects with a '{text_field}' field")
+        if rows and not any(text_field in r for r in rows):
+            raise UserError(f"{path}: no row has a '{text_field}' field (choose one with --text-field)")
+        return [str(r[text_field]) for r in rows if text_field in r]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise UserError(
+                f"{path}: no column '{text_field}' (columns: {', '.join(table.column_names)}); use --text-field"
+            )
+        return [str(t) for t in table.column(text_field).to_pylist() if t is not None]
+    raise UserError(f"unsupported dataset file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def load_text(source: str, purpose: str = "calibration", text_field: str = "text") -> str:
+    """The whole text of ``source``; ``purpose`` picks the split of named datasets (train vs test)."""
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        texts = _texts_from_local(path, text_field)
+    else:
+        texts = _texts_from_hub(source, purpose, text_field)
+    text = "\n\n".join(texts)
+    if not text.strip():
+        raise UserError(f"dataset {describe(source)} contains no text")
+    return text
+
+
+def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:
+    if source in NAMED:
+        name, config, calib_split, eval_split, field, kwargs = NAMED[source]
+        split = calib_split if purpose == "calibration" else eval_split
+    elif source.startswith("hf:"):
+        parts = source[3:].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise UserError(f"bad dataset source '{source}': expected hf:NAME[:CONFIG[:SPLIT]]")
+        name = parts[0]
+        config = parts[1] if len(parts) > 1 and parts[1] else None
+        split = parts[2] if len(parts) > 2 else ("train" if purpose == "calibration" else "test")
+        field, kwargs = text_field, {}
+    else:
+        raise UserError(
+            f"unknown dataset '{source}': use wikitext2, c4, ptb, hf:NAME[:CONFIG[:SPLIT]], "
+            "or a local .txt/.jsonl/.json/.parquet file"
+        )
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split, **kwargs)
+    except Exception as e:  # the datasets library raises many types for "not reachable"
+        raise _offline_error(source, e) from None
+    if field not in ds.column_names:
+        raise UserError(f"dataset {describe(source)} has no field '{field}' (columns: {', '.join(ds.column_names)})")
+    return [t for t in ds[field] if t is not None]
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The token ids of the whole text, shape [n] (int64)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return ids.to(torch.long)
+
+
+def random_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens at random starts, as the Wanda/SparseGPT references draw them."""
+    if samples <= 0:
+        raise UserError(f"--samples must be positive, got {samples}")
+    if seqlen <= 1:
+        raise UserError(f"--seqlen must be at least 2, got {seqlen}")
+    n = ids.numel()
+    if n <= seqlen + 1:
+        raise UserError(f"the dataset has {n} tokens, not enough for windows of {seqlen}; lower --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, n - seqlen - 1) for _ in range(samples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start (the tail shorter than a window is dropped)."""
+    if seqlen <= 1:
+        raise UserError(f"--seqlen must be at least 2, got {seqlen}")
+    k = ids.numel() // seqlen
+    if k == 0:
+        raise UserError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        if max_windows <= 0:
+            raise UserError(f"--max-windows must be positive, got {max_windows}")
+        k = min(k, max_windows)
+    return ids[: k * seqlen].view(k, seqlen)

@@ -1,0 +1,202 @@
+"""The one block-by-block engine: capture the inputs of block 0, then walk the blocks one at a time.
+
+Every data-driven method (Wanda, SparseGPT, Wanda++) and the streaming evaluation run through here:
+
+1. ``capture``: run the model on the windows until block 0 is called, and keep what it receives -- the hidden
+   states *and every keyword argument* (attention mask, position ids, rotary ``position_embeddings``, cache
+   position...). The decoder-layer signature changes between transformers releases, so nothing is hard-coded.
+2. ``walk``: for each block, move it to the device, let the caller collect statistics / prune, then run it again so
+   the next block sees the outputs of the *pruned* block, and move it back. Only one block is on the device at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from llmprune import arch as _arch
+from llmprune.report import progress
+
+
+@dataclass
+class Activations:
+    """Inputs of one block for the whole calibration set, in chunks of windows."""
+
+    hidden: list[torch.Tensor]  # per chunk, [batch, seqlen, hidden], stored in the activation dtype
+    kwargs: list[dict[str, Any]]  # per chunk, the keyword arguments the model passed to its blocks
+
+    @property
+    def n_samples(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+
+class _Captured(Exception):
+    """Raised by the hook on block 0 to stop the forward pass once its inputs are captured."""
+
+
+class _StopBlock(Exception):
+    """Raised by a statistics hook once every Linear of the block has seen its input: the rest is not needed."""
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _move_outside_blocks(model: nn.Module, layers: nn.ModuleList, device: torch.device | str) -> None:
+    """Move every parameter and buffer that is not in a decoder block (embeddings, rotary tables, final norm)."""
+    inside = {id(m) for m in layers.modules()}
+    for mod in model.modules():
+        if id(mod) in inside:
+            continue
+        for name, p in list(mod.named_parameters(recurse=False)):
+            p.data = p.data.to(device)
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if b is not None:
+                mod._buffers[name] = b.to(device)
+
+
+def _out_hidden(out: Any) -> torch.Tensor:
+    # Decoder layers return a tensor in recent transformers releases and a tuple in older ones.
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: str = "cpu",
+    act_dtype: torch.dtype | None = None,
+) -> Activations:
+    layers = _arch.blocks(model)
+    _move_outside_blocks(model, layers, device)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def hook(module, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.to(act_dtype or h.dtype))
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, layers, "cpu")
+    return Activations(hidden, kwargs)
+
+
+def run_block(block: nn.Module, acts: Activations, device: str, keep_outputs: bool = True) -> Activations | None:
+    """Run ``block`` (already on ``device``) over every chunk; returns its outputs as the next block's inputs."""
+    dtype = next(block.parameters()).dtype
+    outs = []
+    for h, kw in zip(acts.hidden, acts.kwargs):
+        try:
+            out = _out_hidden(block(h.to(device=device, dtype=dtype), **kw))
+        except _StopBlock:
+            continue
+        if keep_outputs:
+            outs.append(out.to(h.dtype))
+    return Activations(outs, acts.kwargs) if keep_outputs else None
+
+
+Stat = Any  # an object with ``add(x: Tensor)``, see stats.py
+
+
+@torch.no_grad()
+def collect(block: nn.Module, acts: Activations, device: str, make_stat: Callable[[nn.Linear], Stat]) -> dict[str, Stat]:
+    """One pass of ``block`` over the activations, feeding every Linear's input to a statistic.
+
+    The pass stops as soon as every Linear has seen its input for a chunk (the block's last Linear is usually
+    followed only by a residual add), which saves the tail of the block.
+    """
+    linears = _arch.block_linears(block)
+    stats = {name: make_stat(lin) for name, lin in linears.items()}
+    seen: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(module, args):
+            stats[name].add(args[0])
+            seen.add(name)
+            if len(seen) == len(linears):
+                raise _StopBlock
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
+    try:
+        for h, kw in zip(acts.hidden, acts.kwargs):
+            seen.clear()
+            try:
+                block(h.to(device=device, dtype=next(block.parameters()).dtype), **kw)
+            except _StopBlock:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+class Walk:
+    """Iterate ``(index, block, inputs)`` with the block on ``device``.
+
+    After the caller's turn, the block is run on the inputs to make the next block's inputs (so later blocks see
+    what the *modified* block produces), and moved back to the CPU. ``outputs`` holds the last block's outputs.
+    """
+
+    def __init__(self, model: nn.Module, acts: Activations, device: str, description: str):
+        self.model, self.acts, self.device, self.description = model, acts, device, description
+        self.outputs: Activations | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, nn.Module, Activations]]:
+        layers = _arch.blocks(self.model)
+        acts = self.acts
+        with progress(self.description, total=len(layers)) as advance:
+            for i, block in enumerate(layers):
+                block.to(self.device)
+                yield i, block, acts
+                with torch.no_grad():
+                    acts = run_block(block, acts, self.device)
+                block.to("cpu")
+                advance()
+        self.outputs = acts
+
+
+def stream(model: nn.Module, acts: Activations, device: str, description: str) -> Activations:
+    """Run all blocks in sequence (no changes) and return the outputs of the last one."""
+    w = Walk(model, acts, device, description)
+    for _ in w:
+        pass
+    return w.outputs
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, hidden: torch.Tensor, device: str) -> torch.Tensor:
+    """Final norm (and projection) then lm_head, on one chunk of last-block outputs."""
+    mods = [*_arch.final_modules(model), model.get_output_embeddings()]
+    dtype = model.get_output_embeddings().weight.dtype
+    x = hidden.to(device=device, dtype=dtype)
+    for m in mods:
+        m.to(device)
+        x = m(x)
+    for m in mods:
+        m.to("cpu")
+    return x

@@ -1,0 +1,130 @@
+"""``export``: a clean Hugging Face folder with a model card written from the manifest, optionally pushed to the Hub."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmprune.errors import UserError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SKIP_PARAMS = {"json"}
+
+
+def _is_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and not Path(source).exists() and not source.endswith(".gguf")
+
+
+def _yaml_list(key: str, values: list[str]) -> list[str]:
+    return [f"{key}:"] + [f"- {v}" for v in values] if values else []
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    """README.md for the exported model: YAML front matter, the lineage of steps, the evaluation table."""
+    base = manifest.get("base_model", {})
+    steps = manifest.get("steps", [])
+    methods = sorted({s["params"].get("method") for s in steps if s["command"] == "prune" and s["params"].get("method")})
+    datasets = sorted(
+        {s["params"].get("dataset") for s in steps if s["params"].get("dataset")} & {"wikitext2", "c4", "ptb"}
+    )
+    datasets_hub = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4", "ptb": "ptb-text-only/ptb_text_only"}
+    front = ["---"]
+    if _is_hub_id(base.get("source", "")):
+        front.append(f"base_model: {base['source']}")
+    front.append("library_name: transformers")
+    front += _yaml_list("tags", ["pruned", "llmprune", *methods])
+    front += _yaml_list("datasets", [datasets_hub[d] for d in datasets])
+    front.append("---")
+
+    src = base.get("source", "unknown")
+    ident = base.get("revision") or (f"sha256 {base['sha256'][:16]}…" if base.get("sha256") else "")
+    lines = [
+        *front,
+        "",
+        f"# Pruned {Path(src).name if not _is_hub_id(src) else src}",
+        "",
+        f"This model was produced by [llmprune](https://pypi.org/project/llmprune/) from `{src}`"
+        + (f" ({ident})" if ident else "")
+        + f", a `{manifest.get('model_type', '?')}` model. It loads with plain transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")',
+        "```",
+        "",
+        "## Lineage",
+        "",
+        "| # | step | parameters | duration |",
+        "|---|---|---|---|",
+    ]
+    for i, s in enumerate(steps, 1):
+        params = ", ".join(
+            f"{k}={v}" for k, v in s["params"].items() if v is not None and k not in _SKIP_PARAMS
+        )
+        lines.append(f"| {i} | `{s['command']}` | {params} | {s['duration_s']:.1f} s |")
+    evals = [s for s in steps if s["command"] == "eval"]
+    if evals:
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            "Perplexity over non-overlapping windows (mean next-token NLL), measured by `llmprune eval` after the "
+            "step it follows.",
+            "",
+            "| after step | dataset | seqlen | windows | perplexity | parameters | sparsity (block Linears) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in evals:
+            idx = steps.index(s)
+            prev = next((p["command"] for p in reversed(steps[:idx]) if p["command"] != "eval"), "-")
+            m = s["metrics"]
+            lines.append(
+                f"| {prev} | {s['params'].get('dataset')} | {s['params'].get('seqlen')} | {m.get('windows')} | "
+                f"{m.get('perplexity', float('nan')):.3f} | {m.get('parameters', 0):,} | "
+                f"{m.get('sparsity', {}).get('all', 0.0):.2%} |"
+            )
+    v = steps[-1]["versions"] if steps else {}
+    lines += ["", f"Made with llmprune {v.get('llmprune', '?')}, torch {v.get('torch', '?')}, "
+              f"transformers {v.get('transformers', '?')}.", ""]
+    return "\n".join(lines)
+
+
+def build_folder(model_dir: Path, manifest: dict[str, Any], out: Path) -> list[Path]:
+    """Write the export folder (through a temporary sibling and a rename); returns the files written."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose an empty or new --out")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(model_dir, tmp)
+    (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+def planned_files(model_dir: Path) -> list[tuple[str, int]]:
+    files = [(p.relative_to(model_dir).as_posix(), p.stat().st_size) for p in model_dir.rglob("*") if p.is_file()]
+    return sorted(files + [("README.md", 0)])
+
+
+def push(folder: Path, repo_id: str, private: bool) -> str:
+    """Create the repo and upload the folder. The token comes from the usual HF environment / login only."""
+    from huggingface_hub import HfApi, get_token
+
+    token = get_token()
+    if not token:
+        raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message="Upload pruned model (llmprune)")
+    except Exception as e:  # network, auth and permission errors all end here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"push to {repo_id} failed: {first[:300]}") from None
+    return str(url)

@@ -1,0 +1,21 @@
+"""Magnitude pruning: score ``|W|``, no data (Han et al. 2015; the baseline of the Wanda paper).
+
+As in the reference implementation (locuslab/wanda ``prune_magnitude``), unstructured magnitude pruning compares
+weights across the whole layer, not per output row; N:M compares within each group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.masks import select
+from llmprune.methods.base import BlockContext
+
+NEEDS_DATA = False
+
+
+@torch.no_grad()
+def prune_block(ctx: BlockContext) -> None:
+    for lin in ctx.linears.values():
+        w = lin.weight.data
+        w[select(w.abs(), ctx.spec.pattern, ctx.spec.sparsity, per_row=False)] = 0

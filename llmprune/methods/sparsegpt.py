@@ -1,0 +1,92 @@
+"""SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): prune column by column with OBS weight updates.
+
+Per Linear, with ``H = 2 X^T X / n`` (stats.Hessian), damped by ``damp * mean(diag H)``: take the upper Cholesky
+factor of ``H^-1``, sweep the columns in blocks of ``blocksize``, choose the mask for each block (the lowest
+``w^2 / [H^-1]_jj^2`` -- adaptive across the block for unstructured, per group for N:M), and spread each removed
+weight's error over the columns not yet visited (Algorithm 1 of the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.errors import StepFailed
+from llmprune.masks import Pattern
+from llmprune.methods.base import BlockContext
+from llmprune.stats import Hessian
+
+NEEDS_DATA = True
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``; raises the damping tenfold while it fails."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(tries):
+        try:
+            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), damp
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise StepFailed(
+        f"SparseGPT: the Hessian cannot be factorised even with damping {damp / 10:g}; "
+        "use more calibration samples or a larger --damp"
+    )
+
+
+@torch.no_grad()
+def prune_weight(
+    W: torch.Tensor, H: torch.Tensor, pattern: Pattern, sparsity: float, blocksize: int = 128, damp: float = 0.01
+) -> tuple[torch.Tensor, float]:
+    """The pruned (and updated) weight, and the damping that was needed."""
+    W = W.float().clone()
+    H = H.clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv, used = inverse_cholesky(H, damp)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            # Adaptive mask selection: the lowest OBS saliencies over the whole block of columns.
+            sal = (W1**2 / d.reshape(1, -1) ** 2).flatten()
+            mask1 = torch.zeros(sal.numel(), dtype=torch.bool, device=W.device)
+            k = int(sal.numel() * sparsity)
+            if k:
+                mask1[torch.topk(sal, k, largest=False).indices] = True
+            mask1 = mask1.view_as(W1)
+        for i in range(i2 - i1):
+            if pattern.is_nm and i % pattern.m == 0:
+                sal = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].reshape(1, -1) ** 2
+                idx = torch.topk(sal, pattern.m - pattern.n, dim=1, largest=False).indices
+                mask1.scatter_(1, i + idx, True)
+            w = W1[:, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W, used
+
+
+@torch.no_grad()
+def prune_block(ctx: BlockContext) -> None:
+    stats = ctx.collect(Hessian)
+    blocksize = int(ctx.spec.options.get("blocksize", 128))
+    damp = float(ctx.spec.options.get("damp", 0.01))
+    for name, lin in ctx.linears.items():
+        new, _ = prune_weight(lin.weight.data, stats[name].H, ctx.spec.pattern, ctx.spec.sparsity, blocksize, damp)
+        lin.weight.data.copy_(new.to(lin.weight.dtype))
+        del stats[name]  # free each Hessian as soon as its layer is done

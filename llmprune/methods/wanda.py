@@ -1,0 +1,27 @@
+"""Wanda (Sun et al. 2023, arXiv 2306.11695): score ``|W_ij| * ||X_j||_2``, compared per output row.
+
+``||X_j||`` comes from the block's own inputs, which the engine produces from the already pruned earlier blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.masks import select
+from llmprune.methods.base import BlockContext
+from llmprune.stats import RowNorms
+
+NEEDS_DATA = True
+
+
+def score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``S_ij = |W_ij| * ||X_j||``."""
+    return weight.abs().float() * norms.reshape(1, -1)
+
+
+@torch.no_grad()
+def prune_block(ctx: BlockContext) -> None:
+    stats = ctx.collect(RowNorms)
+    for name, lin in ctx.linears.items():
+        w = lin.weight.data
+        w[select(score(w, stats[name].norms("sum")), ctx.spec.pattern, ctx.spec.sparsity)] = 0

@@ -1,0 +1,115 @@
+"""Bringing models in and out: a Hub id, a local folder or a GGUF file in; safetensors shards out.
+
+Only safetensors is ever read (``use_safetensors=True``): a pickle offered as weights is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprune.arch import arch_for
+from llmprune.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype '{name}'; use auto, {', '.join(DTYPES)}") from None
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # llmprune shows its own progress
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_source(source: str, revision: str | None, dtype: str, trust_remote_code: bool):
+    """Load ``(model, tokenizer, base)`` from a Hub id, a local HF folder or a ``.gguf`` file.
+
+    ``base`` describes the source for the manifest (id or path, revision or file hash, model type).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmprune.workdir import sha256_file
+
+    _quiet_transformers()
+    path = Path(source)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    base: dict[str, Any] = {"source": source}
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        where, kwargs["gguf_file"] = str(path.parent.resolve()), path.name
+        base["sha256"] = sha256_file(path)
+        # transformers dequantizes GGUF weights to float32; keep that unless asked otherwise.
+        torch_dtype = torch.float32 if dtype == "auto" else parse_dtype(dtype)
+    elif path.is_dir():
+        where = str(path)
+        if not any(path.glob("*.safetensors")):
+            raise UserError(f"{path} has no .safetensors weights; llmprune never loads pickle (.bin/.pt) checkpoints")
+        kwargs["use_safetensors"] = True
+        torch_dtype = parse_dtype(dtype)
+    elif path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
+        raise UserError(f"{path}: pickle checkpoints are refused; convert the model to safetensors")
+    elif source.count("/") <= 1 and not path.exists() and not source.startswith((".", "/")):
+        where = source
+        kwargs["revision"] = revision
+        kwargs["use_safetensors"] = True
+        base["revision"] = revision or "main"
+        torch_dtype = parse_dtype(dtype)
+    else:
+        raise UserError(f"model source {source} is neither a Hub id, a folder nor a .gguf file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {source}: {msg[:300]}") from None
+    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        # The weights are dequantized; the GGUF quantization config would make save_pretrained refuse or lie.
+        del model.config.quantization_config
+        model.config.__dict__.pop("quantization_config", None)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.eval()
+    base["model_type"] = model.config.model_type
+    arch_for(model.config.model_type)  # fail early on an unsupported architecture
+    return model, tokenizer, base
+
+
+def save_model(model, tokenizer, out: Path, max_shard_size: str = "2GB") -> None:
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+
+
+def load_model(model_dir: Path, dtype: str = "auto", device: str = "cpu"):
+    """The workdir's current model (safetensors only) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype), use_safetensors=True)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    arch_for(model.config.model_type)
+    return model, tokenizer
+
+
+def param_count(model) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

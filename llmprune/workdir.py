@@ -1,0 +1,320 @@
+"""The working directory: the on-disk contract that every subcommand shares.
+
+Layout::
+
+    WORKDIR/
+      manifest.json   format version, base model, append-only list of steps (the commit point)
+      model/          current weights: save_pretrained safetensors shards + config + tokenizer
+      calib/          calibration token windows (safetensors)
+      .lock           held by the process that writes the workdir
+
+A step never edits files in place. It writes everything it produces, the new manifest included, into
+``.staging/``; renaming ``.staging`` to ``.commit`` is the atomic commit point; the files are then moved into
+place. A process that dies before the rename leaves the previous state (the staging area is discarded on the
+next open); one that dies after it leaves a committed transaction that the next open finishes (roll forward).
+Either way the workdir is always the state before or after a whole step, never in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmprune import __version__
+from llmprune.errors import IntegrityError, UserError, WorkdirBusy
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+COMMIT = ".commit"
+TRASH = ".trash"
+LOCK = ".lock"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "llmprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def hash_tree(root: Path, rel_to: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, keyed by the path relative to ``rel_to``."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(rel_to).as_posix()] = sha256_file(p)
+    return out
+
+
+@dataclass
+class Step:
+    """One entry of the manifest's append-only step list, filled in while the step runs."""
+
+    command: str
+    params: dict[str, Any]
+    started: str = field(default_factory=now_iso)
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "params": self.params,
+            "versions": versions(),
+            "started": self.started,
+            "duration_s": round(time.perf_counter() - self._t0, 3),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+        }
+
+
+class Transaction:
+    """The files a step writes, gathered in ``.staging/`` until ``Workdir.step`` commits them."""
+
+    def __init__(self, workdir: "Workdir", step: Step):
+        self.workdir = workdir
+        self.step = step
+        self.root = workdir.path / STAGING
+        self.replaced: set[str] = set()
+        self.manifest: dict[str, Any] = {}  # the manifest being written; a step may add header fields
+
+    def stage(self, name: str) -> Path:
+        """A fresh path inside the staging area that will replace ``WORKDIR/name`` on commit."""
+        self.replaced.add(name)
+        target = self.root / name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+
+class Workdir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # --- layout -------------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def calib_dir(self) -> Path:
+        return self.path / "calib"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    # --- reading ------------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        if not self.path.exists():
+            raise UserError(f"workdir {self.path} does not exist; create it with `llmprune calibrate {self.path} ...`")
+        if not self.exists():
+            if (self.path / COMMIT).exists():
+                # A step committed but could not move its files into place before it died: finish it.
+                with self.locked():
+                    pass
+            else:
+                raise UserError(f"{self.path} is not an llmprune workdir (no {MANIFEST})")
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read {self.manifest_path}: {e}") from None
+        if not isinstance(data, dict) or "format_version" not in data:
+            raise UserError(f"{self.manifest_path} is not an llmprune manifest")
+        if data["format_version"] != FORMAT_VERSION:
+            raise UserError(
+                f"{self.manifest_path} has format version {data['format_version']}; "
+                f"this llmprune ({__version__}) reads version {FORMAT_VERSION}"
+            )
+        return data
+
+    def steps(self, command: str | None = None) -> list[dict[str, Any]]:
+        return [s for s in self.manifest()["steps"] if command is None or s["command"] == command]
+
+    def verify(self, prefix: str) -> None:
+        """Check every file recorded under ``prefix`` against its SHA-256 in the manifest."""
+        files = {k: v for k, v in self.manifest()["files"].items() if k.startswith(prefix + "/")}
+        if not files:
+            raise UserError(f"{self.path} has no {prefix}/ yet")
+        for rel, digest in files.items():
+            p = self.path / rel
+            if not p.is_file():
+                raise IntegrityError(f"{p} is missing (recorded in the manifest)")
+            if sha256_file(p) != digest:
+                raise IntegrityError(f"{p} does not match its SHA-256 in the manifest: the file was changed or truncated")
+
+    # --- locking and recovery -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the workdir's write lock; a second writer gets a clear error naming the holder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / LOCK
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = lock_path.read_text(encoding="utf-8").strip() or "another process"
+            os.close(fd)
+            raise WorkdirBusy(f"workdir {self.path} is in use by {holder}") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {platform.node()} since {now_iso()}".encode())
+            self._recover()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _recover(self) -> None:
+        """Finish a committed transaction, discard an uncommitted one."""
+        staging, commit, trash = (self.path / n for n in (STAGING, COMMIT, TRASH))
+        if staging.exists():
+            shutil.rmtree(staging)
+        if commit.exists():
+            self._apply(commit)
+        if trash.exists():
+            shutil.rmtree(trash)
+
+    def _apply(self, commit: Path) -> None:
+        """Move the committed files into place. Idempotent: safe to re-run after a crash at any point."""
+        trash = self.path / TRASH
+        trash.mkdir(exist_ok=True)
+        # The manifest moves last: until it does, a reader still sees the old manifest, and ``.commit`` tells
+        # the next writer to finish the move.
+        names = sorted(p.name for p in commit.iterdir() if p.name != MANIFEST)
+        for name in names:
+            target = self.path / name
+            if target.exists():
+                os.replace(target, trash / f"{name}.{time.time_ns()}")
+            os.replace(commit / name, target)
+        if (commit / MANIFEST).exists():
+            os.replace(commit / MANIFEST, self.manifest_path)
+        fsync_dir(self.path)
+        shutil.rmtree(commit)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # --- writing ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, command: str, params: dict[str, Any], *, create: dict[str, Any] | None = None) -> Iterator[Transaction]:
+        """Run one step as a transaction: stage its outputs, then commit them together with its manifest entry.
+
+        ``create`` starts a new workdir with that manifest header (``calibrate``); otherwise the workdir must exist.
+        """
+        with self.locked():
+            manifest = dict(create) if create is not None else self.manifest()
+            if create is not None:
+                manifest.setdefault("format_version", FORMAT_VERSION)
+                manifest.setdefault("steps", [])
+                manifest.setdefault("files", {})
+            step = Step(command, params)
+            tx = Transaction(self, step)
+            tx.manifest = manifest
+            staging = self.path / STAGING
+            staging.mkdir()
+            try:
+                yield tx
+                # Record the hashes of what this step replaced; keep the others.
+                files = {
+                    k: v for k, v in manifest["files"].items() if k.split("/", 1)[0] not in tx.replaced
+                }
+                for name in sorted(tx.replaced):
+                    staged = staging / name
+                    if staged.is_dir():
+                        new = hash_tree(staged, staging)
+                    elif staged.is_file():
+                        new = {name: sha256_file(staged)}
+                    else:
+                        new = {}
+                    files.update(new)
+                    step.outputs.update(new)
+                manifest["files"] = dict(sorted(files.items()))
+                manifest["steps"] = [*manifest["steps"], step.to_json()]
+                atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                fsync_dir(staging)
+                os.replace(staging, self.path / COMMIT)  # the commit point
+                fsync_dir(self.path)
+                self._apply(self.path / COMMIT)
+                if create is not None:
+                    # A new workdir over an old one (--force): what the old one had beyond this step goes.
+                    keep = {MANIFEST, LOCK, *tx.replaced}
+                    for child in self.path.iterdir():
+                        if child.name not in keep:
+                            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+
+    def record_inputs(self, tx: Transaction, prefix: str) -> None:
+        """Record in the step the hashes of the workdir files under ``prefix`` that the step reads."""
+        tx.step.inputs.update(
+            {k: v for k, v in self.manifest()["files"].items() if k.startswith(prefix + "/")}
+        )
+
+
+def check_fresh(path: Path, force: bool) -> None:
+    """Refuse to start a workdir over an existing folder unless ``force`` (and never over a foreign folder)."""
+    if path.exists() and any(p.name != LOCK for p in path.iterdir()):
+        if not (path / MANIFEST).exists() and not (path / COMMIT).exists():
+            raise UserError(f"{path} exists and is not an llmprune workdir; choose another path")
+        if not force:
+            raise UserError(f"{path} is already a workdir; pass --force to overwrite it")

@@ -1,0 +1,159 @@
+"""The CLI end to end on tiny models, and bad input: one line and a non-zero exit, never a traceback."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import cli
+from llmprune.cli import run
+
+
+def test_calibrate_prune_eval_status(calibrated, tiny_root, capsys):
+    wd = calibrated("qwen2")
+    code, dense = cli("eval", wd, "--dataset", tiny_root / "heldout.txt", "--seqlen", 64)
+    assert code == 0 and dense["sparsity"]["all"] == 0 and dense["windows"] > 0
+    assert cli("prune", wd, "--method", "sparsegpt", "--pattern", "2:4")[0] == 0
+    code, pruned = cli("eval", wd, "--dataset", tiny_root / "heldout.txt", "--seqlen", 64, "--max-windows", 3)
+    assert code == 0 and pruned["windows"] == 3 and pruned["sparsity"]["all"] == pytest.approx(0.5)
+    code, st = cli("status", wd)
+    assert code == 0 and [s["command"] for s in st["steps"]] == ["calibrate", "eval", "prune", "eval"]
+    assert st["sparsity"]["all"] == pytest.approx(0.5) and st["parameters"] == dense["parameters"]
+    # the table form prints too
+    capsys.readouterr()
+    assert run(["status", str(wd)]) == 0
+    assert "prune" in capsys.readouterr().out
+
+
+def test_calibration_is_reproducible_by_seed(tiny_root, tmp_path):
+    from safetensors.torch import load_file
+
+    def windows(name, seed):
+        wd = tmp_path / name
+        assert cli("calibrate", wd, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
+                   "--samples", 8, "--seqlen", 32, "--seed", seed)[0] == 0
+        return load_file(wd / "calib" / "windows.safetensors")["input_ids"]
+
+    a, b, c = windows("a", 0), windows("b", 0), windows("c", 1)
+    assert a.shape == (8, 32) and (a == b).all() and not (a == c).all()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_structured_local_sources(tiny_root, tmp_path, suffix):
+    import tiny
+
+    rows = [{"text": tiny.corpus(300, seed=i), "id": i} for i in range(10)]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    code, res = cli("calibrate", tmp_path / "wd", "--model", tiny_root / "llama", "--dataset", path,
+                    "--samples", 4, "--seqlen", 32)
+    assert code == 0 and res["windows"] == [4, 32]
+
+
+def _bad_inputs(tiny_root, tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "short.txt").write_text("the model " * 10)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x").write_text("x")
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / "config.json").write_text("{}")
+    (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    m, d = tiny_root / "llama", tiny_root / "corpus.txt"
+    cal = ["calibrate", tmp_path / "new", "--model", m, "--dataset", d, "--samples", 4, "--seqlen", 32]
+    return {
+        "missing workdir": (["status", tmp_path / "nope"], "does not exist"),
+        "foreign workdir": (["status", tmp_path / "foreign"], "not an llmprune workdir"),
+        "prune before calibrate": (["prune", tmp_path / "foreign"], "not an llmprune workdir"),
+        "unknown method": (["prune", "{wd}", "--method", "obs"], "unknown method 'obs'"),
+        "method not yet here": (["prune", "{wd}", "--method", "wandapp"], "not yet implemented"),
+        "unknown pattern": (["prune", "{wd}", "--pattern", "blocky"], "unknown pattern"),
+        "sparsity out of range": (["prune", "{wd}", "--sparsity", "1.0"], "[0, 1)"),
+        "N >= M": (["prune", "{wd}", "--pattern", "4:4"], "0 < N < M"),
+        "M does not divide width": (["prune", "{wd}", "--pattern", "3:5"], "not a multiple of 5"),
+        "conflicting sparsity": (["prune", "{wd}", "--pattern", "2:4", "--sparsity", "0.6"], "implies sparsity"),
+        "unknown device": (["prune", "{wd}", "--device", "tpu"], "unknown --device"),
+        "zero samples": ([*cal[:-4], "--samples", 0, "--seqlen", 32], "--samples must be positive"),
+        "seqlen beyond context": ([*cal[:-2], "--seqlen", 4096], "longer than the model's context"),
+        "seqlen beyond data": ([*cal[:-6], "--dataset", tmp_path / "short.txt", "--samples", 4, "--seqlen", 32],
+                               "not enough for windows of 32"),
+        "empty text file": ([*cal[:-6], "--dataset", tmp_path / "empty.txt", "--samples", 4, "--seqlen", 32],
+                            "contains no text"),
+        "missing data file": ([*cal[:-6], "--dataset", tmp_path / "none.txt", "--samples", 4, "--seqlen", 32],
+                              "does not exist"),
+        "unknown dataset": ([*cal[:-6], "--dataset", "imagenet", "--samples", 4, "--seqlen", 32], "unknown dataset"),
+        "pickle weights": ([cal[0], cal[1], "--model", tmp_path / "pickle", *cal[4:]], "never loads pickle"),
+        "unsupported arch": ([cal[0], cal[1], "--model", "{gpt2}", *cal[4:]], "not supported; supported:"),
+        "unknown option": (["prune", "{wd}", "--sparsty", "0.5"], "No such option"),
+        "export to non-empty dir": (["export", "{wd}", "--out", tmp_path / "foreign"], "not empty"),
+        "push without token": (["export", "{wd}", "--out", tmp_path / "o", "--push-to-hub", "me/x"], "no Hugging Face token"),
+        "regularize not yet": (["regularize", "{wd}"], "not yet implemented"),
+    }
+
+
+def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import tiny
+
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    wd = calibrated("llama")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=tiny.VOCAB)).save_pretrained(gpt2)
+    tiny.tokenizer().save_pretrained(gpt2)
+    cases = _bad_inputs(tiny_root, tmp_path)
+    for name, (args, expected) in cases.items():
+        args = [str(a).format(wd=wd, gpt2=gpt2) for a in args]
+        capsys.readouterr()
+        code = run(args)
+        err = capsys.readouterr().err.strip()
+        assert code == 1, f"{name}: exit {code}: {err}"
+        assert err.startswith("error:") and "Traceback" not in err, f"{name}: {err}"
+        assert len(err.splitlines()) <= 2, f"{name}: {err}"  # one line, soft-wrapped at most once by rich
+        if expected:
+            assert expected in err.replace("\n", " "), f"{name}: {err}"
+    assert len(cases) >= 20
+
+
+def test_offline_hub_dataset_fails_with_advice(calibrated, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "dscache"))
+    wd = calibrated("llama")
+    for src in ("wikitext2", "hf:someone/corpus:default:train"):
+        capsys.readouterr()
+        assert run(["eval", str(wd), "--dataset", src]) == 1
+        err = capsys.readouterr().err.replace("\n", " ")
+        assert f"'{src}'" in err and "pass a local file" in err
+
+
+def test_debug_shows_the_traceback(monkeypatch, tmp_path):
+    from llmprune.errors import UserError
+
+    monkeypatch.setenv("LLMPRUNE_DEBUG", "1")
+    with pytest.raises(UserError):
+        run(["status", str(tmp_path / "nope")])
+
+
+def test_help_lists_all_six_subcommands(capsys):
+    assert run(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("calibrate", "regularize", "prune", "recover", "eval", "export", "status"):
+        assert cmd in out
+
+
+def test_python_dash_m_works(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "llmprune", "status", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr

@@ -1,0 +1,126 @@
+"""magnitude / Wanda / SparseGPT: exact patterns on every architecture, and the properties that define them."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import tiny
+from conftest import cli
+from llmprune import arch as _arch
+from llmprune import engine
+from llmprune.masks import Pattern, nm_valid
+from llmprune.methods import sparsegpt, wanda
+from llmprune.stats import Hessian, RowNorms
+
+
+def _weights(wd):
+    return load_file(next((wd / "model").glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_prune_gives_the_exact_pattern(calibrated, arch, method, pattern):
+    wd = calibrated(arch)
+    before = _weights(wd)
+    code, res = cli("prune", wd, "--method", method, "--pattern", pattern)
+    assert code == 0
+    after = _weights(wd)
+    model = AutoModelForCausalLM.from_pretrained(wd / "model")
+    pruned = {f"{_arch.arch_for(arch).layers}.{i}.{n}.weight"
+              for i, b in enumerate(_arch.blocks(model)) for n in _arch.block_linears(b)}
+    assert pruned and pruned <= set(after)
+    for name, w in after.items():
+        if name not in pruned:  # embeddings, norms, lm_head, biases: untouched
+            assert torch.equal(w, before[name]), name
+            continue
+        if pattern == "unstructured":
+            k = int(w.shape[1] * 0.5)
+            zeros = (w == 0).sum().item()
+            if method == "wanda":  # per output row, exactly
+                assert ((w == 0).sum(1) == k).all(), name
+            else:  # per layer (magnitude) or per block of columns (SparseGPT)
+                assert zeros == w.numel() // 2, name
+        else:
+            n, m = map(int, pattern.split(":"))
+            assert nm_valid(w, n, m), name
+            assert (w == 0).sum().item() == w.numel() // 2, name
+    assert res["sparsity"]["all"] == pytest.approx(0.5)
+
+
+def _block0_inputs(tiny_root, arch="llama", samples=16):
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
+    torch.manual_seed(0)
+    windows = torch.randint(0, tiny.VOCAB, (samples, 32))
+    acts = engine.capture(model, windows, batch_size=4)
+    return model, _arch.blocks(model)[0], acts
+
+
+def test_wanda_scores_use_the_norm_of_every_input_column(tiny_root):
+    model, block, acts = _block0_inputs(tiny_root)
+    stats = engine.collect(block, acts, "cpu", RowNorms)
+    # The same statistic computed directly: inputs of q_proj are the normed hidden states.
+    x = torch.cat([block.input_layernorm(h) for h in acts.hidden]).reshape(-1, 64)
+    torch.testing.assert_close(stats["self_attn.q_proj"].norms("sum"), x.norm(dim=0), rtol=1e-5, atol=1e-6)
+    w = block.self_attn.q_proj.weight
+    torch.testing.assert_close(wanda.score(w, x.norm(dim=0)), w.abs() * x.norm(dim=0))
+
+
+@pytest.mark.parametrize("pattern,s", [(Pattern(), 0.5), (Pattern(2, 4), 0.5)])
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(tiny_root, pattern, s):
+    from llmprune.masks import select
+
+    model, block, acts = _block0_inputs(tiny_root)
+    lin = block.mlp.down_proj
+    hs = engine.collect(block, acts, "cpu", Hessian)["mlp.down_proj"]
+    norms = engine.collect(block, acts, "cpu", RowNorms)["mlp.down_proj"].norms()
+    W = lin.weight.data.clone()
+
+    def err(Wp):  # the layer's output error on the calibration inputs: tr((W - Wp) H (W - Wp)^T)
+        d = W - Wp
+        return torch.einsum("ij,jk,ik->", d, hs.H, d).item()
+
+    mag = W.clone()
+    mag[select(W.abs(), pattern, s, per_row=False)] = 0
+    wan = W.clone()
+    wan[select(wanda.score(W, norms), pattern, s)] = 0
+    sgpt, _ = sparsegpt.prune_weight(W, hs.H, pattern, s)
+    assert (sgpt == 0).float().mean().item() == pytest.approx(0.5)
+    assert err(sgpt) < err(wan) < err(mag)
+
+
+def test_sparsegpt_damping_is_raised_then_fails_clearly():
+    from llmprune.errors import StepFailed
+
+    H = torch.zeros(4, 4)
+    H[0, 0] = 1.0
+    H[1, 1] = -1.0  # indefinite: no damping of 1% of the mean diagonal fixes it within the tries
+    with pytest.raises(StepFailed, match="cannot be factorised"):
+        sparsegpt.inverse_cholesky(H, 1e-12, tries=2)
+    U, damp = sparsegpt.inverse_cholesky(torch.eye(4) * 2, 0.01)
+    assert damp == 0.01 and torch.allclose(U.T @ U, torch.eye(4) / 2.02, atol=1e-6)
+
+
+def test_pruned_blocks_feed_the_next_block(calibrated, monkeypatch):
+    """Block 1's statistics must come from the outputs of the *pruned* block 0."""
+    from llmprune.methods.base import BlockContext
+
+    wd = calibrated("llama")
+    seen = {}
+    orig = BlockContext.collect
+
+    def spy(self, make_stat):
+        seen[self.index] = [h.clone() for h in self.acts.hidden]
+        return orig(self, make_stat)
+
+    monkeypatch.setattr(BlockContext, "collect", spy)
+    code, _ = cli("prune", wd, "--method", "wanda")
+    assert code == 0
+    model = AutoModelForCausalLM.from_pretrained(wd / "model")  # pruned weights
+    block0 = _arch.blocks(model)[0]
+    windows = load_file(wd / "calib" / "windows.safetensors")["input_ids"]
+    acts = engine.capture(model, windows, 8)  # block 0's inputs with the model's own keyword arguments
+    torch.testing.assert_close(torch.cat(acts.hidden), torch.cat(seen[0]))
+    out = engine.run_block(block0, acts, "cpu")
+    torch.testing.assert_close(torch.cat(out.hidden), torch.cat(seen[1]))

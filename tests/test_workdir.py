@@ -1,0 +1,127 @@
+"""The workdir contract: atomic steps, recovery, lock, integrity, format version."""
+
+import json
+import os
+
+import pytest
+
+from conftest import cli
+from llmprune.errors import IntegrityError, UserError, WorkdirBusy
+from llmprune.workdir import COMMIT, STAGING, Workdir, hash_tree
+
+
+def _snapshot(wd):
+    return hash_tree(wd, wd) | {"manifest": (wd / "manifest.json").read_text()}
+
+
+def test_manifest_records_the_step(calibrated):
+    wd = calibrated("llama")
+    m = json.loads((wd / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["model_type"] == "llama"
+    (step,) = m["steps"]
+    assert step["command"] == "calibrate" and step["params"]["samples"] == 16
+    assert set(step["versions"]) >= {"llmprune", "torch", "transformers"}
+    assert step["outputs"] == m["files"] and "calib/windows.safetensors" in m["files"]
+    assert any(k.startswith("model/") and k.endswith(".safetensors") for k in m["files"])
+
+
+def test_a_failing_step_leaves_the_previous_state(calibrated, monkeypatch):
+    wd = calibrated("llama")
+    before = _snapshot(wd)
+    import llmprune.pruning as pruning
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure half-way")
+
+    monkeypatch.setattr(pruning, "verify_pattern", boom)
+    code, _ = cli("prune", wd, "--method", "wanda")
+    assert code == 2
+    assert _snapshot(wd) == before
+    assert not (wd / STAGING).exists() and not (wd / COMMIT).exists()
+
+
+def test_disk_full_while_saving_leaves_the_previous_state(calibrated, monkeypatch):
+    import safetensors.torch as st
+    import transformers.modeling_utils as mu
+
+    wd = calibrated("llama")
+    before = _snapshot(wd)
+
+    def full(tensors, filename, metadata=None):
+        st.save_file(tensors, filename, metadata=metadata)  # half the shard is on disk...
+        with open(filename, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+        raise OSError(28, "No space left on device")  # ...when the disk fills up
+
+    monkeypatch.setattr(mu, "safe_save_file", full)
+    code, _ = cli("prune", wd, "--method", "magnitude")
+    assert code == 2
+    assert _snapshot(wd) == before
+
+
+def test_a_committed_transaction_is_finished_on_next_open(calibrated):
+    """A process killed after the commit rename but before moving the files leaves `.commit`: roll forward."""
+    wd = calibrated("llama")
+    ws = Workdir(wd)
+    commit = wd / COMMIT
+    commit.mkdir()
+    (commit / "extra.txt").write_text("new")
+    m = ws.manifest()
+    m["steps"].append({**m["steps"][0], "command": "noop"})
+    (commit / "manifest.json").write_text(json.dumps(m))
+    assert [s["command"] for s in Workdir(wd).steps()] == ["calibrate"]  # not yet visible
+    with ws.locked():
+        pass
+    assert not commit.exists() and (wd / "extra.txt").read_text() == "new"
+    assert [s["command"] for s in ws.steps()] == ["calibrate", "noop"]
+
+
+def test_uncommitted_staging_is_discarded(calibrated):
+    wd = calibrated("llama")
+    before = _snapshot(wd)
+    (wd / STAGING / "model").mkdir(parents=True)
+    (wd / STAGING / "model" / "junk").write_text("x")
+    with Workdir(wd).locked():
+        pass
+    assert _snapshot(wd) == before and not (wd / STAGING).exists()
+
+
+def test_second_writer_gets_a_clear_error(calibrated):
+    wd = calibrated("llama")
+    with Workdir(wd).locked():
+        with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
+            with Workdir(wd).locked():
+                pass
+        code, _ = cli("prune", wd, "--method", "magnitude")
+        assert code == 3
+
+
+def test_tampered_or_truncated_shard_is_refused(calibrated):
+    wd = calibrated("llama")
+    shard = next((wd / "model").glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IntegrityError, match="does not match"):
+        Workdir(wd).verify("model")
+    code, _ = cli("prune", wd, "--method", "magnitude")
+    assert code == 4
+
+
+def test_unknown_format_version(calibrated):
+    wd = calibrated("llama")
+    m = json.loads((wd / "manifest.json").read_text())
+    m["format_version"] = 99
+    (wd / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="format version 99"):
+        Workdir(wd).manifest()
+
+
+def test_calibrate_refuses_to_overwrite_without_force(calibrated, tiny_root):
+    wd = calibrated("llama")
+    args = ("calibrate", wd, "--model", tiny_root / "qwen2", "--dataset", tiny_root / "corpus.txt",
+            "--samples", 4, "--seqlen", 32)
+    assert cli(*args)[0] == 1
+    assert Workdir(wd).manifest()["model_type"] == "llama"
+    (wd / "stale-dir").mkdir()
+    assert cli(*args, "--force")[0] == 0
+    assert Workdir(wd).manifest()["model_type"] == "qwen2" and not (wd / "stale-dir").exists()

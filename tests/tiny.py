@@ -1,0 +1,80 @@
+"""Tiny random-init models of every supported architecture, and a tokenizer, built offline from configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+WORDS = (
+    "the model of a language predicts next token from its context weights are pruned when small and the "
+    "activations large sparse networks keep accuracy with careful calibration data blocks layers heads channels "
+    "attention mlp residual stream norm embedding output input matrix row column group pattern two four eight"
+).split()
+
+
+def corpus(n_words: int = 20000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    sents = []
+    while n_words > 0:
+        k = rng.randint(5, 15)
+        sents.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+        n_words -= k
+    return " ".join(sents)
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus(5000, seed=1)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def config(model_type: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    if model_type == "llama":
+        return tf.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True)
+    if model_type == "mistral":
+        return tf.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2, sliding_window=None)
+    if model_type == "qwen2":
+        return tf.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2)
+    if model_type == "qwen3":
+        return tf.Qwen3Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16)
+    if model_type == "phi":
+        return tf.PhiConfig(**common, intermediate_size=128, partial_rotary_factor=0.5)
+    if model_type == "opt":
+        return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
+    raise ValueError(model_type)
+
+
+ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt")
+
+
+def build(model_type: str, out: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(model_type))
+    # Random init is near-uniform; a larger scale gives distinct weights and activations to prune.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer().save_pretrained(out)
+    return out
