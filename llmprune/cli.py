@@ -137,7 +137,7 @@ def prune(
     damp: Annotated[float, typer.Option(help="SparseGPT: damping, as a fraction of the mean Hessian diagonal.")] = 0.01,
     device: DeviceOpt = "cpu",
     act_dtype: Annotated[str, typer.Option(help="Dtype of the stored activations: float32, bfloat16, float16.")] = "float32",
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = 4,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove weights with a pruning method; the saved weights hold exact zeros."""
@@ -195,7 +195,7 @@ def eval_(
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.json/.parquet and hf: sources.")] = "text",
     device: DeviceOpt = "cpu",
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = 4,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity, parameter count and sparsity per layer type; recorded as a step."""

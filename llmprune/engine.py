@@ -129,12 +129,22 @@ def collect(block: nn.Module, acts: Activations, device: str, make_stat: Callabl
     followed only by a residual add), which saves the tail of the block.
     """
     linears = _arch.block_linears(block)
-    stats = {name: make_stat(lin) for name, lin in linears.items()}
+    stats: dict[str, Stat] = {}
+    # Linears fed the very same tensor (q/k/v, gate/up) share one statistic: a Hessian is computed once, not
+    # three times. Found on the first chunk from the tensors' identity, then reused for the others.
+    leader: dict[str, str] = {}
+    first_inputs: list[tuple[torch.Tensor, str]] = []  # held, so that no later tensor can reuse their memory
     seen: set[str] = set()
 
     def make_hook(name: str):
         def hook(module, args):
-            stats[name].add(args[0])
+            x = args[0]
+            if name not in leader:
+                leader[name] = next((n for t, n in first_inputs if t is x), name)
+                first_inputs.append((x, name))
+                stats[name] = stats[leader[name]] if leader[name] != name else make_stat(module)
+            if leader[name] == name:
+                stats[name].add(x)
             seen.add(name)
             if len(seen) == len(linears):
                 raise _StopBlock
@@ -149,6 +159,7 @@ def collect(block: nn.Module, acts: Activations, device: str, make_stat: Callabl
                 block(h.to(device=device, dtype=next(block.parameters()).dtype), **kw)
             except _StopBlock:
                 pass
+            first_inputs.clear()
     finally:
         for handle in handles:
             handle.remove()

@@ -16,7 +16,7 @@ from llmprune.modeling import param_count
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, device: str = "cpu", batch_size: int = 8, act_dtype=None
+    model: nn.Module, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4, act_dtype=None
 ) -> dict[str, float]:
     """exp(mean next-token NLL) over all predicted tokens of non-overlapping windows (BENCHMARK.md protocol).
 

@@ -29,7 +29,7 @@ def prune_model(
     spec: PruneSpec,
     windows: torch.Tensor | None,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = 4,
     act_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place; returns the time of each phase."""

@@ -124,3 +124,13 @@ def test_pruned_blocks_feed_the_next_block(calibrated, monkeypatch):
     torch.testing.assert_close(torch.cat(acts.hidden), torch.cat(seen[0]))
     out = engine.run_block(block0, acts, "cpu")
     torch.testing.assert_close(torch.cat(out.hidden), torch.cat(seen[1]))
+
+
+def test_linears_fed_the_same_input_share_one_statistic(tiny_root):
+    model, block, acts = _block0_inputs(tiny_root)
+    stats = engine.collect(block, acts, "cpu", Hessian)
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    distinct = {id(s) for s in stats.values()}
+    assert len(distinct) == 4  # qkv, o, gate/up, down
+    assert stats["self_attn.q_proj"].samples == acts.n_samples  # added once per chunk, not three times

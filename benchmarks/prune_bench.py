@@ -1,0 +1,132 @@
+"""Unstructured / N:M pruning on the real model of BENCHMARK.md: perplexity, prune seconds and peak RSS.
+
+For every method x pattern: copy a calibrated workdir, run ``llmprune prune`` in its own process (peak RSS from
+``wait4``), then ``llmprune eval`` on the protocol's test split. A full forward pass of the model over the same
+calibration windows is timed in the same run, so speed is reported as a ratio measured on one machine at one time.
+
+    python benchmarks/prune_bench.py                                   # the 3 x 3 table (about 40 minutes on 2 cores)
+    python benchmarks/prune_bench.py --methods wanda --patterns 2:4    # one cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import assets  # noqa: E402
+
+# BENCHMARK.md reference rows: (perplexity, prune wall s, peak RSS MiB) from locuslab/wanda on this protocol.
+REFERENCE = {
+    ("magnitude", "unstructured"): (362.7, 9, 901),
+    ("magnitude", "4:8"): (713.1, 3, 881),
+    ("magnitude", "2:4"): (1378.7, 3, 881),
+    ("wanda", "unstructured"): (36.12, 121, 1302),
+    ("wanda", "4:8"): (68.37, 122, 1278),
+    ("wanda", "2:4"): (137.65, 124, 1288),
+    ("sparsegpt", "unstructured"): (28.20, 174, 1615),
+    ("sparsegpt", "4:8"): (40.59, 183, 1609),
+    ("sparsegpt", "2:4"): (55.21, 189, 1603),
+}
+DENSE_PPL = 14.59
+LLMPRUNE = [sys.executable, "-m", "llmprune"]
+
+
+def popen_rss(cmd: list[str]) -> tuple[dict, float, float]:
+    """Run a command with --json; return (its JSON, wall seconds, peak RSS MiB of that process, from wait4)."""
+    t0 = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen([*cmd, "--json"], stdout=subprocess.PIPE, stderr=devnull)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return json.loads(out), wall, usage.ru_maxrss / 1024
+
+
+FORWARD = """
+import json, sys, time, torch
+from safetensors.torch import load_file
+from llmprune.modeling import load_model
+model, _ = load_model(sys.argv[1] + "/model")
+windows = load_file(sys.argv[1] + "/calib/windows.safetensors")["input_ids"]
+bs = int(sys.argv[2])
+with torch.no_grad():
+    t0 = time.perf_counter()
+    for i in range(0, windows.shape[0], bs):
+        model(input_ids=windows[i:i + bs], use_cache=False)
+    print(json.dumps({"forward_s": time.perf_counter() - t0}))
+"""
+
+
+def forward_seconds(workdir: Path, batch_size: int) -> float:
+    out = subprocess.run([sys.executable, "-c", FORWARD, str(workdir), str(batch_size)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["forward_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    ap.add_argument("--patterns", default="unstructured,4:8,2:4")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--eval-windows", type=int, default=None, help="default: the whole test split (105 windows)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--extra", default="", help="extra options for prune, e.g. '--act-dtype bfloat16'")
+    args = ap.parse_args()
+
+    paths = assets.fetch()
+    base = args.out / f"base-{args.samples}x{args.seqlen}"
+    if not (base / "manifest.json").exists():
+        subprocess.run([*LLMPRUNE, "calibrate", str(base), "--model", paths["model"], "--dataset", paths["calib"],
+                        "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--force"], check=True,
+                       stdout=subprocess.DEVNULL)
+    evalargs = ["--dataset", paths["test"], "--seqlen", str(args.seqlen)]
+    if args.eval_windows:
+        evalargs += ["--max-windows", str(args.eval_windows)]
+
+    fwd = forward_seconds(base, args.batch_size)
+    print(f"full forward pass over {args.samples} x {args.seqlen} calibration tokens: {fwd:.1f} s", flush=True)
+    rows = []
+    for method in args.methods.split(","):
+        for pattern in args.patterns.split(","):
+            wd = args.out / f"{method}-{pattern.replace(':', 'of')}"
+            if wd.exists():
+                shutil.rmtree(wd)
+            shutil.copytree(base, wd)
+            cmd = [*LLMPRUNE, "prune", str(wd), "--method", method, "--pattern", pattern,
+                   "--batch-size", str(args.batch_size), *args.extra.split()]
+            res, wall, rss = popen_rss(cmd)
+            prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"]
+            ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
+            ref = REFERENCE.get((method, pattern), (float("nan"),) * 3)
+            row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
+                       step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
+                       sparsity=res["sparsity"]["all"], windows=ev["windows"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print_table(rows, fwd)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+def print_table(rows: list[dict], fwd: float) -> None:
+    print(f"\n| method | pattern | ppl | ref ppl | ppl/ref | prune s | prune/forward | ref s | peak RSS MiB | ref RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ref_ppl']} | {r['ppl'] / r['ref_ppl']:.3f} | "
+              f"{r['prune_s']:.1f} | {r['prune_s'] / fwd:.2f} | {r['ref_s']} | {r['rss_mib']:.0f} | {r['ref_rss_mib']} |")
+    print(f"\nforward pass over the calibration windows: {fwd:.1f} s; dense perplexity {DENSE_PPL} (BENCHMARK.md)")
+
+
+if __name__ == "__main__":
+    main()
