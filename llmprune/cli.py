@@ -130,11 +130,17 @@ def calibrate(
 @app.command()
 def prune(
     workdir: WorkdirArg,
-    method: Annotated[str, typer.Option(help="magnitude, wanda, sparsegpt (wandapp, dress: coming).")] = "wanda",
+    method: Annotated[str, typer.Option(help="magnitude, wanda, sparsegpt, wandapp (dress: coming).")] = "wanda",
     sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights to remove (implied by N:M).")] = None,
     pattern: Annotated[str, typer.Option(help="unstructured, 2:4, 4:8 (any N:M: N kept of every M).")] = "unstructured",
     blocksize: Annotated[int, typer.Option(help="SparseGPT: columns per block.")] = 128,
     damp: Annotated[float, typer.Option(help="SparseGPT: damping, as a fraction of the mean Hessian diagonal.")] = 0.01,
+    alpha: Annotated[float, typer.Option(help="Wanda++: weight of the regional gradient in the RGS score.")] = 100.0,
+    act_norm: Annotated[str, typer.Option(help="Wanda++: ||X_j|| as 'sum' over all tokens (paper) or 'mean' (Wanda code).")] = "sum",
+    ro_iters: Annotated[int, typer.Option(help="Wanda++: rounds of regional optimisation (0: RGS only).")] = 5,
+    ro_samples: Annotated[int, typer.Option(help="Wanda++: samples drawn per RO round.")] = 32,
+    ro_lr: Annotated[float, typer.Option(help="Wanda++: RMSprop learning rate of RO.")] = 3e-7,
+    seed: Annotated[int, typer.Option(help="Wanda++: seed of the RO sample draws.")] = 0,
     device: DeviceOpt = "cpu",
     act_dtype: Annotated[str, typer.Option(help="Dtype of the stored activations: float32, bfloat16, float16.")] = "float32",
     batch_size: BatchOpt = 4,
@@ -148,7 +154,7 @@ def prune(
     from llmprune.modeling import save_model
     from llmprune.pruning import prune_model
 
-    if method in ("wandapp", "dress"):
+    if method == "dress":
         raise UserError(f"--method {method} is not yet implemented in this version of llmprune")
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; use one of: {', '.join(METHODS)}")
@@ -159,14 +165,29 @@ def prune(
         raise UserError(f"--damp must be positive, got {damp}")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if act_norm not in ("sum", "mean"):
+        raise UserError(f"--act-norm must be sum or mean, got '{act_norm}'")
+    if ro_iters < 0 or ro_samples <= 0 or ro_lr <= 0:
+        raise UserError("--ro-iters must be >= 0, --ro-samples and --ro-lr positive")
     device = _check_device(device)
     adt = _act_dtype(act_dtype)
     ws = Workdir(workdir)
     if not ws.steps("calibrate"):
         raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
-    params = dict(method=method, sparsity=s, pattern=str(pat), blocksize=blocksize, damp=damp, device=device,
-                  act_dtype=act_dtype, batch_size=batch_size)
-    spec = PruneSpec(pat, s, {"blocksize": blocksize, "damp": damp})
+    params = dict(method=method, sparsity=s, pattern=str(pat), device=device, act_dtype=act_dtype,
+                  batch_size=batch_size)
+    options: dict[str, Any] = {}
+    if method == "sparsegpt":
+        options = {"blocksize": blocksize, "damp": damp}
+    elif method == "wandapp":
+        options = {"alpha": alpha, "act_norm": act_norm, "ro_iters": ro_iters, "ro_samples": ro_samples,
+                   "ro_lr": ro_lr, "seed": seed}
+        n_calib = ws.manifest()["calibration"]["samples"]
+        if ro_iters > 0 and n_calib < 64:
+            report.warn(f"regional optimisation with {n_calib} calibration samples: the Wanda++ paper reports "
+                        "instability below 64")
+    params.update(options)
+    spec = PruneSpec(pat, s, options)
     with ws.step("prune", params) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")

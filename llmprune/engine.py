@@ -66,9 +66,13 @@ def _move_outside_blocks(model: nn.Module, layers: nn.ModuleList, device: torch.
                 mod._buffers[name] = b.to(device)
 
 
-def _out_hidden(out: Any) -> torch.Tensor:
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
     # Decoder layers return a tensor in recent transformers releases and a tuple in older ones.
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+block_linears = _arch.block_linears
 
 
 @torch.no_grad()
@@ -110,7 +114,7 @@ def run_block(block: nn.Module, acts: Activations, device: str, keep_outputs: bo
     outs = []
     for h, kw in zip(acts.hidden, acts.kwargs):
         try:
-            out = _out_hidden(block(h.to(device=device, dtype=dtype), **kw))
+            out = block_output(block, h.to(device=device, dtype=dtype), kw)
         except _StopBlock:
             continue
         if keep_outputs:
@@ -128,7 +132,7 @@ def collect(block: nn.Module, acts: Activations, device: str, make_stat: Callabl
     The pass stops as soon as every Linear has seen its input for a chunk (the block's last Linear is usually
     followed only by a residual add), which saves the tail of the block.
     """
-    linears = _arch.block_linears(block)
+    linears = block_linears(block)
     stats: dict[str, Stat] = {}
     # Linears fed the very same tensor (q/k/v, gate/up) share one statistic: a Hessian is computed once, not
     # three times. Found on the first chunk from the tensors' identity, then reused for the others.

@@ -48,6 +48,8 @@ def prune_model(
         times["prune_s"] = time.perf_counter() - t0
     else:
         assert windows is not None
+        if getattr(impl, "PER_SAMPLE", False):
+            batch_size = 1  # the method works on one window at a time (e.g. per-sample gradients)
         acts = engine.capture(model, windows, batch_size, device, act_dtype)
         times["capture_s"] = time.perf_counter() - t0
         walk = engine.Walk(model, acts, device, method)

@@ -1,9 +1,10 @@
 """Pruning methods. Each is one module exposing ``NEEDS_DATA`` and ``prune_block(ctx)``; register it here."""
 
-from llmprune.methods import magnitude, sparsegpt, wanda
+from llmprune.methods import magnitude, sparsegpt, wanda, wandapp
 
 METHODS = {
     "magnitude": magnitude,
     "wanda": wanda,
     "sparsegpt": sparsegpt,
+    "wandapp": wandapp,
 }

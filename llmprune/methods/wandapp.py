@@ -1,0 +1,156 @@
+"""Wanda++ (Yang et al., Findings of ACL 2025, arXiv 2503.04992): regional gradients + regional optimisation.
+
+No official code exists; this follows ../shared/METHODS.md, and every uncertain choice is an option:
+
+- Regional gradient (RG): for each calibration sample n, ``loss_n = ||f_l(X_n)||_2`` -- the plain L2 norm of the
+  whole output of block l, no labels -- and one backward pass through that block alone to its Linear weights.
+  ``G = sqrt(mean_n grad_n^2)``, on the block *before* it is pruned, with inputs from the pruned earlier blocks.
+- RGS score: ``S = (alpha * G + ||X_j||_2) * |W|``; ``alpha`` (default 100) weighs two terms, so the scale of
+  ``||X_j||`` matters: ``act_norm='sum'`` is the paper's formula (over all tokens), ``'mean'`` the Wanda code's.
+- Regional optimisation (RO): a frozen dense copy of the block is the teacher. ``ro_iters`` rounds of: draw
+  ``ro_samples`` samples, prune with RGS (activation norms recomputed on the current weights), then one RMSprop
+  step per sample (``ro_lr``, fp32) on the Linear weights, minimising ``sum((f_dense(X) - f(X))^2)``. A final prune
+  with all samples leaves the saved block exactly sparse. ``ro_iters=0`` is the RGS-only ablation.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from llmprune import engine
+from llmprune.masks import select
+from llmprune.methods.base import BlockContext
+from llmprune.stats import RowNorms
+
+NEEDS_DATA = True
+PER_SAMPLE = True  # the engine gives this method chunks of one window: regional gradients are per sample
+
+DEFAULTS = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "seed": 0}
+
+
+def rgs_score(weight: torch.Tensor, grad_rms: torch.Tensor, norms: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``S_ij = (alpha * G_ij + ||X_j||) * |W_ij|`` (Wanda++ eq. 3). With ``alpha = 0`` it is Wanda's score."""
+    return (alpha * grad_rms + norms.reshape(1, -1)) * weight.abs().float()
+
+
+class DensePass:
+    """One pass over the calibration samples through the dense block that yields, per sample: the regional
+    gradients (accumulated into their RMS), each Linear's input sums of squares (so the norms of any subset of
+    samples are known without another pass), and -- when RO needs them -- the dense outputs, the RO targets."""
+
+    def __init__(self, block, acts: engine.Activations, device: str, keep_outputs: bool):
+        linears = engine.block_linears(block)
+        self.names = list(linears)
+        weights = [lin.weight for lin in linears.values()]
+        sq = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        self.sample_sq: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        self.outputs: list[torch.Tensor] = []
+
+        def make_hook(name):
+            def hook(module, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                self.sample_sq[name].append(x.pow(2).sum(0))
+
+            return hook
+
+        handles = [lin.register_forward_pre_hook(make_hook(n)) for n, lin in linears.items()]
+        flags = [w.requires_grad for w in weights]
+        dtype = weights[0].dtype
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            for h, kw in zip(acts.hidden, acts.kwargs):
+                out = engine.block_output(block, h.to(device=device, dtype=dtype), kw)
+                if keep_outputs:
+                    self.outputs.append(out.detach().float())
+                grads = torch.autograd.grad(out.float().norm(), weights)
+                for s_, g in zip(sq, grads):
+                    s_.add_(g.float().pow(2))
+        finally:
+            for w, f in zip(weights, flags):
+                w.requires_grad_(f)
+            for handle in handles:
+                handle.remove()
+        n = max(acts.n_samples, 1)
+        self.grads = {name: (s_ / n).sqrt() for name, s_ in zip(self.names, sq)}
+
+    def norms(self, idx: list[int], convention: str) -> dict[str, torch.Tensor]:
+        """``||X_j||`` of each Linear's input over the samples ``idx``, on the dense weights."""
+        out = {}
+        for name in self.names:
+            total = torch.stack([self.sample_sq[name][i] for i in idx]).sum(0)
+            out[name] = (total if convention == "sum" else total / len(idx)).sqrt()
+        return out
+
+
+def regional_gradients(block, acts: engine.Activations, device: str) -> dict[str, torch.Tensor]:
+    """``G = sqrt(mean_n (d ||f(X_n)||_2 / dW)^2)`` for every Linear of the block, one sample at a time."""
+    return DensePass(block, acts, device, keep_outputs=False).grads
+
+
+@torch.no_grad()
+def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor]) -> None:
+    opts = ctx.spec.options
+    for name, lin in ctx.linears.items():
+        w = lin.weight.data
+        w[select(rgs_score(w, grads[name], norms[name], opts["alpha"]), ctx.spec.pattern, ctx.spec.sparsity)] = 0
+
+
+@torch.no_grad()
+def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float) -> None:
+    """Prune with RGS, the activation norms recomputed on the block's current weights over ``acts``."""
+    convention = ctx.spec.options["act_norm"]
+    stats = engine.collect(ctx.block, acts, ctx.device, RowNorms)
+    # A subset's sum-norm is scaled to estimate the norm over all samples, so alpha keeps its weight.
+    _apply_rgs(ctx, grads, {n: s.norms(convention) * (scale if convention == "sum" else 1.0)
+                            for n, s in stats.items()})
+
+
+def _subset(acts: engine.Activations, idx: list[int]) -> engine.Activations:
+    return engine.Activations([acts.hidden[i] for i in idx], [acts.kwargs[i] for i in idx])
+
+
+def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
+    opts = ctx.spec.options
+    block, acts, device = ctx.block, ctx.acts, ctx.device
+    orig_dtype = next(block.parameters()).dtype
+    block.float()  # RO runs in fp32 whatever the model's dtype
+    weights = [lin.weight for lin in ctx.linears.values()]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    opt = torch.optim.RMSprop(weights, lr=opts["ro_lr"])
+    rng = random.Random(opts["seed"] * 100_003 + ctx.index)
+    n = acts.n_samples
+    m = min(opts["ro_samples"], n)
+    try:
+        for k in range(opts["ro_iters"]):
+            idx = rng.sample(range(n), m)
+            if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
+                scale = (n / m) ** 0.5 if opts["act_norm"] == "sum" else 1.0
+                _apply_rgs(ctx, dense.grads, {k_: v * scale for k_, v in dense.norms(idx, opts["act_norm"]).items()})
+            else:
+                _prune_rgs(ctx, _subset(acts, idx), dense.grads, (n / m) ** 0.5)
+            for i in idx:
+                opt.zero_grad(set_to_none=True)
+                out = engine.block_output(block, acts.hidden[i].to(device=device, dtype=torch.float32),
+                                          acts.kwargs[i])
+                ((out - dense.outputs[i]) ** 2).sum().backward()
+                opt.step()
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+            w.grad = None
+    block.to(orig_dtype)
+
+
+def prune_block(ctx: BlockContext) -> None:
+    ctx.spec.options = opts = {**DEFAULTS, **ctx.spec.options}
+    dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts["ro_iters"] > 0)
+    if opts["ro_iters"] > 0:
+        regional_optimisation(ctx, dense)
+        _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
+    else:  # RGS only: the dense pass has the norms of all samples on these (dense) weights
+        _apply_rgs(ctx, dense.grads, dense.norms(list(range(ctx.acts.n_samples)), opts["act_norm"]))
