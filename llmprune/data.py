@@ -116,7 +116,12 @@ def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:
         )
     try:
         import datasets
+        from huggingface_hub.utils import logging as hub_logging
 
+        # Retries are logged as warnings by the Hub client; the one line we raise says what failed.
+        hub_logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
         ds = datasets.load_dataset(name, config, split=split, **kwargs)
     except Exception as e:  # the datasets library raises many types for "not reachable"
         raise _offline_error(source, e) from None

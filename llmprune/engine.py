@@ -177,8 +177,9 @@ class Walk:
     what the *modified* block produces), and moved back to the CPU. ``outputs`` holds the last block's outputs.
     """
 
-    def __init__(self, model: nn.Module, acts: Activations, device: str, description: str):
+    def __init__(self, model: nn.Module, acts: Activations, device: str, description: str, last_outputs: bool = True):
         self.model, self.acts, self.device, self.description = model, acts, device, description
+        self.last_outputs = last_outputs  # pruning needs no outputs of the last block: skip that pass
         self.outputs: Activations | None = None
 
     def __iter__(self) -> Iterator[tuple[int, nn.Module, Activations]]:
@@ -188,8 +189,9 @@ class Walk:
             for i, block in enumerate(layers):
                 block.to(self.device)
                 yield i, block, acts
-                with torch.no_grad():
-                    acts = run_block(block, acts, self.device)
+                if i < len(layers) - 1 or self.last_outputs:
+                    with torch.no_grad():
+                        acts = run_block(block, acts, self.device)
                 block.to("cpu")
                 advance()
         self.outputs = acts

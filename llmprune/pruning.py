@@ -52,7 +52,7 @@ def prune_model(
             batch_size = 1  # the method works on one window at a time (e.g. per-sample gradients)
         acts = engine.capture(model, windows, batch_size, device, act_dtype)
         times["capture_s"] = time.perf_counter() - t0
-        walk = engine.Walk(model, acts, device, method)
+        walk = engine.Walk(model, acts, device, method, last_outputs=False)
         mark = time.perf_counter()
         for i, block, inputs in walk:
             times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation

@@ -13,12 +13,10 @@ from llmprune import engine, evaluate
 
 @pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
 def test_streaming_equals_full_model(tiny_root, arch):
-    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
-    torch.manual_seed(0)
-    windows = torch.randint(0, tiny.VOCAB, (5, 48))
+    # uneven chunks on purpose: 2 + 2 + 1
+    model, windows, acts = tiny.model_and_inputs(tiny_root, arch, 5, 48, batch_size=2)
     with torch.no_grad():
         full = model(input_ids=windows, use_cache=False).logits
-    acts = engine.capture(model, windows, batch_size=2)  # uneven chunks on purpose: 2 + 2 + 1
     assert [h.shape[0] for h in acts.hidden] == [2, 2, 1]
     out = engine.stream(model, acts, "cpu", "test")
     streamed = torch.cat([engine.head_logits(model, h, "cpu") for h in out.hidden])

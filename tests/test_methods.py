@@ -50,10 +50,7 @@ def test_prune_gives_the_exact_pattern(calibrated, arch, method, pattern):
 
 
 def _block0_inputs(tiny_root, arch="llama", samples=16):
-    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
-    torch.manual_seed(0)
-    windows = torch.randint(0, tiny.VOCAB, (samples, 32))
-    acts = engine.capture(model, windows, batch_size=4)
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, samples, 32, batch_size=4)
     return model, _arch.blocks(model)[0], acts
 
 

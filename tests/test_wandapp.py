@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 import tiny
 from conftest import cli
@@ -38,10 +37,7 @@ def test_alpha_zero_without_ro_equals_wanda(calibrated, tmp_path, arch, pattern,
 
 
 def test_regional_gradients_are_the_rms_of_per_sample_gradients(tiny_root):
-    model = AutoModelForCausalLM.from_pretrained(tiny_root / "llama").eval()
-    torch.manual_seed(0)
-    windows = torch.randint(0, tiny.VOCAB, (3, 16))
-    acts = engine.capture(model, windows, batch_size=1)
+    model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 3, 16, batch_size=1)
     block = _arch.blocks(model)[0]
     G = wandapp.regional_gradients(block, acts, "cpu")
     w = block.mlp.down_proj.weight
@@ -62,10 +58,7 @@ def _block_error(block, dense, acts):
 
 
 def test_regional_optimisation_lowers_the_block_error_and_keeps_exact_sparsity(tiny_root):
-    model = AutoModelForCausalLM.from_pretrained(tiny_root / "llama").eval()
-    torch.manual_seed(0)
-    windows = torch.randint(0, tiny.VOCAB, (16, 32))
-    acts = engine.capture(model, windows, batch_size=1)
+    model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 16, 32, batch_size=1)
     dense = _arch.blocks(model)[0]
     errors = {}
     for iters in (0, 5):

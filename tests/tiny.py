@@ -78,3 +78,15 @@ def build(model_type: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer().save_pretrained(out)
     return out
+
+
+def model_and_inputs(root: Path, model_type: str, samples: int, seqlen: int, batch_size: int, seed: int = 0):
+    """A tiny model from ``root``, random token windows, and the captured inputs of its block 0."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune import engine
+
+    model = AutoModelForCausalLM.from_pretrained(root / model_type).eval()
+    torch.manual_seed(seed)
+    windows = torch.randint(0, VOCAB, (samples, seqlen))
+    return model, windows, engine.capture(model, windows, batch_size=batch_size)
