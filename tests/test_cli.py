@@ -73,7 +73,7 @@ def _bad_inputs(tiny_root, tmp_path):
         "foreign workdir": (["status", tmp_path / "foreign"], "not an llmprune workdir"),
         "prune before calibrate": (["prune", tmp_path / "foreign"], "not an llmprune workdir"),
         "unknown method": (["prune", "{wd}", "--method", "obs"], "unknown method 'obs'"),
-        "method not yet here": (["prune", "{wd}", "--method", "wandapp"], "not yet implemented"),
+        "method not yet here": (["prune", "{wd}", "--method", "dress"], "not yet implemented"),
         "unknown pattern": (["prune", "{wd}", "--pattern", "blocky"], "unknown pattern"),
         "sparsity out of range": (["prune", "{wd}", "--sparsity", "1.0"], "[0, 1)"),
         "N >= M": (["prune", "{wd}", "--pattern", "4:4"], "0 < N < M"),
