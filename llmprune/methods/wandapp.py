@@ -91,11 +91,16 @@ def regional_gradients(block, acts: engine.Activations, device: str) -> dict[str
 
 
 @torch.no_grad()
-def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor]) -> None:
+def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    """Prune with RGS. Norms from a subset of ``1/scale**2`` of the samples are scaled by ``scale`` under the
+    ``sum`` convention, to estimate the norm over all samples, so ``alpha`` keeps its weight."""
     opts = ctx.spec.options
+    if opts["act_norm"] != "sum":
+        scale = 1.0
     for name, lin in ctx.linears.items():
         w = lin.weight.data
-        w[select(rgs_score(w, grads[name], norms[name], opts["alpha"]), ctx.spec.pattern, ctx.spec.sparsity)] = 0
+        score = rgs_score(w, grads[name], norms[name] * scale, opts["alpha"])
+        w[select(score, ctx.spec.pattern, ctx.spec.sparsity)] = 0
 
 
 @torch.no_grad()
@@ -103,9 +108,7 @@ def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float)
     """Prune with RGS, the activation norms recomputed on the block's current weights over ``acts``."""
     convention = ctx.spec.options["act_norm"]
     stats = engine.collect(ctx.block, acts, ctx.device, RowNorms)
-    # A subset's sum-norm is scaled to estimate the norm over all samples, so alpha keeps its weight.
-    _apply_rgs(ctx, grads, {n: s.norms(convention) * (scale if convention == "sum" else 1.0)
-                            for n, s in stats.items()})
+    _apply_rgs(ctx, grads, {n: s.norms(convention) for n, s in stats.items()}, scale)
 
 
 def _subset(acts: engine.Activations, idx: list[int]) -> engine.Activations:
@@ -128,11 +131,11 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     try:
         for k in range(opts["ro_iters"]):
             idx = rng.sample(range(n), m)
+            scale = (n / m) ** 0.5
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
-                scale = (n / m) ** 0.5 if opts["act_norm"] == "sum" else 1.0
-                _apply_rgs(ctx, dense.grads, {k_: v * scale for k_, v in dense.norms(idx, opts["act_norm"]).items()})
+                _apply_rgs(ctx, dense.grads, dense.norms(idx, opts["act_norm"]), scale)
             else:
-                _prune_rgs(ctx, _subset(acts, idx), dense.grads, (n / m) ** 0.5)
+                _prune_rgs(ctx, _subset(acts, idx), dense.grads, scale)
             for i in idx:
                 opt.zero_grad(set_to_none=True)
                 out = engine.block_output(block, acts.hidden[i].to(device=device, dtype=torch.float32),
