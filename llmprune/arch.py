@@ -13,10 +13,33 @@ from llmprune.errors import UserError
 
 
 @dataclass(frozen=True)
+class Parts:
+    """Which tensors couple when a structure is removed (DReSS and the other structured removals).
+
+    Names are relative to one decoder block, except ``embed`` and ``final_norm`` (relative to the model).
+    """
+
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_out: str = "mlp.down_proj"
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # per block, over the hidden size
+    rms_norm: bool = True  # RMSNorm: removing zero channels is exact after a sqrt(d/d') rescale; LayerNorm is not
+    mlp_width: str = "intermediate_size"  # config key of the MLP width
+    # structure -> why transformers' own modeling code cannot express the smaller model
+    cannot: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Arch:
     layers: str  # dotted path to the ModuleList of decoder blocks
     final: tuple[str, ...]  # modules applied, in order, between the last block and lm_head (absent ones skipped)
     lora_targets: tuple[str, ...]  # Linear names inside a block that LoRA adapts by default
+    parts: Parts = Parts()
 
 
 _LLAMA_LIKE = Arch(
@@ -24,6 +47,7 @@ _LLAMA_LIKE = Arch(
     final=("model.norm",),
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
+_OPT_CANNOT = "OPT's modeling code ties the attention width to hidden_size (no head_dim option)"
 
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,  # Llama-2/3, SmolLM
@@ -34,11 +58,17 @@ ARCHS: dict[str, Arch] = {
         layers="model.layers",
         final=("model.final_layernorm",),
         lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+        parts=Parts(final_norm="model.final_layernorm", o="self_attn.dense", mlp_in=("mlp.fc1",),
+                    mlp_out="mlp.fc2", norms=("input_layernorm",), rms_norm=False),
     ),
     "opt": Arch(
         layers="model.decoder.layers",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        parts=Parts(embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
+                    o="self_attn.out_proj", mlp_in=("fc1",), mlp_out="fc2",
+                    norms=("self_attn_layer_norm", "final_layer_norm"), rms_norm=False, mlp_width="ffn_dim",
+                    cannot=(("hidden", _OPT_CANNOT), ("heads", _OPT_CANNOT))),
     ),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -25,6 +26,9 @@ WorkdirArg = Annotated[Path, typer.Argument(help="The working directory (safeten
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of tables.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N: where each block runs.")]
 BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.")]
+StructureOpt = Annotated[Optional[str], typer.Option(help="DReSS: hidden (the paper), heads (KV groups), mlp, layers.")]
+RatioOpt = Annotated[Optional[float], typer.Option(help="DReSS: fraction of the structure's units to remove.")]
+SelectOpt = Annotated[Optional[str], typer.Option(help="DReSS: activation (lowest on calibration data), tail, random.")]
 
 
 def _finish(result: dict[str, Any], as_json: bool, render) -> None:
@@ -130,7 +134,7 @@ def calibrate(
 @app.command()
 def prune(
     workdir: WorkdirArg,
-    method: Annotated[str, typer.Option(help="magnitude, wanda, sparsegpt, wandapp (dress: coming).")] = "wanda",
+    method: Annotated[str, typer.Option(help="magnitude, wanda, sparsegpt, wandapp; dress (structured removal).")] = "wanda",
     sparsity: Annotated[Optional[float], typer.Option(help="Fraction of weights to remove (implied by N:M).")] = None,
     pattern: Annotated[str, typer.Option(help="unstructured, 2:4, 4:8 (any N:M: N kept of every M).")] = "unstructured",
     blocksize: Annotated[int, typer.Option(help="SparseGPT: columns per block.")] = 128,
@@ -140,7 +144,10 @@ def prune(
     ro_iters: Annotated[int, typer.Option(help="Wanda++: rounds of regional optimisation (0: RGS only).")] = 5,
     ro_samples: Annotated[int, typer.Option(help="Wanda++: samples drawn per RO round.")] = 32,
     ro_lr: Annotated[float, typer.Option(help="Wanda++: RMSprop learning rate of RO.")] = 3e-7,
-    seed: Annotated[int, typer.Option(help="Wanda++: seed of the RO sample draws.")] = 0,
+    seed: Annotated[int, typer.Option(help="Wanda++: seed of the RO sample draws; DReSS: of --select random.")] = 0,
+    structure: StructureOpt = None,
+    ratio: RatioOpt = None,
+    select: SelectOpt = None,
     device: DeviceOpt = "cpu",
     act_dtype: Annotated[str, typer.Option(help="Dtype of the stored activations: float32, bfloat16, float16.")] = "float32",
     batch_size: BatchOpt = 4,
@@ -155,7 +162,11 @@ def prune(
     from llmprune.pruning import prune_model
 
     if method == "dress":
-        raise UserError(f"--method {method} is not yet implemented in this version of llmprune")
+        if sparsity is not None or pattern != "unstructured":
+            raise UserError("--method dress removes whole units: use --structure and --ratio, not --sparsity/--pattern")
+        return _prune_dress(workdir, structure, ratio, select, seed, device, batch_size, as_json)
+    if structure is not None or ratio is not None or select is not None:
+        raise UserError("--structure, --ratio and --select belong to --method dress")
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; use one of: {', '.join(METHODS)}")
     pat, s = parse_pattern(pattern, sparsity)
@@ -204,6 +215,78 @@ def prune(
         + [["prune time", f"{times['prune_s'] + times['propagate_s'] + times['capture_s']:.1f} s"]]))
 
 
+def _prune_dress(workdir: Path, structure: str | None, ratio: float | None, select: str | None, seed: int,
+                 device: str, batch_size: int, as_json: bool) -> None:
+    """Structured removal. After ``regularize`` it removes the units that were regularised; on a workdir that was
+    never regularised it selects the same way and removes directly (the key control of DReSS)."""
+    import json as _json
+
+    from llmprune import evaluate
+    from llmprune.methods import dress
+    from llmprune.modeling import param_count, save_model
+    from llmprune.structured import Plan, check_supported, geometry, remove
+
+    device = _check_device(device)
+    ws = Workdir(workdir)
+    if not ws.steps("calibrate"):
+        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
+    plan_path = ws.path / "dress" / "plan.json"
+    pending = None
+    if plan_path.is_file():
+        ws.verify("dress")
+        pending = _json.loads(plan_path.read_text(encoding="utf-8"))
+        if pending.get("applied"):
+            pending = None
+    if pending is not None:
+        for name, given, planned in (("structure", structure, pending["structure"]), ("ratio", ratio, pending["ratio"]),
+                                     ("select", select, pending["select"])):
+            if given is not None and given != planned:
+                raise UserError(f"this workdir was regularised for --{name} {planned}; prune with that "
+                                f"(or regularise again for {given})")
+    structure = structure or (pending or {}).get("structure", "hidden")
+    select = select or (pending or {}).get("select", "activation")
+    ratio = ratio if ratio is not None else (pending or {}).get("ratio", 0.25)
+    _check_dress_choice(structure, select)
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    params = dict(method="dress", structure=structure, ratio=ratio, select=select, seed=seed, device=device,
+                  regularized=pending is not None)
+    with ws.step("prune", params) as tx:
+        ws.record_inputs(tx, "model")
+        ws.record_inputs(tx, "calib")
+        if pending is not None:
+            ws.record_inputs(tx, "dress")
+        lm, tok = _load_current_model(ws)
+        check_supported(lm, structure)
+        t0 = time.perf_counter()
+        if pending is not None:
+            plan = Plan.from_json({k: v for k, v in pending.items() if k not in ("regularized", "applied")})
+        else:
+            windows = _load_windows(ws) if select == "activation" else None
+            plan = dress.select(lm, structure, ratio, select, windows, device, seed, batch_size)
+        before_params, before_geom = param_count(lm), geometry(lm)
+        small = remove(lm, plan)
+        prune_s = time.perf_counter() - t0
+        after = geometry(small)
+        tx.step.metrics = {"prune_s": round(prune_s, 3), "plan": plan.to_json(), "units_removed": plan.n_units,
+                           "parameters_before": before_params, **evaluate.summary(small),
+                           "geometry_before": before_geom.__dict__, "geometry": after.__dict__}
+        d = tx.stage("dress")
+        d.mkdir()
+        (d / "plan.json").write_text(_json.dumps({**plan.to_json(), "regularized": pending is not None,
+                                                  "applied": True}, indent=1) + "\n", encoding="utf-8")
+        save_model(small, tok, tx.stage("model"), _shard_size(ws))
+    m = tx.step.metrics
+    result = {"workdir": str(workdir), "method": "dress", "structure": structure, "ratio": ratio,
+              "regularized": pending is not None, **{k: v for k, v in m.items() if k != "plan"}}
+    _finish(result, as_json, lambda: report.table(
+        f"dress {structure} {ratio:.0%} ({'regularised' if pending is not None else 'direct removal'}, {select})",
+        ["what", "before", "after"],
+        [["parameters", m["parameters_before"], m["parameters"]]]
+        + [[k, v, after.__dict__[k]] for k, v in before_geom.__dict__.items() if v != after.__dict__[k]]
+        + [["time", "", f"{prune_s:.1f} s"]]))
+
+
 def _shard_size(ws: Workdir) -> str:
     return ws.steps("calibrate")[0]["params"].get("max_shard_size", "2GB")
 
@@ -215,11 +298,15 @@ def eval_(
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.json/.parquet and hf: sources.")] = "text",
+    speed: Annotated[bool, typer.Option(help="Also measure prefill and decode tokens/s (batch 1).")] = False,
+    speed_baseline: Annotated[Optional[Path], typer.Option(help="With --speed: also time this workdir or HF folder in the same run, and report the ratios.")] = None,
+    prompt_len: Annotated[int, typer.Option(help="With --speed: prompt tokens of the prefill.")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="With --speed: tokens decoded through the KV cache.")] = 64,
     device: DeviceOpt = "cpu",
     batch_size: BatchOpt = 4,
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity, parameter count and sparsity per layer type; recorded as a step."""
+    """Perplexity, parameter count and sparsity per layer type (and, with --speed, throughput); recorded as a step."""
     from llmprune import data, evaluate
 
     ws = Workdir(workdir)
@@ -233,8 +320,18 @@ def eval_(
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     text = data.load_text(dataset, "evaluation", text_field)
+    if prompt_len <= 0 or new_tokens <= 0:
+        raise UserError("--prompt-len and --new-tokens must be positive")
+    base_dir = None
+    if speed_baseline is not None:
+        if not speed:
+            raise UserError("--speed-baseline needs --speed")
+        base_dir = speed_baseline / "model" if (speed_baseline / "manifest.json").is_file() else speed_baseline
+        if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
+            raise UserError(f"--speed-baseline {speed_baseline} is neither a workdir nor a safetensors model folder")
     params = dict(dataset=dataset, seqlen=seqlen, max_windows=max_windows, text_field=text_field, device=device,
-                  batch_size=batch_size)
+                  batch_size=batch_size, speed=speed, speed_baseline=str(speed_baseline) if speed_baseline else None,
+                  prompt_len=prompt_len, new_tokens=new_tokens)
     with ws.step("eval", params) as tx:
         ws.record_inputs(tx, "model")
         lm, tok = _load_current_model(ws)
@@ -244,12 +341,37 @@ def eval_(
         windows = data.eval_windows(data.tokenize(tok, text), seqlen, max_windows)
         ppl = evaluate.perplexity(lm, windows, device, batch_size)
         tx.step.metrics = {**ppl, **evaluate.summary(lm)}
+        if speed:
+            tx.step.metrics["speed"] = _speed(lm, base_dir, prompt_len, new_tokens, device)
     m = tx.step.metrics
     result = {"workdir": str(workdir), "dataset": dataset, **m}
+    sp = m.get("speed", {})
     _finish(result, as_json, lambda: report.table(
         f"eval {workdir} on {dataset}", ["metric", "value"],
         [["perplexity", m["perplexity"]], ["windows", f"{m['windows']} × {seqlen}"], ["parameters", m["parameters"]]]
-        + [[f"sparsity {k}", f"{v:.2%}"] for k, v in m["sparsity"].items()]))
+        + [[f"sparsity {k}", f"{v:.2%}"] for k, v in m["sparsity"].items()]
+        + [[k.replace("_", " "), v] for k, v in sp.items() if k not in ("prompt_len", "new_tokens")]))
+
+
+def _speed(lm, base_dir: Path | None, prompt_len: int, new_tokens: int, device: str) -> dict[str, Any]:
+    """Throughput of the workdir's model, and of a baseline timed alternately in the same run (ratios, not
+    absolute timings, are what compares on a noisy machine)."""
+    from llmprune import evaluate
+    from llmprune.modeling import load_model
+
+    if base_dir is None:
+        return evaluate.speed(lm, prompt_len, new_tokens, device=device)
+    base, _ = load_model(base_dir)
+    runs = {"model": [], "baseline": []}
+    for _ in range(2):  # alternate, so that a slow spell of the machine hits both
+        runs["model"].append(evaluate.speed(lm, prompt_len, new_tokens, device=device))
+        runs["baseline"].append(evaluate.speed(base, prompt_len, new_tokens, device=device))
+    best = {k: {m: max(r[m] for r in v) for m in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+            for k, v in runs.items()}
+    return {**best["model"], **{f"baseline_{m}": v for m, v in best["baseline"].items()},
+            "prefill_speedup": round(best["model"]["prefill_tokens_per_s"] / best["baseline"]["prefill_tokens_per_s"], 3),
+            "decode_speedup": round(best["model"]["decode_tokens_per_s"] / best["baseline"]["decode_tokens_per_s"], 3),
+            "prompt_len": prompt_len, "new_tokens": new_tokens}
 
 
 @app.command()
@@ -306,10 +428,17 @@ def status(workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
         for i, s in enumerate(steps, 1):
             p = {k: v for k, v in s["params"].items() if v is not None}
             brief = ", ".join(f"{k}={v}" for k, v in p.items() if k in (
-                "model", "dataset", "samples", "seqlen", "method", "pattern", "sparsity", "max_windows"))
+                "model", "dataset", "samples", "seqlen", "method", "pattern", "sparsity", "max_windows", "structure", "ratio",
+                "steps", "lam"))
             m = s["metrics"]
-            key = f"ppl {m['perplexity']:.3f}" if "perplexity" in m else (
-                f"sparsity {m['sparsity']['all']:.2%}" if "sparsity" in m else "")
+            if "perplexity" in m:
+                key = f"ppl {m['perplexity']:.3f}"
+            elif "units_removed" in m and "parameters" in m:
+                key = f"{m['parameters']:,} parameters"
+            elif "gap" in m:
+                key = f"zeroing gap {m['gap']:.2%}"
+            else:
+                key = f"sparsity {m['sparsity']['all']:.2%}" if "sparsity" in m else ""
             rows.append([i, s["command"], brief, f"{s['duration_s']:.1f} s", key, s["started"]])
         report.table(f"{workdir} ({manifest.get('model_type')}, {size / 2**20:,.1f} MiB, "
                      f"{last_metrics.get('parameters', 0):,} parameters)",
@@ -318,10 +447,99 @@ def status(workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
     _finish(result, as_json, render)
 
 
+
+
+def _check_dress_choice(structure: str, select: str) -> None:
+    from llmprune.methods.dress import SELECTS
+    from llmprune.structured import STRUCTURES
+
+    if structure not in STRUCTURES:
+        raise UserError(f"unknown structure '{structure}'; use one of: {', '.join(STRUCTURES)}")
+    if select not in SELECTS:
+        raise UserError(f"unknown selection '{select}'; use one of: {', '.join(SELECTS)}")
+
+
 @app.command()
-def regularize(workdir: WorkdirArg) -> None:
-    """DReSS: regularise the channels that will be removed (not yet implemented)."""
-    raise UserError("`llmprune regularize` (DReSS) is not yet implemented in this version")
+def regularize(
+    workdir: WorkdirArg,
+    ratio: Annotated[float, typer.Option(help="Fraction of the structure's units to remove.")] = 0.25,
+    structure: Annotated[str, typer.Option(help="hidden (the paper), heads (KV groups), mlp, layers.")] = "hidden",
+    select: Annotated[str, typer.Option(help="activation (lowest on calibration data), tail, random.")] = "activation",
+    norm: Annotated[str, typer.Option(help="group (one L2 norm per unit), l2 (per slice), l1 (element-wise).")] = "group",
+    shrink: Annotated[str, typer.Option(help="prox: decoupled proximal shrink after each step; loss: penalty in the loss.")] = "prox",
+    lam: Annotated[float, typer.Option("--lambda", help="Penalty strength, relative to each unit's initial norm (prox: shrink per step).")] = 0.02,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (the most, with --until-converged).")] = 100,
+    until_converged: Annotated[bool, typer.Option(help="Stop once the selected slices are ~0 and zeroing them costs <= --gap-tol.")] = False,
+    gap_tol: Annotated[float, typer.Option(help="Relative perplexity gap (zeroed vs not) that counts as converged.")] = 0.01,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (all parameters are trained).")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 1,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
+    holdout: Annotated[int, typer.Option(help="Calibration windows kept out of training to measure the gap.")] = 8,
+    eval_every: Annotated[int, typer.Option(help="Measure the held-out gap every this many steps.")] = 25,
+    seed: Annotated[int, typer.Option(help="Seed of the data order (and of --select random).")] = 0,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
+    import json as _json
+    import resource
+
+    from llmprune.methods import dress
+    from llmprune.modeling import save_model
+    from llmprune.structured import check_supported
+    from llmprune.train import TrainSpec
+
+    _check_dress_choice(structure, select)
+    if norm not in dress.NORMS:
+        raise UserError(f"unknown --norm '{norm}'; use one of: {', '.join(dress.NORMS)}")
+    if shrink not in dress.SHRINKS:
+        raise UserError(f"unknown --shrink '{shrink}'; use one of: {', '.join(dress.SHRINKS)}")
+    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
+                    ("--holdout", holdout), ("--eval-every", eval_every)):
+        if v <= 0:
+            raise UserError(f"{name} must be positive, got {v}")
+    if lam <= 0 or lr <= 0:
+        raise UserError("--lambda and --lr must be positive")
+    device = _check_device(device)
+    ws = Workdir(workdir)
+    if not ws.steps("calibrate"):
+        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
+    params = dict(ratio=ratio, structure=structure, select=select, norm=norm, shrink=shrink, lam=lam, steps=steps,
+                  until_converged=until_converged, gap_tol=gap_tol, lr=lr, batch_size=batch_size,
+                  grad_accum=grad_accum, holdout=holdout, eval_every=eval_every, seed=seed,
+                  grad_checkpointing=grad_checkpointing, device=device)
+    with ws.step("regularize", params) as tx:
+        ws.record_inputs(tx, "model")
+        ws.record_inputs(tx, "calib")
+        lm, tok = _load_current_model(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
+        check_supported(lm, structure)
+        windows = _load_windows(ws)
+        if windows.shape[0] <= holdout:
+            raise UserError(f"--holdout {holdout} leaves no training windows (the workdir has {windows.shape[0]})")
+        plan = dress.select(lm, structure, ratio, select, windows, device, seed)
+        spec = TrainSpec(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                         grad_checkpointing=grad_checkpointing, eval_every=eval_every)
+        hist = dress.regularize(lm, windows[:-holdout], windows[-holdout:], plan, norm=norm, shrink=shrink, lam=lam,
+                                spec=spec, device=device, until_converged=until_converged, gap_tol=gap_tol)
+        last = hist["evals"][-1]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
+            "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
+            "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "peak_rss_mib": round(peak, 1),
+            "loss": hist["loss"], "evals": hist["evals"]}
+        d = tx.stage("dress")
+        d.mkdir()
+        (d / "plan.json").write_text(_json.dumps({**plan.to_json(), "regularized": True, "applied": False},
+                                                 indent=1) + "\n", encoding="utf-8")
+        save_model(lm, tok, tx.stage("model"), _shard_size(ws))
+    m = tx.step.metrics
+    result = {"workdir": str(workdir), **{k: v for k, v in m.items() if k not in ("loss", "plan")}}
+    _finish(result, as_json, lambda: report.table(
+        f"regularized {structure} {ratio:.0%} ({plan.n_units} units, {select})", ["held-out", "before", "after"],
+        [["perplexity", m["before"]["ppl"], m["ppl"]], ["perplexity, units zeroed", m["before"]["ppl_zeroed"],
+          m["ppl_zeroed"]], ["relative norm of the units", m["before"]["relative_norm"], m["relative_norm"]],
+         ["steps", 0, m["steps"]], ["time", "", f"{m['train_s']:.1f} s"]]))
 
 
 @app.command()

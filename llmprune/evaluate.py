@@ -62,3 +62,40 @@ def sparsity_by_type(model: nn.Module) -> dict[str, float]:
 
 def summary(model: nn.Module) -> dict[str, object]:
     return {"parameters": param_count(model), "sparsity": sparsity_by_type(model)}
+
+
+@torch.no_grad()
+def speed(model: nn.Module, prompt_len: int = 512, new_tokens: int = 64, reps: int = 3, device: str = "cpu",
+          seed: int = 0) -> dict[str, float]:
+    """Prefill and decode throughput (tokens/s) of the whole model on ``device``, batch 1, best of ``reps``.
+
+    Prefill: one forward pass over a ``prompt_len`` prompt. Decode: ``new_tokens`` single-token steps through the
+    KV cache after that prompt (greedy). Best-of-n, because timing noise on a shared machine only ever slows down.
+    """
+    import inspect
+    import time
+
+    model.to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen).to(device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    # transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this release's forward takes.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    model(input_ids=ids[:, :16], use_cache=False)  # warm-up: first-call allocations are not the model's speed
+    prefill, decode = math.inf, math.inf
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        sync()
+        prefill = min(prefill, time.perf_counter() - t0)
+        past, tok = out[cache_kw], out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=tok, use_cache=True, **{cache_kw: past})
+            past, tok = out[cache_kw], out.logits[:, -1:].argmax(-1)
+        sync()
+        decode = min(decode, time.perf_counter() - t0)
+    model.to("cpu")
+    return {"prefill_tokens_per_s": round(prompt_len / prefill, 2), "decode_tokens_per_s": round(new_tokens / decode, 2),
+            "prompt_len": prompt_len, "new_tokens": new_tokens}

@@ -1,0 +1,277 @@
+"""Structured removal: hidden channels, attention heads (whole KV groups), MLP channels, whole decoder blocks.
+
+A ``Plan`` names the units to remove. ``slices`` turns it into the exact parameter slices that couple with those
+units (read from the architecture table, ``arch.Parts``). Three verbs share the slices, so they always agree:
+
+- ``zero``: the dense model with the units switched off (the DReSS "zeroed" model, and the direct-removal control);
+- the DReSS penalty and shrink (``methods/dress.py``), which act on the same slices during training;
+- ``remove``: a physically smaller model built from a *standard* config, so it loads with plain
+  ``AutoModelForCausalLM.from_pretrained`` -- no custom code, no pickle.
+
+Removing hidden channels that are exactly zero is exact for RMSNorm models once the kept norm weights are scaled
+by ``sqrt(d / d')`` (the RMS over d' channels is that much larger than over d) and ``rms_norm_eps`` by ``d / d'``. LayerNorm models (OPT, Phi-2) are
+not exact: their mean and variance change with the width.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune import arch as _arch
+from llmprune.errors import UserError
+
+STRUCTURES = ("hidden", "heads", "mlp", "layers")
+
+
+@dataclass
+class Plan:
+    """What to remove. ``removed`` is a list of channel / block indices for ``hidden`` and ``layers``, and one list
+    per block (KV-group or MLP-channel indices) for ``heads`` and ``mlp``."""
+
+    structure: str
+    removed: list[Any]
+    ratio: float = 0.0
+    select: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"structure": self.structure, "ratio": self.ratio, "select": self.select, "removed": self.removed,
+                **self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Plan":
+        meta = {k: v for k, v in d.items() if k not in ("structure", "ratio", "select", "removed")}
+        return cls(d["structure"], d["removed"], d.get("ratio", 0.0), d.get("select", ""), meta)
+
+    @property
+    def n_units(self) -> int:
+        if self.structure in ("hidden", "layers"):
+            return len(self.removed)
+        return sum(len(r) for r in self.removed)
+
+
+@dataclass
+class Slice:
+    """Positions ``index`` along ``dim`` of parameter ``param`` belong to removed units; ``unit[i]`` is the unit
+    (channel, KV group or block) of ``index[i]``, which the group norms of the DReSS penalty need."""
+
+    param: str
+    dim: int
+    index: torch.Tensor
+    unit: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Geometry:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+
+    @property
+    def rep(self) -> int:  # query heads per KV group
+        return self.heads // self.kv_heads
+
+
+def geometry(model: nn.Module) -> Geometry:
+    c = model.config
+    parts = _arch.arch_for(c.model_type).parts
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width))
+
+
+def units_per_group(g: Geometry, structure: str) -> int:
+    """How many units one ratio applies to: hidden channels, KV groups per block, MLP channels per block, blocks."""
+    return {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers}[structure]
+
+
+def count_removed(g: Geometry, structure: str, ratio: float) -> int:
+    """Units removed for ``ratio``; an error if none would be left."""
+    if structure not in STRUCTURES:
+        raise UserError(f"unknown structure '{structure}'; use one of: {', '.join(STRUCTURES)}")
+    if not 0 <= ratio < 1:
+        raise UserError(f"--ratio must be in [0, 1), got {ratio}")
+    total = units_per_group(g, structure)
+    n = math.floor(ratio * total + 0.5)  # half up: Python's round() would take 0.5 of 2 KV groups to 0
+    if n >= total:
+        what = {"hidden": "hidden channels", "heads": "KV groups per block", "mlp": "MLP channels per block",
+                "layers": "decoder blocks"}[structure]
+        raise UserError(f"--ratio {ratio} would leave no {what} (there are {total})")
+    return n
+
+
+def check_supported(model: nn.Module, structure: str) -> None:
+    parts = _arch.arch_for(model.config.model_type).parts
+    reason = dict(parts.cannot).get(structure)
+    if reason:
+        raise UserError(f"--structure {structure} is not possible for {model.config.model_type}: {reason}")
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def slices(model: nn.Module, plan: Plan) -> list[Slice]:
+    """Every parameter slice that belongs to the plan's units. Tied parameters appear under each of their names."""
+    a = _arch.arch_for(model.config.model_type)
+    p = a.parts
+    g = geometry(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out: list[Slice] = []
+
+    def add(name: str, dim: int, index: list[int], unit: list[int]) -> None:
+        if name in params and index:
+            out.append(Slice(name, dim, torch.tensor(index, dtype=torch.long), torch.tensor(unit, dtype=torch.long)))
+
+    def add_module(mod: str, dim: int, index: list[int], unit: list[int], bias: bool) -> None:
+        add(f"{mod}.weight", dim, index, unit)
+        if bias:
+            add(f"{mod}.bias", 0, index, unit)
+
+    blk = lambda i, name: f"{a.layers}.{i}.{name}"  # noqa: E731
+    s = plan.structure
+    if s == "hidden":
+        idx = list(plan.removed)
+        unit = list(range(len(idx)))
+        add(f"{p.embed}.weight", 1, idx, unit)
+        add(f"{_module_name(model, model.get_output_embeddings())}.weight", 1, idx, unit)
+        add_module(p.final_norm, 0, idx, unit, bias=True)
+        for i in range(g.layers):
+            for lin in (p.q, p.k, p.v, *p.mlp_in):
+                add(f"{blk(i, lin)}.weight", 1, idx, unit)  # input side
+            for lin in (p.o, p.mlp_out):
+                add_module(blk(i, lin), 0, idx, unit, bias=True)  # output side, and its bias
+            for norm in p.norms:
+                add_module(blk(i, norm), 0, idx, unit, bias=True)
+    elif s == "heads":
+        u = 0
+        for i, groups in enumerate(plan.removed):
+            q_rows, kv_rows, q_unit, kv_unit = [], [], [], []
+            for grp in groups:
+                for h in range(grp * g.rep, (grp + 1) * g.rep):
+                    q_rows += range(h * g.head_dim, (h + 1) * g.head_dim)
+                    q_unit += [u] * g.head_dim
+                kv_rows += range(grp * g.head_dim, (grp + 1) * g.head_dim)
+                kv_unit += [u] * g.head_dim
+                u += 1
+            add_module(blk(i, p.q), 0, q_rows, q_unit, bias=True)
+            add_module(blk(i, p.k), 0, kv_rows, kv_unit, bias=True)
+            add_module(blk(i, p.v), 0, kv_rows, kv_unit, bias=True)
+            add(f"{blk(i, p.o)}.weight", 1, q_rows, q_unit)
+    elif s == "mlp":
+        u = 0
+        for i, chans in enumerate(plan.removed):
+            unit = list(range(u, u + len(chans)))
+            u += len(chans)
+            for lin in p.mlp_in:
+                add_module(blk(i, lin), 0, list(chans), unit, bias=True)
+            add(f"{blk(i, p.mlp_out)}.weight", 1, list(chans), unit)
+    elif s == "layers":
+        # A block whose two output projections are zero adds nothing to the residual stream: it is the identity.
+        for u, i in enumerate(plan.removed):
+            for lin in (p.o, p.mlp_out):
+                name = blk(i, lin)
+                rows = params[f"{name}.weight"].shape[0]
+                add_module(name, 0, list(range(rows)), [u] * rows, bias=True)
+    else:
+        raise UserError(f"unknown structure '{s}'; use one of: {', '.join(STRUCTURES)}")
+    return out
+
+
+@torch.no_grad()
+def zero(model: nn.Module, plan: Plan) -> None:
+    """Switch the plan's units off in place (the dense model with the removed parts at zero)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for sl in slices(model, plan):
+        params[sl.param].data.index_fill_(sl.dim, sl.index, 0)
+
+
+def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[removed] = False
+    return mask.nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def remove(model: nn.Module, plan: Plan) -> nn.Module:
+    """A new, physically smaller model without the plan's units, built from a standard config."""
+    from transformers import AutoModelForCausalLM
+
+    check_supported(model, plan.structure)
+    a = _arch.arch_for(model.config.model_type)
+    g = geometry(model)
+    cfg = copy.deepcopy(model.config)
+    sd = dict(model.state_dict())
+    s = plan.structure
+    if s == "layers":
+        gone = set(plan.removed)
+        keep = [i for i in range(g.layers) if i not in gone]
+        renumber = {old: new for new, old in enumerate(keep)}
+        prefix = a.layers + "."
+        new_sd = {}
+        for key, t in sd.items():
+            if key.startswith(prefix):
+                i, rest = key[len(prefix):].split(".", 1)
+                if int(i) in gone:
+                    continue
+                key = f"{prefix}{renumber[int(i)]}.{rest}"
+            new_sd[key] = t
+        sd = new_sd
+        cfg.num_hidden_layers = len(keep)
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    else:
+        for sl in slices(model, plan):
+            t = sd[sl.param]
+            sd[sl.param] = t.index_select(sl.dim, _keep(t.shape[sl.dim], sl.index)).clone()
+        cfg.head_dim = g.head_dim  # the attention width is no longer hidden_size // heads in general
+        if s == "hidden":
+            d_new = g.hidden - len(plan.removed)
+            cfg.hidden_size = d_new
+            if a.parts.rms_norm and plan.removed:
+                scale = math.sqrt(g.hidden / d_new)
+                norms = [a.parts.final_norm] + [f"{a.layers}.{i}.{n}" for i in range(g.layers) for n in a.parts.norms]
+                for n in norms:
+                    sd[f"{n}.weight"] = sd[f"{n}.weight"] * scale
+                # RMSNorm divides by sqrt(mean(x^2) + eps); the mean over d' channels is d/d' times larger, so eps
+                # must grow by the same factor for the smaller model to compute exactly the same function.
+                if getattr(cfg, "rms_norm_eps", None) is not None:
+                    cfg.rms_norm_eps = cfg.rms_norm_eps * g.hidden / d_new
+        elif s == "heads":
+            r = len(plan.removed[0]) if plan.removed else 0
+            if any(len(x) != r for x in plan.removed):
+                raise UserError("a standard config needs the same number of KV groups removed in every block")
+            cfg.num_attention_heads = g.heads - r * g.rep
+            cfg.num_key_value_heads = g.kv_heads - r
+        elif s == "mlp":
+            r = len(plan.removed[0]) if plan.removed else 0
+            if any(len(x) != r for x in plan.removed):
+                raise UserError("a standard config needs the same number of MLP channels removed in every block")
+            setattr(cfg, a.parts.mlp_width, g.mlp - r)
+    dtype = next(model.parameters()).dtype
+    new = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    missing, unexpected = new.load_state_dict(sd, strict=False)
+    # Tied output embeddings may be absent from either side; anything else is a bug in the slicing table.
+    missing = [k for k in missing if k not in _tied_names(new)]
+    unexpected = [k for k in unexpected if k not in _tied_names(model)]
+    if missing or unexpected:
+        raise RuntimeError(f"structured removal left tensors unmatched: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if getattr(cfg, "tie_word_embeddings", False):
+        new.tie_weights()
+    return new.eval()
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {f"{_module_name(model, model.get_output_embeddings())}.weight"}

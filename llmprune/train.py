@@ -1,0 +1,155 @@
+"""One training loop for every step that trains (DReSS ``regularize``, LoRA ``recover``), through ``accelerate``.
+
+Going through ``accelerate`` means the same loop runs on one CPU, one GPU, or many processes under
+``accelerate launch`` (DDP on gloo or NCCL) without a code change: the data loader is sharded and gradients are
+averaged by the wrapper. Hooks let each caller add to the loss (a penalty), act after each optimiser step (a
+proximal shrink) and measure every few steps (a held-out perplexity, a stopping test).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from llmprune.report import progress
+
+
+@dataclass
+class TrainSpec:
+    steps: int  # optimiser steps (the upper bound when ``stop`` is given)
+    lr: float
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 0
+    grad_checkpointing: bool = False
+    eval_every: int = 0  # 0: only at the end
+    weight_decay: float = 0.0
+    warmup: int = 0  # linear warm-up steps, then constant
+
+
+def accelerator(device: str, grad_accum: int = 1):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum)
+
+
+def _cycle(loader: Iterable) -> Iterable:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def train(
+    model: nn.Module,
+    windows: torch.Tensor,
+    spec: TrainSpec,
+    *,
+    device: str = "cpu",
+    params: list[nn.Parameter] | None = None,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module, int, float], None] | None = None,
+    evaluate: Callable[[nn.Module, int], dict[str, Any]] | None = None,
+    stop: Callable[[dict[str, Any]], bool] | None = None,
+    description: str = "training",
+) -> dict[str, Any]:
+    """Train ``model`` on the token ``windows`` with the language-modelling loss (plus ``extra_loss``).
+
+    ``after_step(model, step, lr)`` runs after every optimiser step; ``evaluate(model, step)`` every
+    ``spec.eval_every`` steps and at the end, and ``stop(metrics)`` may end training early. Returns the history:
+    the mean LM loss of every step, the evaluations, the steps taken and the wall time.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    acc = accelerator(device, spec.grad_accum)
+    torch.manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    loader = DataLoader(TensorDataset(windows), batch_size=spec.batch_size, shuffle=True, generator=gen,
+                        drop_last=windows.shape[0] >= spec.batch_size)
+    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup) if spec.warmup else 1.0)
+    if spec.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    wrapped, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    history: dict[str, Any] = {"loss": [], "extra": [], "evals": []}
+    t0 = time.perf_counter()
+    step, acc_loss, acc_extra, micro = 0, 0.0, 0.0, 0
+    stopped = False
+    with progress(description, total=spec.steps) as advance:
+        for (ids,) in _cycle(loader):
+            with acc.accumulate(wrapped):
+                out = wrapped(input_ids=ids, labels=ids, use_cache=False)
+                loss = out.loss
+                extra = extra_loss(acc.unwrap_model(wrapped)) if extra_loss else None
+                total = loss + extra if extra is not None else loss
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"the training loss became {total.item()} at step {step + 1}; "
+                                             "lower the learning rate")
+                acc.backward(total)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            acc_loss += loss.item()
+            acc_extra += extra.item() if extra is not None else 0.0
+            micro += 1
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            lm = acc.gather(torch.tensor([acc_loss / micro], device=acc.device)).mean().item()
+            history["loss"].append(round(lm, 5))
+            history["extra"].append(round(acc_extra / micro, 6))
+            acc_loss, acc_extra, micro = 0.0, 0.0, 0
+            if after_step:
+                after_step(acc.unwrap_model(wrapped), step, sched.get_last_lr()[0])
+            last = step == spec.steps
+            if evaluate and ((spec.eval_every and step % spec.eval_every == 0) or last):
+                wrapped.eval()
+                metrics = {"step": step, **evaluate(acc.unwrap_model(wrapped), step)}
+                wrapped.train()
+                history["evals"].append(metrics)
+                if stop and stop(metrics):
+                    stopped = True
+            advance(note=f"loss {lm:.3f}")
+            if last or stopped:
+                break
+    model = acc.unwrap_model(wrapped)
+    if spec.grad_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    acc.free_memory()
+    history.update(steps=step, stopped_early=stopped, seconds=round(time.perf_counter() - t0, 2),
+                   final_loss=_mean_tail(history["loss"]))
+    return history
+
+
+def _mean_tail(xs: list[float], n: int = 10) -> float:
+    tail = xs[-n:]
+    return round(sum(tail) / len(tail), 5) if tail else math.nan
+
+
+@torch.no_grad()
+def heldout_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token NLL of ``model`` (in memory, on its current device) over ``windows``."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s : s + batch_size].to(dev)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        nll += out.loss.item() * n
+        count += n
+    if was_training:
+        model.train()
+    return nll / count
