@@ -122,10 +122,10 @@ class Step:
 class Transaction:
     """The files a step writes, gathered in ``.staging/`` until ``Workdir.step`` commits them."""
 
-    def __init__(self, workdir: "Workdir", step: Step):
+    def __init__(self, workdir: "Workdir", step: Step, root: Path | None = None):
         self.workdir = workdir
         self.step = step
-        self.root = workdir.path / STAGING
+        self.root = root or workdir.path / STAGING
         self.replaced: set[str] = set()
         self.manifest: dict[str, Any] = {}  # the manifest being written; a step may add header fields
 
@@ -259,7 +259,18 @@ class Workdir:
         """Run one step as a transaction: stage its outputs, then commit them together with its manifest entry.
 
         ``create`` starts a new workdir with that manifest header (``calibrate``); otherwise the workdir must exist.
+
+        Under ``accelerate launch`` every process runs the step, but only the main one (``RANK`` 0) locks and
+        commits; the others stage into a private temporary folder that is thrown away.
         """
+        if int(os.environ.get("RANK", "0")) != 0:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="llmprune-rank") as tmp:
+                tx = Transaction(self, Step(command, params), Path(tmp))
+                tx.manifest = dict(create) if create is not None else self.manifest()
+                yield tx
+            return
         with self.locked():
             manifest = dict(create) if create is not None else self.manifest()
             if create is not None:

@@ -73,7 +73,17 @@ def _bad_inputs(tiny_root, tmp_path):
         "foreign workdir": (["status", tmp_path / "foreign"], "not an llmprune workdir"),
         "prune before calibrate": (["prune", tmp_path / "foreign"], "not an llmprune workdir"),
         "unknown method": (["prune", "{wd}", "--method", "obs"], "unknown method 'obs'"),
-        "method not yet here": (["prune", "{wd}", "--method", "dress"], "not yet implemented"),
+        "unknown structure": (["prune", "{wd}", "--method", "dress", "--structure", "rows"], "unknown structure"),
+        "ratio leaves nothing": (["regularize", "{wd}", "--structure", "heads", "--ratio", "0.9"],
+                                 "would leave no KV groups"),
+        "ratio out of range": (["prune", "{wd}", "--method", "dress", "--ratio", "1.5"], "[0, 1)"),
+        "unknown selection": (["regularize", "{wd}", "--select", "best"], "unknown selection"),
+        "unknown norm": (["regularize", "{wd}", "--norm", "l3"], "unknown --norm"),
+        "sparsity with dress": (["prune", "{wd}", "--method", "dress", "--sparsity", "0.5"], "whole units"),
+        "structure without dress": (["prune", "{wd}", "--method", "wanda", "--ratio", "0.5"], "belong to --method dress"),
+        "holdout eats the data": (["regularize", "{wd}", "--holdout", "16"], "leaves no training windows"),
+        "OPT hidden channels": (["prune", "{opt}", "--method", "dress", "--structure", "hidden"],
+                                "ties the attention width to hidden_size"),
         "unknown pattern": (["prune", "{wd}", "--pattern", "blocky"], "unknown pattern"),
         "sparsity out of range": (["prune", "{wd}", "--sparsity", "1.0"], "[0, 1)"),
         "N >= M": (["prune", "{wd}", "--pattern", "4:4"], "0 < N < M"),
@@ -94,7 +104,8 @@ def _bad_inputs(tiny_root, tmp_path):
         "unknown option": (["prune", "{wd}", "--sparsty", "0.5"], "No such option"),
         "export to non-empty dir": (["export", "{wd}", "--out", tmp_path / "foreign"], "not empty"),
         "push without token": (["export", "{wd}", "--out", tmp_path / "o", "--push-to-hub", "me/x"], "no Hugging Face token"),
-        "regularize not yet": (["regularize", "{wd}"], "not yet implemented"),
+        "recover not yet": (["recover", "{wd}"], "not yet implemented"),
+        "speed baseline without speed": (["eval", "{wd}", "--dataset", d, "--speed-baseline", m], "needs --speed"),
     }
 
 
@@ -106,12 +117,13 @@ def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypa
     monkeypatch.setenv("HF_TOKEN", "")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     wd = calibrated("llama")
+    opt = calibrated("opt", samples=4, seqlen=32)
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=tiny.VOCAB)).save_pretrained(gpt2)
     tiny.tokenizer().save_pretrained(gpt2)
     cases = _bad_inputs(tiny_root, tmp_path)
     for name, (args, expected) in cases.items():
-        args = [str(a).format(wd=wd, gpt2=gpt2) for a in args]
+        args = [str(a).format(wd=wd, gpt2=gpt2, opt=opt) for a in args]
         capsys.readouterr()
         code = run(args)
         err = capsys.readouterr().err.strip()

@@ -97,3 +97,26 @@ def test_two_four_wanda_and_wandapp(real, tmp_path):
         shutil.rmtree(run / "model")
     print(ppl)
     assert ppl["wandapp"] < 1.5 * ppl["wanda"]
+
+
+def test_dress_regularised_removal_beats_direct_removal(real, tmp_path):
+    """DReSS on a reduced budget (25% of hidden channels, 12 windows, 24 steps): the same channels cost far less to
+    remove after regularisation -- on held-out calibration windows inside `regularize`, and on the test split."""
+    wd, paths = real
+    reg_wd, direct_wd = tmp_path / "dress", tmp_path / "direct"
+    shutil.copytree(wd, reg_wd)
+    shutil.copytree(wd, direct_wd)
+    code, reg = cli("regularize", reg_wd, "--ratio", 0.25, "--steps", 24, "--lambda", 0.05, "--holdout", 4,
+                    "--eval-every", 24)
+    assert code == 0
+    before, after = reg["before"], reg["evals"][-1]
+    assert after["relative_norm"] < 1e-3 and after["ppl_zeroed"] < 0.5 * before["ppl_zeroed"], reg["evals"]
+    ppl = {}
+    for name, run, extra in (("dress", reg_wd, []), ("direct", direct_wd, ["--ratio", 0.25])):
+        code, res = cli("prune", run, "--method", "dress", *extra)
+        assert code == 0 and res["parameters"] == 100_886_256  # hidden 576 -> 432, embeddings tied
+        code, ev = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", 8)
+        assert code == 0
+        ppl[name] = ev["perplexity"]
+    print(ppl)
+    assert ppl["dress"] < 0.5 * ppl["direct"]
