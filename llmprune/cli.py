@@ -278,7 +278,7 @@ def _prune_dress(workdir: Path, structure: str | None, ratio: float | None, sele
         save_model(small, tok, tx.stage("model"), _shard_size(ws))
     m = tx.step.metrics
     result = {"workdir": str(workdir), "method": "dress", "structure": structure, "ratio": ratio,
-              "regularized": pending is not None, **{k: v for k, v in m.items() if k != "plan"}}
+              "regularized": pending is not None, **m}
     _finish(result, as_json, lambda: report.table(
         f"dress {structure} {ratio:.0%} ({'regularised' if pending is not None else 'direct removal'}, {select})",
         ["what", "before", "after"],
@@ -534,7 +534,7 @@ def regularize(
                                                  indent=1) + "\n", encoding="utf-8")
         save_model(lm, tok, tx.stage("model"), _shard_size(ws))
     m = tx.step.metrics
-    result = {"workdir": str(workdir), **{k: v for k, v in m.items() if k not in ("loss", "plan")}}
+    result = {"workdir": str(workdir), **m}
     _finish(result, as_json, lambda: report.table(
         f"regularized {structure} {ratio:.0%} ({plan.n_units} units, {select})", ["held-out", "before", "after"],
         [["perplexity", m["before"]["ppl"], m["ppl"]], ["perplexity, units zeroed", m["before"]["ppl_zeroed"],

@@ -103,6 +103,10 @@ def count_removed(g: Geometry, structure: str, ratio: float) -> int:
         raise UserError(f"--ratio must be in [0, 1), got {ratio}")
     total = units_per_group(g, structure)
     n = math.floor(ratio * total + 0.5)  # half up: Python's round() would take 0.5 of 2 KV groups to 0
+    if structure == "hidden":
+        # transformers' config validation (LlamaConfig) wants hidden_size to stay a multiple of the number of
+        # attention heads, even with an explicit head_dim: keep the nearest such width.
+        n = total - g.heads * math.floor((total - n) / g.heads + 0.5)
     if n >= total:
         what = {"hidden": "hidden channels", "heads": "KV groups per block", "mlp": "MLP channels per block",
                 "layers": "decoder blocks"}[structure]
@@ -237,6 +241,9 @@ def remove(model: nn.Module, plan: Plan) -> nn.Module:
         cfg.head_dim = g.head_dim  # the attention width is no longer hidden_size // heads in general
         if s == "hidden":
             d_new = g.hidden - len(plan.removed)
+            if d_new % g.heads:
+                raise UserError(f"removing {len(plan.removed)} hidden channels leaves {d_new}, not a multiple of the "
+                                f"{g.heads} attention heads, which transformers' config validation requires")
             cfg.hidden_size = d_new
             if a.parts.rms_norm and plan.removed:
                 scale = math.sqrt(g.hidden / d_new)

@@ -13,7 +13,7 @@ from llmprune.methods import dress
 from llmprune.modeling import param_count
 
 PLANS = {  # tiny models: hidden 64, 4 heads, 2 layers, MLP 128; KV groups 2 (phi and opt: 4)
-    "hidden": [1, 5, 7, 30, 63],
+    "hidden": [1, 5, 7, 63],  # 60 left: still a multiple of the 4 heads, which LlamaConfig validates
     "heads": [[0], [1]],
     "mlp": [[0, 3, 5, 127], [2, 9, 11, 64]],
     "layers": [0],

@@ -199,12 +199,10 @@ class Penalty:
                 self._write(prm, sl, rows.sign() * (rows.abs() - t).clamp_min(0))
             return
         norms = self.unit_norms()
-        if self.norm == "group":
-            scale = (1 - lam * self.init.to(norms.device) / norms.clamp_min(1e-30)).clamp_min(0)
-            scales = [scale] * len(self.slices)
-        else:
-            init = self.init.to(norms.device)
-            scales = list(((1 - lam * init / norms.clamp_min(1e-30)).clamp_min(0)))
+        thresh = lam * self.init.to(norms.device)
+        # A unit within float rounding of the threshold goes to exactly zero (it would keep ~1e-8 of its norm).
+        scale = torch.where(norms <= thresh * (1 + 1e-5), 0.0, 1 - thresh / norms.clamp_min(1e-30))
+        scales = [scale] * len(self.slices) if self.norm == "group" else list(scale)
         for sl, prm, sc in zip(self.slices, self.params, scales):
             rows = self._rows(prm, sl)
             self._write(prm, sl, rows * sc[sl.unit.to(sc.device)].unsqueeze(1).to(rows.dtype))
