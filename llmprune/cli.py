@@ -543,19 +543,147 @@ def regularize(
 
 
 @app.command()
-def recover(workdir: WorkdirArg) -> None:
-    """LoRA recovery fine-tuning that keeps the sparsity exact (not yet implemented)."""
-    raise UserError("`llmprune recover` (LoRA recovery) is not yet implemented in this version")
+def recover(
+    workdir: WorkdirArg,
+    dataset: Annotated[Optional[str], typer.Option(help="Training text (default: the workdir's calibration windows).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.json/.parquet and hf: sources.")] = "text",
+    seqlen: Annotated[Optional[int], typer.Option(help="Tokens per window of --dataset (default: the calibration's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default 100).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training windows, instead of --steps.")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the adapter.")] = 2e-4,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank).")] = 16.0,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    targets: Annotated[str, typer.Option(help="auto (the architecture's table) or a comma list: q_proj,v_proj,...")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 1,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
+    merge: Annotated[bool, typer.Option(help="Fold the adapter into the weights and re-apply the zero pattern.")] = True,
+    masked: Annotated[bool, typer.Option(help="Sparse models: train the adapter through the zero pattern, so the merge loses nothing.")] = True,
+    holdout: Annotated[int, typer.Option(help="Windows kept out of training for the held-out perplexity.")] = 8,
+    eval_every: Annotated[int, typer.Option(help="Held-out perplexity every this many steps.")] = 25,
+    save_every: Annotated[int, typer.Option(help="Checkpoint for resuming every this many steps (0: never).")] = 25,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and the adapter's init.")] = 0,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """LoRA recovery fine-tuning; with --merge the sparsity pattern is re-applied and verified after the merge."""
+    import hashlib
+    import json as _json
+    import math
+    import resource
+    import shutil
+
+    from llmprune import data, evaluate, recovery
+    from llmprune.modeling import save_model
+    from llmprune.train import TrainSpec, heldout_nll, train
+
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    for name, v in (("--steps", steps if steps is not None else 1), ("--rank", rank), ("--batch-size", batch_size),
+                    ("--grad-accum", grad_accum), ("--holdout", holdout), ("--eval-every", eval_every)):
+        if v <= 0:
+            raise UserError(f"{name} must be positive, got {v}")
+    if epochs is not None and epochs <= 0 or lr <= 0 or alpha <= 0 or not 0 <= dropout < 1 or save_every < 0:
+        raise UserError("--epochs, --lr and --alpha must be positive, --dropout in [0, 1), --save-every >= 0")
+    device = _check_device(device)
+    ws = Workdir(workdir)
+    manifest = ws.manifest()
+    if not ws.steps("calibrate"):
+        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
+    if dataset is None:
+        windows = _load_windows(ws)
+    else:
+        seqlen = seqlen or manifest["calibration"]["seqlen"]
+        text = data.load_text(dataset, "training", text_field)
+    sparse = any(s["params"].get("method") not in (None, "dress") for s in ws.steps("prune"))
+    params = dict(dataset=dataset, text_field=text_field, seqlen=seqlen, steps=steps, epochs=epochs, lr=lr,
+                  rank=rank, alpha=alpha, dropout=dropout, targets=targets, batch_size=batch_size,
+                  grad_accum=grad_accum, merge=merge, masked=masked, holdout=holdout, eval_every=eval_every, seed=seed,
+                  grad_checkpointing=grad_checkpointing, device=device)
+    # A checkpoint belongs to one set of parameters on one model: a changed recipe never resumes a stale run.
+    key = hashlib.sha256(_json.dumps([params, {k: v for k, v in manifest["files"].items()
+                                               if k.startswith("model/")}], sort_keys=True).encode()).hexdigest()
+    resume_dir = ws.path / ".resume" / f"recover-{key[:16]}"
+    with ws.step("recover", params) as tx:
+        ws.record_inputs(tx, "model")
+        lm, tok = _load_current_model(ws, "float32")
+        if dataset is not None:
+            ctx = getattr(lm.config, "max_position_embeddings", None)
+            if ctx is not None and seqlen > ctx:
+                raise UserError(f"--seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
+            windows = data.eval_windows(data.tokenize(tok, text), seqlen, None)
+        else:
+            ws.record_inputs(tx, "calib")
+        if windows.shape[0] <= holdout:
+            raise UserError(f"--holdout {holdout} leaves no training windows (there are {windows.shape[0]})")
+        train_w, hold = windows[:-holdout], windows[-holdout:]
+        n_steps = steps if steps is not None else (
+            math.ceil(epochs * train_w.shape[0] / (batch_size * grad_accum)) if epochs is not None else 100)
+        masks = recovery.zero_masks(lm) if sparse else {}
+        sparsity_before = evaluate.summary(lm)["sparsity"]
+        names = recovery.targets_for(lm, targets)
+        torch_seed(seed)
+        model = recovery.add_lora(lm, names, rank, alpha, dropout)
+        masked_layers = recovery.mask_adapters(model, masks) if masked else 0
+        ppl_before = math.exp(heldout_nll(model, hold))
+        spec = TrainSpec(steps=n_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                         grad_checkpointing=grad_checkpointing, eval_every=eval_every)
+        hist = train(model, train_w, spec, device=device,
+                     params=[p for p in model.parameters() if p.requires_grad],
+                     evaluate=lambda m, step: {"ppl": round(math.exp(heldout_nll(m, hold)), 4)},
+                     description="recovering", resume_dir=resume_dir, save_every=save_every)
+        model.save_pretrained(tx.stage("adapter"), safe_serialization=True)
+        m = {"ppl_before": round(ppl_before, 4), "ppl_adapter": hist["evals"][-1]["ppl"], "steps": hist["steps"],
+             "resumed_from": hist.get("resumed_from"), "train_s": hist["seconds"], "curve": hist["evals"],
+             "loss": hist["loss"], "targets": names, "pruned_layers": len(masks),
+             "masked_adapters": masked_layers,
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if merge:
+            merged = model.merge_and_unload()
+            m["ppl_merged"] = round(math.exp(heldout_nll(merged, hold)), 4)
+            m["weights_remasked"] = recovery.reapply(merged, masks)
+            recovery.verify(merged, masks)
+            m["ppl_remasked"] = round(math.exp(heldout_nll(merged, hold)), 4)
+            summ = evaluate.summary(merged)
+            m.update(summ, sparsity_before=sparsity_before)
+            save_model(merged, tok, tx.stage("model"), _shard_size(ws))
+        m["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        tx.step.metrics = m
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the step committed: nothing left to resume
+    result = {"workdir": str(workdir), **m}
+    rows = [["held-out perplexity before", m["ppl_before"]], ["with the adapter", m["ppl_adapter"]]]
+    if merge:
+        rows += [["merged", m["ppl_merged"]], [f"merged, {m['weights_remasked']:,} weights re-zeroed", m["ppl_remasked"]],
+                 ["sparsity", f"{m['sparsity']['all']:.2%} (before {sparsity_before['all']:.2%})"]]
+    rows += [["steps", m["steps"]], ["time", f"{m['train_s']:.1f} s"]]
+    _finish(result, as_json, lambda: report.table(f"recovered {workdir} (LoRA r={rank})", ["what", "value"], rows))
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every error into one line on stderr and an exit code (1 user error, 2 step failed,
     3 workdir busy, 4 integrity, 130 interrupted). ``LLMPRUNE_DEBUG=1`` shows tracebacks."""
+    import warnings
+
     args = sys.argv[1:] if argv is None else argv
     report.set_quiet("--json" in args)
+    # Deprecation notices of the libraries underneath are for their developers, not for llmprune's users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     debug = os.environ.get("LLMPRUNE_DEBUG") == "1"
     try:
-        app(args=args, prog_name="llmprune", standalone_mode=False)
+        rv = app(args=args, prog_name="llmprune", standalone_mode=False)
+        # Typer turns Ctrl-C into Exit(130) and, outside standalone mode, *returns* that code instead of raising.
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                report.error("interrupted; the workdir is left as it was before this step")
+            return rv
         return 0
     except LlmpruneError as e:
         if debug:

@@ -8,9 +8,11 @@ proximal shrink) and measure every few steps (a held-out perplexity, a stopping 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -59,12 +61,18 @@ def train(
     evaluate: Callable[[nn.Module, int], dict[str, Any]] | None = None,
     stop: Callable[[dict[str, Any]], bool] | None = None,
     description: str = "training",
+    resume_dir: Path | None = None,
+    save_every: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` on the token ``windows`` with the language-modelling loss (plus ``extra_loss``).
 
     ``after_step(model, step, lr)`` runs after every optimiser step; ``evaluate(model, step)`` every
     ``spec.eval_every`` steps and at the end, and ``stop(metrics)`` may end training early. Returns the history:
     the mean LM loss of every step, the evaluations, the steps taken and the wall time.
+
+    With ``resume_dir``, the trainable parameters, the optimiser state and the history are saved there every
+    ``save_every`` steps (safetensors + JSON), and a run that finds a checkpoint there continues from it: same data
+    order, same optimiser state, so an interrupted run and an uninterrupted one end in the same place.
     """
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -85,8 +93,19 @@ def train(
     t0 = time.perf_counter()
     step, acc_loss, acc_extra, micro = 0, 0.0, 0.0, 0
     stopped = False
+    skip = 0
+    if resume_dir is not None and (resume_dir / STATE_JSON).is_file():
+        step, history = load_checkpoint(resume_dir, trainable, opt)
+        for _ in range(step):
+            sched.step()
+        skip = step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
+        history["resumed_from"] = step
+    batches = _cycle(loader)
+    for _ in range(skip):
+        next(batches)
     with progress(description, total=spec.steps) as advance:
-        for (ids,) in _cycle(loader):
+        advance(step)
+        for (ids,) in batches:
             with acc.accumulate(wrapped):
                 out = wrapped(input_ids=ids, labels=ids, use_cache=False)
                 loss = out.loss
@@ -120,6 +139,10 @@ def train(
                 if stop and stop(metrics):
                     stopped = True
             advance(note=f"loss {lm:.3f}")
+            if resume_dir is not None and save_every and step % save_every == 0 and not (last or stopped):
+                if acc.is_main_process:
+                    save_checkpoint(resume_dir, step, history, trainable, opt)
+                acc.wait_for_everyone()
             if last or stopped:
                 break
     model = acc.unwrap_model(wrapped)
@@ -130,6 +153,48 @@ def train(
     history.update(steps=step, stopped_early=stopped, seconds=round(time.perf_counter() - t0, 2),
                    final_loss=_mean_tail(history["loss"]))
     return history
+
+
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+
+
+def save_checkpoint(where: Path, step: int, history: dict[str, Any], params: list[nn.Parameter], opt) -> None:
+    """Trainable parameters and AdamW state as safetensors, step and history as JSON (no pickle), written
+    atomically: the JSON, written last, is what marks the checkpoint complete."""
+    from safetensors.torch import save_file
+
+    from llmprune.workdir import atomic_write_text
+
+    where.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach().cpu().contiguous()
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"{k}.{i}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()  # LoRA dropout draws continue where they stopped
+    tmp = where / (STATE_TENSORS + ".tmp")
+    save_file(tensors, tmp)
+    tmp.replace(where / STATE_TENSORS)
+    atomic_write_text(where / STATE_JSON, json.dumps({"step": step, "history": history, "params": len(params)}))
+
+
+def load_checkpoint(where: Path, params: list[nn.Parameter], opt) -> tuple[int, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((where / STATE_JSON).read_text(encoding="utf-8"))
+    if meta["params"] != len(params):
+        raise ValueError(f"the checkpoint in {where} is for another set of trainable parameters")
+    tensors = load_file(where / STATE_TENSORS)
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+            state = {k.rsplit(".", 1)[0]: v.to(p.device) for k, v in tensors.items()
+                     if k.endswith(f".{i}") and not k.startswith("param.")}
+            if state:
+                opt.state[p] = state
+    return meta["step"], meta["history"]
 
 
 def _mean_tail(xs: list[float], n: int = 10) -> float:

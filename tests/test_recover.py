@@ -1,0 +1,128 @@
+"""`recover` on tiny models: LoRA lowers the loss, the merge keeps every pruned zero, an interrupted run resumes,
+and `accelerate launch` with two processes follows the single-process loss curve."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli
+from llmprune.cli import run
+from llmprune.masks import nm_valid
+
+FAST = ["--lr", 2e-3, "--batch-size", 4, "--holdout", 4, "--dropout", 0.0]
+
+
+def _weights(wd: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((wd / "model").glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_merge_keeps_every_pruned_zero(calibrated, masked):
+    wd = calibrated("llama", samples=20, seqlen=64)
+    assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
+    before = _weights(wd)
+    code, res = cli("recover", wd, "--steps", 12, "--eval-every", 6, *FAST, "--masked" if masked else "--no-masked")
+    assert code == 0
+    after = _weights(wd)
+    linears = [k for k in before if k.startswith("model.layers.") and k.endswith("proj.weight")]
+    assert len(linears) == 14 and res["pruned_layers"] == 14
+    for k in linears:
+        assert torch.equal(after[k] == 0, before[k] == 0), k  # exactly the zeros it had
+        assert nm_valid(after[k], 2, 4), k
+        assert not torch.equal(after[k], before[k]), k  # and the kept weights did learn
+    assert res["sparsity"]["all"] == pytest.approx(0.5)
+    assert res["ppl_adapter"] < res["ppl_before"]  # LoRA steps lower the held-out loss
+    if masked:
+        # Trained through the mask: the re-masked merge is the trained model.
+        assert res["ppl_remasked"] == pytest.approx(res["ppl_adapter"], rel=1e-3)
+    else:
+        assert res["weights_remasked"] > 0 and res["ppl_remasked"] != res["ppl_adapter"]
+    # The adapter is kept in the workdir as safetensors + adapter_config.json.
+    cfg = json.loads((wd / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and (wd / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_no_merge_keeps_the_base_and_saves_the_adapter(calibrated):
+    wd = calibrated("qwen3", samples=12, seqlen=32)
+    before = _weights(wd)
+    code, res = cli("recover", wd, "--steps", 4, "--no-merge", *FAST)
+    assert code == 0 and "ppl_merged" not in res
+    assert all(torch.equal(before[k], v) for k, v in _weights(wd).items())
+    assert (wd / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_structured_models_merge_plainly(calibrated):
+    wd = calibrated("mistral", samples=12, seqlen=32)
+    assert cli("prune", wd, "--method", "dress", "--ratio", 0.25, "--select", "tail")[0] == 0
+    code, res = cli("recover", wd, "--steps", 4, *FAST)
+    assert code == 0 and res["pruned_layers"] == 0 and res["weights_remasked"] == 0
+
+
+def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import llmprune.train as train_mod
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
+    ref = tmp_path / "ref"
+    shutil.copytree(wd, ref)
+    opts = ["--steps", 16, "--eval-every", 12, "--save-every", 5, *FAST]
+    assert cli("recover", ref, *opts)[0] == 0  # uninterrupted
+
+    real = train_mod.heldout_nll
+    calls = {"n": 0}
+
+    def dying(*a, **k):  # the evaluation at step 12 is killed (after checkpoints at steps 5 and 10)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "heldout_nll", dying)
+    manifest = (wd / "manifest.json").read_text()
+    assert run(["recover", str(wd), *map(str, opts)]) == 130
+    assert (wd / "manifest.json").read_text() == manifest  # nothing committed
+    assert list((wd / ".resume").glob("recover-*/state.json"))
+    monkeypatch.undo()
+    code, res = cli("recover", wd, *opts)
+    assert code == 0 and res["resumed_from"] == 10 and res["steps"] == 16
+    a, b = _weights(wd), _weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert not list((wd / ".resume").glob("recover-*"))  # cleaned up after the commit
+
+
+def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu` (gloo): each process takes half of every batch."""
+    import shutil
+
+    wd = calibrated("llama", samples=36, seqlen=64)
+    assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
+    two = tmp_path / "two"
+    shutil.copytree(wd, two)
+    opts = ["--steps", 8, "--eval-every", 8, "--lr", 1e-3, "--holdout", 4, "--dropout", 0.0, "--save-every", 0]
+    code, one = cli("recover", wd, *opts, "--batch-size", 4)
+    assert code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmprune",
+                        "recover", str(two), *map(str, opts), "--batch-size", "2", "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [s for s in json.loads((two / "manifest.json").read_text())["steps"] if s["command"] == "recover"]
+    assert len(steps) == 1  # only the main process committed
+    multi = steps[0]["metrics"]["loss"]
+    assert len(multi) == len(one["loss"]) == 8
+    # The same windows per step, split across two processes: the curves agree within noise.
+    for a, b in zip(one["loss"], multi):
+        assert abs(a - b) < 0.05 * a, (one["loss"], multi)
