@@ -623,8 +623,7 @@ def recover(
         masks = recovery.zero_masks(lm) if sparse else {}
         sparsity_before = evaluate.summary(lm)["sparsity"]
         names = recovery.targets_for(lm, targets)
-        torch_seed(seed)
-        model = recovery.add_lora(lm, names, rank, alpha, dropout)
+        model = recovery.add_lora(lm, names, rank, alpha, dropout, seed)
         masked_layers = recovery.mask_adapters(model, masks) if masked else 0
         ppl_before = math.exp(heldout_nll(model, hold))
         spec = TrainSpec(steps=n_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
@@ -658,12 +657,6 @@ def recover(
                  ["sparsity", f"{m['sparsity']['all']:.2%} (before {sparsity_before['all']:.2%})"]]
     rows += [["steps", m["steps"]], ["time", f"{m['train_s']:.1f} s"]]
     _finish(result, as_json, lambda: report.table(f"recovered {workdir} (LoRA r={rank})", ["what", "value"], rows))
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
 
 
 def run(argv: list[str] | None = None) -> int:

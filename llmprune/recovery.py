@@ -42,9 +42,10 @@ def targets_for(model: nn.Module, targets: str) -> list[str]:
     return names
 
 
-def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float):
+def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(seed)  # the adapters' A matrices are drawn at random: the same seed, the same run
     layers = re.escape(_arch.arch_for(model.config.model_type).layers)
     # Only Linears inside the decoder blocks: lm_head or a projection outside the blocks is never adapted.
     pattern = rf"^{layers}\.\d+\..*\b({'|'.join(targets)})$"

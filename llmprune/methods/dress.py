@@ -186,7 +186,8 @@ class Penalty:
 
     def loss(self, lam: float) -> torch.Tensor:
         """The ``loss`` mode penalty: ``lambda * sum_u ||s_u|| / sum_u ||s_u^0||``."""
-        return lam * self.unit_norms().sum() / self.init.to(self.unit_norms().device).sum()
+        norms = self.unit_norms()
+        return lam * norms.sum() / self.init.to(norms.device).sum()
 
     @torch.no_grad()
     def shrink(self, lam: float) -> None:
