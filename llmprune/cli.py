@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -120,8 +121,10 @@ def calibrate(
         save_model(lm, tok, tx.stage("model"), max_shard_size)
         calib = tx.stage("calib")
         calib.mkdir()
+        # One metadata key: safetensors writes a metadata map in no fixed order, and the file's hash must be
+        # reproducible (a re-run of a recipe compares hashes).
         save_file({"input_ids": windows.contiguous()}, calib / "windows.safetensors",
-                  metadata={"source": dataset, "seed": str(seed), "seqlen": str(seqlen)})
+                  metadata={"llmprune": json.dumps({"source": dataset, "seed": seed, "seqlen": seqlen}, sort_keys=True)})
         tx.step.metrics = {"parameters": param_count(lm), "source_tokens": ids.numel(),
                            "windows": list(windows.shape)}
     result = {"workdir": str(workdir), "model_type": base["model_type"], **tx.step.metrics}
@@ -287,6 +290,17 @@ def _prune_dress(workdir: Path, structure: str | None, ratio: float | None, sele
         + [["time", "", f"{prune_s:.1f} s"]]))
 
 
+def _save_adapter(model, out: Path) -> None:
+    """The adapter as safetensors + adapter_config.json. Its base is the workdir's model, whose path is no part of
+    the result: leave it out (peft would record this machine's absolute path) and skip peft's generated card."""
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = None  # peft fills it in from the model at save time
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _shard_size(ws: Workdir) -> str:
     return ws.steps("calibrate")[0]["params"].get("max_shard_size", "2GB")
 
@@ -381,6 +395,7 @@ def export(
     push_to_hub: Annotated[Optional[str], typer.Option(help="Also upload to this Hub repo id.")] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo as private.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List what would be written and uploaded; change nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds files (a previous export).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a clean Hugging Face folder with a model card, and optionally push it to the Hub."""
@@ -402,7 +417,7 @@ def export(
 
         if not get_token():  # check before writing anything
             raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
-    written = _export.build_folder(ws.model_dir, manifest, out)
+    written = _export.build_folder(ws.model_dir, manifest, out, overwrite)
     url = _export.push(out, push_to_hub, private) if push_to_hub else None
     result = {"out": str(out), "files": [p.relative_to(out).as_posix() for p in written], "url": url}
     _finish(result, as_json, lambda: report.table(
@@ -632,7 +647,7 @@ def recover(
                      params=[p for p in model.parameters() if p.requires_grad],
                      evaluate=lambda m, step: {"ppl": round(math.exp(heldout_nll(m, hold)), 4)},
                      description="recovering", resume_dir=resume_dir, save_every=save_every)
-        model.save_pretrained(tx.stage("adapter"), safe_serialization=True)
+        _save_adapter(model, tx.stage("adapter"))
         m = {"ppl_before": round(ppl_before, 4), "ppl_adapter": hist["evals"][-1]["ppl"], "steps": hist["steps"],
              "resumed_from": hist.get("resumed_from"), "train_s": hist["seconds"], "curve": hist["evals"],
              "loss": hist["loss"], "targets": names, "pruned_layers": len(masks),
@@ -657,6 +672,112 @@ def recover(
                  ["sparsity", f"{m['sparsity']['all']:.2%} (before {sparsity_before['all']:.2%})"]]
     rows += [["steps", m["steps"]], ["time", f"{m['train_s']:.1f} s"]]
     _finish(result, as_json, lambda: report.table(f"recovered {workdir} (LoRA r={rank})", ["what", "value"], rows))
+
+
+def _command_options() -> dict[str, dict[str, tuple[str, str]]]:
+    """{command: {option key: (kind, option string)}} read from the CLI itself; keys are both the parameter name and
+    the long option without dashes (``lam`` and ``lambda``)."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    for name, cmd in group.commands.items():
+        opts: dict[str, tuple[str, str]] = {}
+        for prm in cmd.params:
+            if prm.name in ("workdir", "as_json") or not getattr(prm, "opts", None) or not prm.opts[0].startswith("--"):
+                continue
+            entry = ("flag" if getattr(prm, "is_flag", False) else "value", prm.opts[0])
+            opts[prm.name] = entry
+            opts[prm.opts[0][2:].replace("-", "_")] = entry
+        out[name] = opts
+    return out
+
+
+@app.command("run")
+def run_recipe(
+    workdir: WorkdirArg,
+    recipe: Annotated[Path, typer.Option(help="TOML file: [[step]] tables, each a command and its options.")],
+    from_step: Annotated[Optional[str], typer.Option("--from", help="Restart at this step: its number (1-based) or command name.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (what runs, what is skipped and why); change nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a whole pipeline from a recipe; a re-run skips the steps already done with the same options and inputs."""
+    from llmprune import recipe as _recipe
+    from llmprune import workdir as _wd
+
+    options = _command_options()
+    entries = _recipe.load(recipe, options)
+    if entries[0].command != "calibrate":
+        raise UserError("a recipe starts with a calibrate step, so that the whole pipeline is reproducible from it")
+    _recipe.fingerprint(entries)
+    ws = Workdir(workdir)
+    history = ws.manifest()["steps"] if ws.exists() else []
+    done = _recipe.done_prefix(entries, history)
+    if from_step is not None:
+        if from_step.isdigit() and 1 <= int(from_step) <= len(entries):
+            start = int(from_step) - 1
+        else:
+            start = next((e.index for e in entries if e.command == from_step), -1)
+            if start < 0:
+                raise UserError(f"--from {from_step}: no such step (use 1..{len(entries)} or a command of the recipe)")
+        done = min(done, start)
+    recorded_done = [e for e in entries[:done] if e.command not in _recipe.NOT_RECORDED]
+    restore = recorded_done[-1].fingerprint[:16] if recorded_done and len(history) != len(recorded_done) else None
+    if restore and not (ws.path / _wd.SNAPSHOTS / restore).is_dir():
+        done, recorded_done, restore = 0, [], None  # no state to go back to: start over
+    plan = []
+    for e in entries:
+        if e.index < done:
+            why = "skip: done with the same options and inputs"
+        elif e.command in _recipe.NOT_RECORDED:
+            why = "run: not recorded in the workdir, always runs"
+        elif e.index < len(history) and history[e.index].get("recipe", {}).get("fingerprint") == e.fingerprint:
+            why = "run: forced by --from" if from_step is not None and e.index >= done else "run"
+        elif e.index < len(history):
+            why = "run: its options or inputs changed" if e.index == done else "run: an earlier step changes"
+        else:
+            why = "run: not done yet"
+        plan.append({"step": e.index + 1, "command": e.command, "action": why.split(":")[0], "why": why,
+                     "argv": _recipe.argv(e, workdir, options)[2:]})
+    if dry_run:
+        result = {"workdir": str(workdir), "recipe": str(recipe), "dry_run": True, "restore_to_step": len(recorded_done)
+                  if restore else None, "plan": plan}
+        _finish(result, as_json, lambda: report.table(
+            f"plan for {workdir} from {recipe}", ["#", "step", "action", "options"],
+            [[p["step"], p["command"], p["why"], " ".join(p["argv"])] for p in plan]))
+        return
+    if restore:
+        report.info(f"going back to the state after step {len(recorded_done)} (hard-linked snapshot)")
+        ws.restore(restore)
+    ran = []
+    for e in entries[done:]:
+        args = _recipe.argv(e, workdir, options)
+        if e.command == "calibrate" and ws.path.exists():
+            args.append("--force")  # a changed first step starts the workdir over
+        report.info(f"[bold]step {e.index + 1}/{len(entries)}[/]: llmprune {' '.join(args)}")
+        _wd.RECIPE_TAG = {"index": e.index, "fingerprint": e.fingerprint}
+        t0 = time.perf_counter()
+        try:
+            rv = app(args=args, prog_name="llmprune", standalone_mode=False)
+        finally:
+            _wd.RECIPE_TAG = None
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+            if rv == 130:
+                raise KeyboardInterrupt
+            raise StepFailed(f"recipe step {e.index + 1} ({e.command}) exited with status {rv}")
+        if e.command not in _recipe.NOT_RECORDED:
+            ws.snapshot(e.fingerprint[:16])
+        ran.append({"step": e.index + 1, "command": e.command, "seconds": round(time.perf_counter() - t0, 2)})
+    ws.drop_snapshots({e.fingerprint[:16] for e in entries})
+    steps = ws.manifest()["steps"]
+    last_eval = next((s["metrics"] for s in reversed(steps) if s["command"] == "eval"), {})
+    result = {"workdir": str(workdir), "recipe": str(recipe), "plan": plan, "ran": ran,
+              "skipped": [p["step"] for p in plan if p["action"] == "skip"],
+              "perplexity": last_eval.get("perplexity"), "parameters": last_eval.get("parameters")}
+    _finish(result, as_json, lambda: report.table(
+        f"{workdir}: recipe {recipe} done", ["#", "step", "result"],
+        [[p["step"], p["command"], next((f"ran in {r['seconds']:.1f} s" for r in ran if r["step"] == p["step"]),
+                                         "skipped (done)")] for p in plan]))
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -703,9 +824,13 @@ def run(argv: list[str] | None = None) -> int:
             ctx = getattr(e, "ctx", None)
             report.error(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
             return 1
+        import errno
+
         import torch
 
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            report.error("no space left on device while writing; the workdir is left as it was before this step")
+        elif isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
             report.error("out of memory on the device; try --act-dtype bfloat16, a smaller --batch-size, "
                          "or fewer calibration samples")
         else:

@@ -92,18 +92,23 @@ def model_card(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_folder(model_dir: Path, manifest: dict[str, Any], out: Path) -> list[Path]:
+def build_folder(model_dir: Path, manifest: dict[str, Any], out: Path, overwrite: bool = False) -> list[Path]:
     """Write the export folder (through a temporary sibling and a rename); returns the files written."""
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose an empty or new --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; choose an empty or new --out (or pass --overwrite)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(model_dir, tmp)
     (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
     if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+        # The old folder steps aside only once the new one is complete: a failure leaves one or the other.
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 

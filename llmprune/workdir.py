@@ -35,11 +35,15 @@ from llmprune import __version__
 from llmprune.errors import IntegrityError, UserError, WorkdirBusy
 
 FORMAT_VERSION = 1
+SNAPSHOTS = ".recipe"  # hard-linked states between the steps of a recipe (see Workdir.snapshot)
+# Set by `llmprune run` while it runs a recipe entry: recorded in that step, so a re-run knows what is done.
+RECIPE_TAG: dict[str, Any] | None = None
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 COMMIT = ".commit"
 TRASH = ".trash"
 LOCK = ".lock"
+REMOVE = ".remove"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -107,7 +111,9 @@ class Step:
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        tag = {"recipe": RECIPE_TAG} if RECIPE_TAG else {}
         return {
+            **tag,
             "command": self.command,
             "params": self.params,
             "versions": versions(),
@@ -241,7 +247,11 @@ class Workdir:
         trash.mkdir(exist_ok=True)
         # The manifest moves last: until it does, a reader still sees the old manifest, and ``.commit`` tells
         # the next writer to finish the move.
-        names = sorted(p.name for p in commit.iterdir() if p.name != MANIFEST)
+        names = sorted(p.name for p in commit.iterdir() if p.name not in (MANIFEST, REMOVE))
+        if (commit / REMOVE).exists():  # a restore: names the restored state does not have
+            for name in filter(None, (commit / REMOVE).read_text(encoding="utf-8").splitlines()):
+                if (self.path / name).exists():
+                    os.replace(self.path / name, trash / f"{name}.{time.time_ns()}")
         for name in names:
             target = self.path / name
             if target.exists():
@@ -314,6 +324,61 @@ class Workdir:
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
+
+    # --- snapshots (recipes) -------------------------------------------------------------------------------
+    def snapshot(self, name: str) -> Path:
+        """Keep the current state (manifest and every recorded file) under ``.recipe/NAME`` as hard links.
+
+        Free in space: steps never modify a file in place (they write new files and rename them over the old ones),
+        so a hard-linked snapshot keeps the old bytes alive and nothing else. Made in a temporary folder and renamed,
+        so a snapshot exists whole or not at all.
+        """
+        root = self.path / SNAPSHOTS
+        final = root / name
+        if final.exists():
+            return final
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        manifest = self.manifest()
+        for rel in [*manifest["files"], MANIFEST]:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(self.path / rel, dst)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        return final
+
+    def restore(self, name: str) -> None:
+        """Bring back the state of snapshot ``name`` as one transaction (what it lacks is removed)."""
+        snap = self.path / SNAPSHOTS / name
+        manifest = json.loads((snap / MANIFEST).read_text(encoding="utf-8"))
+        with self.locked():
+            staging = self.path / STAGING
+            staging.mkdir()
+            try:
+                for rel in manifest["files"]:
+                    dst = staging / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(snap / rel, dst)
+                tops = {rel.split("/", 1)[0] for rel in manifest["files"]}
+                gone = sorted({p.name for p in self.path.iterdir() if not p.name.startswith(".")} - tops - {MANIFEST})
+                (staging / REMOVE).write_text("\n".join(gone), encoding="utf-8")
+                atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                fsync_dir(staging)
+                os.replace(staging, self.path / COMMIT)
+                fsync_dir(self.path)
+                self._apply(self.path / COMMIT)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+
+    def drop_snapshots(self, keep: set[str]) -> None:
+        root = self.path / SNAPSHOTS
+        if root.exists():
+            for p in root.iterdir():
+                if p.name not in keep:
+                    shutil.rmtree(p, ignore_errors=True)
 
     def record_inputs(self, tx: Transaction, prefix: str) -> None:
         """Record in the step the hashes of the workdir files under ``prefix`` that the step reads."""

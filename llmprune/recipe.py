@@ -1,0 +1,179 @@
+"""Recipes: the whole pipeline from one TOML file, resumable.
+
+A recipe is a list of ``[[step]]`` tables; each names its ``command`` and takes that subcommand's options under the
+same names (``max_windows`` or ``max-windows``; ``true``/``false`` for flags; ``~`` and ``${VAR}`` are expanded)::
+
+    [[step]]
+    command = "calibrate"
+    model = "HuggingFaceTB/SmolLM2-135M"
+    dataset = "wikitext2"
+
+    [[step]]
+    command = "prune"
+    method = "wanda"
+    pattern = "2:4"
+
+Resume: every step is identified by a fingerprint chained over the entries before it (its command, its options and
+the content of the local files it names), recorded in the manifest by the step itself. A re-run skips the longest
+prefix of entries whose fingerprints are recorded in order, and runs the rest; when an entry changed, the workdir
+goes back to the hard-linked snapshot taken before that entry, so what follows is recomputed from the right state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmprune.errors import UserError
+
+STEP_COMMANDS = ("calibrate", "regularize", "prune", "recover", "eval", "export")
+# Order of the commands that change the model; eval may come anywhere after calibrate.
+RANK = {"calibrate": 0, "regularize": 1, "prune": 2, "recover": 3, "export": 4}
+NOT_RECORDED = ("export",)  # writes outside the workdir: always runs
+
+
+@dataclass
+class Entry:
+    index: int  # 0-based position in the recipe
+    command: str
+    options: dict[str, Any]
+    fingerprint: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.index + 1}:{self.command}"
+
+
+def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> list[Entry]:
+    """Parse and check a recipe. ``command_options`` maps each command to {option key: (kind, option string)}, kind
+    'flag' or 'value', read from the CLI itself, so a recipe accepts exactly what the subcommand accepts."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+    extra = sorted(set(doc) - {"step"})
+    if extra:
+        raise UserError(f"recipe {path}: unknown top-level key(s) {', '.join(extra)}; use [[step]] tables")
+    steps = doc.get("step")
+    if not isinstance(steps, list) or not steps:
+        raise UserError(f"recipe {path} has no [[step]] tables")
+    entries = []
+    for i, raw in enumerate(steps):
+        raw = dict(raw)
+        cmd = raw.pop("command", None)
+        if cmd not in STEP_COMMANDS:
+            raise UserError(f"recipe step {i + 1}: command must be one of {', '.join(STEP_COMMANDS)}, got {cmd!r}")
+        known = command_options[cmd]
+        opts = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise UserError(f"recipe step {i + 1} ({cmd}): unknown option '{key}'; "
+                                f"{cmd} takes {', '.join(sorted(known))}")
+            if known[name][0] == "flag" and not isinstance(value, bool):
+                raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' is a flag; use true or false")
+            if isinstance(value, (dict, list)):
+                raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' must be a single value")
+            if isinstance(value, str):
+                value = _expand(value, f"recipe step {i + 1} ({cmd}), '{key}'")
+            opts[name] = value
+        entries.append(Entry(i, cmd, opts))
+    check_order(entries)
+    return entries
+
+
+def _expand(value: str, where: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` in string values, so one recipe serves every machine and CI job."""
+    out = os.path.expandvars(os.path.expanduser(value))
+    left = re.search(r"\$\{?(\w+)", out)
+    if left:
+        raise UserError(f"{where}: environment variable {left.group(1)} is not set")
+    return out
+
+
+def check_order(entries: list[Entry]) -> None:
+    if entries[0].command != "calibrate" and any(e.command == "calibrate" for e in entries):
+        raise UserError("recipe: calibrate must be the first step")
+    last = -1
+    for e in entries:
+        if e.command == "calibrate" and e.index > 0:
+            raise UserError(f"recipe step {e.index + 1}: calibrate may only be the first step")
+        if e.command == "eval":
+            continue
+        rank = RANK[e.command]
+        if rank < last:
+            raise UserError(f"recipe step {e.index + 1} ({e.command}) is out of order: the steps go calibrate → "
+                            "regularize → prune → recover → eval → export")
+        last = max(last, rank)
+    for e in entries:
+        if e.command == "regularize" and not any(
+                f.index > e.index and f.command == "prune" and f.options.get("method") == "dress" for f in entries):
+            raise UserError(f"recipe step {e.index + 1}: regularize must be followed by a prune with method = \"dress\"")
+    exports = [e.index for e in entries if e.command == "export"]
+    if exports and exports[-1] != len(entries) - 1 and any(
+            e.command != "eval" for e in entries[exports[0] + 1:] if e.command != "export"):
+        raise UserError("recipe: export must come after the steps that change the model")
+
+
+def argv(entry: Entry, workdir: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> list[str]:
+    """The command line that runs the entry: the very same code path as typing it."""
+    out = [entry.command, str(workdir)]
+    for name, value in entry.options.items():
+        kind, opt = command_options[entry.command][name]
+        if kind == "flag":
+            out.append(opt if value else "--no-" + opt[2:])
+        else:
+            out += [opt, str(value)]
+    return out
+
+
+def _file_identity(value: Any) -> str | None:
+    """Content hash of a local file an option names (a dataset, a GGUF); size+mtime of a folder's files."""
+    if not isinstance(value, str) or "\n" in value or len(value) > 4096:
+        return None
+    p = Path(value)
+    try:
+        if p.is_file():
+            from llmprune.workdir import sha256_file
+
+            return sha256_file(p)
+        if p.is_dir():
+            files = sorted((f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                           for f in p.rglob("*") if f.is_file())
+            return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    except OSError:
+        return None
+    return None
+
+
+def fingerprint(entries: list[Entry]) -> None:
+    """Chain: each entry's fingerprint covers itself and everything before it."""
+    prev = ""
+    for e in entries:
+        files = {k: _file_identity(v) for k, v in e.options.items() if k not in ("out", "push_to_hub")}
+        body = json.dumps({"prev": prev, "command": e.command, "options": e.options,
+                           "files": {k: v for k, v in files.items() if v}}, sort_keys=True, default=str)
+        e.fingerprint = prev = hashlib.sha256(body.encode()).hexdigest()
+
+
+def done_prefix(entries: list[Entry], manifest_steps: list[dict[str, Any]]) -> int:
+    """How many leading entries are done: their fingerprints are recorded, in order, at the start of the workdir's
+    history. (Entries that are not recorded, like export, always run again.)"""
+    done = 0
+    history = iter(manifest_steps)
+    for e in entries:
+        if e.command in NOT_RECORDED:
+            break
+        s = next(history, None)
+        if s is None or s.get("recipe", {}).get("fingerprint") != e.fingerprint:
+            break
+        done = e.index + 1
+    return done
