@@ -450,6 +450,8 @@ def status(workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
                 key = f"ppl {m['perplexity']:.3f}"
             elif "units_removed" in m and "parameters" in m:
                 key = f"{m['parameters']:,} parameters"
+            elif "ppl_adapter" in m:
+                key = f"held-out ppl {m['ppl_before']:.2f} → {m.get('ppl_remasked', m['ppl_adapter']):.2f}"
             elif "gap" in m:
                 key = f"zeroing gap {m['gap']:.2%}"
             else:
@@ -486,7 +488,7 @@ def regularize(
     steps: Annotated[int, typer.Option(help="Optimiser steps (the most, with --until-converged).")] = 100,
     until_converged: Annotated[bool, typer.Option(help="Stop once the selected slices are ~0 and zeroing them costs <= --gap-tol.")] = False,
     gap_tol: Annotated[float, typer.Option(help="Relative perplexity gap (zeroed vs not) that counts as converged.")] = 0.01,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (all parameters are trained).")] = 5e-5,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (all parameters are trained).")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 1,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
     holdout: Annotated[int, typer.Option(help="Calibration windows kept out of training to measure the gap.")] = 8,
@@ -749,6 +751,8 @@ def run_recipe(
     if restore:
         report.info(f"going back to the state after step {len(recorded_done)} (hard-linked snapshot)")
         ws.restore(restore)
+    elif recorded_done:
+        ws.snapshot(recorded_done[-1].fingerprint[:16])  # in case a kill came between a commit and its snapshot
     ran = []
     for e in entries[done:]:
         args = _recipe.argv(e, workdir, options)

@@ -104,7 +104,8 @@ def _bad_inputs(tiny_root, tmp_path):
         "unknown option": (["prune", "{wd}", "--sparsty", "0.5"], "No such option"),
         "export to non-empty dir": (["export", "{wd}", "--out", tmp_path / "foreign"], "not empty"),
         "push without token": (["export", "{wd}", "--out", tmp_path / "o", "--push-to-hub", "me/x"], "no Hugging Face token"),
-        "recover not yet": (["recover", "{wd}"], "not yet implemented"),
+        "recover without targets": (["recover", "{wd}", "--targets", "wq,wk"], "no Linear named wq, wk"),
+        "recover steps and epochs": (["recover", "{wd}", "--steps", "3", "--epochs", "1"], "not both"),
         "speed baseline without speed": (["eval", "{wd}", "--dataset", d, "--speed-baseline", m], "needs --speed"),
     }
 
