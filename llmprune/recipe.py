@@ -25,12 +25,17 @@ import hashlib
 import json
 import os
 import re
-import tomllib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmprune.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 STEP_COMMANDS = ("calibrate", "regularize", "prune", "recover", "eval", "export")
 # Order of the commands that change the model; eval may come anywhere after calibrate.
