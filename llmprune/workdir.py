@@ -389,7 +389,8 @@ class Workdir:
 
 def check_fresh(path: Path, force: bool) -> None:
     """Refuse to start a workdir over an existing folder unless ``force`` (and never over a foreign folder)."""
-    if path.exists() and any(p.name != LOCK for p in path.iterdir()):
+    # A first step killed before its commit leaves only our own scaffolding (lock, staging): still a fresh folder.
+    if path.exists() and any(p.name not in (LOCK, STAGING, TRASH) for p in path.iterdir()):
         if not (path / MANIFEST).exists() and not (path / COMMIT).exists():
             raise UserError(f"{path} exists and is not an llmprune workdir; choose another path")
         if not force:
