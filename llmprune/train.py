@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -96,8 +97,10 @@ def train(
     skip = 0
     if resume_dir is not None and (resume_dir / STATE_JSON).is_file():
         step, history = load_checkpoint(resume_dir, trainable, opt)
-        for _ in range(step):
-            sched.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule, not training: torch's order warning is moot
+            warnings.simplefilter("ignore")
+            for _ in range(step):
+                sched.step()
         skip = step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
         history["resumed_from"] = step
     batches = _cycle(loader)
