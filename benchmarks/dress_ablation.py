@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from prune_bench import LLMPRUNE, popen_rss  # noqa: E402
+from prune_bench import LLMPRUNE, calibrated_base, popen_rss  # noqa: E402
 
 # One setting per entry: options that differ from the base options below.
 GRID = [
@@ -46,11 +45,7 @@ def main() -> None:
     args = ap.parse_args()
 
     paths = assets.fetch()
-    base = args.out / f"base-{args.samples}x{args.seqlen}"
-    if not (base / "manifest.json").exists():
-        subprocess.run([*LLMPRUNE, "calibrate", str(base), "--model", paths["model"], "--dataset", paths["calib"],
-                        "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--force"], check=True,
-                       stdout=subprocess.DEVNULL)
+    base = calibrated_base(args.out, paths, args.samples, args.seqlen)
     rows = []
     for setting in args.grid.split(";"):
         opts = dict(kv.split("=") for kv in args.base.split())

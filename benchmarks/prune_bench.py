@@ -61,6 +61,16 @@ def popen_rss(cmd: list[str]) -> tuple[dict, float, float]:
     return json.loads(out), wall, usage.ru_maxrss / 1024
 
 
+def calibrated_base(out: Path, paths: dict, samples: int, seqlen: int) -> Path:
+    """The calibrated workdir every run of a benchmark copies, made once per (samples, seqlen) and reused."""
+    base = out / f"base-{samples}x{seqlen}"
+    if not (base / "manifest.json").exists():
+        subprocess.run([*LLMPRUNE, "calibrate", str(base), "--model", paths["model"], "--dataset", paths["calib"],
+                        "--samples", str(samples), "--seqlen", str(seqlen), "--force"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return base
+
+
 FORWARD = """
 import json, sys, time, torch
 from safetensors.torch import load_file
@@ -95,11 +105,7 @@ def main() -> None:
     args = ap.parse_args()
 
     paths = assets.fetch()
-    base = args.out / f"base-{args.samples}x{args.seqlen}"
-    if not (base / "manifest.json").exists():
-        subprocess.run([*LLMPRUNE, "calibrate", str(base), "--model", paths["model"], "--dataset", paths["calib"],
-                        "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--force"], check=True,
-                       stdout=subprocess.DEVNULL)
+    base = calibrated_base(args.out, paths, args.samples, args.seqlen)
     evalargs = ["--dataset", paths["test"], "--seqlen", str(args.seqlen)]
     if args.eval_windows:
         evalargs += ["--max-windows", str(args.eval_windows)]

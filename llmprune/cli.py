@@ -73,6 +73,40 @@ def _load_current_model(ws: Workdir, dtype: str = "auto"):
     return load_model(ws.model_dir, dtype)
 
 
+def _calibrated(workdir: Path) -> Workdir:
+    """The workdir of a step that needs a model and calibration windows."""
+    ws = Workdir(workdir)
+    if not ws.steps("calibrate"):
+        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
+    return ws
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def _check_context(lm, seqlen: int) -> None:
+    ctx = getattr(lm.config, "max_position_embeddings", None)
+    if ctx is not None and seqlen > ctx:
+        raise UserError(f"--seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
+
+
+def _split_holdout(windows, holdout: int):
+    """(training windows, held-out windows): the last ``holdout`` windows are never trained on."""
+    if windows.shape[0] <= holdout:
+        raise UserError(f"--holdout {holdout} leaves no training windows (there are {windows.shape[0]})")
+    return windows[:-holdout], windows[-holdout:]
+
+
+def _invoke(args: list[str]) -> int:
+    """Run one command line through the app; its exit code. Typer turns Ctrl-C into Exit(130) and, outside
+    standalone mode, *returns* that code instead of raising it."""
+    rv = app(args=args, prog_name="llmprune", standalone_mode=False)
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
 @app.command()
 def calibrate(
     workdir: WorkdirArg,
@@ -107,9 +141,7 @@ def calibrate(
     ws = Workdir(workdir)
     with ws.step("calibrate", params, create={}) as tx:
         lm, tok, base = load_source(model, revision, dtype, trust_remote_code)
-        ctx = getattr(lm.config, "max_position_embeddings", None)
-        if ctx is not None and seqlen > ctx:
-            raise UserError(f"--seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
+        _check_context(lm, seqlen)
         ids = data.tokenize(tok, text)
         windows = data.random_windows(ids, samples, seqlen, seed)
         tx.manifest.update({
@@ -185,9 +217,7 @@ def prune(
         raise UserError("--ro-iters must be >= 0, --ro-samples and --ro-lr positive")
     device = _check_device(device)
     adt = _act_dtype(act_dtype)
-    ws = Workdir(workdir)
-    if not ws.steps("calibrate"):
-        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
+    ws = _calibrated(workdir)
     params = dict(method=method, sparsity=s, pattern=str(pat), device=device, act_dtype=act_dtype,
                   batch_size=batch_size)
     options: dict[str, Any] = {}
@@ -230,9 +260,7 @@ def _prune_dress(workdir: Path, structure: str | None, ratio: float | None, sele
     from llmprune.structured import Plan, check_supported, geometry, remove
 
     device = _check_device(device)
-    ws = Workdir(workdir)
-    if not ws.steps("calibrate"):
-        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
+    ws = _calibrated(workdir)
     plan_path = ws.path / "dress" / "plan.json"
     pending = None
     if plan_path.is_file():
@@ -349,9 +377,7 @@ def eval_(
     with ws.step("eval", params) as tx:
         ws.record_inputs(tx, "model")
         lm, tok = _load_current_model(ws)
-        ctx = getattr(lm.config, "max_position_embeddings", None)
-        if ctx is not None and seqlen > ctx:
-            raise UserError(f"--seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
+        _check_context(lm, seqlen)
         windows = data.eval_windows(data.tokenize(tok, text), seqlen, max_windows)
         ppl = evaluate.perplexity(lm, windows, device, batch_size)
         tx.step.metrics = {**ppl, **evaluate.summary(lm)}
@@ -512,16 +538,11 @@ def regularize(
         raise UserError(f"unknown --norm '{norm}'; use one of: {', '.join(dress.NORMS)}")
     if shrink not in dress.SHRINKS:
         raise UserError(f"unknown --shrink '{shrink}'; use one of: {', '.join(dress.SHRINKS)}")
-    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--grad-accum", grad_accum),
-                    ("--holdout", holdout), ("--eval-every", eval_every)):
-        if v <= 0:
-            raise UserError(f"{name} must be positive, got {v}")
+    _positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every)
     if lam <= 0 or lr <= 0:
         raise UserError("--lambda and --lr must be positive")
     device = _check_device(device)
-    ws = Workdir(workdir)
-    if not ws.steps("calibrate"):
-        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
+    ws = _calibrated(workdir)
     params = dict(ratio=ratio, structure=structure, select=select, norm=norm, shrink=shrink, lam=lam, steps=steps,
                   until_converged=until_converged, gap_tol=gap_tol, lr=lr, batch_size=batch_size,
                   grad_accum=grad_accum, holdout=holdout, eval_every=eval_every, seed=seed,
@@ -532,12 +553,11 @@ def regularize(
         lm, tok = _load_current_model(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
         check_supported(lm, structure)
         windows = _load_windows(ws)
-        if windows.shape[0] <= holdout:
-            raise UserError(f"--holdout {holdout} leaves no training windows (the workdir has {windows.shape[0]})")
+        train_w, hold = _split_holdout(windows, holdout)
         plan = dress.select(lm, structure, ratio, select, windows, device, seed)
         spec = TrainSpec(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                          grad_checkpointing=grad_checkpointing, eval_every=eval_every)
-        hist = dress.regularize(lm, windows[:-holdout], windows[-holdout:], plan, norm=norm, shrink=shrink, lam=lam,
+        hist = dress.regularize(lm, train_w, hold, plan, norm=norm, shrink=shrink, lam=lam,
                                 spec=spec, device=device, until_converged=until_converged, gap_tol=gap_tol)
         last = hist["evals"][-1]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -597,17 +617,13 @@ def recover(
 
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
-    for name, v in (("--steps", steps if steps is not None else 1), ("--rank", rank), ("--batch-size", batch_size),
-                    ("--grad-accum", grad_accum), ("--holdout", holdout), ("--eval-every", eval_every)):
-        if v <= 0:
-            raise UserError(f"{name} must be positive, got {v}")
+    _positive(steps=steps if steps is not None else 1, rank=rank, batch_size=batch_size, grad_accum=grad_accum,
+              holdout=holdout, eval_every=eval_every)
     if epochs is not None and epochs <= 0 or lr <= 0 or alpha <= 0 or not 0 <= dropout < 1 or save_every < 0:
         raise UserError("--epochs, --lr and --alpha must be positive, --dropout in [0, 1), --save-every >= 0")
     device = _check_device(device)
-    ws = Workdir(workdir)
+    ws = _calibrated(workdir)
     manifest = ws.manifest()
-    if not ws.steps("calibrate"):
-        raise UserError(f"{workdir} has no calibration; run `llmprune calibrate` first")
     if dataset is None:
         windows = _load_windows(ws)
     else:
@@ -626,15 +642,11 @@ def recover(
         ws.record_inputs(tx, "model")
         lm, tok = _load_current_model(ws, "float32")
         if dataset is not None:
-            ctx = getattr(lm.config, "max_position_embeddings", None)
-            if ctx is not None and seqlen > ctx:
-                raise UserError(f"--seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
+            _check_context(lm, seqlen)
             windows = data.eval_windows(data.tokenize(tok, text), seqlen, None)
         else:
             ws.record_inputs(tx, "calib")
-        if windows.shape[0] <= holdout:
-            raise UserError(f"--holdout {holdout} leaves no training windows (there are {windows.shape[0]})")
-        train_w, hold = windows[:-holdout], windows[-holdout:]
+        train_w, hold = _split_holdout(windows, holdout)
         n_steps = steps if steps is not None else (
             math.ceil(epochs * train_w.shape[0] / (batch_size * grad_accum)) if epochs is not None else 100)
         masks = recovery.zero_masks(lm) if sparse else {}
@@ -762,10 +774,10 @@ def run_recipe(
         _wd.RECIPE_TAG = {"index": e.index, "fingerprint": e.fingerprint}
         t0 = time.perf_counter()
         try:
-            rv = app(args=args, prog_name="llmprune", standalone_mode=False)
+            rv = _invoke(args)
         finally:
             _wd.RECIPE_TAG = None
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+        if rv:
             if rv == 130:
                 raise KeyboardInterrupt
             raise StepFailed(f"recipe step {e.index + 1} ({e.command}) exited with status {rv}")
@@ -796,9 +808,8 @@ def run(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     debug = os.environ.get("LLMPRUNE_DEBUG") == "1"
     try:
-        rv = app(args=args, prog_name="llmprune", standalone_mode=False)
-        # Typer turns Ctrl-C into Exit(130) and, outside standalone mode, *returns* that code instead of raising.
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+        rv = _invoke(args)
+        if rv:
             if rv == 130:
                 report.error("interrupted; the workdir is left as it was before this step")
             return rv
