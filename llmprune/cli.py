@@ -67,10 +67,17 @@ def _load_windows(ws: Workdir):
 
 
 def _load_current_model(ws: Workdir, dtype: str = "auto"):
+    """The workdir's model as every step sees it: an adapter left unmerged by ``recover --no-merge`` is part of it."""
+    from llmprune import recovery
     from llmprune.modeling import load_model
 
     ws.verify("model")
-    return load_model(ws.model_dir, dtype)
+    model, tok = load_model(ws.model_dir, dtype)
+    step = recovery.pending_adapter(ws.manifest())
+    if step is not None:
+        ws.verify("adapter")
+        model = recovery.merge_pending(model, ws.path / "adapter", step)
+    return model, tok
 
 
 def _calibrated(workdir: Path) -> Workdir:
@@ -418,6 +425,8 @@ def _speed(lm, base_dir: Path | None, prompt_len: int, new_tokens: int, device: 
 def export(
     workdir: WorkdirArg,
     out: Annotated[Path, typer.Option(help="Folder to write (must be new or empty).")],
+    format: Annotated[str, typer.Option("--format", help="merged: the model (an unmerged adapter folded in); peft: the base model + adapter/ (after `recover --no-merge`); adapter: the LoRA adapter alone.")] = "merged",
+    base_model: Annotated[Optional[str], typer.Option(help="Hub id written as the adapter's base_model_name_or_path (peft/adapter; default: --push-to-hub's repo for peft).")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Also upload to this Hub repo id.")] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo as private.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List what would be written and uploaded; change nothing.")] = False,
@@ -425,14 +434,37 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a clean Hugging Face folder with a model card, and optionally push it to the Hub."""
-    from llmprune import export as _export
+    import shutil
 
+    from llmprune import export as _export
+    from llmprune import recovery
+    from llmprune.modeling import save_model
+
+    if format not in _export.FORMATS:
+        raise UserError(f"unknown --format {format!r}; choose one of {', '.join(_export.FORMATS)}")
     ws = Workdir(workdir)
     manifest = ws.manifest()
     ws.verify("model")
+    pending = recovery.pending_adapter(manifest)
+    adapter = ws.path / "adapter"
+    if format != "merged":
+        if not any(k.startswith("adapter/") for k in manifest["files"]):
+            raise UserError(f"{workdir} has no adapter; run `llmprune recover` first (or export --format merged)")
+        ws.verify("adapter")
+    if format == "peft":
+        if pending is None:
+            raise UserError("the adapter is already merged into the model (recover --merge); export --format merged, "
+                            "or recover with --no-merge to ship the base model + adapter")
+        if not recovery.peft_exact(pending):
+            raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
+                            "plain peft would apply it densely, another model; export --format merged, or recover "
+                            "with --no-masked")
+    base_id = base_model or (push_to_hub if format == "peft" else None)
+    parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
+             "adapter": {".": adapter}}[format]
     if dry_run:
-        files = _export.planned_files(ws.model_dir)
-        result = {"dry_run": True, "out": str(out), "push_to_hub": push_to_hub,
+        files = _export.planned_files(parts)
+        result = {"dry_run": True, "out": str(out), "format": format, "push_to_hub": push_to_hub,
                   "files": [{"path": p, "bytes": b} for p, b in files]}
         _finish(result, as_json, lambda: report.table(
             f"would write {out}" + (f" and upload to {push_to_hub}" if push_to_hub else ""), ["file", "bytes"],
@@ -443,9 +475,21 @@ def export(
 
         if not get_token():  # check before writing anything
             raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
-    written = _export.build_folder(ws.model_dir, manifest, out, overwrite)
+
+    def fill(tmp: Path) -> None:
+        if format == "merged" and pending is not None:
+            model, tok = _load_current_model(ws)
+            save_model(model, tok, tmp, _shard_size(ws))
+            return
+        for dest, src in parts.items():
+            shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
+        if format != "merged":
+            _export.set_adapter_base(tmp / ("adapter" if format == "peft" else "."), base_id)
+
+    card = _export.model_card(manifest, format, base_id)
+    written = _export.build_folder(fill, card, out, overwrite)
     url = _export.push(out, push_to_hub, private) if push_to_hub else None
-    result = {"out": str(out), "files": [p.relative_to(out).as_posix() for p in written], "url": url}
+    result = {"out": str(out), "format": format, "files": [p.relative_to(out).as_posix() for p in written], "url": url}
     _finish(result, as_json, lambda: report.table(
         f"exported {out}" + (f" → {url}" if url else ""), ["file", "bytes"],
         [[p.relative_to(out).as_posix(), p.stat().st_size] for p in written]))
@@ -641,6 +685,9 @@ def recover(
     with ws.step("recover", params) as tx:
         ws.record_inputs(tx, "model")
         lm, tok = _load_current_model(ws, "float32")
+        if recovery.pending_adapter(manifest) is not None and not merge:
+            # The new adapter's base is the model with the previous adapter folded in: that model becomes model/.
+            save_model(lm, tok, tx.stage("model"), _shard_size(ws))
         if dataset is not None:
             _check_context(lm, seqlen)
             windows = data.eval_windows(data.tokenize(tok, text), seqlen, None)
@@ -846,8 +893,11 @@ def run(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             report.error("no space left on device while writing; the workdir is left as it was before this step")
         elif isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            report.error("out of memory on the device; try --act-dtype bfloat16, a smaller --batch-size, "
-                         "or fewer calibration samples")
+            report.error("out of memory on the device; the workdir is left as it was before this step; try "
+                         "--act-dtype bfloat16, a smaller --batch-size, or fewer calibration samples")
+        elif isinstance(e, MemoryError):
+            report.error("out of host memory; the workdir is left as it was before this step; try a smaller "
+                         "--batch-size, --act-dtype bfloat16, or fewer calibration samples")
         else:
             report.error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                          "(set LLMPRUNE_DEBUG=1 to see the traceback)")

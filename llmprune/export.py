@@ -6,12 +6,34 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmprune.errors import UserError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SKIP_PARAMS = {"json"}
+
+
+FORMATS = ("merged", "peft", "adapter")
+_HOW = {"merged": "It loads with plain transformers:",
+        "peft": "This folder holds the pruned model and, in `adapter/`, its LoRA recovery adapter (peft):",
+        "adapter": "This folder holds its LoRA recovery adapter (peft); the base is the pruned model it was trained on:"}
+
+
+def _loading(fmt: str, base_id: str | None) -> list[str]:
+    """The card's loading snippet for each export format."""
+    if fmt == "merged":
+        return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")']
+    if fmt == "peft":
+        return ["from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM",
+                'base = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")  # the pruned model',
+                'model = PeftModel.from_pretrained(base, "PATH_OR_REPO", subfolder="adapter")  # + the LoRA adapter']
+    return ["from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            f'base = AutoModelForCausalLM.from_pretrained("{base_id or "BASE_MODEL"}")  # the pruned model it was trained on',
+            'model = PeftModel.from_pretrained(base, "PATH_OR_REPO")']
 
 
 def _is_hub_id(source: str) -> bool:
@@ -22,8 +44,9 @@ def _yaml_list(key: str, values: list[str]) -> list[str]:
     return [f"{key}:"] + [f"- {v}" for v in values] if values else []
 
 
-def model_card(manifest: dict[str, Any]) -> str:
-    """README.md for the exported model: YAML front matter, the lineage of steps, the evaluation table."""
+def model_card(manifest: dict[str, Any], fmt: str = "merged", base_id: str | None = None) -> str:
+    """README.md for the exported folder: YAML front matter, how to load it, the lineage of steps, the evaluation
+    table."""
     base = manifest.get("base_model", {})
     steps = manifest.get("steps", [])
     methods = sorted({s["params"].get("method") for s in steps if s["command"] == "prune" and s["params"].get("method")})
@@ -34,7 +57,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     front = ["---"]
     if _is_hub_id(base.get("source", "")):
         front.append(f"base_model: {base['source']}")
-    front.append("library_name: transformers")
+    front.append(f"library_name: {'peft' if fmt == 'adapter' else 'transformers'}")
     front += _yaml_list("tags", ["pruned", "llmprune", *methods])
     front += _yaml_list("datasets", [datasets_hub[d] for d in datasets])
     front.append("---")
@@ -48,11 +71,10 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
         f"This model was produced by [llmprune](https://pypi.org/project/llmprune/) from `{src}`"
         + (f" ({ident})" if ident else "")
-        + f", a `{manifest.get('model_type', '?')}` model. It loads with plain transformers:",
+        + f", a `{manifest.get('model_type', '?')}` model. " + _HOW[fmt],
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")',
+        *_loading(fmt, base_id),
         "```",
         "",
         "## Lineage",
@@ -92,15 +114,32 @@ def model_card(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_folder(model_dir: Path, manifest: dict[str, Any], out: Path, overwrite: bool = False) -> list[Path]:
-    """Write the export folder (through a temporary sibling and a rename); returns the files written."""
+def set_adapter_base(adapter_dir: Path, base_id: str | None) -> None:
+    """peft finds the base model of an adapter through ``base_model_name_or_path``: the Hub id the user names (never
+    this machine's path)."""
+    import json
+
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base_id
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build_folder(fill: Callable[[Path], None], card: str, out: Path, overwrite: bool = False) -> list[Path]:
+    """Write the export folder: ``fill`` populates a temporary sibling, the card is added, then one rename puts it in
+    place. Returns the files written."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose an empty or new --out (or pass --overwrite)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(model_dir, tmp)
-    (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fill(tmp)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         # The old folder steps aside only once the new one is complete: a failure leaves one or the other.
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -112,8 +151,10 @@ def build_folder(model_dir: Path, manifest: dict[str, Any], out: Path, overwrite
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
-def planned_files(model_dir: Path) -> list[tuple[str, int]]:
-    files = [(p.relative_to(model_dir).as_posix(), p.stat().st_size) for p in model_dir.rglob("*") if p.is_file()]
+def planned_files(parts: dict[str, Path]) -> list[tuple[str, int]]:
+    """``{folder inside the export: source folder}`` → the (path, bytes) that would be written."""
+    files = [((Path(dest) / p.relative_to(src)).as_posix(), p.stat().st_size)
+             for dest, src in parts.items() for p in src.rglob("*") if p.is_file() and p.name != "README.md"]
     return sorted(files + [("README.md", 0)])
 
 

@@ -1,7 +1,8 @@
 """Recipes: the whole pipeline from one TOML file, resumable.
 
 A recipe is a list of ``[[step]]`` tables; each names its ``command`` and takes that subcommand's options under the
-same names (``max_windows`` or ``max-windows``; ``true``/``false`` for flags; ``~`` and ``${VAR}`` are expanded)::
+same names (``max_windows`` or ``max-windows``; ``true``/``false`` for flags; ``~``, ``${VAR}`` and
+``${VAR:-default}`` are expanded)::
 
     [[step]]
     command = "calibrate"
@@ -95,9 +96,14 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
     return entries
 
 
+_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
 def _expand(value: str, where: str) -> str:
-    """``~`` and ``$VAR`` / ``${VAR}`` in string values, so one recipe serves every machine and CI job."""
-    out = os.path.expandvars(os.path.expanduser(value))
+    """``~``, ``$VAR`` / ``${VAR}`` and ``${VAR:-default}`` (the shell's meaning: the default when VAR is unset or
+    empty) in string values, so one recipe serves every machine and CI job."""
+    out = _DEFAULTED.sub(lambda m: os.environ.get(m.group(1)) or m.group(2), value)
+    out = os.path.expandvars(os.path.expanduser(out))
     left = re.search(r"\$\{?(\w+)", out)
     if left:
         raise UserError(f"{where}: environment variable {left.group(1)} is not set")

@@ -108,3 +108,36 @@ def lora_state(peft_model) -> dict[str, Any]:
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(peft_model)
+
+
+def pending_adapter(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``recover --no-merge`` step whose adapter is part of the workdir's current model, or None.
+
+    An unmerged adapter belongs to the model that was current when it was trained; a later step that writes
+    ``model/`` (a prune, a merging recover) has already folded it in, so it is pending only when that recover is the
+    last step to touch the model or the adapter."""
+    last = None
+    for step in manifest.get("steps", []):
+        outs = step.get("outputs", {})
+        if any(k.startswith("model/") for k in outs):
+            last = None
+        if step["command"] == "recover" and any(k.startswith("adapter/") for k in outs):
+            last = None if step["params"].get("merge", True) else step
+    return last
+
+
+def merge_pending(model: nn.Module, adapter_dir, step: dict[str, Any]) -> nn.Module:
+    """The model a merging recover would have written: base + adapter, merged, with the zero pattern of a pruned
+    model re-applied. For an adapter trained through the mask this is exactly the trained model."""
+    from peft import PeftModel
+
+    masks = zero_masks(model) if step["metrics"].get("pruned_layers") else {}
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    reapply(merged, masks)
+    return merged
+
+
+def peft_exact(step: dict[str, Any]) -> bool:
+    """Whether plain peft (``W x + s B A x``) computes what was trained: not for an adapter trained through the zero
+    pattern of a sparse model, whose update at pruned positions was never trained."""
+    return not (step["params"].get("masked", True) and step["metrics"].get("masked_adapters", 0))

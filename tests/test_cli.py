@@ -107,6 +107,9 @@ def _bad_inputs(tiny_root, tmp_path):
         "recover without targets": (["recover", "{wd}", "--targets", "wq,wk"], "no Linear named wq, wk"),
         "recover steps and epochs": (["recover", "{wd}", "--steps", "3", "--epochs", "1"], "not both"),
         "speed baseline without speed": (["eval", "{wd}", "--dataset", d, "--speed-baseline", m], "needs --speed"),
+        "unknown export format": (["export", "{wd}", "--out", tmp_path / "o", "--format", "gguf"], "unknown --format"),
+        "adapter export without adapter": (["export", "{wd}", "--out", tmp_path / "o", "--format", "peft"],
+                                           "has no adapter"),
     }
 
 
@@ -170,3 +173,26 @@ def test_python_dash_m_works(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmprune", "status", str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("error", ["cuda", "host"])
+def test_out_of_memory_is_one_line_with_advice_and_loses_nothing(calibrated, tmp_path, capsys, monkeypatch, error):
+    import torch
+
+    wd = calibrated("llama")
+    before = (wd / "manifest.json").read_bytes()
+
+    def exhausted(*args, **kwargs):
+        if error == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total)")
+        raise MemoryError()
+
+    monkeypatch.setattr("llmprune.pruning.prune_model", exhausted)
+    capsys.readouterr()
+    assert run(["prune", str(wd), "--method", "wanda"]) == 2  # a step that failed, not bad input
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of") and "Traceback" not in err and len(err.splitlines()) <= 2
+    assert "--batch-size" in err.replace("\n", " ") and "left as it was" in err.replace("\n", " ")
+    assert (wd / "manifest.json").read_bytes() == before and not (wd / ".staging").exists()
+    monkeypatch.undo()
+    assert run(["prune", str(wd), "--method", "wanda"]) == 0  # and the step runs once memory allows

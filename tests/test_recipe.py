@@ -185,3 +185,17 @@ def test_shipped_recipes_parse(monkeypatch):
     for path in shipped:
         entries = load(path, _command_options())
         assert entries[0].command == "calibrate"
+
+
+def test_variables_with_defaults_expand_like_the_shell(monkeypatch):
+    from llmprune.recipe import _expand
+
+    monkeypatch.delenv("LLMPRUNE_T_MODEL", raising=False)
+    assert _expand("${LLMPRUNE_T_MODEL:-org/model}", "x") == "org/model"
+    monkeypatch.setenv("LLMPRUNE_T_MODEL", "")
+    assert _expand("${LLMPRUNE_T_MODEL:-org/model}", "x") == "org/model"  # empty counts as unset, as in sh
+    monkeypatch.setenv("LLMPRUNE_T_MODEL", "/m.gguf")
+    assert _expand("${LLMPRUNE_T_MODEL:-org/model}/x", "x") == "/m.gguf/x"
+    monkeypatch.delenv("LLMPRUNE_T_MODEL")
+    with pytest.raises(Exception, match="LLMPRUNE_T_MODEL is not set"):
+        _expand("${LLMPRUNE_T_MODEL}", "x")

@@ -60,6 +60,68 @@ def test_no_merge_keeps_the_base_and_saves_the_adapter(calibrated):
     assert (wd / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_an_unmerged_adapter_is_part_of_the_model_and_exports_for_peft(calibrated, tiny_root, tmp_path):
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    wd = calibrated("llama", samples=16, seqlen=32)
+    twin = tmp_path / "twin"
+    shutil.copytree(wd, twin)
+    opts = ["--steps", 6, *FAST]
+    assert cli("recover", wd, "--no-merge", *opts)[0] == 0
+    assert cli("recover", twin, "--merge", *opts)[0] == 0
+    ev = ["--dataset", tiny_root / "heldout.txt", "--seqlen", 32]
+    # eval sees the adapter: the unmerged workdir measures what the merged one does.
+    _, unmerged = cli("eval", wd, *ev)
+    _, merged = cli("eval", twin, *ev)
+    assert unmerged["perplexity"] == pytest.approx(merged["perplexity"], rel=1e-5)
+
+    code, res = cli("export", wd, "--out", tmp_path / "peft", "--format", "peft", "--base-model", "me/pruned")
+    assert code == 0 and "adapter/adapter_model.safetensors" in res["files"] and "model.safetensors" in res["files"]
+    cfg = json.loads((tmp_path / "peft" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "me/pruned"
+    assert 'subfolder="adapter"' in (tmp_path / "peft" / "README.md").read_text()
+    assert cli("export", wd, "--out", tmp_path / "merged")[0] == 0  # merged: the adapter folded in
+    ids = torch.randint(0, 100, (2, 16))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft")
+    with_adapter = _logits(PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval(), ids)
+    folded = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids)
+    plain = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "peft"), ids)
+    assert torch.allclose(with_adapter, folded, atol=1e-5) and not torch.allclose(plain, folded, atol=1e-3)
+
+    # A second unmerged recovery trains on the model with the first adapter folded in, which becomes model/.
+    code, res = cli("recover", wd, "--no-merge", *opts)
+    assert code == 0
+    assert all(torch.equal(v, load_file(tmp_path / "merged" / "model.safetensors")[k]) for k, v in _weights(wd).items())
+
+
+def test_adapter_exports_and_their_refusals(calibrated, tmp_path):
+    wd = calibrated("llama", samples=16, seqlen=32)
+    assert cli("export", wd, "--out", tmp_path / "a", "--format", "adapter")[0] == 1  # no adapter yet
+    assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
+    assert cli("recover", wd, "--no-merge", "--steps", 3, *FAST)[0] == 0
+    # Trained through the 2:4 mask: plain peft would apply the update densely, so a peft export is refused ...
+    assert cli("export", wd, "--out", tmp_path / "p", "--format", "peft")[0] == 1
+    assert not (tmp_path / "p").exists()
+    # ... while the merged export is the trained model, 2:4 to the last weight.
+    assert cli("export", wd, "--out", tmp_path / "m")[0] == 0
+    w = load_file(tmp_path / "m" / "model.safetensors")
+    assert all(nm_valid(v, 2, 4) for k, v in w.items() if k.startswith("model.layers.") and k.endswith("proj.weight"))
+    code, res = cli("export", wd, "--out", tmp_path / "a", "--format", "adapter")
+    assert code == 0 and sorted(res["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert "library_name: peft" in (tmp_path / "a" / "README.md").read_text()
+    assert cli("recover", wd, "--steps", 3, *FAST)[0] == 0  # merged now
+    assert cli("export", wd, "--out", tmp_path / "p", "--format", "peft")[0] == 1
+    assert cli("export", wd, "--out", tmp_path / "p", "--format", "gguf")[0] == 1
+
+
 def test_structured_models_merge_plainly(calibrated):
     wd = calibrated("mistral", samples=12, seqlen=32)
     assert cli("prune", wd, "--method", "dress", "--ratio", 0.25, "--select", "tail")[0] == 0
