@@ -498,15 +498,19 @@ def export(
 @app.command()
 def status(workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
     """The steps of a workdir, its size, parameter count and sparsity."""
+    from llmprune import recovery
+
     ws = Workdir(workdir)
     manifest = ws.manifest()
     steps = manifest["steps"]
+    has_adapter = any(k.startswith("adapter/") for k in manifest["files"])
+    adapter = None if not has_adapter else "unmerged" if recovery.pending_adapter(manifest) else "merged"
     size = sum((ws.path / rel).stat().st_size for rel in manifest["files"] if (ws.path / rel).is_file())
     last_metrics = next((s["metrics"] for s in reversed(steps) if "parameters" in s["metrics"]), {})
     result = {"workdir": str(workdir), "format_version": manifest["format_version"],
               "base_model": manifest.get("base_model"), "model_type": manifest.get("model_type"),
               "bytes": size, "parameters": last_metrics.get("parameters"),
-              "sparsity": last_metrics.get("sparsity", {}), "steps": steps}
+              "sparsity": last_metrics.get("sparsity", {}), "adapter": adapter, "steps": steps}
 
     def render() -> None:
         rows = []
@@ -528,12 +532,11 @@ def status(workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
                 key = f"sparsity {m['sparsity']['all']:.2%}" if "sparsity" in m else ""
             rows.append([i, s["command"], brief, f"{s['duration_s']:.1f} s", key, s["started"]])
         report.table(f"{workdir} ({manifest.get('model_type')}, {size / 2**20:,.1f} MiB, "
-                     f"{last_metrics.get('parameters', 0):,} parameters)",
+                     f"{last_metrics.get('parameters', 0):,} parameters"
+                     + (f", LoRA adapter {adapter}" if adapter else "") + ")",
                      ["#", "step", "parameters", "duration", "result", "started"], rows)
 
     _finish(result, as_json, render)
-
-
 
 
 def _check_dress_choice(structure: str, select: str) -> None:

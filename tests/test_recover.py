@@ -77,6 +77,7 @@ def test_an_unmerged_adapter_is_part_of_the_model_and_exports_for_peft(calibrate
     opts = ["--steps", 6, *FAST]
     assert cli("recover", wd, "--no-merge", *opts)[0] == 0
     assert cli("recover", twin, "--merge", *opts)[0] == 0
+    assert cli("status", wd)[1]["adapter"] == "unmerged" and cli("status", twin)[1]["adapter"] == "merged"
     ev = ["--dataset", tiny_root / "heldout.txt", "--seqlen", 32]
     # eval sees the adapter: the unmerged workdir measures what the merged one does.
     _, unmerged = cli("eval", wd, *ev)

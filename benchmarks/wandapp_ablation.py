@@ -1,0 +1,81 @@
+"""Wanda++ hyper-parameter ablation on the calibration split only (never the test split).
+
+The calibration split is cut in two on an article boundary: the first 90% gives the calibration windows (64 x 512 at
+the protocol's random starts), the last 10% is the tuning slice, scored by perplexity over non-overlapping windows.
+Each setting runs ``llmprune prune --method wandapp`` (2:4 by default) on a copy of one calibrated workdir.
+
+    python benchmarks/wandapp_ablation.py                                   # alpha sweep, RGS only (~5 min each)
+    python benchmarks/wandapp_ablation.py --grid "alpha=10 ro_iters=5;alpha=10 ro_iters=5 ro_lr=3e-6"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import assets  # noqa: E402
+from prune_bench import LLMPRUNE, calibrated_base, popen_rss  # noqa: E402
+
+# alpha = 0 with RO off is Wanda's score exactly (a test checks it): the row every other one is read against.
+GRID = ["alpha=0 ro_iters=0", "alpha=3 ro_iters=0", "alpha=10 ro_iters=0", "alpha=30 ro_iters=0",
+        "alpha=100 ro_iters=0"]
+
+
+def split_calibration(calib: Path, tune_fraction: float = 0.1) -> tuple[Path, Path]:
+    """(fit, tune) text files cut from the calibration split on an article boundary; cached next to it."""
+    fit, tune = calib.with_name("wiki-calib-fit.txt"), calib.with_name("wiki-calib-tune.txt")
+    if not (fit.is_file() and tune.is_file()):
+        articles = calib.read_text(encoding="utf-8").split("\n\n")
+        cut = int(len(articles) * (1 - tune_fraction))
+        fit.write_text("\n\n".join(articles[:cut]), encoding="utf-8")
+        tune.write_text("\n\n".join(articles[cut:]), encoding="utf-8")
+    return fit, tune
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default=";".join(GRID), help="settings separated by ';', each 'key=value ...'")
+    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--tune-windows", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=Path("runs/wandapp-ablation"))
+    args = ap.parse_args()
+
+    paths = assets.fetch()
+    fit, tune = split_calibration(Path(paths["calib"]))
+    base = calibrated_base(args.out, {**paths, "calib": str(fit)}, args.samples, args.seqlen)
+    evalargs = ["--dataset", str(tune), "--seqlen", str(args.seqlen), "--max-windows", str(args.tune_windows)]
+    dense, _, _ = popen_rss([*LLMPRUNE, "eval", str(base), *evalargs])
+    print(json.dumps({"dense_tune_ppl": dense["perplexity"]}), flush=True)
+    rows = []
+    for setting in args.grid.split(";"):
+        opts = dict(kv.split("=") for kv in setting.split())
+        wd = args.out / "run"
+        if wd.exists():
+            shutil.rmtree(wd)
+        shutil.copytree(base, wd)
+        flags = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
+        res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", "wandapp", "--pattern", args.pattern,
+                                    *flags])
+        ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
+        row = dict(setting=setting, pattern=args.pattern, tune_ppl=ev["perplexity"], windows=ev["windows"],
+                   prune_s=res["capture_s"] + res["prune_s"] + res["propagate_s"], rss_mib=rss)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\ntuning slice: the last 10% of the calibration split's articles, {rows[0]['windows'] if rows else 0} "
+          f"windows of {args.seqlen}; dense {dense['perplexity']:.2f}; calibration: 64 x {args.seqlen} from the rest")
+    print(f"\n| setting ({args.pattern}) | tuning-slice perplexity | prune s | peak RSS MiB |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['tune_ppl']:.2f} | {r['prune_s']:.0f} | {r['rss_mib']:.0f} |")
+    out = args.out / "results.json"
+    old = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(old + rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
