@@ -85,7 +85,10 @@ def _texts_from_local(path: Path, text_field: str) -> list[str]:
 
 
 def load_text(source: str, purpose: str = "calibration", text_field: str = "text") -> str:
-    """The whole text of ``source``; ``purpose`` picks the split of named datasets (train vs test)."""
+    """The whole text of ``source``; ``purpose`` picks the split of named datasets: ``evaluation`` the test split,
+    ``calibration`` and ``training`` the train split (recovery must never train on the split it is evaluated on)."""
+    if purpose not in ("calibration", "training", "evaluation"):
+        raise ValueError(f"purpose {purpose!r}")
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         texts = _texts_from_local(path, text_field)
@@ -100,14 +103,14 @@ def load_text(source: str, purpose: str = "calibration", text_field: str = "text
 def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:
     if source in NAMED:
         name, config, calib_split, eval_split, field, kwargs = NAMED[source]
-        split = calib_split if purpose == "calibration" else eval_split
+        split = eval_split if purpose == "evaluation" else calib_split
     elif source.startswith("hf:"):
         parts = source[3:].split(":")
         if not parts[0] or len(parts) > 3:
             raise UserError(f"bad dataset source '{source}': expected hf:NAME[:CONFIG[:SPLIT]]")
         name = parts[0]
         config = parts[1] if len(parts) > 1 and parts[1] else None
-        split = parts[2] if len(parts) > 2 else ("train" if purpose == "calibration" else "test")
+        split = parts[2] if len(parts) > 2 else ("test" if purpose == "evaluation" else "train")
         field, kwargs = text_field, {}
     else:
         raise UserError(
