@@ -23,6 +23,17 @@ app = typer.Typer(
     add_completion=False,
 )
 
+@app.callback()
+def _options(
+    no_verify: Annotated[bool, typer.Option("--no-verify", envvar="LLMPRUNE_NO_VERIFY", help="Skip the SHA-256 check of the workdir's files before a step reads them (huge models); every step run so records `inputs_verified: false` in the manifest.")] = False,
+) -> None:
+    """Prune causal language models (magnitude, Wanda, SparseGPT, Wanda++, DReSS) through a working directory."""
+    from llmprune import workdir as _wd
+
+    if no_verify:  # only ever switched off here: the steps of a recipe inherit it from `llmprune --no-verify run`
+        _wd.VERIFY = False
+
+
 WorkdirArg = Annotated[Path, typer.Argument(help="The working directory (safetensors shards + manifest.json).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of tables.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N: where each block runs.")]
@@ -857,8 +868,11 @@ def run(argv: list[str] | None = None) -> int:
     3 workdir busy, 4 integrity, 130 interrupted). ``LLMPRUNE_DEBUG=1`` shows tracebacks."""
     import warnings
 
+    from llmprune import workdir as _wd
+
     args = sys.argv[1:] if argv is None else argv
     report.set_quiet("--json" in args)
+    _wd.VERIFY = True  # each top-level command starts verifying; --no-verify turns it off for this one
     # Deprecation notices of the libraries underneath are for their developers, not for llmprune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 SNAPSHOTS = ".recipe"  # hard-linked states between the steps of a recipe (see Workdir.snapshot)
 # Set by `llmprune run` while it runs a recipe entry: recorded in that step, so a re-run knows what is done.
 RECIPE_TAG: dict[str, Any] | None = None
+# ``llmprune --no-verify``: skip hashing the files a step reads (huge models); each step records that it did.
+VERIFY = True
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 COMMIT = ".commit"
@@ -112,6 +114,8 @@ class Step:
 
     def to_json(self) -> dict[str, Any]:
         tag = {"recipe": RECIPE_TAG} if RECIPE_TAG else {}
+        if not VERIFY:
+            tag["inputs_verified"] = False
         return {
             **tag,
             "command": self.command,
@@ -202,7 +206,7 @@ class Workdir:
             p = self.path / rel
             if not p.is_file():
                 raise IntegrityError(f"{p} is missing (recorded in the manifest)")
-            if sha256_file(p) != digest:
+            if VERIFY and sha256_file(p) != digest:
                 raise IntegrityError(f"{p} does not match its SHA-256 in the manifest: the file was changed or truncated")
 
     # --- locking and recovery -----------------------------------------------------------------------------

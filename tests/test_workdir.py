@@ -107,6 +107,29 @@ def test_tampered_or_truncated_shard_is_refused(calibrated):
     assert code == 4
 
 
+def test_no_verify_skips_the_hashes_and_says_so(calibrated, monkeypatch):
+    import llmprune.workdir as wdmod
+
+    wd = calibrated("llama")
+    calls = []
+    real = wdmod.sha256_file
+    monkeypatch.setattr(wdmod, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    assert cli("--no-verify", "prune", wd, "--method", "magnitude")[0] == 0
+    reads = [p for p in calls if "staging" not in str(p) and ".commit" not in str(p)]
+    assert reads == []  # nothing the step read was hashed (what it wrote still is, for the manifest)
+    code, st = cli("status", wd)
+    assert st["steps"][-1]["inputs_verified"] is False and "inputs_verified" not in st["steps"][0]
+    # The next command verifies again, and a tampered shard (one weight's bytes changed) is caught ...
+    shard = next((wd / "model").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert cli("prune", wd, "--method", "magnitude", "--sparsity", 0.6)[0] == 4
+    # ... unless the user opts out, here through the environment (as a CI job or a recipe would).
+    monkeypatch.setenv("LLMPRUNE_NO_VERIFY", "1")
+    assert cli("prune", wd, "--method", "magnitude", "--sparsity", 0.6)[0] == 0
+
+
 def test_unknown_format_version(calibrated):
     wd = calibrated("llama")
     m = json.loads((wd / "manifest.json").read_text())
