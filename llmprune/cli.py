@@ -710,15 +710,15 @@ def recover(
         train_w, hold = _split_holdout(windows, holdout)
         n_steps = steps if steps is not None else (
             math.ceil(epochs * train_w.shape[0] / (batch_size * grad_accum)) if epochs is not None else 100)
+        masks = recovery.zero_masks(lm) if sparse else {}
+        sparsity_before = evaluate.summary(lm)["sparsity"]
+        names = recovery.targets_for(lm, targets)
         passes = n_steps * batch_size * grad_accum / train_w.shape[0]
         if dataset is None and passes > 1 and epochs is None:
             # Measured: after DReSS (trained on these very windows) 150 steps over them raised the test perplexity
             # 45.75 -> 54.90, while fresh windows of the calibration text lowered it to 39.74.
             report.warn(f"{n_steps} steps are {passes:.1f} passes over the {train_w.shape[0]} calibration windows, "
                         "which can overfit; --dataset with the calibration text trains on fresh windows")
-        masks = recovery.zero_masks(lm) if sparse else {}
-        sparsity_before = evaluate.summary(lm)["sparsity"]
-        names = recovery.targets_for(lm, targets)
         model = recovery.add_lora(lm, names, rank, alpha, dropout, seed)
         masked_layers = recovery.mask_adapters(model, masks) if masked else 0
         ppl_before = math.exp(heldout_nll(model, hold))
