@@ -449,7 +449,7 @@ def export(
 
     from llmprune import export as _export
     from llmprune import recovery
-    from llmprune.modeling import save_model
+    from llmprune.modeling import load_model, save_model
 
     if format not in _export.FORMATS:
         raise UserError(f"unknown --format {format!r}; choose one of {', '.join(_export.FORMATS)}")
@@ -459,7 +459,7 @@ def export(
     pending = recovery.pending_adapter(manifest)
     adapter = ws.path / "adapter"
     if format != "merged":
-        if not any(k.startswith("adapter/") for k in manifest["files"]):
+        if not recovery.has_adapter(manifest):
             raise UserError(f"{workdir} has no adapter; run `llmprune recover` first (or export --format merged)")
         ws.verify("adapter")
     if format == "peft":
@@ -489,8 +489,10 @@ def export(
 
     def fill(tmp: Path) -> None:
         if format == "merged" and pending is not None:
-            model, tok = _load_current_model(ws)
-            save_model(model, tok, tmp, _shard_size(ws))
+            # model/ was verified above: load it without hashing it a second time.
+            model, tok = load_model(ws.model_dir)
+            ws.verify("adapter")
+            save_model(recovery.merge_pending(model, adapter, pending), tok, tmp, _shard_size(ws))
             return
         for dest, src in parts.items():
             shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
@@ -514,8 +516,8 @@ def status(workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
     ws = Workdir(workdir)
     manifest = ws.manifest()
     steps = manifest["steps"]
-    has_adapter = any(k.startswith("adapter/") for k in manifest["files"])
-    adapter = None if not has_adapter else "unmerged" if recovery.pending_adapter(manifest) else "merged"
+    adapter = None if not recovery.has_adapter(manifest) else (
+        "unmerged" if recovery.pending_adapter(manifest) else "merged")
     size = sum((ws.path / rel).stat().st_size for rel in manifest["files"] if (ws.path / rel).is_file())
     last_metrics = next((s["metrics"] for s in reversed(steps) if "parameters" in s["metrics"]), {})
     result = {"workdir": str(workdir), "format_version": manifest["format_version"],

@@ -110,6 +110,10 @@ def lora_state(peft_model) -> dict[str, Any]:
     return get_peft_model_state_dict(peft_model)
 
 
+def has_adapter(manifest: dict[str, Any]) -> bool:
+    return any(k.startswith("adapter/") for k in manifest["files"])
+
+
 def pending_adapter(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The ``recover --no-merge`` step whose adapter is part of the workdir's current model, or None.
 
