@@ -62,10 +62,10 @@ def test_baselines_order_and_exact_sparsity(real, tmp_path):
 
 
 def test_two_four_wanda_and_wandapp(real, tmp_path):
-    """Wanda and Wanda++ 2:4 hold the pattern to the last weight, and Wanda++ stays in Wanda's range.
+    """Wanda and Wanda++ 2:4 hold the pattern to the last weight, and Wanda++ beats Wanda.
 
-    The issue's target (Wanda++ 2:4 below Wanda 2:4) is not met by the documented defaults on this model (see
-    benchmarks/README.md), so this checks a bound that catches a broken Wanda++ (e.g. RO diverging), not the target.
+    Wanda++ runs with the settings the calibration-slice ablation chose for this model (benchmarks/README.md:
+    `--alpha 0 --ro-lr 1e-4`; the paper's 3e-7 barely moves weights of this size) on a reduced RO budget.
     """
     from safetensors.torch import load_file
 
@@ -77,7 +77,7 @@ def test_two_four_wanda_and_wandapp(real, tmp_path):
         base.update(load_file(shard))
     ppl = {}
     for name, opts in (("wanda", ["--method", "wanda"]),
-                       ("wandapp", ["--method", "wandapp", "--ro-iters", 2, "--ro-samples", 8])):
+                       ("wandapp", ["--method", "wandapp", "--alpha", 0, "--ro-lr", 1e-4, "--ro-iters", 2, "--ro-samples", 8])):
         run = tmp_path / name
         shutil.copytree(wd, run)
         assert cli("prune", run, *opts, "--pattern", "2:4")[0] == 0
@@ -96,7 +96,7 @@ def test_two_four_wanda_and_wandapp(real, tmp_path):
         ppl[name] = res["perplexity"]
         shutil.rmtree(run / "model")
     print(ppl)
-    assert ppl["wandapp"] < 1.5 * ppl["wanda"]
+    assert ppl["wandapp"] < ppl["wanda"]
 
 
 def test_dress_regularised_removal_beats_direct_removal(real, tmp_path):
