@@ -449,7 +449,7 @@ def export(
 
     from llmprune import export as _export
     from llmprune import recovery
-    from llmprune.modeling import load_model, save_model
+    from llmprune.modeling import save_model
 
     if format not in _export.FORMATS:
         raise UserError(f"unknown --format {format!r}; choose one of {', '.join(_export.FORMATS)}")
@@ -489,10 +489,8 @@ def export(
 
     def fill(tmp: Path) -> None:
         if format == "merged" and pending is not None:
-            # model/ was verified above: load it without hashing it a second time.
-            model, tok = load_model(ws.model_dir)
-            ws.verify("adapter")
-            save_model(recovery.merge_pending(model, adapter, pending), tok, tmp, _shard_size(ws))
+            model, tok = _load_current_model(ws)  # model/ was hashed above: ws.verify does not hash it again
+            save_model(model, tok, tmp, _shard_size(ws))
             return
         for dest, src in parts.items():
             shutil.copytree(src, tmp / dest, dirs_exist_ok=True)

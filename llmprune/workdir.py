@@ -153,6 +153,9 @@ class Workdir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        # (file, SHA-256) pairs this object has already hashed: a command that checks a part twice (export of an
+        # unmerged adapter checks model/, then loads the current model) reads a multi-GB shard once.
+        self._verified: set[tuple[str, str]] = set()
 
     # --- layout -------------------------------------------------------------------------------------------
     @property
@@ -206,8 +209,11 @@ class Workdir:
             p = self.path / rel
             if not p.is_file():
                 raise IntegrityError(f"{p} is missing (recorded in the manifest)")
-            if VERIFY and sha256_file(p) != digest:
+            if not VERIFY or (rel, digest) in self._verified:
+                continue
+            if sha256_file(p) != digest:
                 raise IntegrityError(f"{p} does not match its SHA-256 in the manifest: the file was changed or truncated")
+            self._verified.add((rel, digest))
 
     # --- locking and recovery -----------------------------------------------------------------------------
     @contextlib.contextmanager

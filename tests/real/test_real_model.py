@@ -77,7 +77,8 @@ def test_two_four_wanda_and_wandapp(real, tmp_path):
         base.update(load_file(shard))
     ppl = {}
     for name, opts in (("wanda", ["--method", "wanda"]),
-                       ("wandapp", ["--method", "wandapp", "--alpha", 0, "--ro-lr", 1e-4, "--ro-iters", 2, "--ro-samples", 8])):
+                       ("wandapp", ["--method", "wandapp", "--alpha", 0, "--ro-lr", 1e-4,
+                                    "--ro-iters", 2, "--ro-samples", 8])):
         run = tmp_path / name
         shutil.copytree(wd, run)
         assert cli("prune", run, *opts, "--pattern", "2:4")[0] == 0
