@@ -7,6 +7,8 @@ calibration windows is timed in the same run, so speed is reported as a ratio me
     python benchmarks/prune_bench.py                                   # the 3 x 3 table (about 40 minutes on 2 cores)
     python benchmarks/prune_bench.py --methods wanda --patterns 2:4    # one cell
     python benchmarks/prune_bench.py --methods wanda,wandapp-rgs,wandapp --patterns 2:4
+    python benchmarks/prune_bench.py --methods wanda,wandapp-tuned,wandapp-rgs   # the Wanda++ table (~75 min)
+    python benchmarks/prune_bench.py --methods wanda,wanda-seq,sparsegpt,sparsegpt-seq   # the two schedules
 """
 
 from __future__ import annotations
@@ -41,8 +43,14 @@ VARIANTS = {
     "magnitude": ["--method", "magnitude"],
     "wanda": ["--method", "wanda"],
     "sparsegpt": ["--method", "sparsegpt"],
+    # One pass per block that prunes each Linear as its inputs arrive (--true-sequential).
+    "wanda-seq": ["--method", "wanda", "--true-sequential"],
+    "sparsegpt-seq": ["--method", "sparsegpt", "--true-sequential"],
     "wandapp-rgs": ["--method", "wandapp", "--ro-iters", "0"],  # the RGS-only ablation
     "wandapp": ["--method", "wandapp"],  # RGS + regional optimisation, documented defaults
+    # The setting the calibration-slice ablation chose for this model (benchmarks/wandapp_ablation.py): no
+    # gradient term, an RO step large enough to move weights of this scale.
+    "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4"],
 }
 LLMPRUNE = [sys.executable, "-m", "llmprune"]
 
@@ -124,7 +132,7 @@ def main() -> None:
             res, wall, rss = popen_rss(cmd)
             prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"]
             ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
-            ref = REFERENCE.get((method, pattern), (float("nan"),) * 3)
+            ref = REFERENCE.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
             row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
                        step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
                        sparsity=res["sparsity"]["all"], windows=ev["windows"])

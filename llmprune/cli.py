@@ -198,6 +198,10 @@ def prune(
     ro_samples: Annotated[int, typer.Option(help="Wanda++: samples drawn per RO round.")] = 32,
     ro_lr: Annotated[float, typer.Option(help="Wanda++: RMSprop learning rate of RO.")] = 3e-7,
     seed: Annotated[int, typer.Option(help="Wanda++: seed of the RO sample draws; DReSS: of --select random.")] = 0,
+    true_sequential: Annotated[bool, typer.Option(
+        "--true-sequential", help="Wanda, SparseGPT: prune each Linear as its inputs arrive, in one pass of each block "
+        "over all calibration windows at once (later Linears see the pruned earlier ones; about half the block "
+        "passes of the reference schedule, more activation memory).")] = False,
     structure: StructureOpt = None,
     ratio: RatioOpt = None,
     select: SelectOpt = None,
@@ -222,6 +226,8 @@ def prune(
         raise UserError("--structure, --ratio and --select belong to --method dress")
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; use one of: {', '.join(METHODS)}")
+    if true_sequential and method not in ("wanda", "sparsegpt"):
+        raise UserError(f"--true-sequential applies to wanda and sparsegpt, not {method}")
     pat, s = parse_pattern(pattern, sparsity)
     if blocksize <= 0:
         raise UserError(f"--blocksize must be positive, got {blocksize}")
@@ -248,6 +254,8 @@ def prune(
         if ro_iters > 0 and n_calib < 64:
             report.warn(f"regional optimisation with {n_calib} calibration samples: the Wanda++ paper reports "
                         "instability below 64")
+    if true_sequential:
+        options["true_sequential"] = True
     params.update(options)
     spec = PruneSpec(pat, s, options)
     with ws.step("prune", params) as tx:

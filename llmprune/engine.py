@@ -170,6 +170,50 @@ def collect(block: nn.Module, acts: Activations, device: str, make_stat: Callabl
     return stats
 
 
+@torch.no_grad()
+def sequential_pass(
+    block: nn.Module,
+    acts: Activations,
+    device: str,
+    make_stat: Callable[[nn.Linear], Stat],
+    prune: Callable[[str, nn.Linear, Stat], None],
+) -> Activations:
+    """One pass of ``block`` over the calibration windows that prunes each Linear as its input arrives.
+
+    The "true sequential" schedule (SparseGPT's ``--true-sequential``, from GPTQ): a Linear's statistic comes from
+    the inputs that the *already pruned* Linears before it produce, and the pass's output is the pruned block's --
+    the next block's inputs -- so the block is run once instead of twice (statistics, then propagation). A Linear
+    must see every window before it is pruned, so the windows must arrive as one chunk. Linears fed the very same
+    tensor (q/k/v, gate/up) share one statistic, as in ``collect``.
+    """
+    if len(acts.hidden) != 1:
+        raise ValueError("sequential_pass needs every calibration window in one chunk")
+    last: list[tuple[torch.Tensor, Stat]] = []  # the previous Linear's input (held, so its memory is not reused)
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            if last and last[0][0] is x:
+                stat = last[0][1]
+            else:
+                stat = make_stat(module)
+                stat.add(x)
+                last[:] = [(x, stat)]
+            prune(name, module, stat)
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(make_hook(n)) for n, lin in block_linears(block).items()]
+    try:
+        h, kw = acts.hidden[0], acts.kwargs[0]
+        out = block_output(block, h.to(device=device, dtype=next(block.parameters()).dtype), kw).to(h.dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+        last.clear()
+    return Activations([out], acts.kwargs)
+
+
 class Walk:
     """Iterate ``(index, block, inputs)`` with the block on ``device``.
 
@@ -181,6 +225,9 @@ class Walk:
         self.model, self.acts, self.device, self.description = model, acts, device, description
         self.last_outputs = last_outputs  # pruning needs no outputs of the last block: skip that pass
         self.outputs: Activations | None = None
+        # Set by the caller during its turn when it has already produced the block's outputs (a one-pass
+        # schedule): the walk then uses them instead of running the block again.
+        self.next_inputs: Activations | None = None
 
     def __iter__(self) -> Iterator[tuple[int, nn.Module, Activations]]:
         layers = _arch.blocks(self.model)
@@ -188,8 +235,11 @@ class Walk:
         with progress(self.description, total=len(layers)) as advance:
             for i, block in enumerate(layers):
                 block.to(self.device)
+                self.next_inputs = None
                 yield i, block, acts
-                if i < len(layers) - 1 or self.last_outputs:
+                if self.next_inputs is not None:
+                    acts = self.next_inputs
+                elif i < len(layers) - 1 or self.last_outputs:
                     with torch.no_grad():
                         acts = run_block(block, acts, self.device)
                 block.to("cpu")

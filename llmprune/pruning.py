@@ -50,6 +50,8 @@ def prune_model(
         assert windows is not None
         if getattr(impl, "PER_SAMPLE", False):
             batch_size = 1  # the method works on one window at a time (e.g. per-sample gradients)
+        if spec.options.get("true_sequential"):
+            batch_size = windows.shape[0]  # one pass prunes each Linear once it has seen every window
         acts = engine.capture(model, windows, batch_size, device, act_dtype)
         times["capture_s"] = time.perf_counter() - t0
         walk = engine.Walk(model, acts, device, method, last_outputs=False)
@@ -57,7 +59,9 @@ def prune_model(
         for i, block, inputs in walk:
             times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation
             mark = time.perf_counter()
-            impl.prune_block(BlockContext(i, block, inputs, device, spec))
+            ctx = BlockContext(i, block, inputs, device, spec)
+            impl.prune_block(ctx)
+            walk.next_inputs = ctx.outputs
             times["prune_s"] += time.perf_counter() - mark
             mark = time.perf_counter()
         times["propagate_s"] += time.perf_counter() - mark

@@ -73,6 +73,8 @@ def _bad_inputs(tiny_root, tmp_path):
         "foreign workdir": (["status", tmp_path / "foreign"], "not an llmprune workdir"),
         "prune before calibrate": (["prune", tmp_path / "foreign"], "not an llmprune workdir"),
         "unknown method": (["prune", "{wd}", "--method", "obs"], "unknown method 'obs'"),
+        "true sequential wandapp": (["prune", "{wd}", "--method", "wandapp", "--true-sequential"],
+                                    "--true-sequential applies to wanda and sparsegpt"),
         "unknown structure": (["prune", "{wd}", "--method", "dress", "--structure", "rows"], "unknown structure"),
         "ratio leaves nothing": (["regularize", "{wd}", "--structure", "heads", "--ratio", "0.9"],
                                  "would leave no KV groups"),

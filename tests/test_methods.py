@@ -9,7 +9,7 @@ import tiny
 from conftest import cli
 from llmprune import arch as _arch
 from llmprune import engine
-from llmprune.masks import Pattern, nm_valid
+from llmprune.masks import Pattern, nm_valid, select
 from llmprune.methods import sparsegpt, wanda
 from llmprune.stats import Hessian, RowNorms
 
@@ -131,3 +131,65 @@ def test_linears_fed_the_same_input_share_one_statistic(tiny_root):
     distinct = {id(s) for s in stats.values()}
     assert len(distinct) == 4  # qkv, o, gate/up, down
     assert stats["self_attn.q_proj"].samples == acts.n_samples  # added once per chunk, not three times
+
+
+def _forward_order(block, acts):
+    """The block's Linears in the order a forward pass calls them."""
+    order = []
+    linears = _arch.block_linears(block)
+    handles = [lin.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, lin in linears.items()]
+    with torch.no_grad():
+        engine.block_output(block, acts.hidden[0], acts.kwargs[0])
+    for h in handles:
+        h.remove()
+    return list(dict.fromkeys(order))
+
+
+@pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_true_sequential_equals_pruning_one_linear_at_a_time(tiny_root, arch, method):
+    """The one-pass schedule gives what its definition says: each Linear pruned from statistics of the block whose
+    earlier Linears are already pruned, computed here the slow way (one full pass per Linear); and its outputs are
+    the pruned block's, which the engine then passes on instead of running the block again."""
+    import copy
+
+    from llmprune.methods.base import BlockContext, PruneSpec
+
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 8, 32, batch_size=8)  # one chunk: all windows
+    dense = _arch.blocks(model)[0]
+    spec = PruneSpec(Pattern(2, 4), 0.5, {"true_sequential": True})
+    fast = copy.deepcopy(dense)
+    ctx = BlockContext(0, fast, acts, "cpu", spec)
+    {"wanda": wanda, "sparsegpt": sparsegpt}[method].prune_block(ctx)
+
+    slow = copy.deepcopy(dense)
+    make = {"wanda": RowNorms, "sparsegpt": Hessian}[method]
+    for name in _forward_order(slow, acts):
+        stat = engine.collect(slow, acts, "cpu", make)[name]
+        w = _arch.block_linears(slow)[name].weight.data
+        if method == "wanda":
+            w[select(wanda.score(w, stat.norms()), spec.pattern, 0.5)] = 0
+        else:
+            w.copy_(sparsegpt.prune_weight(w, stat.H, spec.pattern, 0.5)[0])
+    for (name, a), b in zip(_arch.block_linears(fast).items(), _arch.block_linears(slow).values()):
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+        torch.testing.assert_close(a.weight, b.weight, msg=name)
+    torch.testing.assert_close(ctx.outputs.hidden[0], engine.run_block(slow, acts, "cpu").hidden[0])
+    # ... and differs from the reference schedule (statistics from the dense block), or the test proves nothing.
+    ref = copy.deepcopy(dense)
+    {"wanda": wanda, "sparsegpt": sparsegpt}[method].prune_block(BlockContext(0, ref, acts, "cpu", PruneSpec(
+        Pattern(2, 4), 0.5)))
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(_arch.block_linears(ref).values(),
+                                                                    _arch.block_linears(fast).values()))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_true_sequential_from_the_cli(calibrated, method):
+    wd = calibrated("llama")
+    code, res = cli("prune", wd, "--method", method, "--pattern", "4:8", "--true-sequential")
+    assert code == 0 and res["sparsity"]["all"] == pytest.approx(0.5)
+    assert res["propagate_s"] < res["prune_s"]  # no second pass: the pruning pass gives the next block's inputs
+    for name, w in _weights(wd).items():
+        if w.dim() == 2 and "layers" in name and "norm" not in name:
+            assert nm_valid(w, 4, 8), name
+

@@ -78,3 +78,29 @@ def test_ro_warns_below_64_samples(calibrated, capsys):
     capsys.readouterr()
     assert cli("prune", wd, "--method", "wandapp", "--ro-iters", 1, "--ro-samples", 4)[0] == 0
     assert "instability below 64" in capsys.readouterr().err
+
+
+def test_alpha_zero_skips_the_regional_gradients_exactly(tiny_root, monkeypatch):
+    """alpha=0 makes the dense pass forward-only (G is unused); the pruned, optimised block is unchanged by it,
+    and RO leaves no gradients and no changed requires_grad flags on any parameter of the block."""
+    model, _, acts = tiny.model_and_inputs(tiny_root, "qwen2", 8, 16, batch_size=1)  # qwen2: Linear biases
+    dense = _arch.blocks(model)[0]
+    flags = {n: p.requires_grad for n, p in dense.named_parameters()}
+    opts = {"alpha": 0.0, "act_norm": "sum", "ro_iters": 2, "ro_samples": 4, "ro_lr": 1e-3, "seed": 0}
+    spec = lambda: PruneSpec(Pattern(2, 4), 0.5, dict(opts))  # noqa: E731
+    fast = copy.deepcopy(dense)
+    wandapp.prune_block(BlockContext(0, fast, acts, "cpu", spec()))
+    real_pass = wandapp.DensePass
+    seen = []
+
+    def with_grads(*a, **kw):
+        seen.append(kw.pop("need_grads"))
+        return real_pass(*a, **kw, need_grads=True)
+
+    monkeypatch.setattr(wandapp, "DensePass", with_grads)
+    slow = copy.deepcopy(dense)
+    wandapp.prune_block(BlockContext(0, slow, acts, "cpu", spec()))
+    assert seen == [False]  # alpha=0 asked for no gradients
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        assert a.grad is None and a.requires_grad == flags[name], name

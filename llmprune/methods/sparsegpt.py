@@ -83,10 +83,11 @@ def prune_weight(
 
 @torch.no_grad()
 def prune_block(ctx: BlockContext) -> None:
-    stats = ctx.collect(Hessian)
     blocksize = int(ctx.spec.options.get("blocksize", 128))
     damp = float(ctx.spec.options.get("damp", 0.01))
-    for name, lin in ctx.linears.items():
-        new, _ = prune_weight(lin.weight.data, stats[name].H, ctx.spec.pattern, ctx.spec.sparsity, blocksize, damp)
+
+    def prune_linear(lin, stat: Hessian) -> None:
+        new, _ = prune_weight(lin.weight.data, stat.H, ctx.spec.pattern, ctx.spec.sparsity, blocksize, damp)
         lin.weight.data.copy_(new.to(lin.weight.dtype))
-        del stats[name]  # free each Hessian as soon as its layer is done
+
+    ctx.prune_each_linear(Hessian, prune_linear)

@@ -21,7 +21,8 @@ def score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_block(ctx: BlockContext) -> None:
-    stats = ctx.collect(RowNorms)
-    for name, lin in ctx.linears.items():
+    def prune_linear(lin, stat: RowNorms) -> None:
         w = lin.weight.data
-        w[select(score(w, stats[name].norms("sum")), ctx.spec.pattern, ctx.spec.sparsity)] = 0
+        w[select(score(w, stat.norms("sum")), ctx.spec.pattern, ctx.spec.sparsity)] = 0
+
+    ctx.prune_each_linear(RowNorms, prune_linear)

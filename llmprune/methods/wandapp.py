@@ -30,21 +30,27 @@ PER_SAMPLE = True  # the engine gives this method chunks of one window: regional
 DEFAULTS = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "seed": 0}
 
 
-def rgs_score(weight: torch.Tensor, grad_rms: torch.Tensor, norms: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``S_ij = (alpha * G_ij + ||X_j||) * |W_ij|`` (Wanda++ eq. 3). With ``alpha = 0`` it is Wanda's score."""
+def rgs_score(weight: torch.Tensor, grad_rms: torch.Tensor | None, norms: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``S_ij = (alpha * G_ij + ||X_j||) * |W_ij|`` (Wanda++ eq. 3). With ``alpha = 0`` it is Wanda's score, and
+    ``G`` may be ``None`` (not computed)."""
+    if alpha == 0 or grad_rms is None:
+        return norms.reshape(1, -1) * weight.abs().float()
     return (alpha * grad_rms + norms.reshape(1, -1)) * weight.abs().float()
 
 
 class DensePass:
     """One pass over the calibration samples through the dense block that yields, per sample: the regional
     gradients (accumulated into their RMS), each Linear's input sums of squares (so the norms of any subset of
-    samples are known without another pass), and -- when RO needs them -- the dense outputs, the RO targets."""
+    samples are known without another pass), and -- when RO needs them -- the dense outputs, the RO targets.
 
-    def __init__(self, block, acts: engine.Activations, device: str, keep_outputs: bool):
+    With ``need_grads=False`` (``alpha = 0``: the score does not use ``G``) the pass is forward-only; the backward
+    pass is two thirds of its cost, and ``grads`` is ``None`` for every Linear."""
+
+    def __init__(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool = True):
         linears = engine.block_linears(block)
         self.names = list(linears)
         weights = [lin.weight for lin in linears.values()]
-        sq = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        sq = [torch.zeros_like(w, dtype=torch.float32) if need_grads else None for w in weights]
         self.sample_sq: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
         self.outputs: list[torch.Tensor] = []
 
@@ -59,22 +65,24 @@ class DensePass:
         flags = [w.requires_grad for w in weights]
         dtype = weights[0].dtype
         for w in weights:
-            w.requires_grad_(True)
+            w.requires_grad_(need_grads)
         try:
-            for h, kw in zip(acts.hidden, acts.kwargs):
-                out = engine.block_output(block, h.to(device=device, dtype=dtype), kw)
-                if keep_outputs:
-                    self.outputs.append(out.detach().float())
-                grads = torch.autograd.grad(out.float().norm(), weights)
-                for s_, g in zip(sq, grads):
-                    s_.add_(g.float().pow(2))
+            with torch.set_grad_enabled(need_grads):
+                for h, kw in zip(acts.hidden, acts.kwargs):
+                    out = engine.block_output(block, h.to(device=device, dtype=dtype), kw)
+                    if keep_outputs:
+                        self.outputs.append(out.detach().float())
+                    if need_grads:
+                        grads = torch.autograd.grad(out.float().norm(), weights)
+                        for s_, g in zip(sq, grads):
+                            s_.add_(g.float().pow(2))
         finally:
             for w, f in zip(weights, flags):
                 w.requires_grad_(f)
             for handle in handles:
                 handle.remove()
         n = max(acts.n_samples, 1)
-        self.grads = {name: (s_ / n).sqrt() for name, s_ in zip(self.names, sq)}
+        self.grads = {name: (s_ / n).sqrt() if need_grads else None for name, s_ in zip(self.names, sq)}
 
     def norms(self, idx: list[int], convention: str) -> dict[str, torch.Tensor]:
         """``||X_j||`` of each Linear's input over the samples ``idx``, on the dense weights."""
@@ -121,9 +129,13 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     orig_dtype = next(block.parameters()).dtype
     block.float()  # RO runs in fp32 whatever the model's dtype
     weights = [lin.weight for lin in ctx.linears.values()]
-    flags = [w.requires_grad for w in weights]
-    for w in weights:
-        w.requires_grad_(True)
+    # Only the Linear weights are optimised: every other parameter of the block (norms, biases) is frozen for
+    # the duration, so the backward pass neither computes nor accumulates gradients nobody reads.
+    params = list(block.parameters())
+    flags = [p.requires_grad for p in params]
+    ids = {id(w) for w in weights}
+    for p in params:
+        p.requires_grad_(id(p) in ids)
     opt = torch.optim.RMSprop(weights, lr=opts["ro_lr"])
     rng = random.Random(opts["seed"] * 100_003 + ctx.index)
     n = acts.n_samples
@@ -143,15 +155,16 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
                 ((out - dense.outputs[i]) ** 2).sum().backward()
                 opt.step()
     finally:
-        for w, f in zip(weights, flags):
-            w.requires_grad_(f)
-            w.grad = None
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
     block.to(orig_dtype)
 
 
 def prune_block(ctx: BlockContext) -> None:
     ctx.spec.options = opts = {**DEFAULTS, **ctx.spec.options}
-    dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts["ro_iters"] > 0)
+    dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts["ro_iters"] > 0,
+                      need_grads=opts["alpha"] != 0)
     if opts["ro_iters"] > 0:
         regional_optimisation(ctx, dense)
         _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
