@@ -64,11 +64,13 @@ class Hessian:
         cols = layer.in_features
         self._H = torch.zeros(cols, cols, dtype=torch.float32, device=layer.weight.device)
         self._upper = self._H.device.type == "cpu"
+        self._full: torch.Tensor | None = None  # the mirrored matrix, built once for every Linear that shares it
         self.samples = 0
 
     def add(self, x: torch.Tensor) -> None:
         batch = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
+        self._full = None
         self._H *= self.samples / (self.samples + batch)
         self.samples += batch
         x = x * (2 / self.samples) ** 0.5
@@ -79,4 +81,9 @@ class Hessian:
 
     @property
     def H(self) -> torch.Tensor:
-        return symmetric_from_upper(self._H) if self._upper else self._H
+        """The whole ``2 X^T X / n``; callers must not modify it (q/k/v share one statistic)."""
+        if not self._upper:
+            return self._H
+        if self._full is None:
+            self._full = symmetric_from_upper(self._H)
+        return self._full
