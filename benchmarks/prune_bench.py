@@ -102,7 +102,7 @@ def forward_seconds(workdir: Path, batch_size: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt", help=f"comma-separated: a registered method, or one of the variants {', '.join(VARIANTS)}")
     ap.add_argument("--patterns", default="unstructured,4:8,2:4")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -127,7 +127,7 @@ def main() -> None:
             if wd.exists():
                 shutil.rmtree(wd)
             shutil.copytree(base, wd)
-            cmd = [*LLMPRUNE, "prune", str(wd), *VARIANTS[method], "--pattern", pattern,
+            cmd = [*LLMPRUNE, "prune", str(wd), *VARIANTS.get(method, ["--method", method]), "--pattern", pattern,
                    "--batch-size", str(args.batch_size), *args.extra.split()]
             res, wall, rss = popen_rss(cmd)
             prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"]

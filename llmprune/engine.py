@@ -19,6 +19,7 @@ from torch import nn
 
 from llmprune import arch as _arch
 from llmprune.report import progress
+from llmprune.stats import Stat
 
 
 @dataclass
@@ -120,9 +121,6 @@ def run_block(block: nn.Module, acts: Activations, device: str, keep_outputs: bo
         if keep_outputs:
             outs.append(out.to(h.dtype))
     return Activations(outs, acts.kwargs) if keep_outputs else None
-
-
-Stat = Any  # an object with ``add(x: Tensor)``, see stats.py
 
 
 @torch.no_grad()

@@ -1,9 +1,13 @@
-"""Measurements: perplexity (streamed block by block), sparsity per layer type, parameter count."""
+"""Measurements: perplexity (streamed block by block), sparsity per layer type, parameter count, throughput; and
+the ``eval`` step that records them."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +15,7 @@ from torch import nn
 
 from llmprune import arch as _arch
 from llmprune import engine
+from llmprune.errors import UserError
 from llmprune.modeling import param_count
 
 
@@ -99,3 +104,70 @@ def speed(model: nn.Module, prompt_len: int = 512, new_tokens: int = 64, reps: i
     model.to("cpu")
     return {"prefill_tokens_per_s": round(prompt_len / prefill, 2), "decode_tokens_per_s": round(new_tokens / decode, 2),
             "prompt_len": prompt_len, "new_tokens": new_tokens}
+
+
+def speed_against(model: nn.Module, base_dir, prompt_len: int, new_tokens: int, device: str) -> dict[str, Any]:
+    """Throughput of ``model`` and of the baseline in ``base_dir``, timed alternately in the same run (ratios, not
+    absolute timings, are what compares on a noisy machine)."""
+    from llmprune.modeling import load_model
+
+    if base_dir is None:
+        return speed(model, prompt_len, new_tokens, device=device)
+    base, _ = load_model(base_dir)
+    runs: dict[str, list[dict[str, float]]] = {"model": [], "baseline": []}
+    for _ in range(2):  # alternate, so that a slow spell of the machine hits both
+        runs["model"].append(speed(model, prompt_len, new_tokens, device=device))
+        runs["baseline"].append(speed(base, prompt_len, new_tokens, device=device))
+    keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
+    best = {k: {m: max(r[m] for r in v) for m in keys} for k, v in runs.items()}
+    return {**best["model"], **{f"baseline_{m}": v for m, v in best["baseline"].items()},
+            "prefill_speedup": round(best["model"]["prefill_tokens_per_s"] / best["baseline"]["prefill_tokens_per_s"], 3),
+            "decode_speedup": round(best["model"]["decode_tokens_per_s"] / best["baseline"]["decode_tokens_per_s"], 3),
+            "prompt_len": prompt_len, "new_tokens": new_tokens}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``llmprune eval`` was asked for; recorded as the step's parameters, in this order."""
+
+    dataset: Optional[str] = None  # None: the test split of the calibration dataset
+    seqlen: int = 2048
+    max_windows: Optional[int] = None
+    text_field: str = "text"
+    device: str = "cpu"
+    batch_size: int = 4
+    speed: bool = False
+    speed_baseline: Optional[str] = None  # a workdir or an HF folder
+    prompt_len: int = 512
+    new_tokens: int = 64
+
+
+def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
+    """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
+    from llmprune import data
+    from llmprune.modeling import check_context, load_current
+
+    dataset = o.dataset
+    if dataset is None:
+        src = ws.manifest().get("calibration", {}).get("source", "")
+        if src not in data.NAMED and not src.startswith("hf:"):
+            raise UserError("pass --dataset: the calibration source is a local file, which has no test split")
+        dataset = src
+    text = data.load_text(dataset, "evaluation", o.text_field)
+    base_dir = None
+    if o.speed_baseline is not None:
+        if not o.speed:
+            raise UserError("--speed-baseline needs --speed")
+        given = Path(o.speed_baseline)
+        base_dir = given / "model" if (given / "manifest.json").is_file() else given
+        if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
+            raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
+    with ws.step("eval", {**asdict(o), "dataset": dataset}) as tx:
+        ws.record_inputs(tx, "model")
+        lm, tok = load_current(ws)
+        check_context(lm, o.seqlen)
+        windows = data.eval_windows(data.tokenize(tok, text), o.seqlen, o.max_windows)
+        tx.step.metrics = {**perplexity(lm, windows, o.device, o.batch_size), **summary(lm)}
+        if o.speed:
+            tx.step.metrics["speed"] = speed_against(lm, base_dir, o.prompt_len, o.new_tokens, o.device)
+    return {"dataset": dataset, **tx.step.metrics}

@@ -174,3 +174,56 @@ def push(folder: Path, repo_id: str, private: bool) -> str:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"push to {repo_id} failed: {first[:300]}") from None
     return str(url)
+
+
+def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None = None,
+                   push_to_hub: str | None = None, private: bool = False, dry_run: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
+    optionally its upload. With ``dry_run``, only the list of what would be written."""
+    from llmprune import recovery
+    from llmprune.modeling import load_current, save_model
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    manifest = ws.manifest()
+    ws.verify("model")
+    pending = recovery.pending_adapter(manifest)
+    adapter = ws.path / "adapter"
+    if fmt != "merged":
+        if not recovery.has_adapter(manifest):
+            raise UserError(f"{ws.path} has no adapter; run `llmprune recover` first (or export --format merged)")
+        ws.verify("adapter")
+    if fmt == "peft":
+        if pending is None:
+            raise UserError("the adapter is already merged into the model (recover --merge); export --format merged, "
+                            "or recover with --no-merge to ship the base model + adapter")
+        if not recovery.peft_exact(pending):
+            raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
+                            "plain peft would apply it densely, another model; export --format merged, or recover "
+                            "with --no-masked")
+    base_id = base_model or (push_to_hub if fmt == "peft" else None)
+    parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
+             "adapter": {".": adapter}}[fmt]
+    if dry_run:
+        return {"dry_run": True, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
+                "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)]}
+    if push_to_hub:
+        from huggingface_hub import get_token
+
+        if not get_token():  # check before writing anything
+            raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
+
+    def fill(tmp: Path) -> None:
+        if fmt == "merged" and pending is not None:
+            model, tok = load_current(ws)  # model/ was hashed above: ws.verify does not hash it again
+            save_model(model, tok, tmp, ws.shard_size)
+            return
+        for dest, src in parts.items():
+            shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
+        if fmt != "merged":
+            set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
+
+    written = build_folder(fill, model_card(manifest, fmt, base_id), out, overwrite)
+    url = push(out, push_to_hub, private) if push_to_hub else None
+    return {"out": str(out), "format": fmt, "files": [p.relative_to(out).as_posix() for p in written], "url": url}

@@ -93,8 +93,8 @@ def save_model(model, tokenizer, out: Path, max_shard_size: str = "2GB") -> None
     tokenizer.save_pretrained(out)
 
 
-def load_model(model_dir: Path, dtype: str = "auto", device: str = "cpu"):
-    """The workdir's current model (safetensors only) and its tokenizer."""
+def load_model(model_dir: Path, dtype: str = "auto"):
+    """A saved model (safetensors only) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -103,6 +103,27 @@ def load_model(model_dir: Path, dtype: str = "auto", device: str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     arch_for(model.config.model_type)
     return model, tokenizer
+
+
+def load_current(ws, dtype: str = "auto"):
+    """The workdir's model as every step sees it, checked against its hashes: an adapter left unmerged by
+    ``recover --no-merge`` is part of it (merged in memory, the zero pattern re-applied)."""
+    from llmprune import recovery
+
+    ws.verify("model")
+    model, tok = load_model(ws.model_dir, dtype)
+    step = recovery.pending_adapter(ws.manifest())
+    if step is not None:
+        ws.verify("adapter")
+        model = recovery.merge_pending(model, ws.path / "adapter", step)
+    return model, tok
+
+
+def check_context(model, seqlen: int) -> None:
+    """Windows longer than the model's context would be evaluated on positions it never saw."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and seqlen > ctx:
+        raise UserError(f"--seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
 
 
 def param_count(model) -> int:

@@ -1,20 +1,103 @@
-"""``prune``: run a registered method over the blocks and check that the result has the pattern asked for."""
+"""``prune``: run a registered method over the workdir's model and check that the result has the pattern asked for."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmprune import arch as _arch
-from llmprune import engine
-from llmprune.errors import StepFailed
-from llmprune.masks import check_width, nm_valid
+from llmprune import engine, report
+from llmprune.errors import StepFailed, UserError
+from llmprune.masks import check_width, nm_valid, parse_pattern
 from llmprune.methods import METHODS
-from llmprune.methods.base import BlockContext, PruneSpec
+from llmprune.methods.base import BlockContext, Method, PruneSpec, option_specs
 from llmprune.report import progress
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What ``llmprune prune`` was asked for. ``options`` holds the method options given on the command line (or in a
+    recipe) by name; an option not given is absent or None and takes the method's declared default."""
+
+    method: str = "wanda"
+    options: dict[str, Any] = field(default_factory=dict)
+    pattern: str = "unstructured"
+    sparsity: float | None = None
+    true_sequential: bool = False
+    device: str = "cpu"
+    act_dtype: str = "float32"
+    batch_size: int = 4
+
+
+def method_for(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'; use one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def owners(option_name: str) -> list[str]:
+    """The methods that declare an option."""
+    return [n for n, m in METHODS.items() if any(o.name == option_name for o in option_specs(m.Options))]
+
+
+def check_options_belong(method: Method, given: dict[str, Any]) -> None:
+    """An option of another method is an error, not silently ignored: it would do nothing."""
+    own = {o.name for o in option_specs(method.Options)}
+    foreign = [k for k, v in given.items() if v is not None and k not in own]
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        whose = sorted({m for k in foreign for m in owners(k)}, key=list(METHODS).index)
+        raise UserError(f"--method {method.name} takes no {flags}: {'it belongs' if len(foreign) == 1 else 'they belong'}"
+                        f" to --method {' or '.join(whose)}")
+
+
+def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
+    """The ``prune`` step: check the request, prune the workdir's model, commit it; returns the step's result."""
+    from llmprune import evaluate
+    from llmprune.modeling import DTYPES, load_current, save_model
+
+    method = method_for(req.method)
+    check_options_belong(method, req.options)
+    if method.structured:
+        if req.sparsity is not None or req.pattern != "unstructured":
+            raise UserError(f"--method {method.name} removes whole units: use its options (see `llmprune prune "
+                            "--help`), not --sparsity/--pattern")
+        if req.true_sequential:
+            raise UserError(f"--true-sequential does not apply to --method {method.name}")
+        opts = method.options(req.options)
+        ws.require_calibration()
+        return method.prune_workdir(ws, opts, device=req.device, batch_size=req.batch_size)
+    if req.true_sequential and not method.true_sequential:
+        able = [n for n, m in METHODS.items() if m.true_sequential]
+        names = ", ".join(able[:-1]) + " and " + able[-1] if len(able) > 1 else able[0]
+        raise UserError(f"--true-sequential applies to {names}, not {method.name}")
+    pat, s = parse_pattern(req.pattern, req.sparsity)
+    opts = method.options(req.options)
+    if req.act_dtype not in DTYPES:
+        raise UserError(f"unknown --act-dtype '{req.act_dtype}'; use {', '.join(DTYPES)}")
+    ws.require_calibration()
+    for msg in method.warnings(opts, ws.manifest()["calibration"]["samples"]):
+        report.warn(msg)
+    params = dict(method=method.name, sparsity=s, pattern=str(pat), device=req.device, act_dtype=req.act_dtype,
+                  batch_size=req.batch_size, **vars(opts))
+    if req.true_sequential:
+        params["true_sequential"] = True
+    spec = PruneSpec(pat, s, opts, req.true_sequential)
+    with ws.step("prune", params) as tx:
+        ws.record_inputs(tx, "model")
+        ws.record_inputs(tx, "calib")
+        lm, tok = load_current(ws)
+        windows = ws.windows() if method.needs_data else None
+        times = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype])
+        summ = evaluate.summary(lm)
+        tx.step.metrics = {**times, **summ, "layer_sparsity": evaluate.layer_sparsity(lm)}
+        save_model(lm, tok, tx.stage("model"), ws.shard_size)
+    # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
+    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **times, **summ}
 
 
 def check_pattern(model: nn.Module, spec: PruneSpec) -> None:
@@ -25,7 +108,7 @@ def check_pattern(model: nn.Module, spec: PruneSpec) -> None:
 
 def prune_model(
     model: nn.Module,
-    method: str,
+    method: Method,
     spec: PruneSpec,
     windows: torch.Tensor | None,
     device: str = "cpu",
@@ -33,34 +116,33 @@ def prune_model(
     act_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place; returns the time of each phase."""
-    impl = METHODS[method]
     check_pattern(model, spec)
     times = {"capture_s": 0.0, "prune_s": 0.0, "propagate_s": 0.0}
     t0 = time.perf_counter()
-    if not impl.NEEDS_DATA:
+    if not method.needs_data:
         layers = _arch.blocks(model)
-        with progress(f"{method}", total=len(layers)) as advance:
+        with progress(method.name, total=len(layers)) as advance:
             for i, block in enumerate(layers):
                 block.to(device)
-                impl.prune_block(BlockContext(i, block, None, device, spec))
+                method.prune_block(BlockContext(i, block, None, device, spec))
                 block.to("cpu")
                 advance()
         times["prune_s"] = time.perf_counter() - t0
     else:
         assert windows is not None
-        if getattr(impl, "PER_SAMPLE", False):
+        if method.per_sample:
             batch_size = 1  # the method works on one window at a time (e.g. per-sample gradients)
-        if spec.options.get("true_sequential"):
+        if spec.true_sequential:
             batch_size = windows.shape[0]  # one pass prunes each Linear once it has seen every window
         acts = engine.capture(model, windows, batch_size, device, act_dtype)
         times["capture_s"] = time.perf_counter() - t0
-        walk = engine.Walk(model, acts, device, method, last_outputs=False)
+        walk = engine.Walk(model, acts, device, method.name, last_outputs=False)
         mark = time.perf_counter()
         for i, block, inputs in walk:
             times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation
             mark = time.perf_counter()
             ctx = BlockContext(i, block, inputs, device, spec)
-            impl.prune_block(ctx)
+            method.prune_block(ctx)
             walk.next_inputs = ctx.outputs
             times["prune_s"] += time.perf_counter() - mark
             mark = time.perf_counter()
@@ -77,6 +159,9 @@ def verify_pattern(model: nn.Module, spec: PruneSpec) -> None:
             if spec.pattern.is_nm:
                 ok = nm_valid(w, spec.pattern.n, spec.pattern.m)
             else:
+                # Methods compare scores per output row (or SparseGPT per block of columns), and each group rounds
+                # its count down: up to one weight fewer per row than int(numel * sparsity) (SparseGPT has fewer
+                # column blocks than rows in any real model).
                 ok = (w == 0).sum().item() >= int(w.numel() * spec.sparsity) - w.shape[0]
             if not ok:
                 raise StepFailed(f"layer {i}.{name} does not have the requested {spec.pattern} sparsity after pruning")

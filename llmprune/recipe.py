@@ -27,11 +27,13 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from llmprune.errors import UserError
+from llmprune import report
+from llmprune.errors import StepFailed, UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,10 +52,6 @@ class Entry:
     command: str
     options: dict[str, Any]
     fingerprint: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.index + 1}:{self.command}"
 
 
 def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> list[Entry]:
@@ -93,7 +91,29 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
             opts[name] = value
         entries.append(Entry(i, cmd, opts))
     check_order(entries)
+    for e in entries:
+        if e.command == "prune":
+            _check_method_options(e)
     return entries
+
+
+def _check_method_options(e: Entry) -> None:
+    """A prune step's method options must be its method's (checked before anything runs, not at that step)."""
+    from llmprune import pruning
+
+    try:
+        method = pruning.method_for(str(e.options.get("method", "wanda")))
+        pruning.check_options_belong(method, {k: v for k, v in e.options.items()
+                                              if k in pruning_option_names()})
+    except UserError as err:
+        raise UserError(f"recipe step {e.index + 1} (prune): {err}") from None
+
+
+def pruning_option_names() -> set[str]:
+    from llmprune.methods import METHODS
+    from llmprune.methods.base import option_specs
+
+    return {o.name for m in METHODS.values() for o in option_specs(m.Options)}
 
 
 _DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
@@ -188,3 +208,85 @@ def done_prefix(entries: list[Entry], manifest_steps: list[dict[str, Any]]) -> i
             break
         done = e.index + 1
     return done
+
+
+# --- planning and running ---------------------------------------------------------------------------------------
+@dataclass
+class RecipePlan:
+    """What a run of the recipe on a workdir does: which entries are done, which state to go back to first."""
+
+    entries: list[Entry]
+    done: int  # the first ``done`` entries are skipped
+    restore: str | None  # the snapshot to restore before running (an entry changed), or None
+    restore_to_step: int  # how many recorded entries that snapshot holds
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per entry: step, command, action, why, argv
+
+
+def plan(entries: list[Entry], ws, from_step: str | None, argv_of: Callable[[Entry], list[str]]) -> RecipePlan:
+    """Which entries of the recipe run on ``ws`` and why. ``from_step`` (a 1-based number or a command name)
+    forces a restart point; ``argv_of(entry)`` is the command line of an entry, shown in the plan."""
+    from llmprune.workdir import SNAPSHOTS
+
+    if entries[0].command != "calibrate":
+        raise UserError("a recipe starts with a calibrate step, so that the whole pipeline is reproducible from it")
+    fingerprint(entries)
+    history = ws.manifest()["steps"] if ws.exists() else []
+    done = done_prefix(entries, history)
+    if from_step is not None:
+        if from_step.isdigit() and 1 <= int(from_step) <= len(entries):
+            start = int(from_step) - 1
+        else:
+            start = next((e.index for e in entries if e.command == from_step), -1)
+            if start < 0:
+                raise UserError(f"--from {from_step}: no such step (use 1..{len(entries)} or a command of the recipe)")
+        done = min(done, start)
+    recorded_done = [e for e in entries[:done] if e.command not in NOT_RECORDED]
+    restore = recorded_done[-1].fingerprint[:16] if recorded_done and len(history) != len(recorded_done) else None
+    if restore and not (ws.path / SNAPSHOTS / restore).is_dir():
+        done, recorded_done, restore = 0, [], None  # no state to go back to: start over
+    rows = []
+    for e in entries:
+        if e.index < done:
+            why = "skip: done with the same options and inputs"
+        elif e.command in NOT_RECORDED:
+            why = "run: not recorded in the workdir, always runs"
+        elif e.index < len(history) and history[e.index].get("recipe", {}).get("fingerprint") == e.fingerprint:
+            why = "run: forced by --from" if from_step is not None and e.index >= done else "run"
+        elif e.index < len(history):
+            why = "run: its options or inputs changed" if e.index == done else "run: an earlier step changes"
+        else:
+            why = "run: not done yet"
+        rows.append({"step": e.index + 1, "command": e.command, "action": why.split(":")[0], "why": why,
+                     "argv": argv_of(e)[2:]})
+    return RecipePlan(entries, done, restore, len(recorded_done), rows)
+
+
+def execute(p: RecipePlan, ws, argv_of: Callable[[Entry], list[str]],
+            invoke: Callable[[list[str], dict[str, Any]], int]) -> list[dict[str, Any]]:
+    """Run the plan: restore the snapshot it names, then each entry that is not done through ``invoke(argv, tag)``
+    (the very command line a user would type; ``tag`` is recorded in the step), snapshotting after each. Returns
+    what ran, with its wall seconds."""
+    entries = p.entries
+    recorded_done = [e for e in entries[:p.done] if e.command not in NOT_RECORDED]
+    if p.restore:
+        report.info(f"going back to the state after step {p.restore_to_step} (hard-linked snapshot)")
+        ws.restore(p.restore)
+    elif recorded_done:
+        ws.snapshot(recorded_done[-1].fingerprint[:16])  # in case a kill came between a commit and its snapshot
+    ran = []
+    for e in entries[p.done:]:
+        args = argv_of(e)
+        if e.command == "calibrate" and ws.path.exists():
+            args.append("--force")  # a changed first step starts the workdir over
+        report.info(f"[bold]step {e.index + 1}/{len(entries)}[/]: llmprune {' '.join(args)}")
+        t0 = time.perf_counter()
+        rv = invoke(args, {"index": e.index, "fingerprint": e.fingerprint})
+        if rv:
+            if rv == 130:
+                raise KeyboardInterrupt
+            raise StepFailed(f"recipe step {e.index + 1} ({e.command}) exited with status {rv}")
+        if e.command not in NOT_RECORDED:
+            ws.snapshot(e.fingerprint[:16])
+        ran.append({"step": e.index + 1, "command": e.command, "seconds": round(time.perf_counter() - t0, 2)})
+    ws.drop_snapshots({e.fingerprint[:16] for e in entries})
+    return ran

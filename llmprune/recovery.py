@@ -8,14 +8,172 @@ structurally pruned models (DReSS) hold no zeros to keep and merge plainly.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune import report
 from llmprune.errors import StepFailed, UserError
+from llmprune.workdir import Workdir
+
+
+@dataclass(frozen=True)
+class RecoverOptions:
+    """What ``llmprune recover`` was asked for; recorded as the step's parameters, in this order."""
+
+    dataset: str | None = None  # None: the calibration windows
+    text_field: str = "text"
+    seqlen: int | None = None  # windows of ``dataset`` (None: the calibration's)
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = "auto"
+    batch_size: int = 1
+    grad_accum: int = 1
+    merge: bool = True
+    masked: bool = True
+    holdout: int = 8
+    eval_every: int = 25
+    seed: int = 0
+    grad_checkpointing: bool = False
+    device: str = "cpu"
+    save_every: int = 25  # not a parameter of the result: a resumed run with another value is the same run
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "save_every"}
+
+
+def is_sparse(manifest: dict[str, Any]) -> bool:
+    """Whether a step pruned the model with a method that leaves a zero pattern to keep (not a structured one)."""
+    from llmprune.methods import METHODS
+
+    for s in manifest["steps"]:
+        if s["command"] != "prune":
+            continue
+        method = METHODS.get(s["params"].get("method"))
+        if method is None or method.exact_zeros:  # a method this version does not know: keep its zeros
+            return True
+    return False
+
+
+class Recovery:
+    """The ``recover`` step, in order: setup (the model, the data, the adapter) -> train -> save (the adapter, and
+    with ``merge`` the merged model with its zero pattern re-applied and verified)."""
+
+    def __init__(self, ws: Workdir, opts: RecoverOptions):
+        self.ws, self.opts = ws, opts
+        self.manifest = ws.manifest()
+        # A checkpoint belongs to one set of parameters on one model: a changed recipe never resumes a stale run.
+        model_files = {k: v for k, v in self.manifest["files"].items() if k.startswith("model/")}
+        key = hashlib.sha256(json.dumps([opts.params(), model_files], sort_keys=True).encode()).hexdigest()
+        self.resume_dir = ws.path / ".resume" / f"recover-{key[:16]}"
+
+    def run(self) -> dict[str, Any]:
+        from llmprune import data
+
+        o = self.opts
+        text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None
+        windows = self.ws.windows() if o.dataset is None else None  # before the step: fail fast on bad input
+        with self.ws.step("recover", o.params()) as tx:
+            self.ws.record_inputs(tx, "model")
+            model, hold, masks = self._setup(tx, text, windows)
+            hist = self._train(model, hold)
+            m = self._save(tx, model, hold, masks, hist)
+            tx.step.metrics = m
+        shutil.rmtree(self.resume_dir, ignore_errors=True)  # the step committed: nothing left to resume
+        return m
+
+    def _setup(self, tx, text: str | None, windows: torch.Tensor | None):
+        from llmprune import data, evaluate
+        from llmprune.modeling import check_context, load_current, save_model
+        from llmprune.train import split_holdout
+
+        o = self.opts
+        lm, self.tok = load_current(self.ws, "float32")
+        if pending_adapter(self.manifest) is not None and not o.merge:
+            # The new adapter's base is the model with the previous adapter folded in: that model becomes model/.
+            save_model(lm, self.tok, tx.stage("model"), self.ws.shard_size)
+        if text is not None:
+            seqlen = o.seqlen or self.manifest["calibration"]["seqlen"]
+            check_context(lm, seqlen)
+            windows = data.eval_windows(data.tokenize(self.tok, text), seqlen, None)
+        else:
+            self.ws.record_inputs(tx, "calib")
+        self.train_w, hold = split_holdout(windows, o.holdout)
+        self.n_steps = o.steps if o.steps is not None else (
+            math.ceil(o.epochs * self.train_w.shape[0] / (o.batch_size * o.grad_accum)) if o.epochs is not None
+            else 100)
+        masks = zero_masks(lm) if is_sparse(self.manifest) else {}
+        self.sparsity_before = evaluate.summary(lm)["sparsity"]
+        self.names = targets_for(lm, o.targets)
+        passes = self.n_steps * o.batch_size * o.grad_accum / self.train_w.shape[0]
+        if o.dataset is None and passes > 1 and o.epochs is None:
+            # Fresh windows of the calibration text are what generalises after DReSS, which already trained on these
+            # windows (benchmarks/README.md has the measurement).
+            report.warn(f"{self.n_steps} steps are {passes:.1f} passes over the {self.train_w.shape[0]} calibration "
+                        "windows, which can overfit; --dataset with the calibration text trains on fresh windows")
+        model = add_lora(lm, self.names, o.rank, o.alpha, o.dropout, o.seed)
+        self.masked_layers = mask_adapters(model, masks) if o.masked else 0
+        return model, hold, masks
+
+    def _train(self, model, hold: torch.Tensor) -> dict[str, Any]:
+        from llmprune.train import TrainSpec, heldout_nll, train
+
+        o = self.opts
+        self.ppl_before = math.exp(heldout_nll(model, hold))
+        spec = TrainSpec(steps=self.n_steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
+                         grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
+        return train(model, self.train_w, spec, device=o.device,
+                     params=[p for p in model.parameters() if p.requires_grad],
+                     evaluate=lambda m, step: {"ppl": round(math.exp(heldout_nll(m, hold)), 4)},
+                     description="recovering", resume_dir=self.resume_dir, save_every=o.save_every)
+
+    def _save(self, tx, model, hold: torch.Tensor, masks: dict[str, torch.Tensor], hist: dict[str, Any]) -> dict[str, Any]:
+        import resource
+
+        from llmprune import evaluate
+        from llmprune.modeling import save_model
+        from llmprune.train import heldout_nll
+
+        save_adapter(model, tx.stage("adapter"))
+        m = {"ppl_before": round(self.ppl_before, 4), "ppl_adapter": hist["evals"][-1]["ppl"], "steps": hist["steps"],
+             "resumed_from": hist.get("resumed_from"), "train_s": hist["seconds"], "curve": hist["evals"],
+             "loss": hist["loss"], "targets": self.names, "pruned_layers": len(masks),
+             "masked_adapters": self.masked_layers,
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if self.opts.merge:
+            merged = model.merge_and_unload()
+            m["ppl_merged"] = round(math.exp(heldout_nll(merged, hold)), 4)
+            m["weights_remasked"] = reapply(merged, masks)
+            verify(merged, masks)
+            m["ppl_remasked"] = round(math.exp(heldout_nll(merged, hold)), 4)
+            m.update(evaluate.summary(merged), sparsity_before=self.sparsity_before)
+            save_model(merged, self.tok, tx.stage("model"), self.ws.shard_size)
+        m["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return m
+
+
+def save_adapter(model, out: Path) -> None:
+    """The adapter as safetensors + adapter_config.json. Its base is the workdir's model, whose path is no part of
+    the result: leave it out (peft would record this machine's absolute path) and skip peft's generated card."""
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = None  # peft fills it in from the model at save time
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,12 +260,6 @@ def verify(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         w = model.get_submodule(name).weight
         if (w[mask] != 0).any():
             raise StepFailed(f"{name} lost zeros of its pruning pattern after the merge")
-
-
-def lora_state(peft_model) -> dict[str, Any]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(peft_model)
 
 
 def has_adapter(manifest: dict[str, Any]) -> bool:

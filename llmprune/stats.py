@@ -5,8 +5,16 @@ Kept apart from the weight math so that one pass of the engine can feed any meth
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
+
+
+class Stat(Protocol):
+    """A statistic of one Linear's inputs, fed chunk by chunk by the engine (``x``: [batch, tokens, in] or [tokens, in])."""
+
+    def add(self, x: torch.Tensor) -> None: ...
 
 
 class RowNorms:
@@ -28,8 +36,8 @@ class RowNorms:
         return sq.sqrt().float()
 
 
-# Column-block width of the triangular Hessian update on the CPU: measured on 2 cores (fp32, 2048 tokens per
-# batch), blocks of about 384 columns make X^T X 25-30% faster than one full product at 576 and 1536 columns.
+# Column-block width of the triangular Hessian update on the CPU: wide enough that each product stays a large GEMM,
+# narrow enough that the skipped lower blocks are a real saving (the measurement: benchmarks/README.md, SparseGPT).
 _TRI_BLOCK = 384
 
 

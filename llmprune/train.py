@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,8 +30,6 @@ class TrainSpec:
     seed: int = 0
     grad_checkpointing: bool = False
     eval_every: int = 0  # 0: only at the end
-    weight_decay: float = 0.0
-    warmup: int = 0  # linear warm-up steps, then constant
 
 
 def accelerator(device: str, grad_accum: int = 1):
@@ -83,24 +80,20 @@ def train(
     loader = DataLoader(TensorDataset(windows), batch_size=spec.batch_size, shuffle=True, generator=gen,
                         drop_last=windows.shape[0] >= spec.batch_size)
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup) if spec.warmup else 1.0)
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)  # constant rate: every step shrinks alike
     if spec.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
-    wrapped, opt, loader, sched = acc.prepare(model, opt, loader, sched)
-    history: dict[str, Any] = {"loss": [], "extra": [], "evals": []}
+    wrapped, opt, loader = acc.prepare(model, opt, loader)
+    history: dict[str, Any] = {"loss": [], "evals": []}
     t0 = time.perf_counter()
-    step, acc_loss, acc_extra, micro = 0, 0.0, 0.0, 0
+    step, acc_loss, micro = 0, 0.0, 0
     stopped = False
     skip = 0
     if resume_dir is not None and (resume_dir / STATE_JSON).is_file():
         step, history = load_checkpoint(resume_dir, trainable, opt)
-        with warnings.catch_warnings():  # fast-forwarding the schedule, not training: torch's order warning is moot
-            warnings.simplefilter("ignore")
-            for _ in range(step):
-                sched.step()
+        history.pop("extra", None)  # written by llmprune 0.1.0 checkpoints, never read
         skip = step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
         history["resumed_from"] = step
     batches = _cycle(loader)
@@ -119,20 +112,17 @@ def train(
                                              "lower the learning rate")
                 acc.backward(total)
                 opt.step()
-                sched.step()
                 opt.zero_grad(set_to_none=True)
             acc_loss += loss.item()
-            acc_extra += extra.item() if extra is not None else 0.0
             micro += 1
             if not acc.sync_gradients:
                 continue
             step += 1
             lm = acc.gather(torch.tensor([acc_loss / micro], device=acc.device)).mean().item()
             history["loss"].append(round(lm, 5))
-            history["extra"].append(round(acc_extra / micro, 6))
-            acc_loss, acc_extra, micro = 0.0, 0.0, 0
+            acc_loss, micro = 0.0, 0
             if after_step:
-                after_step(acc.unwrap_model(wrapped), step, sched.get_last_lr()[0])
+                after_step(acc.unwrap_model(wrapped), step, spec.lr)
             last = step == spec.steps
             if evaluate and ((spec.eval_every and step % spec.eval_every == 0) or last):
                 wrapped.eval()
@@ -203,6 +193,15 @@ def load_checkpoint(where: Path, params: list[nn.Parameter], opt) -> tuple[int, 
 def _mean_tail(xs: list[float], n: int = 10) -> float:
     tail = xs[-n:]
     return round(sum(tail) / len(tail), 5) if tail else math.nan
+
+
+def split_holdout(windows: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows, held-out windows): the last ``holdout`` windows are never trained on."""
+    from llmprune.errors import UserError
+
+    if windows.shape[0] <= holdout:
+        raise UserError(f"--holdout {holdout} leaves no training windows (there are {windows.shape[0]})")
+    return windows[:-holdout], windows[-holdout:]
 
 
 @torch.no_grad()

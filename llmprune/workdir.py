@@ -36,10 +36,6 @@ from llmprune.errors import IntegrityError, UserError, WorkdirBusy
 
 FORMAT_VERSION = 1
 SNAPSHOTS = ".recipe"  # hard-linked states between the steps of a recipe (see Workdir.snapshot)
-# Set by `llmprune run` while it runs a recipe entry: recorded in that step, so a re-run knows what is done.
-RECIPE_TAG: dict[str, Any] | None = None
-# ``llmprune --no-verify``: skip hashing the files a step reads (huge models); each step records that it did.
-VERIFY = True
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 COMMIT = ".commit"
@@ -112,9 +108,11 @@ class Step:
     metrics: dict[str, Any] = field(default_factory=dict)
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
-    def to_json(self) -> dict[str, Any]:
-        tag = {"recipe": RECIPE_TAG} if RECIPE_TAG else {}
-        if not VERIFY:
+    def to_json(self, *, verified: bool = True, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``verified``: whether the step's inputs were hashed before it read them; ``recipe``: the recipe entry
+        that ran it (``llmprune run``), so a re-run knows what is done."""
+        tag = {"recipe": recipe} if recipe else {}
+        if not verified:
             tag["inputs_verified"] = False
         return {
             **tag,
@@ -150,9 +148,13 @@ class Transaction:
 
 
 class Workdir:
-    def __init__(self, path: str | Path):
+    """One working directory. ``verify=False`` (``llmprune --no-verify``) skips hashing the files a step reads (huge
+    models), and every step so run records it; ``recipe`` is the recipe entry a step runs for (``llmprune run``)."""
+
+    def __init__(self, path: str | Path, *, verify: bool = True, recipe: dict[str, Any] | None = None):
         self.path = Path(path)
-        self._lock_fd: int | None = None
+        self.verify_inputs = verify
+        self.recipe = recipe
         # (file, SHA-256) pairs this object has already hashed: a command that checks a part twice (export of an
         # unmerged adapter checks model/, then loads the current model) reads a multi-GB shard once.
         self._verified: set[tuple[str, str]] = set()
@@ -172,6 +174,24 @@ class Workdir:
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
+
+    @property
+    def shard_size(self) -> str:
+        """The ``--max-shard-size`` the workdir was calibrated with: every step writes its shards that way."""
+        return self.steps("calibrate")[0]["params"].get("max_shard_size", "2GB")
+
+    def require_calibration(self) -> "Workdir":
+        """This workdir, if it has a model and calibration windows (what every step after calibrate needs)."""
+        if not self.steps("calibrate"):
+            raise UserError(f"{self.path} has no calibration; run `llmprune calibrate` first")
+        return self
+
+    def windows(self):
+        """The calibration token windows ``[samples, seqlen]``, checked against their hash."""
+        from safetensors.torch import load_file
+
+        self.verify("calib")
+        return load_file(self.calib_dir / "windows.safetensors")["input_ids"]
 
     # --- reading ------------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -209,7 +229,7 @@ class Workdir:
             p = self.path / rel
             if not p.is_file():
                 raise IntegrityError(f"{p} is missing (recorded in the manifest)")
-            if not VERIFY or (rel, digest) in self._verified:
+            if not self.verify_inputs or (rel, digest) in self._verified:
                 continue
             if sha256_file(p) != digest:
                 raise IntegrityError(f"{p} does not match its SHA-256 in the manifest: the file was changed or truncated")
@@ -319,7 +339,8 @@ class Workdir:
                     files.update(new)
                     step.outputs.update(new)
                 manifest["files"] = dict(sorted(files.items()))
-                manifest["steps"] = [*manifest["steps"], step.to_json()]
+                manifest["steps"] = [*manifest["steps"], step.to_json(verified=self.verify_inputs,
+                                                                      recipe=self.recipe)]
                 atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
                 fsync_dir(staging)
                 os.replace(staging, self.path / COMMIT)  # the commit point

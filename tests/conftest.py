@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,15 +35,41 @@ def cli(*args: str) -> tuple[int, dict | None]:
     return code, (json.loads(text) if code == 0 and text else None)
 
 
+@pytest.fixture(scope="session")
+def _calibrated_cache(tiny_root, tmp_path_factory):
+    """Calibrated tiny workdirs, made once per (arch, samples, seqlen) for the whole session; never handed out
+    themselves (tests get copies), so no test sees another's steps."""
+    root = tmp_path_factory.mktemp("calibrated")
+    made: dict[tuple[str, int, int], Path] = {}
+
+    def get(arch: str, samples: int, seqlen: int) -> Path:
+        key = (arch, samples, seqlen)
+        if key not in made:
+            wd = root / f"{arch}-{samples}x{seqlen}"
+            code, _ = cli("calibrate", wd, "--model", tiny_root / arch, "--dataset", tiny_root / "corpus.txt",
+                          "--samples", samples, "--seqlen", seqlen)
+            assert code == 0
+            made[key] = wd
+        return made[key]
+
+    return get
+
+
 @pytest.fixture
-def calibrated(tiny_root, tmp_path):
-    """A function: arch -> a freshly calibrated workdir of that tiny model."""
+def calibrated(_calibrated_cache, tmp_path):
+    """A function: arch -> a calibrated workdir of that tiny model, this test's own copy (the calibrate step's
+    record is identical to a fresh calibration's but for its timestamps)."""
 
     def make(arch: str = "llama", samples: int = 16, seqlen: int = 64) -> Path:
         wd = tmp_path / f"wd-{arch}"
-        code, _ = cli("calibrate", wd, "--model", tiny_root / arch, "--dataset", tiny_root / "corpus.txt",
-                      "--samples", samples, "--seqlen", seqlen)
-        assert code == 0
+        shutil.copytree(_calibrated_cache(arch, samples, seqlen), wd)
         return wd
 
     return make
+
+
+def pytest_collection_modifyitems(items):
+    """The real-model tier is slow by definition: it is marked so, wherever a test sits under tests/real/."""
+    for item in items:
+        if "real" in item.keywords:
+            item.add_marker(pytest.mark.slow)

@@ -99,6 +99,7 @@ def _argv(wd: Path, r: Path) -> list[str]:
     return [sys.executable, "-m", "llmprune", "run", str(wd), "--recipe", str(r), "--json"]
 
 
+@pytest.mark.slow
 def test_kill_at_random_points_loses_nothing(tiny_root, tmp_path):
     """kill -9 a recipe run at 24 points spread over its duration, re-run it, and compare with an uninterrupted run:
     the same files (hashes) and the same metrics every time."""
@@ -183,7 +184,7 @@ def test_bad_recipes_are_one_line(tmp_path, capsys, body, expected):
 
 
 def test_shipped_recipes_parse(monkeypatch):
-    from llmprune.cli import _command_options
+    from llmprune.cli.recipe import command_options
     from llmprune.recipe import load
 
     for var in ("MODEL", "CALIB", "TEST"):  # set by benchmarks/assets.py --shell for the README's recipe
@@ -191,7 +192,7 @@ def test_shipped_recipes_parse(monkeypatch):
     shipped = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.toml"))
     assert len(shipped) >= 3
     for path in shipped:
-        entries = load(path, _command_options())
+        entries = load(path, command_options())
         assert entries[0].command == "calibrate"
 
 

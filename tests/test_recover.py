@@ -165,6 +165,7 @@ def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, mon
     assert not list((wd / ".resume").glob("recover-*"))  # cleaned up after the commit
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path):
     """`accelerate launch --num_processes 2 --cpu` (gloo): each process takes half of every batch."""
     import shutil

@@ -65,7 +65,8 @@ def test_regional_optimisation_lowers_the_block_error_and_keeps_exact_sparsity(t
         block = copy.deepcopy(dense)
         # a learning rate that moves a tiny random model within 5 rounds (the default 3e-7 is for real LLMs)
         opts = {"alpha": 100.0, "act_norm": "sum", "ro_iters": iters, "ro_samples": 8, "ro_lr": 1e-3, "seed": 0}
-        wandapp.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5,
+                                                                                 wandapp.Options(**opts))))
         for lin in _arch.block_linears(block).values():
             assert (lin.weight == 0).float().mean().item() == 0.5
             assert lin.weight.grad is None
@@ -87,9 +88,9 @@ def test_alpha_zero_skips_the_regional_gradients_exactly(tiny_root, monkeypatch)
     dense = _arch.blocks(model)[0]
     flags = {n: p.requires_grad for n, p in dense.named_parameters()}
     opts = {"alpha": 0.0, "act_norm": "sum", "ro_iters": 2, "ro_samples": 4, "ro_lr": 1e-3, "seed": 0}
-    spec = lambda: PruneSpec(Pattern(2, 4), 0.5, dict(opts))  # noqa: E731
+    spec = lambda: PruneSpec(Pattern(2, 4), 0.5, wandapp.Options(**opts))  # noqa: E731
     fast = copy.deepcopy(dense)
-    wandapp.prune_block(BlockContext(0, fast, acts, "cpu", spec()))
+    wandapp.METHOD.prune_block(BlockContext(0, fast, acts, "cpu", spec()))
     real_pass = wandapp.DensePass
     seen = []
 
@@ -99,7 +100,7 @@ def test_alpha_zero_skips_the_regional_gradients_exactly(tiny_root, monkeypatch)
 
     monkeypatch.setattr(wandapp, "DensePass", with_grads)
     slow = copy.deepcopy(dense)
-    wandapp.prune_block(BlockContext(0, slow, acts, "cpu", spec()))
+    wandapp.METHOD.prune_block(BlockContext(0, slow, acts, "cpu", spec()))
     assert seen == [False]  # alpha=0 asked for no gradients
     for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

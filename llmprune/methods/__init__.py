@@ -1,10 +1,23 @@
-"""Pruning methods. Each is one module exposing ``NEEDS_DATA`` and ``prune_block(ctx)``; register it here."""
+"""The pruning methods: one module each, defining ``METHOD`` (see ``base.Method``); one registry line each.
 
-from llmprune.methods import magnitude, sparsegpt, wanda, wandapp
+The module name is the method's name: ``prune --method wandapp`` -> ``methods/wandapp.py`` -> ``"wandapp"`` here.
+The order is the order of the help text.
+"""
 
-METHODS = {
-    "magnitude": magnitude,
-    "wanda": wanda,
-    "sparsegpt": sparsegpt,
-    "wandapp": wandapp,
-}
+from __future__ import annotations
+
+import importlib
+
+from llmprune.methods.base import Method
+
+_REGISTRY = (
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "wandapp",
+    "dress",
+)
+
+METHODS: dict[str, Method] = {name: importlib.import_module(f"llmprune.methods.{name}").METHOD for name in _REGISTRY}
+for _name, _method in METHODS.items():
+    assert _method.name == _name, f"methods/{_name}.py defines METHOD named {_method.name!r}"

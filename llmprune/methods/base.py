@@ -1,22 +1,127 @@
-"""What a method receives for one block."""
+"""What a pruning method is: its options, what it can do, and what it receives for one block.
+
+A method is one module under ``llmprune/methods/`` that defines ``METHOD``, an instance of a ``Method`` subclass, and
+one line in the registry (``methods/__init__.py``). Everything else reads the declaration: the ``prune`` command
+builds its options and help from ``Options``, the recipe loader checks a step's options against it, ``prune`` refuses
+``--true-sequential`` for a method that does not declare it, and ``recover`` asks ``exact_zeros`` whether a pruned
+model has a zero pattern to keep.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from torch import nn
 
 from llmprune import engine
 from llmprune.arch import block_linears
+from llmprune.errors import UserError
 from llmprune.masks import Pattern
+from llmprune.stats import Stat
+
+if TYPE_CHECKING:
+    from llmprune.workdir import Workdir
 
 
+# --- options ----------------------------------------------------------------------------------------------------
+def option(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None,
+           choices: tuple[str, ...] = ()) -> Any:
+    """A method option: a dataclass field with its default, its help text, and a check of its value.
+
+    ``check(value)`` returns what is wrong with the value (``"must be positive"``) or None. The option string is the
+    field name with dashes (``ro_lr`` -> ``--ro-lr``)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
+
+
+def positive(v: Any) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be positive"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be >= 0"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as the CLI and the recipe loader see it."""
+
+    name: str  # the field name: ``ro_lr``
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options of its own."""
+
+
+def option_specs(options_cls: type) -> list[OptionSpec]:
+    hints = typing.get_type_hints(options_cls)
+    return [OptionSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""), f.metadata.get("choices", ()))
+            for f in dataclasses.fields(options_cls)]
+
+
+# --- the method -------------------------------------------------------------------------------------------------
+class Method:
+    """A pruning method's declaration. Subclasses set the class attributes and implement ``prune_block`` (methods
+    that zero weights) or ``prune_workdir`` (structured methods, which change the model's shape)."""
+
+    name: ClassVar[str]  # the registry key and the ``--method`` value
+    label: ClassVar[str]  # how help texts and tables name it
+    summary: ClassVar[str]  # one line for ``prune --help``
+    Options: ClassVar[type] = NoOptions
+    needs_data: ClassVar[bool] = True  # reads calibration activations
+    per_sample: ClassVar[bool] = False  # the engine gives it chunks of one window
+    true_sequential: ClassVar[bool] = False  # supports the one-pass schedule (BlockContext.prune_each_linear)
+    exact_zeros: ClassVar[bool] = True  # the pruned model holds a zero pattern that later steps must keep
+    structured: ClassVar[bool] = False  # removes whole units: the model gets a smaller config
+
+    def options(self, given: dict[str, Any]) -> Any:
+        """The typed options: the declared defaults, overridden by the values ``given`` (None = not given)."""
+        values = {}
+        for f in dataclasses.fields(self.Options):
+            v = given.get(f.name)
+            if v is None:
+                continue
+            choices, check = f.metadata.get("choices", ()), f.metadata.get("check")
+            flag = "--" + f.name.replace("_", "-")
+            if choices and v not in choices:
+                raise UserError(f"{flag} must be one of {', '.join(choices)}, got '{v}'")
+            problem = check(v) if check else None
+            if problem:
+                raise UserError(f"{flag} {problem}, got {v}")
+            values[f.name] = v
+        return self.Options(**values)
+
+    def warnings(self, options: Any, calibration_samples: int) -> list[str]:
+        """What to warn the user about before a run with these options (e.g. too few samples)."""
+        return []
+
+    def prune_block(self, ctx: BlockContext) -> None:
+        raise NotImplementedError(f"{self.name} does not prune block by block")
+
+    def prune_workdir(self, ws: Workdir, options: Any, *, device: str, batch_size: int) -> dict[str, Any]:
+        """Structured methods: the whole ``prune`` step on the workdir; returns its result."""
+        raise NotImplementedError(f"{self.name} is not a structured method")
+
+
+# --- what a method receives for one block ---------------------------------------------------------------------------
 @dataclass
 class PruneSpec:
     pattern: Pattern
     sparsity: float
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = field(default_factory=NoOptions)  # the method's Options instance
+    true_sequential: bool = False
 
 
 @dataclass
@@ -33,20 +138,21 @@ class BlockContext:
     def linears(self) -> dict[str, nn.Linear]:
         return block_linears(self.block)
 
-    def collect(self, make_stat: Callable[[nn.Linear], Any]) -> dict[str, Any]:
+    def collect(self, make_stat: Callable[[nn.Linear], Stat]) -> dict[str, Stat]:
         """One pass of the block over the calibration inputs, feeding every Linear's input to a statistic."""
-        assert self.acts is not None, "this method declared NEEDS_DATA = False"
+        assert self.acts is not None, "this method declared needs_data = False"
         return engine.collect(self.block, self.acts, self.device, make_stat)
 
-    def prune_each_linear(self, make_stat: Callable[[nn.Linear], Any], prune_linear: Callable[[nn.Linear, Any], None]) -> None:
+    def prune_each_linear(self, make_stat: Callable[[nn.Linear], Stat],
+                          prune_linear: Callable[[nn.Linear, Stat], None]) -> None:
         """Prune every Linear from one statistic of its inputs, on either schedule.
 
         Default (the reference implementations'): all statistics from the block as it was, then prune, then the
         engine runs the pruned block for the next one -- two passes. ``true_sequential``: one pass that prunes each
         Linear as its input arrives (``engine.sequential_pass``), so later Linears see the pruned earlier ones.
         """
-        assert self.acts is not None, "this method declared NEEDS_DATA = False"
-        if self.spec.options.get("true_sequential"):
+        assert self.acts is not None, "this method declared needs_data = False"
+        if self.spec.true_sequential:
             self.outputs = engine.sequential_pass(self.block, self.acts, self.device, make_stat,
                                                   lambda _name, lin, stat: prune_linear(lin, stat))
             return

@@ -22,21 +22,37 @@ Norms: ``group`` -- one L2 norm per unit over all its slices in the model (group
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from typing import Any, Iterator
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from llmprune import arch as _arch
 from llmprune import engine
+from llmprune.errors import UserError
+from llmprune.methods.base import Method, option
 from llmprune.stats import RowNorms
-from llmprune.structured import Plan, Slice, check_supported, count_removed, geometry, slices
+from llmprune.structured import STRUCTURES, Plan, Slice, check_supported, count_removed, geometry, slices
+
+if TYPE_CHECKING:
+    from llmprune.workdir import Transaction, Workdir
 
 SELECTS = ("activation", "tail", "random")
 NORMS = ("group", "l2", "l1")
 SHRINKS = ("prox", "loss")
 SELECT_WINDOWS = 16  # windows the activation scores are measured on: channel RMS is stable well before that
+DEFAULT_STRUCTURE, DEFAULT_RATIO, DEFAULT_SELECT = "hidden", 0.25, "activation"
+
+
+def check_choice(structure: str, select: str) -> None:
+    if structure not in STRUCTURES:
+        raise UserError(f"unknown structure '{structure}'; use one of: {', '.join(STRUCTURES)}")
+    if select not in SELECTS:
+        raise UserError(f"unknown selection '{select}'; use one of: {', '.join(SELECTS)}")
 
 
 # --- selection ------------------------------------------------------------------------------------------------
@@ -256,3 +272,169 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
     )
     hist["evals"].insert(0, before)
     return hist
+
+
+# --- the plan file and its states -------------------------------------------------------------------------------
+PLAN = "dress/plan.json"
+
+
+@dataclass
+class PlanRecord:
+    """``WORK/dress/plan.json``: the units chosen and how far the workdir has gone with them. ``regularize`` writes
+    it regularised and not applied; ``prune --method dress`` applies it (or, on a workdir never regularised, selects
+    and applies in one go). Only a plan that is not yet applied is pending for the next prune."""
+
+    plan: Plan
+    regularized: bool
+    applied: bool
+
+    def write(self, tx: Transaction) -> None:
+        d = tx.stage("dress")
+        d.mkdir()
+        (d / "plan.json").write_text(json.dumps({**self.plan.to_json(), "regularized": self.regularized,
+                                                 "applied": self.applied}, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def pending(cls, ws: Workdir) -> PlanRecord | None:
+        """The regularised plan the next ``prune --method dress`` must apply, checked against its hash; or None."""
+        path = ws.path / PLAN
+        if not path.is_file():
+            return None
+        ws.verify("dress")
+        d = json.loads(path.read_text(encoding="utf-8"))
+        if d.get("applied"):
+            return None
+        plan = Plan.from_json({k: v for k, v in d.items() if k not in ("regularized", "applied")})
+        return cls(plan, bool(d.get("regularized")), False)
+
+
+# --- the registered method ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    # None: the regularised plan's value, else the default (a given value must agree with a regularised plan).
+    structure: Optional[str] = option(None, f"DReSS: {', '.join(STRUCTURES)} (default: the regularised plan's, "
+                                      f"else {DEFAULT_STRUCTURE}).")
+    ratio: Optional[float] = option(None, "DReSS: fraction of the structure's units to remove (default: the "
+                                    f"regularised plan's, else {DEFAULT_RATIO}).")
+    select: Optional[str] = option(None, f"DReSS: {', '.join(SELECTS)} (default: the regularised plan's, else "
+                                   f"{DEFAULT_SELECT}).")
+    seed: int = option(0, "DReSS: seed of --select random.")
+
+
+class DReSS(Method):
+    name = "dress"
+    label = "DReSS"
+    summary = "structured removal of hidden channels, KV groups, MLP channels or blocks (Feng et al. 2025)"
+    Options = Options
+    exact_zeros = False  # the removed units are gone: nothing is left at zero
+    structured = True
+
+    def prune_workdir(self, ws: Workdir, options: Options, *, device: str, batch_size: int) -> dict[str, Any]:
+        """Remove the units. After ``regularize`` they are the regularised ones; on a workdir never regularised
+        they are selected the same way and removed directly (the key control of DReSS)."""
+        from llmprune import evaluate
+        from llmprune.modeling import load_current, param_count, save_model
+        from llmprune.structured import remove
+
+        pending = PlanRecord.pending(ws)
+        planned = pending.plan if pending is not None else None
+        if planned is not None:
+            for name, given, was in (("structure", options.structure, planned.structure),
+                                     ("ratio", options.ratio, planned.ratio), ("select", options.select, planned.select)):
+                if given is not None and given != was:
+                    raise UserError(f"this workdir was regularised for --{name} {was}; prune with that "
+                                    f"(or regularise again for {given})")
+        structure = options.structure or (planned.structure if planned else DEFAULT_STRUCTURE)
+        select_ = options.select or (planned.select if planned else DEFAULT_SELECT)
+        ratio = options.ratio if options.ratio is not None else (planned.ratio if planned else DEFAULT_RATIO)
+        check_choice(structure, select_)
+        regularized = pending is not None
+        params = dict(method="dress", structure=structure, ratio=ratio, select=select_, seed=options.seed,
+                      device=device, regularized=regularized)
+        with ws.step("prune", params) as tx:
+            ws.record_inputs(tx, "model")
+            ws.record_inputs(tx, "calib")
+            if regularized:
+                ws.record_inputs(tx, "dress")
+            lm, tok = load_current(ws)
+            check_supported(lm, structure)
+            t0 = time.perf_counter()
+            if planned is None:
+                windows = ws.windows() if select_ == "activation" else None
+                planned = select(lm, structure, ratio, select_, windows, device, options.seed, batch_size)
+            before_params, before_geom = param_count(lm), geometry(lm)
+            small = remove(lm, planned)
+            prune_s = time.perf_counter() - t0
+            tx.step.metrics = {"prune_s": round(prune_s, 3), "plan": planned.to_json(), "units_removed": planned.n_units,
+                               "parameters_before": before_params, **evaluate.summary(small),
+                               "geometry_before": before_geom.__dict__, "geometry": geometry(small).__dict__}
+            PlanRecord(planned, regularized, applied=True).write(tx)
+            save_model(small, tok, tx.stage("model"), ws.shard_size)
+        return {"method": "dress", "structure": structure, "ratio": ratio, "select": select_,
+                "regularized": regularized, **tx.step.metrics}
+
+
+METHOD = DReSS()
+
+
+# --- the regularize step ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegularizeOptions:
+    """What ``llmprune regularize`` was asked for; recorded as the step's parameters, in this order."""
+
+    ratio: float = DEFAULT_RATIO
+    structure: str = DEFAULT_STRUCTURE
+    select: str = DEFAULT_SELECT
+    norm: str = "group"
+    shrink: str = "prox"
+    lam: float = 0.02
+    steps: int = 100
+    until_converged: bool = False
+    gap_tol: float = 0.01
+    lr: float = 1e-4
+    batch_size: int = 1
+    grad_accum: int = 1
+    holdout: int = 8
+    eval_every: int = 25
+    seed: int = 0
+    grad_checkpointing: bool = False
+    device: str = "cpu"
+
+    def check(self) -> None:
+        check_choice(self.structure, self.select)
+        if self.norm not in NORMS:
+            raise UserError(f"unknown --norm '{self.norm}'; use one of: {', '.join(NORMS)}")
+        if self.shrink not in SHRINKS:
+            raise UserError(f"unknown --shrink '{self.shrink}'; use one of: {', '.join(SHRINKS)}")
+
+
+def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
+    """The ``regularize`` step: choose the units, train the whole model while they are driven to zero, and record
+    the plan as regularised and pending (``prune --method dress`` applies it)."""
+    import dataclasses
+    import resource
+
+    from llmprune.modeling import load_current, save_model
+    from llmprune.train import TrainSpec, split_holdout
+
+    with ws.step("regularize", dataclasses.asdict(o)) as tx:
+        ws.record_inputs(tx, "model")
+        ws.record_inputs(tx, "calib")
+        lm, tok = load_current(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
+        check_supported(lm, o.structure)
+        windows = ws.windows()
+        train_w, hold = split_holdout(windows, o.holdout)
+        plan = select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
+        spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
+                         grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
+        hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
+                          device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol)
+        last = hist["evals"][-1]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
+            "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
+            "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "peak_rss_mib": round(peak, 1),
+            "loss": hist["loss"], "evals": hist["evals"]}
+        PlanRecord(plan, regularized=True, applied=False).write(tx)
+        save_model(lm, tok, tx.stage("model"), ws.shard_size)
+    return tx.step.metrics

@@ -9,13 +9,20 @@ from __future__ import annotations
 import torch
 
 from llmprune.masks import select
-from llmprune.methods.base import BlockContext
-
-NEEDS_DATA = False
+from llmprune.methods.base import BlockContext, Method
 
 
-@torch.no_grad()
-def prune_block(ctx: BlockContext) -> None:
-    for lin in ctx.linears.values():
-        w = lin.weight.data
-        w[select(w.abs(), ctx.spec.pattern, ctx.spec.sparsity, per_row=False)] = 0
+class Magnitude(Method):
+    name = "magnitude"
+    label = "magnitude"
+    summary = "|W|, compared per layer; no data (the baseline)"
+    needs_data = False
+
+    @torch.no_grad()
+    def prune_block(self, ctx: BlockContext) -> None:
+        for lin in ctx.linears.values():
+            w = lin.weight.data
+            w[select(w.abs(), ctx.spec.pattern, ctx.spec.sparsity, per_row=False)] = 0
+
+
+METHOD = Magnitude()

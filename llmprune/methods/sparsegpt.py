@@ -8,14 +8,20 @@ weight's error over the columns not yet visited (Algorithm 1 of the paper).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from llmprune.errors import StepFailed
 from llmprune.masks import Pattern
-from llmprune.methods.base import BlockContext
+from llmprune.methods.base import BlockContext, Method, option, positive
 from llmprune.stats import Hessian
 
-NEEDS_DATA = True
+
+@dataclass(frozen=True)
+class Options:
+    blocksize: int = option(128, "SparseGPT: columns per block.", check=positive)
+    damp: float = option(0.01, "SparseGPT: damping, as a fraction of the mean Hessian diagonal.", check=positive)
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -81,13 +87,23 @@ def prune_weight(
     return W, used
 
 
-@torch.no_grad()
-def prune_block(ctx: BlockContext) -> None:
-    blocksize = int(ctx.spec.options.get("blocksize", 128))
-    damp = float(ctx.spec.options.get("damp", 0.01))
+class SparseGPT(Method):
+    name = "sparsegpt"
+    label = "SparseGPT"
+    summary = "OBS weight updates from the Hessian of each Linear's inputs (Frantar & Alistarh 2023)"
+    Options = Options
+    true_sequential = True
 
-    def prune_linear(lin, stat: Hessian) -> None:
-        new, _ = prune_weight(lin.weight.data, stat.H, ctx.spec.pattern, ctx.spec.sparsity, blocksize, damp)
-        lin.weight.data.copy_(new.to(lin.weight.dtype))
+    @torch.no_grad()
+    def prune_block(self, ctx: BlockContext) -> None:
+        opts: Options = ctx.spec.options
 
-    ctx.prune_each_linear(Hessian, prune_linear)
+        def prune_linear(lin, stat: Hessian) -> None:
+            new, _ = prune_weight(lin.weight.data, stat.H, ctx.spec.pattern, ctx.spec.sparsity, opts.blocksize,
+                                  opts.damp)
+            lin.weight.data.copy_(new.to(lin.weight.dtype))
+
+        ctx.prune_each_linear(Hessian, prune_linear)
+
+
+METHOD = SparseGPT()

@@ -8,10 +8,8 @@ from __future__ import annotations
 import torch
 
 from llmprune.masks import select
-from llmprune.methods.base import BlockContext
+from llmprune.methods.base import BlockContext, Method
 from llmprune.stats import RowNorms
-
-NEEDS_DATA = True
 
 
 def score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -19,10 +17,19 @@ def score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return weight.abs().float() * norms.reshape(1, -1)
 
 
-@torch.no_grad()
-def prune_block(ctx: BlockContext) -> None:
-    def prune_linear(lin, stat: RowNorms) -> None:
-        w = lin.weight.data
-        w[select(score(w, stat.norms("sum")), ctx.spec.pattern, ctx.spec.sparsity)] = 0
+class Wanda(Method):
+    name = "wanda"
+    label = "Wanda"
+    summary = "|W| * ||X||, compared per output row (Sun et al. 2023)"
+    true_sequential = True
 
-    ctx.prune_each_linear(RowNorms, prune_linear)
+    @torch.no_grad()
+    def prune_block(self, ctx: BlockContext) -> None:
+        def prune_linear(lin, stat: RowNorms) -> None:
+            w = lin.weight.data
+            w[select(score(w, stat.norms("sum")), ctx.spec.pattern, ctx.spec.sparsity)] = 0
+
+        ctx.prune_each_linear(RowNorms, prune_linear)
+
+
+METHOD = Wanda()

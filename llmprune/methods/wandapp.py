@@ -16,18 +16,25 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
 from llmprune import engine
 from llmprune.masks import select
-from llmprune.methods.base import BlockContext
+from llmprune.methods.base import BlockContext, Method, non_negative, option, positive
 from llmprune.stats import RowNorms
 
-NEEDS_DATA = True
-PER_SAMPLE = True  # the engine gives this method chunks of one window: regional gradients are per sample
 
-DEFAULTS = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "seed": 0}
+@dataclass(frozen=True)
+class Options:
+    alpha: float = option(100.0, "Wanda++: weight of the regional gradient in the RGS score.", check=non_negative)
+    act_norm: str = option("sum", "Wanda++: ||X_j|| as 'sum' over all tokens (paper) or 'mean' (Wanda code).",
+                           choices=("sum", "mean"))
+    ro_iters: int = option(5, "Wanda++: rounds of regional optimisation (0: RGS only).", check=non_negative)
+    ro_samples: int = option(32, "Wanda++: samples drawn per RO round.", check=positive)
+    ro_lr: float = option(3e-7, "Wanda++: RMSprop learning rate of RO.", check=positive)
+    seed: int = option(0, "Wanda++: seed of the RO sample draws.")
 
 
 def rgs_score(weight: torch.Tensor, grad_rms: torch.Tensor | None, norms: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -102,19 +109,19 @@ def regional_gradients(block, acts: engine.Activations, device: str) -> dict[str
 def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor], scale: float = 1.0) -> None:
     """Prune with RGS. Norms from a subset of ``1/scale**2`` of the samples are scaled by ``scale`` under the
     ``sum`` convention, to estimate the norm over all samples, so ``alpha`` keeps its weight."""
-    opts = ctx.spec.options
-    if opts["act_norm"] != "sum":
+    opts: Options = ctx.spec.options
+    if opts.act_norm != "sum":
         scale = 1.0
     for name, lin in ctx.linears.items():
         w = lin.weight.data
-        score = rgs_score(w, grads[name], norms[name] * scale, opts["alpha"])
+        score = rgs_score(w, grads[name], norms[name] * scale, opts.alpha)
         w[select(score, ctx.spec.pattern, ctx.spec.sparsity)] = 0
 
 
 @torch.no_grad()
 def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float) -> None:
     """Prune with RGS, the activation norms recomputed on the block's current weights over ``acts``."""
-    convention = ctx.spec.options["act_norm"]
+    convention = ctx.spec.options.act_norm
     stats = engine.collect(ctx.block, acts, ctx.device, RowNorms)
     _apply_rgs(ctx, grads, {n: s.norms(convention) for n, s in stats.items()}, scale)
 
@@ -124,7 +131,7 @@ def _subset(acts: engine.Activations, idx: list[int]) -> engine.Activations:
 
 
 def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
-    opts = ctx.spec.options
+    opts: Options = ctx.spec.options
     block, acts, device = ctx.block, ctx.acts, ctx.device
     orig_dtype = next(block.parameters()).dtype
     block.float()  # RO runs in fp32 whatever the model's dtype
@@ -136,16 +143,16 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     ids = {id(w) for w in weights}
     for p in params:
         p.requires_grad_(id(p) in ids)
-    opt = torch.optim.RMSprop(weights, lr=opts["ro_lr"])
-    rng = random.Random(opts["seed"] * 100_003 + ctx.index)
+    opt = torch.optim.RMSprop(weights, lr=opts.ro_lr)
+    rng = random.Random(opts.seed * 100_003 + ctx.index)
     n = acts.n_samples
-    m = min(opts["ro_samples"], n)
+    m = min(opts.ro_samples, n)
     try:
-        for k in range(opts["ro_iters"]):
+        for k in range(opts.ro_iters):
             idx = rng.sample(range(n), m)
             scale = (n / m) ** 0.5
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
-                _apply_rgs(ctx, dense.grads, dense.norms(idx, opts["act_norm"]), scale)
+                _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale)
             else:
                 _prune_rgs(ctx, _subset(acts, idx), dense.grads, scale)
             for i in idx:
@@ -161,12 +168,28 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     block.to(orig_dtype)
 
 
-def prune_block(ctx: BlockContext) -> None:
-    ctx.spec.options = opts = {**DEFAULTS, **ctx.spec.options}
-    dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts["ro_iters"] > 0,
-                      need_grads=opts["alpha"] != 0)
-    if opts["ro_iters"] > 0:
-        regional_optimisation(ctx, dense)
-        _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
-    else:  # RGS only: the dense pass has the norms of all samples on these (dense) weights
-        _apply_rgs(ctx, dense.grads, dense.norms(list(range(ctx.acts.n_samples)), opts["act_norm"]))
+class WandaPP(Method):
+    name = "wandapp"
+    label = "Wanda++"
+    summary = "regional gradients + regional optimisation of each block (Yang et al. 2025)"
+    Options = Options
+    per_sample = True  # regional gradients are per sample: the engine gives this method chunks of one window
+
+    def warnings(self, options: Options, calibration_samples: int) -> list[str]:
+        if options.ro_iters > 0 and calibration_samples < 64:
+            return [f"regional optimisation with {calibration_samples} calibration samples: the Wanda++ paper "
+                    "reports instability below 64"]
+        return []
+
+    def prune_block(self, ctx: BlockContext) -> None:
+        opts: Options = ctx.spec.options
+        dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts.ro_iters > 0,
+                          need_grads=opts.alpha != 0)
+        if opts.ro_iters > 0:
+            regional_optimisation(ctx, dense)
+            _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
+        else:  # RGS only: the dense pass has the norms of all samples on these (dense) weights
+            _apply_rgs(ctx, dense.grads, dense.norms(list(range(ctx.acts.n_samples)), opts.act_norm))
+
+
+METHOD = WandaPP()

@@ -1,0 +1,58 @@
+"""``calibrate``: a new workdir from a model source and calibration windows of a dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from llmprune.workdir import Workdir, check_fresh
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """What ``llmprune calibrate`` was asked for; recorded as the step's parameters, in this order."""
+
+    model: str
+    dataset: str
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    revision: Optional[str] = None
+    dtype: str = "auto"
+    text_field: str = "text"
+    trust_remote_code: bool = False
+    max_shard_size: str = "2GB"
+
+
+def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str, Any]:
+    """Bring the model in as safetensors shards and draw the calibration windows; returns the step's metrics plus
+    the model type."""
+    from safetensors.torch import save_file
+
+    from llmprune import data
+    from llmprune.modeling import check_context, load_source, param_count, save_model
+
+    check_fresh(ws.path, force)
+    text = data.load_text(o.dataset, "calibration", o.text_field)  # before the model: fail fast on bad data
+    with ws.step("calibrate", asdict(o), create={}) as tx:
+        lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
+        check_context(lm, o.seqlen)
+        ids = data.tokenize(tok, text)
+        windows = data.random_windows(ids, o.samples, o.seqlen, o.seed)
+        tx.manifest.update({
+            "base_model": base,
+            "model_type": base["model_type"],
+            "calibration": {"source": o.dataset, "seed": o.seed, "samples": o.samples, "seqlen": o.seqlen,
+                            "source_tokens": ids.numel(), "file": "calib/windows.safetensors"},
+        })
+        save_model(lm, tok, tx.stage("model"), o.max_shard_size)
+        calib = tx.stage("calib")
+        calib.mkdir()
+        # One metadata key: safetensors writes a metadata map in no fixed order, and the file's hash must be
+        # reproducible (a re-run of a recipe compares hashes).
+        meta = json.dumps({"source": o.dataset, "seed": o.seed, "seqlen": o.seqlen}, sort_keys=True)
+        save_file({"input_ids": windows.contiguous()}, calib / "windows.safetensors", metadata={"llmprune": meta})
+        tx.step.metrics = {"parameters": param_count(lm), "source_tokens": ids.numel(),
+                           "windows": list(windows.shape)}
+    return {"model_type": base["model_type"], **tx.step.metrics}

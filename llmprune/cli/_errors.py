@@ -1,0 +1,69 @@
+"""The one error boundary: every exception becomes one line on stderr and an exit code.
+
+1 bad input, 2 step failed, 3 workdir busy, 4 integrity, 130 interrupted. ``LLMPRUNE_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Callable
+
+from llmprune import report
+from llmprune.errors import LlmpruneError, StepFailed
+
+INTERRUPTED = 130
+_LEFT = "the workdir is left as it was before this step"
+
+
+def guarded(invoke: Callable[[], int]) -> int:
+    """Run ``invoke`` (a command line through the app) and map what it raises to an exit code."""
+    debug = os.environ.get("LLMPRUNE_DEBUG") == "1"
+    try:
+        rv = invoke()
+        if rv == INTERRUPTED:
+            report.error(f"interrupted; {_LEFT}")
+        return rv
+    except LlmpruneError as e:
+        if debug:
+            raise
+        report.error(str(e))
+        return e.exit_code
+    except (KeyboardInterrupt, EOFError):
+        report.error(f"interrupted; {_LEFT}")
+        return INTERRUPTED
+    except Exception as e:
+        # Typer vendors its own copy of click in recent releases: recognise click's exceptions by class name.
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "NoArgsIsHelpError" in kinds:
+            e.show()
+            return 0
+        if "Exit" in kinds:
+            return e.exit_code
+        if "Abort" in kinds:
+            report.error(f"interrupted; {_LEFT}")
+            return INTERRUPTED
+        if debug:
+            raise
+        if "UsageError" in kinds:
+            ctx = getattr(e, "ctx", None)
+            report.error(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
+            return 1
+        report.error(message(e))
+        return StepFailed.exit_code
+
+
+def message(e: Exception) -> str:
+    """The line shown for an unexpected exception inside a step."""
+    import torch
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on device while writing; {_LEFT}"
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return (f"out of memory on the device; {_LEFT}; try --act-dtype bfloat16, a smaller --batch-size, or fewer "
+                "calibration samples")
+    if isinstance(e, MemoryError):
+        return (f"out of host memory; {_LEFT}; try a smaller --batch-size, --act-dtype bfloat16, or fewer "
+                "calibration samples")
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first} (set LLMPRUNE_DEBUG=1 to see the traceback)"

@@ -1,0 +1,67 @@
+"""The ``llmprune`` app: wires the commands (one module each) and the global options; nothing else."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Annotated, Any
+
+import typer
+
+from llmprune import report
+from llmprune.cli import _errors
+from llmprune.cli._core import Settings
+from llmprune.cli.calibrate import calibrate
+from llmprune.cli.eval_ import eval_
+from llmprune.cli.export import export
+from llmprune.cli.prune import prune
+from llmprune.cli.recipe import run_recipe
+from llmprune.cli.recover import recover
+from llmprune.cli.regularize import regularize
+from llmprune.cli.status import status
+
+HELP = "Prune causal language models (magnitude, Wanda, SparseGPT, Wanda++, DReSS) through a working directory."
+
+app = typer.Typer(name="llmprune", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    no_verify: Annotated[bool, typer.Option("--no-verify", envvar="LLMPRUNE_NO_VERIFY", help="Skip the SHA-256 check of the workdir's files before a step reads them (huge models); every step run so records `inputs_verified: false` in the manifest.")] = False,
+) -> None:
+    settings = ctx.ensure_object(Settings)
+    if no_verify:  # the steps of a recipe inherit it from `llmprune --no-verify run`
+        settings.verify = False
+
+
+app.command()(calibrate)
+app.command()(regularize)
+app.command()(prune)
+app.command()(recover)
+app.command("eval")(eval_)
+app.command()(export)
+app.command()(status)
+app.command("run")(run_recipe)
+
+
+def invoke(args: list[str], settings: Settings | None = None) -> int:
+    """Run one command line through the app; its exit code. Typer turns Ctrl-C into Exit(130) and, outside
+    standalone mode, *returns* that code instead of raising it."""
+    rv: Any = app(args=args, prog_name="llmprune", standalone_mode=False, obj=settings or Settings())
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and turn every error into one line on stderr and an exit code (see ``_errors``)."""
+    args = sys.argv[1:] if argv is None else argv
+    report.set_quiet("--json" in args)
+    # Deprecation notices of the libraries underneath are for their developers, not for llmprune's users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    return _errors.guarded(lambda: invoke(args))
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,43 @@
+"""``llmprune calibrate``: start a workdir."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmprune import report
+from llmprune.cli._core import JsonOpt, TextFieldOpt, WorkdirArg, finish, open_workdir, positive
+from llmprune.errors import UserError
+
+
+def calibrate(
+    ctx: typer.Context,
+    workdir: WorkdirArg,
+    model: Annotated[str, typer.Option(help="Hub id, local HF folder, or .gguf file.")],
+    dataset: Annotated[str, typer.Option(help="wikitext2, c4, ptb, hf:NAME[:CONFIG[:SPLIT]], or a .txt/.jsonl/.json/.parquet file.")],
+    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the window positions.")] = 0,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    text_field: TextFieldOpt = "text",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository to run.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.")] = "2GB",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing workdir.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a workdir: bring in a model and calibration windows of a dataset."""
+    from llmprune.calibration import CalibrateOptions
+    from llmprune.calibration import calibrate as run_step
+
+    positive(samples=samples)
+    if seqlen <= 1:
+        raise UserError(f"--seqlen must be at least 2, got {seqlen}")
+    opts = CalibrateOptions(model, dataset, samples, seqlen, seed, revision, dtype, text_field, trust_remote_code,
+                            max_shard_size)
+    res = run_step(open_workdir(ctx, workdir), opts, force)
+    finish({"workdir": str(workdir), **res}, as_json, lambda: report.table(
+        f"calibrated {workdir}", ["what", "value"],
+        [["model", model], ["model type", res["model_type"]], ["parameters", res["parameters"]],
+         ["dataset tokens", res["source_tokens"]], ["windows", f"{samples} × {seqlen}"]]))

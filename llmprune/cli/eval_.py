@@ -1,0 +1,44 @@
+"""``llmprune eval``: measure the workdir's model and record it as a step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmprune import report
+from llmprune.cli._core import (BatchOpt, DeviceOpt, JsonOpt, TextFieldOpt, WorkdirArg, check_device, finish,
+                                open_workdir, positive)
+
+
+def eval_(
+    ctx: typer.Context,
+    workdir: WorkdirArg,
+    dataset: Annotated[Optional[str], typer.Option(help="Evaluation source (default: the test split of the calibration dataset).")] = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
+    text_field: TextFieldOpt = "text",
+    speed: Annotated[bool, typer.Option(help="Also measure prefill and decode tokens/s (batch 1).")] = False,
+    speed_baseline: Annotated[Optional[Path], typer.Option(help="With --speed: also time this workdir or HF folder in the same run, and report the ratios.")] = None,
+    prompt_len: Annotated[int, typer.Option(help="With --speed: prompt tokens of the prefill.")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="With --speed: tokens decoded through the KV cache.")] = 64,
+    device: DeviceOpt = "cpu",
+    batch_size: BatchOpt = 4,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity, parameter count and sparsity per layer type (and, with --speed, throughput); recorded as a step."""
+    from llmprune.evaluate import EvalOptions, evaluate_workdir
+
+    ws = open_workdir(ctx, workdir)
+    ws.manifest()  # a missing or foreign workdir is the first thing to report
+    positive(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens)
+    opts = EvalOptions(dataset, seqlen, max_windows, text_field, check_device(device), batch_size, speed,
+                       str(speed_baseline) if speed_baseline is not None else None, prompt_len, new_tokens)
+    m = evaluate_workdir(ws, opts)
+    sp = m.get("speed", {})
+    finish({"workdir": str(workdir), **m}, as_json, lambda: report.table(
+        f"eval {workdir} on {m['dataset']}", ["metric", "value"],
+        [["perplexity", m["perplexity"]], ["windows", f"{m['windows']} × {seqlen}"], ["parameters", m["parameters"]]]
+        + [[f"sparsity {k}", f"{v:.2%}"] for k, v in m["sparsity"].items()]
+        + [[k.replace("_", " "), v] for k, v in sp.items() if k not in ("prompt_len", "new_tokens")]))

@@ -1,0 +1,52 @@
+"""``llmprune regularize``: DReSS's first step (``prune --method dress`` is the second)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmprune import report
+from llmprune.cli._core import DeviceOpt, GradCkptOpt, JsonOpt, SeedOpt, WorkdirArg, check_device, finish, open_workdir, positive
+from llmprune.errors import UserError
+
+
+def regularize(
+    ctx: typer.Context,
+    workdir: WorkdirArg,
+    ratio: Annotated[float, typer.Option(help="Fraction of the structure's units to remove.")] = 0.25,
+    structure: Annotated[str, typer.Option(help="hidden (the paper), heads (KV groups), mlp, layers.")] = "hidden",
+    select: Annotated[str, typer.Option(help="activation (lowest on calibration data), tail, random.")] = "activation",
+    norm: Annotated[str, typer.Option(help="group (one L2 norm per unit), l2 (per slice), l1 (element-wise).")] = "group",
+    shrink: Annotated[str, typer.Option(help="prox: decoupled proximal shrink after each step; loss: penalty in the loss.")] = "prox",
+    lam: Annotated[float, typer.Option("--lambda", help="Penalty strength, relative to each unit's initial norm (prox: shrink per step).")] = 0.02,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (the most, with --until-converged).")] = 100,
+    until_converged: Annotated[bool, typer.Option(help="Stop once the selected slices are ~0 and zeroing them costs <= --gap-tol.")] = False,
+    gap_tol: Annotated[float, typer.Option(help="Relative perplexity gap (zeroed vs not) that counts as converged.")] = 0.01,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (all parameters are trained).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 1,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
+    holdout: Annotated[int, typer.Option(help="Calibration windows kept out of training to measure the gap.")] = 8,
+    eval_every: Annotated[int, typer.Option(help="Measure the held-out gap every this many steps.")] = 25,
+    seed: SeedOpt = 0,
+    grad_checkpointing: GradCkptOpt = False,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
+    from llmprune.methods.dress import RegularizeOptions, regularize_workdir
+
+    opts = RegularizeOptions(ratio, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
+                             batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device)
+    opts.check()
+    positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every)
+    if not (lam > 0 and lr > 0):
+        raise UserError("--lambda and --lr must be positive")
+    check_device(device)
+    m = regularize_workdir(open_workdir(ctx, workdir).require_calibration(), opts)
+    result = {"workdir": str(workdir), **m}
+    finish(result, as_json, lambda: report.table(
+        f"regularized {structure} {ratio:.0%} ({m['units_removed']} units, {select})", ["held-out", "before", "after"],
+        [["perplexity", m["before"]["ppl"], m["ppl"]], ["perplexity, units zeroed", m["before"]["ppl_zeroed"],
+          m["ppl_zeroed"]], ["relative norm of the units", m["before"]["relative_norm"], m["relative_norm"]],
+         ["steps", 0, m["steps"]], ["time", "", f"{m['train_s']:.1f} s"]]))

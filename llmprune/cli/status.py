@@ -1,0 +1,55 @@
+"""``llmprune status``: a workdir's steps, size, parameters and sparsity (reads only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from llmprune import report
+from llmprune.cli._core import JsonOpt, WorkdirArg, finish, open_workdir
+
+# The parameters a step's row shows, and how its result is summed up.
+_BRIEF = ("model", "dataset", "samples", "seqlen", "method", "pattern", "sparsity", "max_windows", "structure", "ratio",
+          "steps", "lam")
+
+
+def _outcome(m: dict[str, Any]) -> str:
+    if "perplexity" in m:
+        return f"ppl {m['perplexity']:.3f}"
+    if "units_removed" in m and "parameters" in m:
+        return f"{m['parameters']:,} parameters"
+    if "ppl_adapter" in m:
+        return f"held-out ppl {m['ppl_before']:.2f} → {m.get('ppl_remasked', m['ppl_adapter']):.2f}"
+    if "gap" in m:
+        return f"zeroing gap {m['gap']:.2%}"
+    return f"sparsity {m['sparsity']['all']:.2%}" if "sparsity" in m else ""
+
+
+def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
+    """The steps of a workdir, its size, parameter count and sparsity."""
+    from llmprune import recovery
+
+    ws = open_workdir(ctx, workdir)
+    manifest = ws.manifest()
+    steps = manifest["steps"]
+    adapter = None if not recovery.has_adapter(manifest) else (
+        "unmerged" if recovery.pending_adapter(manifest) else "merged")
+    size = sum((ws.path / rel).stat().st_size for rel in manifest["files"] if (ws.path / rel).is_file())
+    last_metrics = next((s["metrics"] for s in reversed(steps) if "parameters" in s["metrics"]), {})
+    result = {"workdir": str(workdir), "format_version": manifest["format_version"],
+              "base_model": manifest.get("base_model"), "model_type": manifest.get("model_type"),
+              "bytes": size, "parameters": last_metrics.get("parameters"),
+              "sparsity": last_metrics.get("sparsity", {}), "adapter": adapter, "steps": steps}
+
+    def render() -> None:
+        rows = []
+        for i, s in enumerate(steps, 1):
+            brief = ", ".join(f"{k}={v}" for k, v in s["params"].items() if v is not None and k in _BRIEF)
+            rows.append([i, s["command"], brief, f"{s['duration_s']:.1f} s", _outcome(s["metrics"]), s["started"]])
+        report.table(f"{workdir} ({manifest.get('model_type')}, {size / 2**20:,.1f} MiB, "
+                     f"{last_metrics.get('parameters', 0):,} parameters"
+                     + (f", LoRA adapter {adapter}" if adapter else "") + ")",
+                     ["#", "step", "parameters", "duration", "result", "started"], rows)
+
+    finish(result, as_json, render)
