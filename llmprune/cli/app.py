@@ -19,8 +19,10 @@ from llmprune.cli.recipe import run_recipe
 from llmprune.cli.recover import recover
 from llmprune.cli.regularize import regularize
 from llmprune.cli.status import status
+from llmprune.methods import METHODS
 
-HELP = "Prune causal language models (magnitude, Wanda, SparseGPT, Wanda++, DReSS) through a working directory."
+HELP = (f"Prune causal language models ({', '.join(m.label for m in METHODS.values())}) through a working "
+        "directory.")
 
 app = typer.Typer(name="llmprune", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
                   add_completion=False)
