@@ -198,3 +198,33 @@ def test_out_of_memory_is_one_line_with_advice_and_loses_nothing(calibrated, tmp
     assert (wd / "manifest.json").read_bytes() == before and not (wd / ".staging").exists()
     monkeypatch.undo()
     assert run(["prune", str(wd), "--method", "wanda"]) == 0  # and the step runs once memory allows
+
+
+def test_prune_takes_exactly_the_registered_methods_options(capsys):
+    """prune's options are its own plus every registered method's, read from the declarations: adding a method
+    adds its options, with their help, and nothing else has to change."""
+    from llmprune.cli.recipe import command_options
+    from llmprune.methods import METHODS
+    from llmprune.methods.base import option_specs
+
+    declared = {o.name for m in METHODS.values() for o in option_specs(m.Options)}
+    general = {"method", "sparsity", "pattern", "true_sequential", "device", "act_dtype", "batch_size"}
+    opts = {k for k, (_, flag) in command_options()["prune"].items() if k == flag[2:].replace("-", "_")}
+    assert opts == declared | general
+    assert run(["prune", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for m in METHODS.values():
+        assert m.name in out
+        for o in option_specs(m.Options):
+            assert o.flag in out
+
+
+def test_a_recipe_refuses_another_methods_option_before_running(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[step]]\ncommand = "calibrate"\nmodel = "x"\ndataset = "y"\n\n'
+                      '[[step]]\ncommand = "prune"\nmethod = "wanda"\nblocksize = 64\n')
+    capsys.readouterr()
+    assert run(["run", str(tmp_path / "wd"), "--recipe", str(recipe)]) == 1
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "recipe step 2 (prune)" in err and "it belongs to --method sparsegpt" in err
+    assert not (tmp_path / "wd").exists()
