@@ -51,6 +51,7 @@ VARIANTS = {
     # The setting the calibration-slice ablation chose for this model (benchmarks/wandapp_ablation.py): no
     # gradient term, an RO step large enough to move weights of this scale.
     "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4"],
+    "ria-row": ["--method", "ria", "--compare", "row"],  # RIA scores compared per output row (Wanda's group)
 }
 LLMPRUNE = [sys.executable, "-m", "llmprune"]
 

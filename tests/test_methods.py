@@ -19,7 +19,7 @@ def _weights(wd):
 
 
 @pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ria"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_prune_gives_the_exact_pattern(calibrated, arch, method, pattern):
     wd = calibrated(arch)
@@ -40,7 +40,7 @@ def test_prune_gives_the_exact_pattern(calibrated, arch, method, pattern):
             zeros = (w == 0).sum().item()
             if method == "wanda":  # per output row, exactly
                 assert ((w == 0).sum(1) == k).all(), name
-            else:  # per layer (magnitude) or per block of columns (SparseGPT)
+            else:  # per layer (magnitude, RIA) or per block of columns (SparseGPT)
                 assert zeros == w.numel() // 2, name
         else:
             n, m = map(int, pattern.split(":"))

@@ -15,6 +15,7 @@ _REGISTRY = (
     "wanda",
     "sparsegpt",
     "wandapp",
+    "ria",
     "dress",
 )
 
