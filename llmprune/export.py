@@ -125,11 +125,45 @@ def set_adapter_base(adapter_dir: Path, base_id: str | None) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_folder(fill: Callable[[Path], None], card: str, out: Path, overwrite: bool = False) -> list[Path]:
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def is_earlier_export(folder: Path) -> bool:
+    """Whether ``folder`` is what an earlier ``export`` wrote: llmprune's model card on top, and no workdir inside."""
+    card = folder / "README.md"
+    try:
+        text = card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    if not re.search(r"^\s*-\s*llmprune\s*$", front, re.M):
+        return False
+    return not any(p.name == "manifest.json" for p in folder.rglob("manifest.json"))
+
+
+def check_out(out: Path, workdir: Path, overwrite: bool) -> None:
+    """``--out`` may be new, empty, or (with ``overwrite``) an earlier export -- never the workdir, a folder holding
+    it, or a folder inside it, whose replacement would delete the workdir (and the user's other files)."""
+    o, w = out.resolve(), workdir.resolve()
+    if _within(w, o):
+        raise UserError(f"--out {out} {'is' if o == w else 'contains'} the workdir {workdir}; export to a folder "
+                        "outside it")
+    if _within(o, w):
+        raise UserError(f"--out {out} is inside the workdir {workdir}; export to a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} exists and is not empty; choose an empty or new --out (or pass --overwrite)")
+        if not is_earlier_export(out):
+            raise UserError(f"--overwrite replaces only an earlier llmprune export, and {out} is not one (no llmprune "
+                            "model card on top, or a workdir inside); choose another --out")
+
+
+def build_folder(fill: Callable[[Path], None], card: str, out: Path) -> list[Path]:
     """Write the export folder: ``fill`` populates a temporary sibling, the card is added, then one rename puts it in
-    place. Returns the files written."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; choose an empty or new --out (or pass --overwrite)")
+    place. Returns the files written. ``out`` must have passed ``check_out`` (what an existing folder may be)."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -187,6 +221,7 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = ws.manifest()
+    check_out(out, ws.path, overwrite)
     ws.verify("model")
     pending = recovery.pending_adapter(manifest)
     adapter = ws.path / "adapter"
@@ -224,6 +259,6 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
         if fmt != "merged":
             set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
 
-    written = build_folder(fill, model_card(manifest, fmt, base_id), out, overwrite)
+    written = build_folder(fill, model_card(manifest, fmt, base_id), out)
     url = push(out, push_to_hub, private) if push_to_hub else None
     return {"out": str(out), "format": fmt, "files": [p.relative_to(out).as_posix() for p in written], "url": url}

@@ -63,3 +63,41 @@ def test_push_creates_the_repo_and_uploads_the_folder(pruned, tmp_path, monkeypa
     for p in [*out.rglob("*"), *pruned.rglob("*")]:
         if p.is_file():
             assert b"hf_test_token" not in p.read_bytes(), p
+
+
+def _tree(root):
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_the_workdir_or_a_foreign_folder(pruned, tmp_path, capsys):
+    """--overwrite replaces an earlier export only: never the workdir, a folder holding it, one inside it, or a folder
+    of the user's; each refusal is one line, exit 1, and changes nothing anywhere."""
+    from llmprune.cli import run
+
+    home = pruned.parent  # holds the workdir and the user's other files
+    (home / "notes.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2")
+    (mine / "README.md").write_text("---\ntags:\n- llmprune\n---\n")  # looks like a card, but holds a workdir
+    (mine / "inner").mkdir()
+    (mine / "inner" / "manifest.json").write_text("{}")
+    before = _tree(tmp_path)
+    cases = {pruned: "is the workdir", home: "contains the workdir", pruned / "model": "inside the workdir",
+             mine: "not one", pruned / "manifest.json": "inside the workdir"}
+    for out, expected in cases.items():
+        for extra in (["--overwrite"], ["--overwrite", "--dry-run"]):
+            capsys.readouterr()
+            assert run(["export", str(pruned), "--out", str(out), *extra]) == 1, out
+            err = capsys.readouterr().err.replace("\n", " ")
+            assert err.startswith("error:") and expected in err and "Traceback" not in err, err
+            assert _tree(tmp_path) == before, out
+    # what --overwrite is for: replacing an earlier export
+    out = tmp_path / "export"
+    assert cli("export", pruned, "--out", out)[0] == 0
+    (out / "stale.txt").write_text("from an older export")
+    assert cli("export", pruned, "--out", out, "--overwrite")[0] == 0
+    assert not (out / "stale.txt").exists() and (out / "README.md").is_file()
