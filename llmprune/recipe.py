@@ -278,7 +278,7 @@ def execute(p: RecipePlan, ws, argv_of: Callable[[Entry], list[str]],
         args = argv_of(e)
         if e.command == "calibrate" and ws.path.exists():
             args.append("--force")  # a changed first step starts the workdir over
-        report.info(f"[bold]step {e.index + 1}/{len(entries)}[/]: llmprune {' '.join(args)}")
+        report.info(f"llmprune {' '.join(args)}", lead=f"step {e.index + 1}/{len(entries)}")
         t0 = time.perf_counter()
         rv = invoke(args, {"index": e.index, "fingerprint": e.fingerprint})
         if rv:

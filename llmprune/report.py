@@ -1,6 +1,9 @@
 """The only module that prints: progress bars and messages on stderr, tables and JSON on stdout.
 
-Keeping stdout for results means ``llmprune ... --json | jq`` works while progress bars still show.
+Keeping stdout for results means ``llmprune ... --json | jq`` works while progress bars still show. Every string
+that reaches this module is plain text -- paths, dataset names and recipe values are the user's, and rich markup
+in them (``[bold]``, ``[/x]``) must print as typed, not style the output or crash the printer -- so styles are
+applied here, to ``Text`` objects, never by markup inside the strings.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 err = Console(stderr=True)
 out = Console()
@@ -25,26 +29,27 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def info(msg: str) -> None:
-    err.print(msg, highlight=False)
+def info(msg: str, *, lead: str | None = None) -> None:
+    """A message on stderr; ``lead`` is printed bold before it (``step 2/5: ...``)."""
+    err.print(Text.assemble((f"{lead}: ", "bold"), msg) if lead else Text(msg), highlight=False)
 
 
 def warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    err.print(Text.assemble(("warning:", "yellow"), " ", msg), highlight=False)
 
 
 def error(msg: str) -> None:
-    err.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "red"), " ", msg), highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
 def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
     """A progress bar on stderr; yields ``advance(n=1, **fields)``."""
     bar = Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"),
+        TextColumn("{task.fields[note]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
@@ -63,11 +68,11 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     if _quiet:
         return
-    t = Table(title=title, title_justify="left")
+    t = Table(title=Text(title), title_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(Text(c), justify="left" if i == 0 else "right")
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[Text(fmt(v)) for v in r])
     out.print(t)
 
 

@@ -228,3 +228,26 @@ def test_a_recipe_refuses_another_methods_option_before_running(tmp_path, capsys
     err = capsys.readouterr().err.replace("\n", " ")
     assert "recipe step 2 (prune)" in err and "it belongs to --method sparsegpt" in err
     assert not (tmp_path / "wd").exists()
+
+
+def test_markup_in_user_text_prints_as_typed(tiny_root, tmp_path, capsys):
+    """Paths and values with rich markup in them are the user's text: printed verbatim, never a crash."""
+    wd = tmp_path / "[bold]w[/x]d"
+    capsys.readouterr()
+    assert run(["calibrate", str(wd), "--model", str(tiny_root / "llama"), "--dataset", str(tiny_root / "corpus.txt"),
+                "--samples", "4", "--seqlen", "32"]) == 0
+    out = capsys.readouterr().out
+    assert str(wd) in " ".join(out.split()) or "[bold]w[/x]d" in out
+    assert run(["status", str(wd)]) == 0
+    assert "[bold]w[/x]d" in capsys.readouterr().out
+    missing = tmp_path / "[red]nope[/]"
+    assert run(["status", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "[red]nope[/]" in err and "Traceback" not in err
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[[step]]\ncommand = "calibrate"\nmodel = "{tiny_root / "llama"}"\n'
+                      f'dataset = "{tiny_root / "corpus.txt"}"\nsamples = 4\nseqlen = 32\n'
+                      '[[step]]\ncommand = "eval"\ndataset = "[/bold]' + str(tiny_root / "heldout.txt") + '"\n')
+    assert run(["run", str(tmp_path / "[i]r"), "--recipe", str(recipe)]) == 1  # no such file: one line, as typed
+    err = capsys.readouterr().err
+    assert "step 2/2" in err and "[/bold]" in err and "Traceback" not in err
