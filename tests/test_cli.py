@@ -112,6 +112,14 @@ def _bad_inputs(tiny_root, tmp_path):
         "unknown export format": (["export", "{wd}", "--out", tmp_path / "o", "--format", "gguf"], "unknown --format"),
         "adapter export without adapter": (["export", "{wd}", "--out", tmp_path / "o", "--format", "peft"],
                                            "has no adapter"),
+        # NaN compares false to everything and inf passes `> 0`: every numeric check must refuse both.
+        "infinite RO step": (["prune", "{wd}", "--method", "wandapp", "--ro-lr", "inf"], "--ro-lr must be positive"),
+        "NaN alpha": (["prune", "{wd}", "--method", "wandapp", "--alpha", "nan"], "--alpha must be >= 0"),
+        "NaN damping": (["prune", "{wd}", "--method", "sparsegpt", "--damp", "nan"], "--damp must be positive"),
+        "NaN sparsity": (["prune", "{wd}", "--sparsity", "nan"], "[0, 1)"),
+        "NaN recover lr": (["recover", "{wd}", "--lr", "nan"], "--lr must be positive"),
+        "infinite lambda": (["regularize", "{wd}", "--lambda", "inf"], "--lambda must be positive"),
+        "NaN ratio": (["prune", "{wd}", "--method", "dress", "--ratio", "nan"], "[0, 1)"),
     }
 
 

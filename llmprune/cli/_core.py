@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -51,9 +52,10 @@ def check_device(device: str) -> str:
 
 
 def positive(**values: int | float) -> None:
-    """``--name must be positive`` for the first value that is not (NaN included)."""
+    """``--name must be a positive number`` for the first value that is not (NaN and infinity included: NaN
+    compares false to everything, so a check written ``v <= 0`` lets it through)."""
     for name, v in values.items():
-        if not v > 0:
+        if not (math.isfinite(v) and v > 0):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
 
 

@@ -43,9 +43,9 @@ def recover(
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
     positive(steps=steps if steps is not None else 1, rank=rank, batch_size=batch_size, grad_accum=grad_accum,
-             holdout=holdout, eval_every=eval_every)
-    if epochs is not None and not epochs > 0 or not lr > 0 or not alpha > 0 or not 0 <= dropout < 1 or save_every < 0:
-        raise UserError("--epochs, --lr and --alpha must be positive, --dropout in [0, 1), --save-every >= 0")
+             holdout=holdout, eval_every=eval_every, lr=lr, alpha=alpha, epochs=epochs if epochs is not None else 1)
+    if not 0 <= dropout < 1 or save_every < 0:
+        raise UserError("--dropout must be in [0, 1) and --save-every >= 0")
     opts = RecoverOptions(dataset, text_field, seqlen, steps, epochs, lr, rank, alpha, dropout, targets, batch_size,
                           grad_accum, merge, masked, holdout, eval_every, seed, grad_checkpointing,
                           check_device(device), save_every)

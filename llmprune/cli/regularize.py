@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -39,9 +40,10 @@ def regularize(
     opts = RegularizeOptions(ratio, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
                              batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device)
     opts.check()
-    positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every)
-    if not (lam > 0 and lr > 0):
-        raise UserError("--lambda and --lr must be positive")
+    positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,
+             **{"lambda": lam}, lr=lr)
+    if not (math.isfinite(gap_tol) and gap_tol >= 0):
+        raise UserError(f"--gap-tol must be >= 0, got {gap_tol}")
     check_device(device)
     m = regularize_workdir(open_workdir(ctx, workdir).require_calibration(), opts)
     result = {"workdir": str(workdir), **m}
