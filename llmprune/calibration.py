@@ -31,12 +31,17 @@ def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str
     from safetensors.torch import save_file
 
     from llmprune import data
-    from llmprune.modeling import check_context, load_source, param_count, save_model
+    from llmprune.errors import UserError
+    from llmprune.modeling import check_context, load_source, non_finite, param_count, save_model
 
     check_fresh(ws.path, force)
     text = data.load_text(o.dataset, "calibration", o.text_field)  # before the model: fail fast on bad data
     with ws.step("calibrate", asdict(o), create={}) as tx:
         lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
+        bad, first = non_finite(lm)
+        if bad:
+            raise UserError(f"model {o.model} holds {bad:,} NaN or infinite weights (the first in {first}); "
+                            "a model must be finite to be pruned")
         check_context(lm, o.seqlen)
         ids = data.tokenize(tok, text)
         windows = data.random_windows(ids, o.samples, o.seqlen, o.seed)

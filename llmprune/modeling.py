@@ -88,7 +88,26 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
     return model, tokenizer, base
 
 
+def non_finite(model) -> tuple[int, str | None]:
+    """How many parameter entries are NaN or infinite, and the name of the first tensor holding one."""
+    count, first = 0, None
+    for name, p in model.named_parameters():
+        bad = int((~torch.isfinite(p.detach())).sum())
+        if bad:
+            count += bad
+            first = first or name
+    return count, first
+
+
 def save_model(model, tokenizer, out: Path, max_shard_size: str = "2GB") -> None:
+    """Write the model into a step's staging area -- never one with NaN or infinite weights: the step fails
+    before its commit, and the workdir keeps its previous model."""
+    from llmprune.errors import StepFailed
+
+    count, first = non_finite(model)
+    if count:
+        raise StepFailed(f"the step produced {count:,} NaN or infinite weights (the first in {first}); nothing was "
+                         "committed: lower the learning rate or check the step's options")
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
 

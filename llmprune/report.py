@@ -9,7 +9,6 @@ applied here, to ``Text`` objects, never by markup inside the strings.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from typing import Any, Callable, Iterator
 
@@ -87,5 +86,7 @@ def fmt(v: Any) -> str:
 
 
 def emit_json(doc: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    from llmprune.workdir import dumps
+
+    sys.stdout.write(dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()

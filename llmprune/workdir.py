@@ -23,6 +23,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -42,6 +43,23 @@ COMMIT = ".commit"
 TRASH = ".trash"
 LOCK = ".lock"
 REMOVE = ".remove"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by None: JSON has no such numbers (Python's ``NaN`` and
+    ``Infinity`` tokens are not JSON, and other readers refuse the manifest or the ``--json`` output)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (see ``json_safe``)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -341,7 +359,7 @@ class Workdir:
                 manifest["files"] = dict(sorted(files.items()))
                 manifest["steps"] = [*manifest["steps"], step.to_json(verified=self.verify_inputs,
                                                                       recipe=self.recipe)]
-                atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                atomic_write_text(staging / MANIFEST, dumps(manifest, indent=2) + "\n")
                 fsync_dir(staging)
                 os.replace(staging, self.path / COMMIT)  # the commit point
                 fsync_dir(self.path)
@@ -395,7 +413,7 @@ class Workdir:
                 tops = {rel.split("/", 1)[0] for rel in manifest["files"]}
                 gone = sorted({p.name for p in self.path.iterdir() if not p.name.startswith(".")} - tops - {MANIFEST})
                 (staging / REMOVE).write_text("\n".join(gone), encoding="utf-8")
-                atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                atomic_write_text(staging / MANIFEST, dumps(manifest, indent=2) + "\n")
                 fsync_dir(staging)
                 os.replace(staging, self.path / COMMIT)
                 fsync_dir(self.path)

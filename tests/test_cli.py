@@ -5,6 +5,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
+import tiny
 from conftest import cli
 from llmprune.cli import run
 
@@ -259,3 +260,48 @@ def test_markup_in_user_text_prints_as_typed(tiny_root, tmp_path, capsys):
     assert run(["run", str(tmp_path / "[i]r"), "--recipe", str(recipe)]) == 1  # no such file: one line, as typed
     err = capsys.readouterr().err
     assert "step 2/2" in err and "[/bold]" in err and "Traceback" not in err
+
+
+def test_non_finite_weights_are_never_committed(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
+    """A step that produces NaN/inf weights fails before its commit (exit 2, the workdir as it was); a source model
+    that holds them is refused (exit 1); and JSON output has no bare NaN."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.methods.magnitude import Magnitude
+
+    wd = calibrated("llama")
+    before = (wd / "manifest.json").read_bytes()
+    real = Magnitude.prune_block
+
+    def poisoned(self, ctx):
+        real(self, ctx)
+        next(iter(ctx.linears.values())).weight.data[0, 0] = float("inf")
+
+    monkeypatch.setattr(Magnitude, "prune_block", poisoned)
+    capsys.readouterr()
+    assert run(["prune", str(wd), "--method", "magnitude"]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "NaN or infinite weights" in err and "nothing was committed" in err and "Traceback" not in err
+    assert (wd / "manifest.json").read_bytes() == before
+    monkeypatch.undo()
+
+    src = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[1, 2] = float("nan")
+    model.save_pretrained(src)
+    tiny.tokenizer().save_pretrained(src)
+    capsys.readouterr()
+    assert run(["calibrate", str(tmp_path / "w2"), "--model", str(src), "--dataset", str(tiny_root / "corpus.txt"),
+                "--samples", "4", "--seqlen", "32"]) == 1
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "holds 1 NaN or infinite weights" in err and "model.layers.0.mlp.up_proj.weight" in err
+
+
+def test_json_output_is_strict_json(capsys):
+    from llmprune import report
+
+    report.emit_json({"ppl": float("inf"), "gap": float("nan"), "ok": [1.5, float("-inf")]})
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    assert doc == {"ppl": None, "gap": None, "ok": [1.5, None]}
