@@ -113,7 +113,7 @@ def speed_against(model: nn.Module, base_dir, prompt_len: int, new_tokens: int, 
 
     if base_dir is None:
         return speed(model, prompt_len, new_tokens, device=device)
-    base, _ = load_model(base_dir)
+    base, _ = load_model(base_dir, error=UserError)  # a folder the user named
     runs: dict[str, list[dict[str, float]]] = {"model": [], "baseline": []}
     for _ in range(2):  # alternate, so that a slow spell of the machine hits both
         runs["model"].append(speed(model, prompt_len, new_tokens, device=device))

@@ -39,7 +39,7 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
 
     ``base`` describes the source for the manifest (id or path, revision or file hash, model type).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from llmprune.workdir import sha256_file
 
@@ -72,7 +72,9 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
         raise UserError(f"model source {source} is neither a Hub id, a folder nor a .gguf file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+        model = checked_from_pretrained(where, f"model {source}", UserError, dtype=torch_dtype, **kwargs)
+    except UserError:
+        raise
     except (OSError, ValueError, EnvironmentError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load model {source}: {msg[:300]}") from None
@@ -112,12 +114,38 @@ def save_model(model, tokenizer, out: Path, max_shard_size: str = "2GB") -> None
     tokenizer.save_pretrained(out)
 
 
-def load_model(model_dir: Path, dtype: str = "auto"):
-    """A saved model (safetensors only) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def checked_from_pretrained(where, what: str, error: type[Exception], **kwargs):
+    """``from_pretrained`` that refuses a checkpoint not covering its config.json exactly. transformers fills a
+    missing or mis-shaped tensor with random values and only logs it (the log that llmprune keeps quiet): a model
+    pruned or calibrated so would be random, with a success message. ``error`` is the class to raise (a bad source
+    is bad input; a workdir whose files disagree is an integrity error)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                       **kwargs)
+    problems = []
+    for key, label in (("missing_keys", "missing"), ("mismatched_keys", "of the wrong shape"),
+                       ("unexpected_keys", "not in the model")):
+        names = sorted(k if isinstance(k, str) else k[0] for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} tensor(s) {label} ({shown})")
+    if problems:
+        raise error(f"{what} does not match its config.json: {'; '.join(problems)}; it would run with random "
+                    "weights in their place")
+    return model
+
+
+def load_model(model_dir: Path, dtype: str = "auto", error: type[Exception] | None = None):
+    """A saved model (safetensors only) and its tokenizer. ``error``: raised when the shards do not cover the
+    config (default: an integrity error, as for a workdir's model)."""
+    from transformers import AutoTokenizer
+
+    from llmprune.errors import IntegrityError
 
     _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype), use_safetensors=True)
+    model = checked_from_pretrained(model_dir, f"the model in {model_dir}", error or IntegrityError,
+                                    dtype=parse_dtype(dtype), use_safetensors=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     arch_for(model.config.model_type)

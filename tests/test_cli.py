@@ -305,3 +305,53 @@ def test_json_output_is_strict_json(capsys):
     report.emit_json({"ppl": float("inf"), "gap": float("nan"), "ok": [1.5, float("-inf")]})
     doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
     assert doc == {"ppl": None, "gap": None, "ok": [1.5, None]}
+
+
+@pytest.mark.parametrize("damage", ["missing tensor", "more layers in the config", "unexpected tensor", "wrong shape"])
+def test_weights_that_do_not_cover_the_config_are_refused(tiny_root, tmp_path, capsys, damage):
+    """transformers fills what a checkpoint lacks with random values and only logs it: a source whose shards do not
+    match its config.json is one error line naming the tensors (exit 1), and so is nothing calibrated from it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_root / "llama", src)
+    shard = next(src.glob("*.safetensors"))
+    sd = load_file(shard)
+    name = "model.layers.1.mlp.up_proj.weight"
+    if damage == "missing tensor":
+        del sd[name]
+    elif damage == "unexpected tensor":
+        sd["model.layers.1.mlp.extra.weight"] = torch.zeros(2, 2)
+    elif damage == "wrong shape":
+        sd[name] = torch.zeros(sd[name].shape[0], sd[name].shape[1] + 1)
+    save_file(sd, shard, metadata={"format": "pt"})
+    if damage == "more layers in the config":
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["num_hidden_layers"] += 1
+        (src / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    wd = tmp_path / "wd"
+    assert run(["calibrate", str(wd), "--model", str(src), "--dataset", str(tiny_root / "corpus.txt"),
+                "--samples", "4", "--seqlen", "32"]) == 1
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "does not match its config.json" in err and "Traceback" not in err, err
+    assert ("model.layers.2." if damage == "more layers in the config" else "model.layers.1.mlp.") in err
+    assert not (wd / "manifest.json").exists()
+
+
+def test_a_workdir_whose_config_no_longer_matches_is_an_integrity_error(calibrated, capsys):
+    wd = calibrated("llama")
+    cfg_path = wd / "model" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_hidden_layers"] += 1
+    cfg_path.write_text(json.dumps(cfg))
+    before = (wd / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert run(["prune", str(wd)]) == 4  # the hash check sees the edit first
+    assert run(["--no-verify", "prune", str(wd)]) == 4  # and without it, the loader does
+    err = capsys.readouterr().err
+    assert "does not match its config.json" in err and "Traceback" not in err
+    assert (wd / "manifest.json").read_bytes() == before
