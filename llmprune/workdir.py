@@ -62,6 +62,29 @@ def dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
+def checked_name(rel: Any, what: str, *, top_level: bool = False) -> str:
+    """A name read from the workdir's metadata (the manifest's file list, a pending commit's removal list, a
+    snapshot's manifest), checked to be a relative path that stays inside the workdir: a crafted name must never make
+    a command rename, link or hash a file elsewhere on the machine. ``top_level``: a single path component."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (not parts or rel.startswith("/") or "\\" in rel or "\x00" in rel
+            or any(p in ("", ".", "..") for p in parts) or (top_level and len(parts) > 1)):
+        raise IntegrityError(f"{what} names {rel!r}, which is not a path inside the workdir; its metadata was "
+                             "altered, so the workdir is refused")
+    return rel
+
+
+def check_files(manifest: Any, where: Path) -> None:
+    """The manifest's file list: a mapping of names inside the workdir to SHA-256 digests."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not isinstance(manifest.get("steps"), list):
+        raise IntegrityError(f"{where} has no valid file list or step list; its metadata was altered")
+    for rel, digest in files.items():
+        checked_name(rel, str(where))
+        if not isinstance(digest, str):
+            raise IntegrityError(f"{where}: the hash recorded for {rel!r} is not a string; its metadata was altered")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -233,6 +256,7 @@ class Workdir:
                 f"{self.manifest_path} has format version {data['format_version']}; "
                 f"this llmprune ({__version__}) reads version {FORMAT_VERSION}"
             )
+        check_files(data, self.manifest_path)
         return data
 
     def steps(self, command: str | None = None) -> list[dict[str, Any]]:
@@ -243,8 +267,11 @@ class Workdir:
         files = {k: v for k, v in self.manifest()["files"].items() if k.startswith(prefix + "/")}
         if not files:
             raise UserError(f"{self.path} has no {prefix}/ yet")
+        root = self.path.resolve()
         for rel, digest in files.items():
             p = self.path / rel
+            if root not in p.resolve().parents:  # a symbolic link out of the workdir
+                raise IntegrityError(f"{p} leads outside the workdir; the workdir is refused")
             if not p.is_file():
                 raise IntegrityError(f"{p} is missing (recorded in the manifest)")
             if not self.verify_inputs or (rel, digest) in self._verified:
@@ -298,6 +325,7 @@ class Workdir:
         names = sorted(p.name for p in commit.iterdir() if p.name not in (MANIFEST, REMOVE))
         if (commit / REMOVE).exists():  # a restore: names the restored state does not have
             for name in filter(None, (commit / REMOVE).read_text(encoding="utf-8").splitlines()):
+                checked_name(name, f"{commit / REMOVE}", top_level=True)
                 if (self.path / name).exists():
                     os.replace(self.path / name, trash / f"{name}.{time.time_ns()}")
         for name in names:
@@ -400,8 +428,12 @@ class Workdir:
 
     def restore(self, name: str) -> None:
         """Bring back the state of snapshot ``name`` as one transaction (what it lacks is removed)."""
-        snap = self.path / SNAPSHOTS / name
-        manifest = json.loads((snap / MANIFEST).read_text(encoding="utf-8"))
+        snap = self.path / SNAPSHOTS / checked_name(name, "a recipe snapshot", top_level=True)
+        try:
+            manifest = json.loads((snap / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IntegrityError(f"the recipe snapshot {snap} cannot be read ({e}); the workdir is refused") from None
+        check_files(manifest, snap / MANIFEST)
         with self.locked():
             staging = self.path / STAGING
             staging.mkdir()

@@ -148,3 +148,58 @@ def test_calibrate_refuses_to_overwrite_without_force(calibrated, tiny_root):
     (wd / "stale-dir").mkdir()
     assert cli(*args, "--force")[0] == 0
     assert Workdir(wd).manifest()["model_type"] == "qwen2" and not (wd / "stale-dir").exists()
+
+
+def _tree_of(root):
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.parametrize("where", ["manifest", "removal list", "snapshot", "symlink"])
+def test_names_in_the_metadata_never_leave_the_workdir(calibrated, tiny_root, tmp_path, capsys, where):
+    """A crafted name in the workdir's metadata is refused (exit 4) by every command that reads it, and nothing
+    outside the workdir is renamed, linked or read."""
+    from llmprune.cli import run
+
+    wd = calibrated("llama")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("keep me")
+    m = json.loads((wd / "manifest.json").read_text())
+    commands = [["status", str(wd)], ["prune", str(wd)], ["eval", str(wd), "--dataset", str(tiny_root / "heldout.txt"), "--seqlen", "32"]]
+    if where == "manifest":
+        m["files"]["../outside/secret.txt"] = "0" * 64
+        (wd / "manifest.json").write_text(json.dumps(m))
+    elif where == "removal list":
+        commit = wd / COMMIT
+        commit.mkdir()
+        (commit / ".remove").write_text("../outside\n")
+        (commit / "manifest.json").write_text(json.dumps(m))
+        (wd / "manifest.json").unlink()  # killed mid-move: every command, readers too, finishes the commit first
+    elif where == "symlink":
+        shard = next(k for k in m["files"] if k.startswith("model/") and k.endswith(".safetensors"))
+        (wd / shard).unlink()
+        (wd / shard).symlink_to(outside / "secret.txt")
+    else:  # a recipe snapshot whose manifest names a file outside
+        from llmprune.workdir import SNAPSHOTS
+
+        snap = wd / SNAPSHOTS / "abcd"
+        snap.mkdir(parents=True)
+        m["files"] = {"../../outside/secret.txt": "0" * 64}
+        (snap / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(IntegrityError, match="not a path inside the workdir"):
+            Workdir(wd).restore("abcd")
+        commands = []
+    before = _tree_of(outside)
+    for args in commands:
+        capsys.readouterr()
+        code = run(args)
+        err = capsys.readouterr().err
+        if where == "symlink" and args[0] == "status":
+            assert code == 0  # status hashes nothing; the steps that read the model refuse it
+            continue
+        assert code == 4, (args, err)
+        assert err.startswith("error:") and "Traceback" not in err and "workdir" in err, err
+    assert _tree_of(outside) == before and (outside / "secret.txt").read_text() == "keep me"
