@@ -50,14 +50,38 @@ def _offline_error(source: str, err: Exception) -> UserError:
     )
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"dataset file {path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") \
+            from None
+
+
+def _texts(values: list, where: str, field: str) -> list[str]:
+    """The text values of a field: every one must be a string; a null or a number there is an error, never the word
+    "None" or a repr fed to the model as if it were text."""
+    bad = [(i, v) for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        i, v = bad[0]
+        raise UserError(f"{where}: {len(bad):,} of {len(values):,} rows have no text in '{field}' (row {i}: "
+                        f"{'null' if v is None else type(v).__name__}); clean the data or choose another --text-field")
+    return values
+
+
 def _texts_from_local(path: Path, text_field: str) -> list[str]:
+    if path.is_dir():
+        raise UserError(f"dataset {path} is a folder; give a .txt, .jsonl, .json or .parquet file")
     if not path.is_file():
         raise UserError(f"dataset file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        text = _read_utf8(path)
+        if "\x00" in text:
+            raise UserError(f"dataset file {path} holds NUL bytes: it is not a text file")
+        return [text]
     if suffix in (".jsonl", ".json"):
-        raw = path.read_text(encoding="utf-8")
+        raw = _read_utf8(path)
         try:
             if suffix == ".jsonl":
                 rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
@@ -71,16 +95,20 @@ def _texts_from_local(path: Path, text_field: str) -> list[str]:
             raise UserError(f"{path}: expected a list of objects with a '{text_field}' field")
         if rows and not any(text_field in r for r in rows):
             raise UserError(f"{path}: no row has a '{text_field}' field (choose one with --text-field)")
-        return [str(r[text_field]) for r in rows if text_field in r]
+        return _texts([r.get(text_field) for r in rows], str(path), text_field)
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:160]})") from None
         if text_field not in table.column_names:
             raise UserError(
                 f"{path}: no column '{text_field}' (columns: {', '.join(table.column_names)}); use --text-field"
             )
-        return [str(t) for t in table.column(text_field).to_pylist() if t is not None]
+        return _texts(table.column(text_field).to_pylist(), str(path), text_field)
     raise UserError(f"unsupported dataset file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
@@ -130,7 +158,7 @@ def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:
         raise _offline_error(source, e) from None
     if field not in ds.column_names:
         raise UserError(f"dataset {describe(source)} has no field '{field}' (columns: {', '.join(ds.column_names)})")
-    return [t for t in ds[field] if t is not None]
+    return _texts(list(ds[field]), f"dataset {describe(source)}", field)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -154,6 +154,13 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
             raise UserError("pass --dataset: the calibration source is a local file, which has no test split")
         dataset = src
     text = data.load_text(dataset, "evaluation", o.text_field)
+    if o.speed:
+        import json
+
+        ctx = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+        if ctx is not None and o.prompt_len + o.new_tokens > ctx:
+            raise UserError(f"--prompt-len {o.prompt_len} + --new-tokens {o.new_tokens} is longer than the model's "
+                            f"context ({ctx} tokens)")
     base_dir = None
     if o.speed_baseline is not None:
         if not o.speed:

@@ -166,6 +166,18 @@ def load_current(ws, dtype: str = "auto"):
     return model, tok
 
 
+def check_shard_size(text: str) -> None:
+    """``--max-shard-size`` as ``save_pretrained`` reads it (``2GB``, ``500MB``, bytes), checked before any work."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        ok = convert_file_size_to_int(int(text) if text.isdigit() else text) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"--max-shard-size {text!r} is not a size; use e.g. 2GB, 500MB or a number of bytes")
+
+
 def check_context(model, seqlen: int) -> None:
     """Windows longer than the model's context would be evaluated on positions it never saw."""
     ctx = getattr(model.config, "max_position_embeddings", None)

@@ -238,6 +238,8 @@ class Workdir:
     def manifest(self) -> dict[str, Any]:
         if not self.path.exists():
             raise UserError(f"workdir {self.path} does not exist; create it with `llmprune calibrate {self.path} ...`")
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is a file, not a workdir")
         if not self.exists():
             if (self.path / COMMIT).exists():
                 # A step committed but could not move its files into place before it died: finish it.
@@ -471,6 +473,8 @@ class Workdir:
 def check_fresh(path: Path, force: bool) -> None:
     """Refuse to start a workdir over an existing folder unless ``force`` (and never over a foreign folder)."""
     # A first step killed before its commit leaves only our own scaffolding (lock, staging): still a fresh folder.
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; a workdir is a folder: choose another path")
     if path.exists() and any(p.name not in (LOCK, STAGING, TRASH) for p in path.iterdir()):
         if not (path / MANIFEST).exists() and not (path / COMMIT).exists():
             raise UserError(f"{path} exists and is not an llmprune workdir; choose another path")

@@ -69,7 +69,24 @@ def _bad_inputs(tiny_root, tmp_path):
     (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"\x80\x04")
     m, d = tiny_root / "llama", tiny_root / "corpus.txt"
     cal = ["calibrate", tmp_path / "new", "--model", m, "--dataset", d, "--samples", 4, "--seqlen", 32]
+    text = tiny.corpus(300)
+    (tmp_path / "nulls.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": None}) + "\n")
+    (tmp_path / "numbers.json").write_text(json.dumps([{"text": text}, {"text": 12}]))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
+    (tmp_path / "fake.parquet").write_text(text)
+    (tmp_path / "a-file").write_text("x")
+    with_data = [*cal[:-6], "--samples", 4, "--seqlen", 32, "--dataset"]
     return {
+        "null text rows": ([*with_data, tmp_path / "nulls.jsonl"], "1 of 2 rows have no text in 'text' (row 1: null)"),
+        "number text rows": ([*with_data, tmp_path / "numbers.json"], "(row 1: int)"),
+        "binary text file": ([*with_data, tmp_path / "binary.txt"], "is not UTF-8 text"),
+        "not a parquet file": ([*with_data, tmp_path / "fake.parquet"], "is not a readable parquet file"),
+        "folder as dataset": ([*with_data, tmp_path / "foreign"], "is a folder"),
+        "file as workdir": (["status", tmp_path / "a-file"], "is a file, not a workdir"),
+        "calibrate into a file": (["calibrate", tmp_path / "a-file", *cal[2:]], "is a file"),
+        "bad shard size": ([*cal, "--max-shard-size", "2gigs"], "is not a size"),
+        "prompt beyond context": (["eval", "{wd}", "--dataset", d, "--speed", "--prompt-len", 100000],
+                                  "longer than the model's context"),
         "missing workdir": (["status", tmp_path / "nope"], "does not exist"),
         "foreign workdir": (["status", tmp_path / "foreign"], "not an llmprune workdir"),
         "prune before calibrate": (["prune", tmp_path / "foreign"], "not an llmprune workdir"),

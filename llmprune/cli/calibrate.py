@@ -31,9 +31,12 @@ def calibrate(
     from llmprune.calibration import CalibrateOptions
     from llmprune.calibration import calibrate as run_step
 
+    from llmprune.modeling import check_shard_size
+
     positive(samples=samples)
     if seqlen <= 1:
         raise UserError(f"--seqlen must be at least 2, got {seqlen}")
+    check_shard_size(max_shard_size)
     opts = CalibrateOptions(model, dataset, samples, seqlen, seed, revision, dtype, text_field, trust_remote_code,
                             max_shard_size)
     res = run_step(open_workdir(ctx, workdir), opts, force)
