@@ -91,9 +91,9 @@ def train(
     step, acc_loss, micro = 0, 0.0, 0
     stopped = False
     skip = 0
-    if resume_dir is not None and (resume_dir / STATE_JSON).is_file():
-        step, history = load_checkpoint(resume_dir, trainable, opt)
-        history.pop("extra", None)  # written by llmprune 0.1.0 checkpoints, never read
+    resumed = load_checkpoint(resume_dir, trainable, opt, spec.steps) if resume_dir is not None else None
+    if resumed is not None:
+        step, history = resumed
         skip = step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
         history["resumed_from"] = step
     batches = _cycle(loader)
@@ -152,12 +152,19 @@ STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 
 
+def _state_digest(meta: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def save_checkpoint(where: Path, step: int, history: dict[str, Any], params: list[nn.Parameter], opt) -> None:
     """Trainable parameters and AdamW state as safetensors, step and history as JSON (no pickle), written
-    atomically: the JSON, written last, is what marks the checkpoint complete."""
+    atomically: the JSON, written last, is what marks the checkpoint complete; it holds the tensors' SHA-256 and its
+    own, so a damaged checkpoint is recognised instead of trusted."""
     from safetensors.torch import save_file
 
-    from llmprune.workdir import atomic_write_text
+    from llmprune.workdir import atomic_write_text, sha256_file
 
     where.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -169,16 +176,42 @@ def save_checkpoint(where: Path, step: int, history: dict[str, Any], params: lis
     tmp = where / (STATE_TENSORS + ".tmp")
     save_file(tensors, tmp)
     tmp.replace(where / STATE_TENSORS)
-    atomic_write_text(where / STATE_JSON, json.dumps({"step": step, "history": history, "params": len(params)}))
+    meta = {"step": step, "history": history, "params": len(params), "tensors_sha256": sha256_file(where / STATE_TENSORS)}
+    atomic_write_text(where / STATE_JSON, json.dumps({**meta, "sha256": _state_digest(meta)}))
 
 
-def load_checkpoint(where: Path, params: list[nn.Parameter], opt) -> tuple[int, dict[str, Any]]:
+def load_checkpoint(where: Path, params: list[nn.Parameter], opt, max_step: int) -> tuple[int, dict[str, Any]] | None:
+    """The step and history of the checkpoint in ``where``, its state loaded into ``params`` and ``opt``; or None
+    when there is none. A checkpoint that does not verify (damaged JSON or tensors, another run's parameters, a step
+    outside this run) is discarded with a warning, and the run starts afresh."""
+    import shutil
+
     from safetensors.torch import load_file
 
-    meta = json.loads((where / STATE_JSON).read_text(encoding="utf-8"))
-    if meta["params"] != len(params):
-        raise ValueError(f"the checkpoint in {where} is for another set of trainable parameters")
-    tensors = load_file(where / STATE_TENSORS)
+    from llmprune import report
+    from llmprune.workdir import sha256_file
+
+    if not (where / STATE_JSON).is_file():
+        return None
+    try:
+        meta = json.loads((where / STATE_JSON).read_text(encoding="utf-8"))
+        digest = meta.pop("sha256", None) if isinstance(meta, dict) else None
+        if digest is None or digest != _state_digest(meta):
+            raise ValueError("its state.json was changed or truncated")
+        if sha256_file(where / STATE_TENSORS) != meta["tensors_sha256"]:
+            raise ValueError("its tensors were changed or truncated")
+        if meta["params"] != len(params):
+            raise ValueError("it is for another set of trainable parameters")
+        if not isinstance(meta["step"], int) or not 0 < meta["step"] < max_step:
+            raise ValueError(f"its step {meta['step']!r} is outside this run's 1..{max_step - 1}")
+        tensors = load_file(where / STATE_TENSORS)
+        for i, p in enumerate(params):
+            if tensors[f"param.{i}"].shape != p.shape:
+                raise ValueError("its parameters have other shapes")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        report.warn(f"discarding the checkpoint in {where}: {e}; this step starts afresh")
+        shutil.rmtree(where, ignore_errors=True)
+        return None
     torch.set_rng_state(tensors.pop("rng.cpu"))
     with torch.no_grad():
         for i, p in enumerate(params):

@@ -165,6 +165,57 @@ def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, mon
     assert not list((wd / ".resume").glob("recover-*"))  # cleaned up after the commit
 
 
+@pytest.mark.parametrize("damage", ["truncated json", "edited step", "step beyond the run", "edited tensors"])
+def test_a_damaged_checkpoint_is_discarded_and_the_step_starts_afresh(calibrated, tmp_path, monkeypatch, capsys,
+                                                                      damage):
+    """Resume state is verified like everything else: a damaged checkpoint is never trusted (no decoder error on
+    every rerun, no run that never ends); it is discarded with a warning and the step gives what a fresh run gives."""
+    import shutil
+
+    import llmprune.train as train_mod
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    ref = tmp_path / "ref"
+    shutil.copytree(wd, ref)
+    opts = ["--steps", 8, "--eval-every", 8, "--save-every", 3, *FAST]
+    assert cli("recover", ref, *opts)[0] == 0
+    real = train_mod.heldout_nll
+    calls = {"n": 0}
+
+    def dying(*a, **k):  # killed at the evaluation of step 8, after the checkpoint at step 6
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "heldout_nll", dying)
+    assert run(["recover", str(wd), *map(str, opts)]) == 130
+    monkeypatch.undo()
+    (state,) = (wd / ".resume").glob("recover-*/state.json")
+    text = state.read_text()
+    if damage == "truncated json":
+        state.write_text(text[: len(text) // 2])
+    elif damage == "edited step":
+        state.write_text(text.replace('"step": 6', '"step": 3'))
+    elif damage == "step beyond the run":
+        meta = json.loads(text)
+        meta.pop("sha256")
+        meta["step"] = 10**9
+        state.write_text(json.dumps({**meta, "sha256": train_mod._state_digest(meta)}))
+    else:
+        tensors = state.with_name("state.safetensors")
+        raw = bytearray(tensors.read_bytes())
+        raw[-1] ^= 0xFF  # one flipped byte in the tensor data
+        tensors.write_bytes(bytes(raw))
+    capsys.readouterr()
+    code, res = cli("recover", wd, *opts)
+    assert code == 0 and res["resumed_from"] is None and res["steps"] == 8
+    assert "discarding the checkpoint" in capsys.readouterr().err
+    a, b = _weights(wd), _weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
 @pytest.mark.slow
 def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path):
     """`accelerate launch --num_processes 2 --cpu` (gloo): each process takes half of every batch."""
