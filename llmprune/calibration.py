@@ -28,14 +28,36 @@ class CalibrateOptions:
 def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str, Any]:
     """Bring the model in as safetensors shards and draw the calibration windows; returns the step's metrics plus
     the model type."""
+    from llmprune import data
+
+    check_fresh(ws.path, force)
+    text = data.load_text(o.dataset, "calibration", o.text_field)  # before the model: fail fast on bad data
+    new = not ws.path.exists()
+    try:
+        return _calibrate(ws, o, text)
+    except BaseException:
+        if new:
+            remove_scaffolding(ws.path)  # a failed first calibrate leaves no folder behind
+        raise
+
+
+def remove_scaffolding(path) -> None:
+    """Remove a folder that holds nothing but a workdir's scaffolding (lock, staging), as a failed first step leaves."""
+    import shutil
+
+    from llmprune.workdir import LOCK, STAGING, TRASH
+
+    if path.is_dir() and all(p.name in (LOCK, STAGING, TRASH) for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from llmprune import data
     from llmprune.errors import UserError
     from llmprune.modeling import check_context, load_source, non_finite, param_count, save_model
 
-    check_fresh(ws.path, force)
-    text = data.load_text(o.dataset, "calibration", o.text_field)  # before the model: fail fast on bad data
     with ws.step("calibrate", asdict(o), create={}) as tx:
         lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
         bad, first = non_finite(lm)
@@ -44,6 +66,10 @@ def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str
                             "a model must be finite to be pruned")
         check_context(lm, o.seqlen)
         ids = data.tokenize(tok, text)
+        starts = ids.numel() - o.seqlen
+        if starts > 0 and o.samples > starts:
+            raise UserError(f"--samples {o.samples:,} windows of {o.seqlen} tokens: {o.dataset} has {ids.numel():,} "
+                            f"tokens, so at most {starts:,} distinct windows; ask for fewer")
         windows = data.random_windows(ids, o.samples, o.seqlen, o.seed)
         tx.manifest.update({
             "base_model": base,

@@ -222,6 +222,8 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = ws.manifest()
     check_out(out, ws.path, overwrite)
+    if push_to_hub and not _HUB_ID.match(push_to_hub):
+        raise UserError(f"--push-to-hub {push_to_hub!r} is not a Hub repo id; use OWNER/NAME")
     ws.verify("model")
     pending = recovery.pending_adapter(manifest)
     adapter = ws.path / "adapter"

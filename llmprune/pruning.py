@@ -91,6 +91,10 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
         lm, tok = load_current(ws)
+        already = evaluate.summary(lm)["sparsity"].get("all", 0.0)
+        if not pat.is_nm and already >= s > 0:
+            raise UserError(f"the model is already {already:.1%} sparse; pruning it to {s:.0%} would remove nothing "
+                            "(ask for more, or prune the model before the earlier prune)")
         windows = ws.windows() if method.needs_data else None
         times = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype])
         summ = evaluate.summary(lm)

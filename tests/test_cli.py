@@ -141,6 +141,14 @@ def _bad_inputs(tiny_root, tmp_path):
     }
 
 
+def _tree(root):
+    """Every file under ``root`` (workdirs, the user's folders) with its SHA-256: what a refusal may not change."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -154,11 +162,16 @@ def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypa
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=tiny.VOCAB)).save_pretrained(gpt2)
     tiny.tokenizer().save_pretrained(gpt2)
     cases = _bad_inputs(tiny_root, tmp_path)
+    sibling = tmp_path / "sibling"  # the user's files next to the workdir: never touched
+    sibling.mkdir()
+    (sibling / "keep.txt").write_text("mine")
     for name, (args, expected) in cases.items():
         args = [str(a).format(wd=wd, gpt2=gpt2, opt=opt) for a in args]
+        before = _tree(tmp_path)
         capsys.readouterr()
         code = run(args)
         err = capsys.readouterr().err.strip()
+        assert _tree(tmp_path) == before, f"{name}: files changed"
         assert code == 1, f"{name}: exit {code}: {err}"
         assert err.startswith("error:") and "Traceback" not in err, f"{name}: {err}"
         assert len(err.splitlines()) <= 2, f"{name}: {err}"  # one line, soft-wrapped at most once by rich
@@ -372,3 +385,40 @@ def test_a_workdir_whose_config_no_longer_matches_is_an_integrity_error(calibrat
     err = capsys.readouterr().err
     assert "does not match its config.json" in err and "Traceback" not in err
     assert (wd / "manifest.json").read_bytes() == before
+
+
+def test_smaller_refusals(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
+    """Sparser than asked, a bad repo id, more windows than the text holds, a failed first calibrate's folder."""
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_x")
+    wd = calibrated("llama")
+    assert cli("prune", wd, "--sparsity", 0.5)[0] == 0
+    cases = [
+        (["prune", str(wd), "--sparsity", "0.3"], "already 50.0% sparse"),
+        (["export", str(wd), "--out", str(tmp_path / "o"), "--push-to-hub", "not a repo"], "is not a Hub repo id"),
+        (["calibrate", str(tmp_path / "new"), "--model", str(tiny_root / "llama"), "--dataset",
+          str(tiny_root / "heldout.txt"), "--samples", "100000", "--seqlen", "32"], "distinct windows"),
+        (["calibrate", str(tmp_path / "new"), "--model", str(tiny_root / "llama"), "--dataset",
+          str(tiny_root / "heldout.txt"), "--samples", str(10**12), "--seqlen", "32"], "GiB for the token ids"),
+    ]
+    for args, expected in cases:
+        capsys.readouterr()
+        assert run(args) == 1, args
+        err = capsys.readouterr().err.replace("\n", " ")
+        assert expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "new").exists()  # nothing written, no empty folder
+
+
+def test_sigterm_unwinds_like_ctrl_c(calibrated, monkeypatch, capsys):
+    import os
+    import signal
+
+    from llmprune.methods.magnitude import Magnitude
+
+    wd = calibrated("llama")
+    before = (wd / "manifest.json").read_bytes()
+    monkeypatch.setattr(Magnitude, "prune_block", lambda self, ctx: os.kill(os.getpid(), signal.SIGTERM))
+    capsys.readouterr()
+    assert run(["prune", str(wd), "--method", "magnitude"]) == 143
+    assert "terminated" in capsys.readouterr().err
+    assert (wd / "manifest.json").read_bytes() == before and not (wd / ".staging").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again

@@ -13,12 +13,28 @@ from llmprune import report
 from llmprune.errors import LlmpruneError, StepFailed
 
 INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
 _LEFT = "the workdir is left as it was before this step"
+
+
+class Terminated(BaseException):
+    """SIGTERM (a CI job cancelled, ``kill``), raised in the main thread like Ctrl-C's KeyboardInterrupt, so every
+    step unwinds the same way: its staging area removed, the workdir as it was."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def guarded(invoke: Callable[[], int]) -> int:
     """Run ``invoke`` (a command line through the app) and map what it raises to an exit code."""
+    import signal
+
     debug = os.environ.get("LLMPRUNE_DEBUG") == "1"
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave its handler alone
+        previous = None
     try:
         rv = invoke()
         if rv == INTERRUPTED:
@@ -32,6 +48,9 @@ def guarded(invoke: Callable[[], int]) -> int:
     except (KeyboardInterrupt, EOFError):
         report.error(f"interrupted; {_LEFT}")
         return INTERRUPTED
+    except Terminated:
+        report.error(f"terminated; {_LEFT}")
+        return TERMINATED
     except Exception as e:
         # Typer vendors its own copy of click in recent releases: recognise click's exceptions by class name.
         kinds = {c.__name__ for c in type(e).__mro__}
@@ -51,13 +70,17 @@ def guarded(invoke: Callable[[], int]) -> int:
             return 1
         report.error(message(e))
         return StepFailed.exit_code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def message(e: Exception) -> str:
     """The line shown for an unexpected exception inside a step."""
     import torch
 
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    # safetensors reports a full disk as its own error type, with the OS's text in the message.
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "no space left on device" in str(e).lower():
         return f"no space left on device while writing; {_LEFT}"
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
         return (f"out of memory on the device; {_LEFT}; try --act-dtype bfloat16, a smaller --batch-size, or fewer "

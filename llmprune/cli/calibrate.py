@@ -37,6 +37,7 @@ def calibrate(
     if seqlen <= 1:
         raise UserError(f"--seqlen must be at least 2, got {seqlen}")
     check_shard_size(max_shard_size)
+    _check_memory(samples, seqlen)
     opts = CalibrateOptions(model, dataset, samples, seqlen, seed, revision, dtype, text_field, trust_remote_code,
                             max_shard_size)
     res = run_step(open_workdir(ctx, workdir), opts, force)
@@ -44,3 +45,18 @@ def calibrate(
         f"calibrated {workdir}", ["what", "value"],
         [["model", model], ["model type", res["model_type"]], ["parameters", res["parameters"]],
          ["dataset tokens", res["source_tokens"]], ["windows", f"{samples} × {seqlen}"]]))
+
+
+def _check_memory(samples: int, seqlen: int) -> None:
+    """The windows alone (int64 token ids) must fit in a fraction of this machine's memory; every later step holds
+    activations of that many tokens too."""
+    import os
+
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = samples * seqlen * 8
+    if need > ram // 4:
+        raise UserError(f"--samples {samples:,} x --seqlen {seqlen:,} tokens need {need / 2**30:,.1f} GiB for the token "
+                        f"ids alone, more than a quarter of this machine's {ram / 2**30:,.0f} GiB; ask for fewer")
