@@ -74,15 +74,54 @@ def checked_name(rel: Any, what: str, *, top_level: bool = False) -> str:
     return rel
 
 
+# What every step record holds, and the type each field must have (what the commands read without checking again).
+_STEP_FIELDS = {"command": str, "params": dict, "started": str, "duration_s": (int, float), "inputs": dict,
+                "outputs": dict, "metrics": dict}
+STEP_COMMANDS = {"calibrate", "regularize", "prune", "recover", "eval"}  # the commands that record a step
+_HEADER_FIELDS = {"base_model": dict, "model_type": str, "calibration": dict}
+_CALIBRATION_FIELDS = {"source": str, "seed": int, "samples": int, "seqlen": int}
+
+
 def check_files(manifest: Any, where: Path) -> None:
-    """The manifest's file list: a mapping of names inside the workdir to SHA-256 digests."""
+    """The manifest's shape: a mapping of names inside the workdir to SHA-256 digests, a list of step records with
+    the fields and types the commands read, and the header fields a calibrated workdir has. Anything else means the
+    file was edited or damaged: refused as an integrity error, never a crash half-way through a command."""
+
+    def bad(what: str) -> IntegrityError:
+        return IntegrityError(f"{where}: {what}; the workdir's metadata was altered, so the workdir is refused")
+
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not isinstance(manifest.get("steps"), list):
-        raise IntegrityError(f"{where} has no valid file list or step list; its metadata was altered")
+        raise bad("no valid file list or step list")
     for rel, digest in files.items():
         checked_name(rel, str(where))
         if not isinstance(digest, str):
-            raise IntegrityError(f"{where}: the hash recorded for {rel!r} is not a string; its metadata was altered")
+            raise bad(f"the hash recorded for {rel!r} is not a string")
+    for i, step in enumerate(manifest["steps"], 1):
+        if not isinstance(step, dict):
+            raise bad(f"step {i} is not a record")
+        for key, typ in _STEP_FIELDS.items():
+            if not isinstance(step.get(key), typ) or isinstance(step.get(key), bool):
+                raise bad(f"step {i} has no valid '{key}'")
+        if "recipe" in step and not isinstance(step["recipe"], dict):
+            raise bad(f"step {i} has an invalid 'recipe' tag")
+        for key in ("inputs", "outputs"):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in step[key].items()):
+                raise bad(f"step {i} has an invalid '{key}' list")
+    commands = [step["command"] for step in manifest["steps"]]
+    if commands and (commands[0] != "calibrate" or not set(commands) <= STEP_COMMANDS):
+        raise bad(f"its steps ({', '.join(map(repr, commands))}) are not a pipeline that starts with calibrate")
+    if manifest["steps"]:
+        for part in ("model", "calib"):
+            if not any(rel.startswith(part + "/") for rel in files):
+                raise bad(f"no {part}/ files recorded")
+        for key, typ in _HEADER_FIELDS.items():
+            if not isinstance(manifest.get(key), typ):
+                raise bad(f"no valid '{key}'")
+        cal = manifest["calibration"]
+        for key, typ in _CALIBRATION_FIELDS.items():
+            if not isinstance(cal.get(key), typ) or isinstance(cal.get(key), bool):
+                raise bad(f"no valid calibration '{key}'")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -251,8 +290,10 @@ class Workdir:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read {self.manifest_path}: {e}") from None
-        if not isinstance(data, dict) or "format_version" not in data:
-            raise UserError(f"{self.manifest_path} is not an llmprune manifest")
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise IntegrityError(f"{self.manifest_path} is not an llmprune manifest (no format version): it was "
+                                 "damaged or replaced, so the workdir is refused")
         if data["format_version"] != FORMAT_VERSION:
             raise UserError(
                 f"{self.manifest_path} has format version {data['format_version']}; "
@@ -320,16 +361,25 @@ class Workdir:
 
     def _apply(self, commit: Path) -> None:
         """Move the committed files into place. Idempotent: safe to re-run after a crash at any point."""
+        # Checked whole before anything moves: a pending commit is metadata like the manifest, and one that names a
+        # path outside the workdir or holds a damaged manifest is refused, not half applied.
+        removals = []
+        if (commit / REMOVE).exists():
+            removals = [checked_name(n, str(commit / REMOVE), top_level=True)
+                        for n in filter(None, (commit / REMOVE).read_text(encoding="utf-8").splitlines())]
+        if (commit / MANIFEST).exists():
+            try:
+                check_files(json.loads((commit / MANIFEST).read_text(encoding="utf-8")), commit / MANIFEST)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise IntegrityError(f"{commit / MANIFEST} is not valid JSON; the pending commit is refused") from None
         trash = self.path / TRASH
         trash.mkdir(exist_ok=True)
         # The manifest moves last: until it does, a reader still sees the old manifest, and ``.commit`` tells
         # the next writer to finish the move.
         names = sorted(p.name for p in commit.iterdir() if p.name not in (MANIFEST, REMOVE))
-        if (commit / REMOVE).exists():  # a restore: names the restored state does not have
-            for name in filter(None, (commit / REMOVE).read_text(encoding="utf-8").splitlines()):
-                checked_name(name, f"{commit / REMOVE}", top_level=True)
-                if (self.path / name).exists():
-                    os.replace(self.path / name, trash / f"{name}.{time.time_ns()}")
+        for name in removals:  # a restore: names the restored state does not have
+            if (self.path / name).exists():
+                os.replace(self.path / name, trash / f"{name}.{time.time_ns()}")
         for name in names:
             target = self.path / name
             if target.exists():

@@ -67,13 +67,13 @@ def test_a_committed_transaction_is_finished_on_next_open(calibrated):
     commit.mkdir()
     (commit / "extra.txt").write_text("new")
     m = ws.manifest()
-    m["steps"].append({**m["steps"][0], "command": "noop"})
+    m["steps"].append({**m["steps"][0], "command": "eval"})  # a step of a known command
     (commit / "manifest.json").write_text(json.dumps(m))
     assert [s["command"] for s in Workdir(wd).steps()] == ["calibrate"]  # not yet visible
     with ws.locked():
         pass
     assert not commit.exists() and (wd / "extra.txt").read_text() == "new"
-    assert [s["command"] for s in ws.steps()] == ["calibrate", "noop"]
+    assert [s["command"] for s in ws.steps()] == ["calibrate", "eval"]
 
 
 def test_uncommitted_staging_is_discarded(calibrated):
