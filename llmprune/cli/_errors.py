@@ -1,6 +1,7 @@
 """The one error boundary: every exception becomes one line on stderr and an exit code.
 
-1 bad input, 2 step failed, 3 workdir busy, 4 integrity, 130 interrupted. ``LLMPRUNE_DEBUG=1`` shows tracebacks.
+1 bad input, 2 step failed, 3 workdir busy, 4 integrity, 130 interrupted, 143 terminated. ``LLMPRUNE_DEBUG=1``
+shows tracebacks.
 """
 
 from __future__ import annotations
