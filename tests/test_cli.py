@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune.cli import run
+from llmprune.workdir import hash_tree
 
 
 def test_calibrate_prune_eval_status(calibrated, tiny_root, capsys):
@@ -141,12 +142,6 @@ def _bad_inputs(tiny_root, tmp_path):
     }
 
 
-def _tree(root):
-    """Every file under ``root`` (workdirs, the user's folders) with its SHA-256: what a refusal may not change."""
-    import hashlib
-
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
@@ -167,11 +162,11 @@ def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypa
     (sibling / "keep.txt").write_text("mine")
     for name, (args, expected) in cases.items():
         args = [str(a).format(wd=wd, gpt2=gpt2, opt=opt) for a in args]
-        before = _tree(tmp_path)
+        before = hash_tree(tmp_path, tmp_path)
         capsys.readouterr()
         code = run(args)
         err = capsys.readouterr().err.strip()
-        assert _tree(tmp_path) == before, f"{name}: files changed"
+        assert hash_tree(tmp_path, tmp_path) == before, f"{name}: files changed"
         assert code == 1, f"{name}: exit {code}: {err}"
         assert err.startswith("error:") and "Traceback" not in err, f"{name}: {err}"
         assert len(err.splitlines()) <= 2, f"{name}: {err}"  # one line, soft-wrapped at most once by rich

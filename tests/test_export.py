@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import cli
+from llmprune.workdir import hash_tree
 
 
 @pytest.fixture
@@ -65,11 +66,6 @@ def test_push_creates_the_repo_and_uploads_the_folder(pruned, tmp_path, monkeypa
             assert b"hf_test_token" not in p.read_bytes(), p
 
 
-def _tree(root):
-    import hashlib
-
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_overwrite_never_replaces_the_workdir_or_a_foreign_folder(pruned, tmp_path, capsys):
@@ -85,7 +81,7 @@ def test_overwrite_never_replaces_the_workdir_or_a_foreign_folder(pruned, tmp_pa
     (mine / "README.md").write_text("---\ntags:\n- llmprune\n---\n")  # looks like a card, but holds a workdir
     (mine / "inner").mkdir()
     (mine / "inner" / "manifest.json").write_text("{}")
-    before = _tree(tmp_path)
+    before = hash_tree(tmp_path, tmp_path)
     cases = {pruned: "is the workdir", home: "contains the workdir", pruned / "model": "inside the workdir",
              mine: "not one", pruned / "manifest.json": "inside the workdir"}
     for out, expected in cases.items():
@@ -94,7 +90,7 @@ def test_overwrite_never_replaces_the_workdir_or_a_foreign_folder(pruned, tmp_pa
             assert run(["export", str(pruned), "--out", str(out), *extra]) == 1, out
             err = capsys.readouterr().err.replace("\n", " ")
             assert err.startswith("error:") and expected in err and "Traceback" not in err, err
-            assert _tree(tmp_path) == before, out
+            assert hash_tree(tmp_path, tmp_path) == before, out
     # what --overwrite is for: replacing an earlier export
     out = tmp_path / "export"
     assert cli("export", pruned, "--out", out)[0] == 0

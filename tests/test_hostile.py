@@ -3,7 +3,6 @@ path-like names). Every command either works or refuses in one line with exit 4 
 outside the workdir."""
 
 import copy
-import hashlib
 import json
 import random
 import shutil
@@ -11,6 +10,7 @@ import shutil
 import pytest
 
 from llmprune.cli import run
+from llmprune.workdir import hash_tree
 
 PATHS = ["../outside/secret.txt", "/etc/hostname", "model/../../outside/secret.txt", "", ".", "a//b", "..\\x"]
 SWAPS = [None, 0, 1.5, "x", [], {}, True, ["../outside"], {"../outside/secret.txt": "0" * 64}]
@@ -46,9 +46,6 @@ def _mutate(m: dict, rng: random.Random) -> str:
     return kind
 
 
-def _tree(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("where", ["manifest", "pending commit"])
@@ -73,7 +70,7 @@ def test_fuzzed_metadata_is_refused_in_one_line(calibrated, tmp_path, capsys, wh
             (commit / "manifest.json").write_text(json.dumps(m))
             (commit / ".remove").write_text(rng.choice(["", "../outside\n", "calib\n", "/tmp\n"]))
             (wd / "manifest.json").unlink()
-        before = _tree(outside)
+        before = hash_tree(outside, outside)
         for args in (["status", wd], ["prune", wd, "--method", "magnitude"],
                      ["export", wd, "--out", tmp_path / f"export{case}", "--dry-run"]):
             capsys.readouterr()
@@ -83,6 +80,6 @@ def test_fuzzed_metadata_is_refused_in_one_line(calibrated, tmp_path, capsys, wh
             assert code in (0, 4), f"case {case} {kinds} {args[0]}: exit {code}: {err}"
             if code:
                 assert err.startswith("error:") and "Traceback" not in err and len(err.splitlines()) <= 2, err
-        assert _tree(outside) == before, f"case {case} {kinds}: a file outside the workdir changed"
+        assert hash_tree(outside, outside) == before, f"case {case} {kinds}: a file outside the workdir changed"
         assert not (tmp_path / f"export{case}").exists()
     assert outcomes.get(4, 0) > 0  # the fuzz does reach the refusals

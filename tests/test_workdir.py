@@ -150,11 +150,6 @@ def test_calibrate_refuses_to_overwrite_without_force(calibrated, tiny_root):
     assert Workdir(wd).manifest()["model_type"] == "qwen2" and not (wd / "stale-dir").exists()
 
 
-def _tree_of(root):
-    import hashlib
-
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 @pytest.mark.parametrize("where", ["manifest", "removal list", "snapshot", "symlink"])
@@ -192,7 +187,7 @@ def test_names_in_the_metadata_never_leave_the_workdir(calibrated, tiny_root, tm
         with pytest.raises(IntegrityError, match="not a path inside the workdir"):
             Workdir(wd).restore("abcd")
         commands = []
-    before = _tree_of(outside)
+    before = hash_tree(outside, outside)
     for args in commands:
         capsys.readouterr()
         code = run(args)
@@ -202,4 +197,4 @@ def test_names_in_the_metadata_never_leave_the_workdir(calibrated, tiny_root, tm
             continue
         assert code == 4, (args, err)
         assert err.startswith("error:") and "Traceback" not in err and "workdir" in err, err
-    assert _tree_of(outside) == before and (outside / "secret.txt").read_text() == "keep me"
+    assert hash_tree(outside, outside) == before and (outside / "secret.txt").read_text() == "keep me"
