@@ -45,9 +45,9 @@ def remove_scaffolding(path) -> None:
     """Remove a folder that holds nothing but a workdir's scaffolding (lock, staging), as a failed first step leaves."""
     import shutil
 
-    from llmprune.workdir import LOCK, STAGING, TRASH
+    from llmprune.workdir import SCAFFOLDING
 
-    if path.is_dir() and all(p.name in (LOCK, STAGING, TRASH) for p in path.iterdir()):
+    if path.is_dir() and all(p.name in SCAFFOLDING for p in path.iterdir()):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -13,7 +13,7 @@ from llmprune import arch as _arch
 from llmprune import engine, report
 from llmprune.errors import StepFailed, UserError
 from llmprune.masks import check_width, nm_valid, parse_pattern
-from llmprune.methods import METHODS
+from llmprune.methods import METHODS, method_options
 from llmprune.methods.base import BlockContext, Method, PruneSpec, option_specs
 from llmprune.report import progress
 
@@ -39,18 +39,14 @@ def method_for(name: str) -> Method:
     return METHODS[name]
 
 
-def owners(option_name: str) -> list[str]:
-    """The methods that declare an option."""
-    return [n for n, m in METHODS.items() if any(o.name == option_name for o in option_specs(m.Options))]
-
-
 def check_options_belong(method: Method, given: dict[str, Any]) -> None:
     """An option of another method is an error, not silently ignored: it would do nothing."""
     own = {o.name for o in option_specs(method.Options)}
     foreign = [k for k, v in given.items() if v is not None and k not in own]
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
-        whose = sorted({m for k in foreign for m in owners(k)}, key=list(METHODS).index)
+        declared = method_options()
+        whose = sorted({m for k in foreign for m, _ in declared.get(k, [])}, key=list(METHODS).index)
         raise UserError(f"--method {method.name} takes no {flags}: {'it belongs' if len(foreign) == 1 else 'they belong'}"
                         f" to --method {' or '.join(whose)}")
 

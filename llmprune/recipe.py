@@ -100,20 +100,14 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
 def _check_method_options(e: Entry) -> None:
     """A prune step's method options must be its method's (checked before anything runs, not at that step)."""
     from llmprune import pruning
+    from llmprune.methods import method_options
 
+    declared = method_options()
     try:
         method = pruning.method_for(str(e.options.get("method", "wanda")))
-        pruning.check_options_belong(method, {k: v for k, v in e.options.items()
-                                              if k in pruning_option_names()})
+        pruning.check_options_belong(method, {k: v for k, v in e.options.items() if k in declared})
     except UserError as err:
         raise UserError(f"recipe step {e.index + 1} (prune): {err}") from None
-
-
-def pruning_option_names() -> set[str]:
-    from llmprune.methods import METHODS
-    from llmprune.methods.base import option_specs
-
-    return {o.name for m in METHODS.values() for o in option_specs(m.Options)}
 
 
 _DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")

@@ -43,6 +43,7 @@ COMMIT = ".commit"
 TRASH = ".trash"
 LOCK = ".lock"
 REMOVE = ".remove"
+SCAFFOLDING = (LOCK, STAGING, TRASH)  # what a step that died before its commit may leave in a new folder
 
 
 def json_safe(obj: Any) -> Any:
@@ -525,7 +526,7 @@ def check_fresh(path: Path, force: bool) -> None:
     # A first step killed before its commit leaves only our own scaffolding (lock, staging): still a fresh folder.
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; a workdir is a folder: choose another path")
-    if path.exists() and any(p.name not in (LOCK, STAGING, TRASH) for p in path.iterdir()):
+    if path.exists() and any(p.name not in SCAFFOLDING for p in path.iterdir()):
         if not (path / MANIFEST).exists() and not (path / COMMIT).exists():
             raise UserError(f"{path} exists and is not an llmprune workdir; choose another path")
         if not force:

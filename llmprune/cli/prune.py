@@ -11,8 +11,8 @@ import typer
 
 from llmprune import report
 from llmprune.cli._core import BatchOpt, DeviceOpt, JsonOpt, WorkdirArg, check_device, finish, open_workdir, positive
-from llmprune.methods import METHODS
-from llmprune.methods.base import OptionSpec, option_specs
+from llmprune.methods import METHODS, method_options
+from llmprune.methods.base import OptionSpec
 
 
 def _method_help() -> str:
@@ -63,22 +63,6 @@ def _render(res: dict[str, Any]) -> None:
 
 
 # --- the method options, from the registry --------------------------------------------------------------------------
-def merged_method_options() -> dict[str, tuple[OptionSpec, list[str]]]:
-    """Every method option by name, with the methods that declare it. Two methods may share an option (``seed``)
-    only with the same type."""
-    merged: dict[str, tuple[OptionSpec, list[str]]] = {}
-    for name, m in METHODS.items():
-        for o in option_specs(m.Options):
-            if o.name in merged:
-                first = merged[o.name][0]
-                if first.type != o.type:
-                    raise TypeError(f"option {o.flag}: {merged[o.name][1]} declare it {first.type}, {name} {o.type}")
-                merged[o.name][1].append(name)
-            else:
-                merged[o.name] = (o, [name])
-    return merged
-
-
 def _help(o: OptionSpec) -> str:
     text = o.help.rstrip(".")
     return f"{text} (default {o.default})." if o.default is not None else f"{text}."
@@ -90,13 +74,12 @@ def _with_method_options(func):
     sig = inspect.signature(func, eval_str=True)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     extra = []
-    for name, (_first, owners) in merged_method_options().items():
-        specs = [o for m in owners for o in option_specs(METHODS[m].Options) if o.name == name]
-        base = _strip_optional(_first.type)
-        help_text = " ".join(_help(o) for o in specs)
+    for name, declared in method_options().items():
+        first = declared[0][1]
+        help_text = " ".join(_help(o) for _, o in declared)
         extra.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                       annotation=Annotated[Optional[base], typer.Option(
-                                           _first.flag, help=help_text, show_default=False)]))
+                                       annotation=Annotated[Optional[_strip_optional(first.type)], typer.Option(
+                                           first.flag, help=help_text, show_default=False)]))
     at = next(i for i, p in enumerate(params) if p.name == "device")
     params[at:at] = extra
     func.__signature__ = sig.replace(parameters=params)

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
 from llmprune import engine
@@ -54,6 +55,7 @@ class OptionSpec:
     default: Any
     help: str
     choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
 
     @property
     def flag(self) -> str:
@@ -67,8 +69,8 @@ class NoOptions:
 
 def option_specs(options_cls: type) -> list[OptionSpec]:
     hints = typing.get_type_hints(options_cls)
-    return [OptionSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""), f.metadata.get("choices", ()))
-            for f in dataclasses.fields(options_cls)]
+    return [OptionSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""), f.metadata.get("choices", ()),
+                       f.metadata.get("check")) for f in dataclasses.fields(options_cls)]
 
 
 # --- the method -------------------------------------------------------------------------------------------------
@@ -89,18 +91,16 @@ class Method:
     def options(self, given: dict[str, Any]) -> Any:
         """The typed options: the declared defaults, overridden by the values ``given`` (None = not given)."""
         values = {}
-        for f in dataclasses.fields(self.Options):
-            v = given.get(f.name)
+        for o in option_specs(self.Options):
+            v = given.get(o.name)
             if v is None:
                 continue
-            choices, check = f.metadata.get("choices", ()), f.metadata.get("check")
-            flag = "--" + f.name.replace("_", "-")
-            if choices and v not in choices:
-                raise UserError(f"{flag} must be one of {', '.join(choices)}, got '{v}'")
-            problem = check(v) if check else None
+            if o.choices and v not in o.choices:
+                raise UserError(f"{o.flag} must be one of {', '.join(o.choices)}, got '{v}'")
+            problem = o.check(v) if o.check else None
             if problem:
-                raise UserError(f"{flag} {problem}, got {v}")
-            values[f.name] = v
+                raise UserError(f"{o.flag} {problem}, got {v}")
+            values[o.name] = v
         return self.Options(**values)
 
     def warnings(self, options: Any, calibration_samples: int) -> list[str]:
@@ -113,6 +113,34 @@ class Method:
     def prune_workdir(self, ws: Workdir, options: Any, *, device: str, batch_size: int) -> dict[str, Any]:
         """Structured methods: the whole ``prune`` step on the workdir; returns its result."""
         raise NotImplementedError(f"{self.name} is not a structured method")
+
+
+class ScoreMethod(Method):
+    """A method that zeroes, in each Linear, the weights of lowest ``score(weight, ||X_j||, options)`` (Wanda, RIA):
+    one statistic of the inputs (``RowNorms``), either schedule, the pattern's comparison group."""
+
+    true_sequential = True
+
+    def score(self, weight: torch.Tensor, norms: torch.Tensor, options: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def per_row(self, options: Any) -> bool:
+        """Unstructured sparsity compares scores per output row (True) or across the whole layer (False)."""
+        return True
+
+    @torch.no_grad()
+    def prune_block(self, ctx: BlockContext) -> None:
+        from llmprune.masks import select
+        from llmprune.stats import RowNorms
+
+        opts = ctx.spec.options
+
+        def prune_linear(lin: nn.Linear, stat: RowNorms) -> None:
+            w = lin.weight.data
+            w[select(self.score(w, stat.norms("sum"), opts), ctx.spec.pattern, ctx.spec.sparsity,
+                     per_row=self.per_row(opts))] = 0
+
+        ctx.prune_each_linear(RowNorms, prune_linear)
 
 
 # --- what a method receives for one block ---------------------------------------------------------------------------

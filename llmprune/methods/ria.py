@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmprune.masks import select
-from llmprune.methods.base import BlockContext, Method, non_negative, option
-from llmprune.stats import RowNorms
+from llmprune.methods.base import ScoreMethod, non_negative, option
 
 
 @dataclass(frozen=True)
@@ -42,23 +40,17 @@ def score(weight: torch.Tensor, norms: torch.Tensor, power: float = 0.5) -> torc
     return (w / row + w / col) * norms.float().reshape(1, -1).pow(power)
 
 
-class RIA(Method):
+class RIA(ScoreMethod):
     name = "ria"
     label = "RIA"
     summary = "relative importance of each weight in its row and column, times ||X||^0.5 (Zhang et al. 2024)"
     Options = Options
-    true_sequential = True
 
-    @torch.no_grad()
-    def prune_block(self, ctx: BlockContext) -> None:
-        opts: Options = ctx.spec.options
+    def score(self, weight: torch.Tensor, norms: torch.Tensor, options: Options) -> torch.Tensor:
+        return score(weight, norms, options.act_power)
 
-        def prune_linear(lin, stat: RowNorms) -> None:
-            w = lin.weight.data
-            s = score(w, stat.norms("sum"), opts.act_power)
-            w[select(s, ctx.spec.pattern, ctx.spec.sparsity, per_row=opts.compare == "row")] = 0
-
-        ctx.prune_each_linear(RowNorms, prune_linear)
+    def per_row(self, options: Options) -> bool:
+        return options.compare == "row"
 
 
 METHOD = RIA()

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.masks import select
-from llmprune.methods.base import BlockContext, Method
-from llmprune.stats import RowNorms
+from llmprune.methods.base import ScoreMethod
 
 
 def score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -17,19 +15,13 @@ def score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return weight.abs().float() * norms.reshape(1, -1)
 
 
-class Wanda(Method):
+class Wanda(ScoreMethod):
     name = "wanda"
     label = "Wanda"
     summary = "|W| * ||X||, compared per output row (Sun et al. 2023)"
-    true_sequential = True
 
-    @torch.no_grad()
-    def prune_block(self, ctx: BlockContext) -> None:
-        def prune_linear(lin, stat: RowNorms) -> None:
-            w = lin.weight.data
-            w[select(score(w, stat.norms("sum")), ctx.spec.pattern, ctx.spec.sparsity)] = 0
-
-        ctx.prune_each_linear(RowNorms, prune_linear)
+    def score(self, weight: torch.Tensor, norms: torch.Tensor, options) -> torch.Tensor:
+        return score(weight, norms)
 
 
 METHOD = Wanda()
