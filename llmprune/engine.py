@@ -5,8 +5,13 @@ Every data-driven method (Wanda, SparseGPT, Wanda++) and the streaming evaluatio
 1. ``capture``: run the model on the windows until block 0 is called, and keep what it receives -- the hidden
    states *and every keyword argument* (attention mask, position ids, rotary ``position_embeddings``, cache
    position...). The decoder-layer signature changes between transformers releases, so nothing is hard-coded.
-2. ``walk``: for each block, move it to the device, let the caller collect statistics / prune, then run it again so
-   the next block sees the outputs of the *pruned* block, and move it back. Only one block is on the device at a time.
+2. ``walk``: for each block, load it onto the device, let the caller collect statistics / prune, then run it again
+   so the next block sees the outputs of the *pruned* block, hand it to the caller's sink (the step writes it to its
+   new shards), and unload it. Only one block is on the device -- and, for a ``lazy.Lazy`` model, in memory -- at a
+   time.
+
+Where the weights come from is the ``weights`` argument (``lazy.InMemory`` by default, or a ``lazy.Lazy`` model
+that reads each module from the shards when it is loaded): the walk itself does not change.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune.lazy import InMemory
 from llmprune.report import progress
 from llmprune.stats import Stat
 
@@ -54,17 +60,12 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-def _move_outside_blocks(model: nn.Module, layers: nn.ModuleList, device: torch.device | str) -> None:
-    """Move every parameter and buffer that is not in a decoder block (embeddings, rotary tables, final norm)."""
-    inside = {id(m) for m in layers.modules()}
-    for mod in model.modules():
-        if id(mod) in inside:
-            continue
-        for name, p in list(mod.named_parameters(recurse=False)):
-            p.data = p.data.to(device)
-        for name, b in list(mod.named_buffers(recurse=False)):
-            if b is not None:
-                mod._buffers[name] = b.to(device)
+def _before_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules that run before the first block (embeddings, positions, rotary tables): every module outside the
+    blocks except the final norm and the head, which the capture never reaches."""
+    inside = {id(m) for m in _arch.blocks(model).modules()}
+    after = {id(m) for f in [*_arch.final_modules(model), model.get_output_embeddings()] for m in f.modules()}
+    return [m for m in model.modules() if id(m) not in inside and id(m) not in after]
 
 
 def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -83,9 +84,13 @@ def capture(
     batch_size: int,
     device: str = "cpu",
     act_dtype: torch.dtype | None = None,
+    weights=None,
 ) -> Activations:
+    weights = weights or InMemory()
     layers = _arch.blocks(model)
-    _move_outside_blocks(model, layers, device)
+    before = _before_blocks(model)
+    for m in before:
+        weights.load(m, device, recurse=False)
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
 
@@ -105,7 +110,8 @@ def capture(
                 pass
     finally:
         handle.remove()
-        _move_outside_blocks(model, layers, "cpu")
+        for m in before:
+            weights.unload(m, recurse=False)
     return Activations(hidden, kwargs)
 
 
@@ -213,14 +219,17 @@ def sequential_pass(
 
 
 class Walk:
-    """Iterate ``(index, block, inputs)`` with the block on ``device``.
+    """Iterate ``(index, block, inputs)`` with the block loaded on ``device``.
 
     After the caller's turn, the block is run on the inputs to make the next block's inputs (so later blocks see
-    what the *modified* block produces), and moved back to the CPU. ``outputs`` holds the last block's outputs.
+    what the *modified* block produces), given to ``sink(index, block)`` if there is one, and unloaded.
+    ``outputs`` holds the last block's outputs.
     """
 
-    def __init__(self, model: nn.Module, acts: Activations, device: str, description: str, last_outputs: bool = True):
+    def __init__(self, model: nn.Module, acts: Activations, device: str, description: str, last_outputs: bool = True,
+                 weights=None, sink: Callable[[int, nn.Module], None] | None = None):
         self.model, self.acts, self.device, self.description = model, acts, device, description
+        self.weights, self.sink = weights or InMemory(), sink
         self.last_outputs = last_outputs  # pruning needs no outputs of the last block: skip that pass
         self.outputs: Activations | None = None
         # Set by the caller during its turn when it has already produced the block's outputs (a one-pass
@@ -232,7 +241,7 @@ class Walk:
         acts = self.acts
         with progress(self.description, total=len(layers)) as advance:
             for i, block in enumerate(layers):
-                block.to(self.device)
+                self.weights.load(block, self.device)
                 self.next_inputs = None
                 yield i, block, acts
                 if self.next_inputs is not None:
@@ -240,28 +249,42 @@ class Walk:
                 elif i < len(layers) - 1 or self.last_outputs:
                     with torch.no_grad():
                         acts = run_block(block, acts, self.device)
-                block.to("cpu")
+                if self.sink is not None:
+                    self.sink(i, block)
+                self.weights.unload(block)
                 advance()
         self.outputs = acts
 
 
-def stream(model: nn.Module, acts: Activations, device: str, description: str) -> Activations:
+def stream(model: nn.Module, acts: Activations, device: str, description: str, weights=None,
+           sink: Callable[[int, nn.Module], None] | None = None) -> Activations:
     """Run all blocks in sequence (no changes) and return the outputs of the last one."""
-    w = Walk(model, acts, device, description)
+    w = Walk(model, acts, device, description, weights=weights, sink=sink)
     for _ in w:
         pass
     return w.outputs
 
 
-@torch.no_grad()
-def head_logits(model: nn.Module, hidden: torch.Tensor, device: str) -> torch.Tensor:
-    """Final norm (and projection) then lm_head, on one chunk of last-block outputs."""
-    mods = [*_arch.final_modules(model), model.get_output_embeddings()]
-    dtype = model.get_output_embeddings().weight.dtype
-    x = hidden.to(device=device, dtype=dtype)
-    for m in mods:
-        m.to(device)
-        x = m(x)
-    for m in mods:
-        m.to("cpu")
-    return x
+class Head:
+    """The final norm (and projection) and ``lm_head``, loaded on ``device`` for the ``with`` body: calling it maps
+    a chunk of last-block outputs to logits."""
+
+    def __init__(self, model: nn.Module, device: str, weights=None):
+        self.mods = [*_arch.final_modules(model), model.get_output_embeddings()]
+        self.device, self.weights = device, weights or InMemory()
+
+    def __enter__(self) -> "Head":
+        for m in self.mods:
+            self.weights.load(m, self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.mods:
+            self.weights.unload(m)
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(device=self.device, dtype=self.mods[-1].weight.dtype)
+        for m in self.mods:
+            x = m(x)
+        return x

@@ -21,52 +21,66 @@ from llmprune.modeling import param_count
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4, act_dtype=None
+    model: nn.Module, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4, act_dtype=None, weights=None,
+    sink=None,
 ) -> dict[str, float]:
     """exp(mean next-token NLL) over all predicted tokens of non-overlapping windows (BENCHMARK.md protocol).
 
-    Runs through the block-by-block engine, so only one block is on the device at a time.
+    Runs through the block-by-block engine, so only one block is on the device at a time (and, for a lazy model, in
+    memory: ``weights``). ``sink(index, block)`` sees each loaded block (e.g. to count its zeros).
     """
-    acts = engine.capture(model, windows, batch_size, device, act_dtype)
-    outs = engine.stream(model, acts, device, "evaluating")
+    acts = engine.capture(model, windows, batch_size, device, act_dtype, weights=weights)
+    outs = engine.stream(model, acts, device, "evaluating", weights=weights, sink=sink)
     nll, count = 0.0, 0
     start = 0
-    for h in outs.hidden:
-        for j in range(h.shape[0]):  # one window at a time: its logits are [seqlen, vocab]
-            logits = engine.head_logits(model, h[j : j + 1], device)[0].float()
-            target = windows[start + j, 1:].to(logits.device)
-            nll += F.cross_entropy(logits[:-1], target, reduction="sum").item()
-            count += target.numel()
-        start += h.shape[0]
+    with engine.Head(model, device, weights) as head:
+        for h in outs.hidden:
+            for j in range(h.shape[0]):  # one window at a time: its logits are [seqlen, vocab]
+                logits = head(h[j : j + 1])[0].float()
+                target = windows[start + j, 1:].to(logits.device)
+                nll += F.cross_entropy(logits[:-1], target, reduction="sum").item()
+                count += target.numel()
+            start += h.shape[0]
     mean = nll / count
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "windows": int(windows.shape[0])}
 
 
-def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    """Fraction of exact zeros of every prunable Linear, by its full name."""
-    out = {}
+def block_zeros(index: int, block: nn.Module) -> dict[str, tuple[int, int]]:
+    """``(exact zeros, entries)`` of every prunable Linear of one (loaded) block, by its full name ``i.name``."""
+    return {f"{index}.{name}": (int((lin.weight == 0).sum()), lin.weight.numel())
+            for name, lin in _arch.block_linears(block).items()}
+
+
+def model_zeros(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``block_zeros`` of every block of a model held in memory."""
+    out: dict[str, tuple[int, int]] = {}
     for i, block in enumerate(_arch.blocks(model)):
-        for name, lin in _arch.block_linears(block).items():
-            w = lin.weight
-            out[f"{i}.{name}"] = (w == 0).sum().item() / w.numel()
+        out.update(block_zeros(i, block))
     return out
 
 
-def sparsity_by_type(model: nn.Module) -> dict[str, float]:
+def layer_sparsity(counts: dict[str, tuple[int, int]] | nn.Module) -> dict[str, float]:
+    """Fraction of exact zeros of every prunable Linear, by its full name (from ``block_zeros`` counts or a model)."""
+    counts = model_zeros(counts) if isinstance(counts, nn.Module) else counts
+    return {k: z / n for k, (z, n) in counts.items()}
+
+
+def sparsity_by_type(counts: dict[str, tuple[int, int]] | nn.Module) -> dict[str, float]:
     """Fraction of exact zeros per layer type (``self_attn.q_proj``...) over all blocks, and ``all`` of them."""
+    counts = model_zeros(counts) if isinstance(counts, nn.Module) else counts
     zeros: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    for block in _arch.blocks(model):
-        for name, lin in _arch.block_linears(block).items():
-            z, n = (lin.weight == 0).sum().item(), lin.weight.numel()
-            for key in (name, "all"):
-                zeros[key] += z
-                total[key] += n
+    for full, (z, n) in counts.items():
+        for key in (full.split(".", 1)[1], "all"):
+            zeros[key] += z
+            total[key] += n
     return {k: zeros[k] / total[k] for k in sorted(total, key=lambda k: (k == "all", k))}
 
 
-def summary(model: nn.Module) -> dict[str, object]:
-    return {"parameters": param_count(model), "sparsity": sparsity_by_type(model)}
+def summary(model: nn.Module, counts: dict[str, tuple[int, int]] | None = None) -> dict[str, object]:
+    """Parameters and sparsity by layer type; ``counts`` (``block_zeros`` gathered during a walk) for a lazy model,
+    whose weights are not in memory to count."""
+    return {"parameters": param_count(model), "sparsity": sparsity_by_type(model if counts is None else counts)}
 
 
 @torch.no_grad()

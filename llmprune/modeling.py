@@ -166,6 +166,27 @@ def load_current(ws, dtype: str = "auto"):
     return model, tok
 
 
+def open_current(ws):
+    """``(model, tokenizer, weights)``: the workdir's model for a block-by-block walk, checked against its hashes.
+
+    Lazy (``lazy.Lazy``: a skeleton whose blocks are read from the shards as the walk reaches them), so the step
+    holds one block at a time, unless ``recover --no-merge`` left an adapter to merge first: peft merges a whole
+    model in memory, so that model is loaded whole (``lazy.InMemory``).
+    """
+    from transformers import AutoTokenizer
+
+    from llmprune import recovery
+    from llmprune.lazy import InMemory, Lazy
+
+    if recovery.pending_adapter(ws.manifest()) is not None:
+        model, tok = load_current(ws)
+        return model, tok, InMemory()
+    _quiet_transformers()
+    ws.verify("model")
+    weights = Lazy(ws.model_dir)
+    return weights.model, AutoTokenizer.from_pretrained(ws.model_dir), weights
+
+
 def check_shard_size(text: str) -> None:
     """``--max-shard-size`` as ``save_pretrained`` reads it (``2GB``, ``500MB``, bytes), checked before any work."""
     from transformers.utils.hub import convert_file_size_to_int

@@ -54,7 +54,8 @@ def check_options_belong(method: Method, given: dict[str, Any]) -> None:
 def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
     """The ``prune`` step: check the request, prune the workdir's model, commit it; returns the step's result."""
     from llmprune import evaluate
-    from llmprune.modeling import DTYPES, load_current, save_model
+    from llmprune.lazy import Rewrite
+    from llmprune.modeling import DTYPES, open_current, save_model
 
     method = method_for(req.method)
     check_options_belong(method, req.options)
@@ -86,18 +87,44 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
     with ws.step("prune", params) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
-        lm, tok = load_current(ws)
-        already = evaluate.summary(lm)["sparsity"].get("all", 0.0)
-        if not pat.is_nm and already >= s > 0:
-            raise UserError(f"the model is already {already:.1%} sparse; pruning it to {s:.0%} would remove nothing "
-                            "(ask for more, or prune the model before the earlier prune)")
+        lm, tok, weights = open_current(ws)
+        check_pattern(lm, spec)
         windows = ws.windows() if method.needs_data else None
-        times = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype])
-        summ = evaluate.summary(lm)
-        tx.step.metrics = {**times, **summ, "layer_sparsity": evaluate.layer_sparsity(lm)}
-        save_model(lm, tok, tx.stage("model"), ws.shard_size)
+        out = tx.stage("model")
+        if weights.lazy:
+            linears = {f"{p}.{n}.weight" for p, b in _block_prefixes(lm) for n in _arch.block_linears(b)}
+            rewrite = Rewrite(weights, out, linears)
+            try:
+                result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype],
+                                     weights=weights, sink=rewrite.block)
+                check_not_already(result["before"], pat, s)
+                for f in rewrite.close():
+                    tx.known[f"model/{f}"] = ws.manifest()["files"][f"model/{f}"]
+            finally:
+                rewrite.abort()
+        else:
+            result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype])
+            check_not_already(result["before"], pat, s)
+            save_model(lm, tok, out, ws.shard_size)
+        summ = evaluate.summary(lm, result["after"])
+        tx.step.metrics = {**result["times"], **summ, "layer_sparsity": evaluate.layer_sparsity(result["after"])}
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
-    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **times, **summ}
+    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **summ}
+
+
+def _block_prefixes(model: nn.Module):
+    layers = _arch.arch_for(model.config.model_type).layers
+    return [(f"{layers}.{i}", b) for i, b in enumerate(_arch.blocks(model))]
+
+
+def check_not_already(before: dict[str, tuple[int, int]], pat, s: float) -> None:
+    """Pruning a model already sparser than asked for would remove nothing (N:M is checked per group instead)."""
+    from llmprune import evaluate
+
+    already = evaluate.sparsity_by_type(before).get("all", 0.0) if before else 0.0
+    if not pat.is_nm and already >= s > 0:
+        raise UserError(f"the model is already {already:.1%} sparse; pruning it to {s:.0%} would remove nothing "
+                        "(ask for more, or prune the model before the earlier prune)")
 
 
 def check_pattern(model: nn.Module, spec: PruneSpec) -> None:
@@ -114,18 +141,41 @@ def prune_model(
     device: str = "cpu",
     batch_size: int = 4,
     act_dtype: torch.dtype | None = None,
+    weights=None,
+    sink=None,
 ) -> dict[str, Any]:
-    """Prune ``model`` in place; returns the time of each phase."""
+    """Prune ``model`` block by block; returns the time of each phase (``times``) and the exact zeros of every
+    prunable Linear before and after (``before``, ``after``: ``evaluate.block_zeros`` counts).
+
+    ``weights``: where the blocks live (``lazy.InMemory`` by default: the model is pruned in place; a ``lazy.Lazy``
+    model is read block by block). ``sink(index, block)`` receives each pruned block, checked, before it is unloaded
+    (the step writes it to its new shards there).
+    """
+    from llmprune.evaluate import block_zeros
+    from llmprune.lazy import InMemory
+
+    weights = weights or InMemory()
     check_pattern(model, spec)
     times = {"capture_s": 0.0, "prune_s": 0.0, "propagate_s": 0.0}
+    before: dict[str, tuple[int, int]] = {}
+    after: dict[str, tuple[int, int]] = {}
+
+    def done(i: int, block: nn.Module) -> None:
+        verify_block(i, block, spec)
+        after.update(block_zeros(i, block))
+        if sink is not None:
+            sink(i, block)
+
     t0 = time.perf_counter()
     if not method.needs_data:
         layers = _arch.blocks(model)
         with progress(method.name, total=len(layers)) as advance:
             for i, block in enumerate(layers):
-                block.to(device)
+                weights.load(block, device)
+                before.update(block_zeros(i, block))
                 method.prune_block(BlockContext(i, block, None, device, spec))
-                block.to("cpu")
+                done(i, block)
+                weights.unload(block)
                 advance()
         times["prune_s"] = time.perf_counter() - t0
     else:
@@ -134,34 +184,33 @@ def prune_model(
             batch_size = 1  # the method works on one window at a time (e.g. per-sample gradients)
         if spec.true_sequential:
             batch_size = windows.shape[0]  # one pass prunes each Linear once it has seen every window
-        acts = engine.capture(model, windows, batch_size, device, act_dtype)
+        acts = engine.capture(model, windows, batch_size, device, act_dtype, weights=weights)
         times["capture_s"] = time.perf_counter() - t0
-        walk = engine.Walk(model, acts, device, method.name, last_outputs=False)
+        walk = engine.Walk(model, acts, device, method.name, last_outputs=False, weights=weights, sink=done)
         mark = time.perf_counter()
         for i, block, inputs in walk:
-            times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation
+            times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation (and writing)
             mark = time.perf_counter()
+            before.update(block_zeros(i, block))
             ctx = BlockContext(i, block, inputs, device, spec)
             method.prune_block(ctx)
             walk.next_inputs = ctx.outputs
             times["prune_s"] += time.perf_counter() - mark
             mark = time.perf_counter()
         times["propagate_s"] += time.perf_counter() - mark
-    verify_pattern(model, spec)
-    return {k: round(v, 3) for k, v in times.items()}
+    return {"times": {k: round(v, 3) for k, v in times.items()}, "before": before, "after": after}
 
 
-def verify_pattern(model: nn.Module, spec: PruneSpec) -> None:
+def verify_block(index: int, block: nn.Module, spec: PruneSpec) -> None:
     """Every pruned Linear must hold the zeros the pattern asks for; anything else is a bug, not a user error."""
-    for i, block in enumerate(_arch.blocks(model)):
-        for name, lin in _arch.block_linears(block).items():
-            w = lin.weight.data
-            if spec.pattern.is_nm:
-                ok = nm_valid(w, spec.pattern.n, spec.pattern.m)
-            else:
-                # Methods compare scores per output row (or SparseGPT per block of columns), and each group rounds
-                # its count down: up to one weight fewer per row than int(numel * sparsity) (SparseGPT has fewer
-                # column blocks than rows in any real model).
-                ok = (w == 0).sum().item() >= int(w.numel() * spec.sparsity) - w.shape[0]
-            if not ok:
-                raise StepFailed(f"layer {i}.{name} does not have the requested {spec.pattern} sparsity after pruning")
+    for name, lin in _arch.block_linears(block).items():
+        w = lin.weight.data
+        if spec.pattern.is_nm:
+            ok = nm_valid(w, spec.pattern.n, spec.pattern.m)
+        else:
+            # Methods compare scores per output row (or SparseGPT per block of columns), and each group rounds
+            # its count down: up to one weight fewer per row than int(numel * sparsity) (SparseGPT has fewer
+            # column blocks than rows in any real model).
+            ok = (w == 0).sum().item() >= int(w.numel() * spec.sparsity) - w.shape[0]
+        if not ok:
+            raise StepFailed(f"layer {index}.{name} does not have the requested {spec.pattern} sparsity after pruning")

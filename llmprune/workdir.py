@@ -168,12 +168,14 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def hash_tree(root: Path, rel_to: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root``, keyed by the path relative to ``rel_to``."""
+def hash_tree(root: Path, rel_to: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, keyed by the path relative to ``rel_to``. ``known``: digests already
+    established for some of them (a shard hard-linked from the previous state is the same inode: not re-read)."""
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            out[p.relative_to(rel_to).as_posix()] = sha256_file(p)
+            rel = p.relative_to(rel_to).as_posix()
+            out[rel] = (known or {}).get(rel) or sha256_file(p)
     return out
 
 
@@ -217,6 +219,7 @@ class Transaction:
         self.root = root or workdir.path / STAGING
         self.replaced: set[str] = set()
         self.manifest: dict[str, Any] = {}  # the manifest being written; a step may add header fields
+        self.known: dict[str, str] = {}  # staged files hard-linked from recorded ones: their digest, not re-hashed
 
     def stage(self, name: str) -> Path:
         """A fresh path inside the staging area that will replace ``WORKDIR/name`` on commit."""
@@ -430,7 +433,7 @@ class Workdir:
                 for name in sorted(tx.replaced):
                     staged = staging / name
                     if staged.is_dir():
-                        new = hash_tree(staged, staging)
+                        new = hash_tree(staged, staging, tx.known)
                     elif staged.is_file():
                         new = {name: sha256_file(staged)}
                     else:

@@ -19,7 +19,8 @@ def test_streaming_equals_full_model(tiny_root, arch):
         full = model(input_ids=windows, use_cache=False).logits
     assert [h.shape[0] for h in acts.hidden] == [2, 2, 1]
     out = engine.stream(model, acts, "cpu", "test")
-    streamed = torch.cat([engine.head_logits(model, h, "cpu") for h in out.hidden])
+    with engine.Head(model, "cpu") as head:
+        streamed = torch.cat([head(h) for h in out.hidden])
     torch.testing.assert_close(streamed, full, rtol=1e-5, atol=1e-5)
 
 

@@ -140,17 +140,17 @@ def test_kill_at_random_points_loses_nothing(tiny_root, tmp_path):
 
 
 def test_full_disk_mid_save_leaves_the_previous_state(calibrated, monkeypatch, capsys):
-    import llmprune.modeling as modeling
+    from llmprune.lazy import Rewrite
 
     wd = calibrated("qwen2")
     before = (wd / "manifest.json").read_text()
-    real = modeling.save_model
+    real = Rewrite.close
 
-    def full_disk(model, tok, out, *a, **k):
-        real(model, tok, out, *a, **k)  # half of the step's files are written...
+    def full_disk(self):
+        real(self)  # the step's new shards are written...
         raise OSError(errno.ENOSPC, "No space left on device")  # ...then the disk is full
 
-    monkeypatch.setattr(modeling, "save_model", full_disk)
+    monkeypatch.setattr(Rewrite, "close", full_disk)
     capsys.readouterr()
     assert run(["prune", str(wd), "--method", "wanda"]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,213 @@
+"""Where a model's weights live while the engine walks it: all in memory, or in the shards until a module needs them.
+
+The engine asks for one module at a time (a decoder block, the embeddings, the head) through ``load`` and gives it
+back through ``unload``. ``InMemory`` moves a resident model between devices. ``Lazy`` builds the model's skeleton
+without allocating a weight (accelerate's ``init_empty_weights``: every parameter on the ``meta`` device), reads a
+module's tensors from the shards when it is loaded and puts meta tensors back when it is unloaded, so the peak is
+one block plus the activations, whatever the size of the model.
+
+A lazy model keeps each tensor in the checkpoint's own dtype (a bf16 release computes in bf16 and is written back in
+bf16); statistics are accumulated in fp32 by ``stats``, whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmprune.errors import IntegrityError
+from llmprune.shards import DTYPES, ShardSet
+
+
+class InMemory:
+    """A model held whole in host memory: loading moves a module to the device, unloading moves it back."""
+
+    lazy = False
+
+    def load(self, module: nn.Module, device: str, recurse: bool = True) -> None:
+        _move(module, device, recurse)
+
+    def unload(self, module: nn.Module, recurse: bool = True) -> None:
+        _move(module, "cpu", recurse)
+
+
+def _move(module: nn.Module, device: str, recurse: bool) -> None:
+    if recurse:
+        module.to(device)
+        return
+    for p in module._parameters.values():  # the module's own tensors only (not its children's)
+        if p is not None:
+            p.data = p.data.to(device)
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = b.to(device)
+
+
+class Lazy:
+    """A model whose weights stay in the safetensors shards of ``folder`` until a module is loaded.
+
+    ``model`` is the skeleton (``meta`` parameters; buffers that the modules compute at construction, like rotary
+    tables, are real). The shards must cover the skeleton exactly: a tensor missing, of the wrong shape, or not in
+    the model is refused at once (``error``), never replaced by random values as ``from_pretrained`` would.
+    """
+
+    lazy = True
+
+    def __init__(self, folder: str | Path, error: type[Exception] = IntegrityError):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from llmprune.arch import arch_for
+
+        self.folder = Path(folder)
+        self.shards = ShardSet(self.folder, error)
+        config = AutoConfig.from_pretrained(self.folder)
+        arch_for(config.model_type)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()  # under init_empty_weights the tie is only declared; make it the same Parameter
+        model.eval()
+        self.model = model
+        # Every name a parameter answers to (a tied head and embedding are one Parameter, one tensor on disk).
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        self.key: dict[str, str] = {}  # parameter or persistent buffer name -> its tensor's name in the shards
+        missing, wrong = [], []
+        for names in groups.values():
+            stored = [n for n in names if n in self.shards]
+            if not stored:
+                missing.append(names[0])
+            for n in names[: len(stored) and len(names)]:
+                self.key[n] = stored[0]
+        persistent = set(model.state_dict())
+        for name, _ in model.named_buffers():
+            if name in persistent and name in self.shards:
+                self.key[name] = name
+            elif name in persistent:
+                missing.append(name)
+        shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
+                  **{n: tuple(b.shape) for n, b in model.named_buffers()}}
+        wrong = sorted({key for name, key in self.key.items() if self.shards.entries[key].shape != shapes[name]})
+        extra = sorted(set(self.shards.names()) - set(self.key.values()))
+        problems = [f"{len(names)} tensor(s) {label} ({', '.join(names[:3])}"
+                    + (f" and {len(names) - 3} more)" if len(names) > 3 else ")")
+                    for names, label in ((missing, "missing"), (wrong, "of the wrong shape"),
+                                         (extra, "not in the model")) if names]
+        if problems:
+            raise error(f"the model in {self.folder} does not match its config.json: {'; '.join(problems)}")
+        self._names = {id(m): name for name, m in model.named_modules()}
+        # The (module, attribute) pairs holding each parameter: a tied head and embedding must stay one Parameter
+        # through every load and unload (a parameter count, or a weight tied on save, would otherwise see two).
+        self._holders: dict[str, list[tuple[nn.Module, str]]] = {}
+        for names in groups.values():
+            holders = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
+            for n in names:
+                self._holders[n] = holders
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most of the checkpoint's bytes are in (what the model computes in)."""
+        counts: dict[str, int] = {}
+        for e in self.shards.entries.values():
+            counts[e.dtype] = counts.get(e.dtype, 0) + e.nbytes
+        return DTYPES[max(counts, key=counts.get)]
+
+    def _members(self, module: nn.Module, recurse: bool = True) -> Iterator[tuple[nn.Module, str, str, bool]]:
+        """``(owner, attribute, full name, is_parameter)`` of every tensor held by ``module`` (and its children)."""
+        prefix = self._names[id(module)]
+        for sub_name, sub in (module.named_modules() if recurse else [("", module)]):
+            full = ".".join(p for p in (prefix, sub_name) if p)
+            for attr, p in sub._parameters.items():
+                if p is not None:
+                    yield sub, attr, f"{full}.{attr}" if full else attr, True
+            for attr, b in sub._buffers.items():
+                if b is not None:
+                    yield sub, attr, f"{full}.{attr}" if full else attr, False
+
+    def load(self, module: nn.Module, device: str, recurse: bool = True) -> None:
+        for owner, attr, name, is_param in self._members(module, recurse):
+            if is_param:
+                p = owner._parameters[attr]
+                if p.device.type == "meta":
+                    self._set(name, nn.Parameter(self.shards.get(self.key[name]).to(device),
+                                                 requires_grad=p.requires_grad))
+                else:
+                    p.data = p.data.to(device)
+            else:
+                b = owner._buffers[attr]
+                owner._buffers[attr] = (self.shards.get(name) if name in self.key and b.device.type == "meta"
+                                        else b).to(device)
+
+    def unload(self, module: nn.Module, recurse: bool = True) -> None:
+        for owner, attr, name, is_param in self._members(module, recurse):
+            if is_param:
+                p = owner._parameters[attr]
+                if p.device.type != "meta":
+                    self._set(name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                 requires_grad=p.requires_grad))
+            else:
+                owner._buffers[attr] = owner._buffers[attr].to("cpu")
+
+    def _set(self, name: str, param: nn.Parameter) -> None:
+        for owner, attr in self._holders[name]:
+            owner._parameters[attr] = param
+
+    def tensors(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name in the shards, tensor)`` of every stored tensor of a loaded ``module`` (an alias of a tied weight
+        is not stored twice)."""
+        for owner, attr, name, is_param in self._members(module):
+            if self.key.get(name) == name:
+                t = owner._parameters[attr] if is_param else owner._buffers[attr]
+                if t.device.type == "meta":
+                    raise RuntimeError(f"{name} is not loaded")
+                yield name, t.detach()
+
+    def names(self, module: nn.Module) -> set[str]:
+        """The shard tensors ``module`` holds."""
+        return {name for _, _, name, _ in self._members(module) if self.key.get(name) == name}
+
+
+class Rewrite:
+    """A step's new model folder ``out`` written while the walk goes: the source's shard layout, each finished
+    block's changed tensors written at once (``block``), the rest copied byte for byte (``close``), shards with
+    nothing changed hard-linked. Files other than weights (config, tokenizer, generation config) are copied.
+
+    ``changed`` names the tensors the step may change. A block holding NaN or infinite values stops the step before
+    anything is committed, as ``modeling.save_model`` does for a model in memory.
+    """
+
+    def __init__(self, source: Lazy, out: Path, changed: set[str]):
+        import shutil
+
+        from llmprune.shards import INDEX, ShardWriter
+
+        self.source, self.out, self.changed = source, Path(out), changed
+        self.writer = ShardWriter.like(self.out, source.shards, changed)
+        for f in source.folder.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != INDEX:
+                shutil.copy2(f, self.out / f.name)
+
+    def block(self, index: int, module: nn.Module) -> None:
+        from llmprune.errors import StepFailed
+
+        for name, t in self.source.tensors(module):
+            if name not in self.changed:
+                continue
+            if t.is_floating_point():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise StepFailed(f"the step produced {bad:,} NaN or infinite weights (the first in {name}); "
+                                     "nothing was committed: lower the learning rate or check the step's options")
+            self.writer.put(name, t)
+
+    def close(self) -> dict[str, str]:
+        """Finish the folder; returns the files that are hard links of the source's (their digests need no re-hash)."""
+        self.writer.close(fill_from=self.source.shards)
+        return {f: f for f in self.writer.linked}
+
+    def abort(self) -> None:
+        self.writer.abort()
