@@ -103,3 +103,9 @@ def final_modules(model: nn.Module) -> list[nn.Module]:
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The prunable Linear layers of one block, by their name inside it (e.g. ``self_attn.q_proj``)."""
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def linear_weight_names(model: nn.Module) -> set[str]:
+    """Full names (as in the checkpoint) of the weight of every prunable Linear of every block."""
+    layers = arch_for(model.config.model_type).layers
+    return {f"{layers}.{i}.{name}.weight" for i, block in enumerate(blocks(model)) for name in block_linears(block)}

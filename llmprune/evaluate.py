@@ -159,7 +159,7 @@ class EvalOptions:
 def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
     """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
     from llmprune import data
-    from llmprune.modeling import check_context, load_current
+    from llmprune.modeling import check_context, load_current, open_current
 
     dataset = o.dataset
     if dataset is None:
@@ -185,10 +185,14 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
             raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
     with ws.step("eval", {**asdict(o), "dataset": dataset}) as tx:
         ws.record_inputs(tx, "model")
-        lm, tok = load_current(ws)
+        lm, tok, weights = open_current(ws)  # read block by block: the peak is one block, not the model
         check_context(lm, o.seqlen)
         windows = data.eval_windows(data.tokenize(tok, text), o.seqlen, o.max_windows)
-        tx.step.metrics = {**perplexity(lm, windows, o.device, o.batch_size), **summary(lm)}
-        if o.speed:
-            tx.step.metrics["speed"] = speed_against(lm, base_dir, o.prompt_len, o.new_tokens, o.device)
+        counts: dict[str, tuple[int, int]] = {}
+        ppl = perplexity(lm, windows, o.device, o.batch_size, weights=weights,
+                         sink=lambda i, block: counts.update(block_zeros(i, block)))
+        tx.step.metrics = {**ppl, **summary(lm, counts)}
+        if o.speed:  # generation runs the whole model: it is loaded whole for the timing only
+            whole = load_current(ws)[0] if weights.lazy else lm
+            tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device)
     return {"dataset": dataset, **tx.step.metrics}

@@ -92,8 +92,7 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         windows = ws.windows() if method.needs_data else None
         out = tx.stage("model")
         if weights.lazy:
-            linears = {f"{p}.{n}.weight" for p, b in _block_prefixes(lm) for n in _arch.block_linears(b)}
-            rewrite = Rewrite(weights, out, linears)
+            rewrite = Rewrite(weights, out, _arch.linear_weight_names(lm))
             try:
                 result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype],
                                      weights=weights, sink=rewrite.block)
@@ -110,11 +109,6 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         tx.step.metrics = {**result["times"], **summ, "layer_sparsity": evaluate.layer_sparsity(result["after"])}
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
     return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **summ}
-
-
-def _block_prefixes(model: nn.Module):
-    layers = _arch.arch_for(model.config.model_type).layers
-    return [(f"{layers}.{i}", b) for i, b in enumerate(_arch.blocks(model))]
 
 
 def check_not_already(before: dict[str, tuple[int, int]], pat, s: float) -> None:

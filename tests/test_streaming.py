@@ -1,0 +1,189 @@
+"""Streaming: a model read block by block from its shards and written shard by shard gives, bit for bit, what the
+same step gives on the model held in memory; what it writes loads anywhere; damaged shards are refused."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import tiny
+from conftest import cli
+from llmprune import arch as _arch
+from llmprune import evaluate, shards
+from llmprune.errors import IntegrityError
+from llmprune.lazy import Lazy, Rewrite
+from llmprune.masks import parse_pattern
+from llmprune.methods import METHODS
+from llmprune.methods.base import PruneSpec
+from llmprune.pruning import prune_model
+
+CASES = [(m, p, False) for m in ("magnitude", "wanda", "sparsegpt", "wandapp", "ria")
+         for p in ("unstructured", "2:4", "4:8")] + [(m, "2:4", True) for m in ("wanda", "sparsegpt", "ria")]
+
+
+def _state(folder):
+    s = shards.ShardSet(folder)
+    return {n: s.get(n) for n in s.names()}
+
+
+def _prune_both(src, out, method, pattern, true_sequential=False, windows=None):
+    """The in-memory result (state dict) and the streamed one (the folder ``out``)."""
+    m = METHODS[method]
+    pat, s = parse_pattern(pattern, None)
+    spec = PruneSpec(pat, s, m.options({"ro_iters": 1} if method == "wandapp" else {}), true_sequential)
+    if windows is None:
+        torch.manual_seed(0)
+        windows = torch.randint(0, tiny.VOCAB, (8, 32))
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    prune_model(model, m, spec, windows if m.needs_data else None, batch_size=4)
+    lazy = Lazy(src)
+    rewrite = Rewrite(lazy, out, _arch.linear_weight_names(lazy.model))
+    res = prune_model(lazy.model, m, spec, windows if m.needs_data else None, batch_size=4, weights=lazy,
+                      sink=rewrite.block)
+    rewrite.close()
+    assert {p.device.type for p in lazy.model.parameters()} == {"meta"}  # nothing was left loaded
+    return model, res
+
+
+@pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
+@pytest.mark.parametrize("method,pattern,true_sequential", CASES)
+def test_streamed_prune_equals_in_memory_bit_for_bit(tiny_root, tmp_path, arch, method, pattern, true_sequential):
+    model, res = _prune_both(tiny_root / arch, tmp_path / "out", method, pattern, true_sequential)
+    ref = model.state_dict()
+    got = _state(tmp_path / "out")
+    assert set(got) <= set(ref) and len(got) >= len(ref) - 1  # a tied head is stored once
+    for name, t in got.items():
+        assert t.dtype == ref[name].dtype and torch.equal(t, ref[name]), name
+    assert evaluate.sparsity_by_type(res["after"]) == evaluate.sparsity_by_type(model)
+    # and it is a standard checkpoint
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, t in again.state_dict().items():
+        assert torch.equal(t, ref[name]), name
+
+
+@pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
+def test_streamed_perplexity_equals_in_memory(tiny_root, arch):
+    torch.manual_seed(1)
+    windows = torch.randint(0, tiny.VOCAB, (5, 32))
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
+    lazy = Lazy(tiny_root / arch)
+    assert evaluate.perplexity(lazy.model, windows, batch_size=2, weights=lazy) == \
+        evaluate.perplexity(model, windows, batch_size=2)
+
+
+def _bf16(tiny_root, tmp_path, arch="llama"):
+    out = tmp_path / f"{arch}-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_root / arch, dtype=torch.bfloat16).save_pretrained(out)
+    tiny.tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("sparsegpt", "unstructured"), ("wandapp", "2:4")])
+def test_bf16_stays_bf16_and_streams_exactly(tiny_root, tmp_path, method, pattern):
+    src = _bf16(tiny_root, tmp_path)
+    model, _ = _prune_both(src, tmp_path / "out", method, pattern)
+    assert model.dtype == torch.bfloat16
+    got = _state(tmp_path / "out")
+    names = _arch.linear_weight_names(model)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    ref = model.state_dict()
+    for name, t in got.items():
+        assert torch.equal(t, ref[name]), name
+        if name in names:
+            assert (t == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
+
+
+def test_shard_writer_round_trip_and_layout(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6, dtype=torch.int64),
+               "d": torch.zeros(2, 2, dtype=torch.float16)}
+    save_file(tensors, tmp_path / "ref.safetensors")
+    entries, _ = shards.read_header(tmp_path / "ref.safetensors")  # our reader on safetensors' own writer
+    assert {k: e.shape for k, e in entries.items()} == {k: tuple(v.shape) for k, v in tensors.items()}
+    planned = [shards.Planned(k, shards.NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+    plan = shards.plan_shards(planned, max_bytes=64)
+    assert len(plan) > 1 and [t.name for s in plan for t in s] == list(tensors)
+    names = shards.shard_names(len(plan))
+    w = shards.ShardWriter(tmp_path / "out", dict(zip(names, plan)))
+    for k in reversed(list(tensors)):  # any order
+        w.put(k, tensors[k])
+    w.close()
+    index = json.loads((tmp_path / "out" / shards.INDEX).read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    for name in names:  # safetensors' own reader on our writer
+        for k, v in load_file(tmp_path / "out" / name).items():
+            assert torch.equal(v, tensors[k])
+    got = shards.ShardSet(tmp_path / "out")
+    assert all(torch.equal(got.get(k), v) for k, v in tensors.items())
+
+
+def test_an_unwritten_tensor_is_never_a_hole(tmp_path):
+    w = shards.ShardWriter(tmp_path / "out", {shards.SINGLE: [shards.Planned("a", "F32", (4,))]})
+    with pytest.raises(RuntimeError, match="never written"):
+        w.close()
+
+
+def test_unchanged_shards_are_hard_linked_and_not_rehashed(calibrated, tiny_root, tmp_path):
+    wd = tmp_path / "wd"
+    code, _ = cli("calibrate", wd, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
+                  "--samples", "8", "--seqlen", "32", "--max-shard-size", "90KB")
+    assert code == 0
+    src = shards.ShardSet(wd / "model")
+    embed = src.entries["model.embed_tokens.weight"].file
+    assert len(src.files) > 2 and src.tensors_of(embed) == ["model.embed_tokens.weight"]
+    inode = os.stat(wd / "model" / embed).st_ino
+    digest = json.loads((wd / "manifest.json").read_text())["files"][f"model/{embed}"]
+    assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
+    assert os.stat(wd / "model" / embed).st_ino == inode  # the same file, not a copy
+    after = shards.ShardSet(wd / "model")
+    assert after.files == src.files and json.loads((wd / "manifest.json").read_text())["files"][f"model/{embed}"] \
+        == digest
+    assert cli("eval", wd, "--dataset", tiny_root / "corpus.txt", "--seqlen", "32", "--max-windows", "2")[0] == 0
+
+
+def test_missing_or_damaged_shards_are_one_line_exit_4(calibrated, tiny_root, tmp_path, capsys):
+    from llmprune.cli import run
+
+    wd = tmp_path / "wd"
+    assert cli("calibrate", wd, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
+               "--samples", "8", "--seqlen", "32", "--max-shard-size", "90KB")[0] == 0
+    files = shards.ShardSet(wd / "model").files
+    index = wd / "model" / shards.INDEX
+    original = index.read_text()
+    cases = {
+        "a shard removed": lambda: (wd / "model" / files[-1]).rename(tmp_path / "away"),
+        "an index naming a file that is not there": lambda: index.write_text(
+            original.replace(files[-1], "model-00099-of-00099.safetensors")),
+        "a truncated shard": lambda: os.truncate(wd / "model" / files[-1], 100),
+    }
+    for what, damage in cases.items():
+        keep = {p.name: p.read_bytes() for p in (wd / "model").iterdir()}
+        damage()
+        capsys.readouterr()
+        assert run(["--no-verify", "prune", str(wd), "--method", "magnitude"]) == 4, what
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (what, err)
+        for p in (wd / "model").iterdir():
+            p.unlink()
+        for name, data in keep.items():
+            (wd / "model" / name).write_bytes(data)
+    assert cli("prune", wd, "--method", "magnitude")[0] == 0  # restored: it works
+
+
+def test_lazy_refuses_shards_that_do_not_cover_the_config(tiny_root, tmp_path):
+    src = tiny_root / "llama"
+    state = load_file(src / "model.safetensors")
+    for what, edit in {"missing": lambda s: s.pop("model.norm.weight"),
+                       "of the wrong shape": lambda s: s.update({"model.norm.weight": torch.ones(3)}),
+                       "not in the model": lambda s: s.update({"extra.weight": torch.ones(3)})}.items():
+        d = tmp_path / what.replace(" ", "-")
+        d.mkdir()
+        (d / "config.json").write_text((src / "config.json").read_text())
+        s = dict(state)
+        edit(s)
+        save_file(s, d / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(IntegrityError, match=what):
+            Lazy(d)
