@@ -56,14 +56,14 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
 
     from llmprune import data
     from llmprune.errors import UserError
-    from llmprune.modeling import check_context, load_source, non_finite, param_count, save_model
+    from llmprune.modeling import check_context, param_count, resolve_source
 
+    src = resolve_source(o.model, o.revision)
     with ws.step("calibrate", asdict(o), create={}) as tx:
-        lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
-        bad, first = non_finite(lm)
-        if bad:
-            raise UserError(f"model {o.model} holds {bad:,} NaN or infinite weights (the first in {first}); "
-                            "a model must be finite to be pruned")
+        out = tx.stage("model")
+        # A safetensors source (a folder, a Hub snapshot) is copied tensor by tensor, never held whole; a GGUF
+        # file is dequantized by transformers, which loads it whole.
+        lm, tok, base, write = (_load_gguf if src.kind == "gguf" else _open_safetensors)(src, o, out)
         check_context(lm, o.seqlen)
         ids = data.tokenize(tok, text)
         starts = ids.numel() - o.seqlen
@@ -77,7 +77,8 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
             "calibration": {"source": o.dataset, "seed": o.seed, "samples": o.samples, "seqlen": o.seqlen,
                             "source_tokens": ids.numel(), "file": "calib/windows.safetensors"},
         })
-        save_model(lm, tok, tx.stage("model"), o.max_shard_size)
+        write()
+        tok.save_pretrained(out)
         calib = tx.stage("calib")
         calib.mkdir()
         # One metadata key: safetensors writes a metadata map in no fixed order, and the file's hash must be
@@ -87,3 +88,39 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
         tx.step.metrics = {"parameters": param_count(lm), "source_tokens": ids.numel(),
                            "windows": list(windows.shape)}
     return {"model_type": base["model_type"], **tx.step.metrics}
+
+
+def _load_gguf(src, o: CalibrateOptions, out):
+    from llmprune.errors import UserError
+    from llmprune.modeling import load_source, non_finite, save_model
+
+    lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
+    bad, first = non_finite(lm)
+    if bad:
+        raise UserError(f"model {o.model} holds {bad:,} NaN or infinite weights (the first in {first}); "
+                        "a model must be finite to be pruned")
+    return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
+
+
+def _open_safetensors(src, o: CalibrateOptions, out):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from llmprune.errors import UserError
+    from llmprune.lazy import Lazy
+    from llmprune.modeling import copy_weights, hub_snapshot, quiet_transformers
+
+    quiet_transformers()
+    folder = Path(src.where) if src.kind == "folder" else hub_snapshot(src.where, o.revision)
+    base = dict(src.base)
+    if src.kind == "hub":
+        base["commit"] = folder.name  # the snapshot folder is named by the commit it holds
+    lazy = Lazy(folder, error=UserError)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=o.trust_remote_code)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the tokenizer of model {o.model}: {msg[:300]}") from None
+    base["model_type"] = lazy.model.config.model_type
+    return lazy.model, tok, base, lambda: copy_weights(lazy, out, o.dtype, o.max_shard_size, f"model {o.model}")

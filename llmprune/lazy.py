@@ -64,7 +64,11 @@ class Lazy:
 
         self.folder = Path(folder)
         self.shards = ShardSet(self.folder, error)
-        config = AutoConfig.from_pretrained(self.folder)
+        try:
+            config = AutoConfig.from_pretrained(self.folder)
+        except (OSError, ValueError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise error(f"cannot read the config of the model in {self.folder}: {msg[:300]}") from None
         arch_for(config.model_type)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
@@ -92,7 +96,7 @@ class Lazy:
         shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
                   **{n: tuple(b.shape) for n, b in model.named_buffers()}}
         wrong = sorted({key for name, key in self.key.items() if self.shards.entries[key].shape != shapes[name]})
-        extra = sorted(set(self.shards.names()) - set(self.key.values()))
+        extra = sorted(set(self.shards.names()) - set(self.key))  # a tied weight stored twice is not extra
         problems = [f"{len(names)} tensor(s) {label} ({', '.join(names[:3])}"
                     + (f" and {len(names) - 3} more)" if len(names) > 3 else ")")
                     for names, label in ((missing, "missing"), (wrong, "of the wrong shape"),

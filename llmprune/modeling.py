@@ -6,6 +6,7 @@ Only safetensors is ever read (``use_safetensors=True``): a pickle offered as we
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def parse_dtype(name: str) -> torch.dtype | str:
         raise UserError(f"unknown dtype '{name}'; use auto, {', '.join(DTYPES)}") from None
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -34,42 +35,61 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@dataclass(frozen=True)
+class Source:
+    """A model source as the user named it: ``kind`` is ``gguf``, ``folder`` or ``hub``; ``where`` the file, folder
+    or repo id; ``base`` what the manifest records about it."""
+
+    kind: str
+    where: str
+    base: dict[str, Any]
+
+
+def resolve_source(source: str, revision: str | None) -> Source:
+    """What ``source`` names, checked before anything is read: a ``.gguf`` file, a local folder of safetensors
+    weights, or a Hub id (pickle checkpoints are refused)."""
+    from llmprune.workdir import sha256_file
+
+    path = Path(source)
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        return Source("gguf", str(path), {"source": source, "sha256": sha256_file(path)})
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            raise UserError(f"{path} has no .safetensors weights; llmprune never loads pickle (.bin/.pt) checkpoints")
+        return Source("folder", str(path), {"source": source})
+    if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
+        raise UserError(f"{path}: pickle checkpoints are refused; convert the model to safetensors")
+    if source.count("/") <= 1 and not path.exists() and not source.startswith((".", "/")):
+        return Source("hub", source, {"source": source, "revision": revision or "main"})
+    raise UserError(f"model source {source} is neither a Hub id, a folder nor a .gguf file")
+
+
 def load_source(source: str, revision: str | None, dtype: str, trust_remote_code: bool):
-    """Load ``(model, tokenizer, base)`` from a Hub id, a local HF folder or a ``.gguf`` file.
+    """Load ``(model, tokenizer, base)`` whole into memory from a Hub id, a local HF folder or a ``.gguf`` file
+    (``calibrate`` streams the first two with ``copy_weights`` instead; a GGUF file must be dequantized by
+    transformers, which loads it whole).
 
     ``base`` describes the source for the manifest (id or path, revision or file hash, model type).
     """
     from transformers import AutoTokenizer
 
-    from llmprune.workdir import sha256_file
-
-    _quiet_transformers()
-    path = Path(source)
+    quiet_transformers()
+    src = resolve_source(source, revision)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    base: dict[str, Any] = {"source": source}
-    if source.endswith(".gguf"):
-        if not path.is_file():
-            raise UserError(f"GGUF file {path} does not exist")
+    base = dict(src.base)
+    if src.kind == "gguf":
+        path = Path(src.where)
         where, kwargs["gguf_file"] = str(path.parent.resolve()), path.name
-        base["sha256"] = sha256_file(path)
         # transformers dequantizes GGUF weights to float32; keep that unless asked otherwise.
         torch_dtype = torch.float32 if dtype == "auto" else parse_dtype(dtype)
-    elif path.is_dir():
-        where = str(path)
-        if not any(path.glob("*.safetensors")):
-            raise UserError(f"{path} has no .safetensors weights; llmprune never loads pickle (.bin/.pt) checkpoints")
-        kwargs["use_safetensors"] = True
-        torch_dtype = parse_dtype(dtype)
-    elif path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
-        raise UserError(f"{path}: pickle checkpoints are refused; convert the model to safetensors")
-    elif source.count("/") <= 1 and not path.exists() and not source.startswith((".", "/")):
-        where = source
-        kwargs["revision"] = revision
-        kwargs["use_safetensors"] = True
-        base["revision"] = revision or "main"
-        torch_dtype = parse_dtype(dtype)
     else:
-        raise UserError(f"model source {source} is neither a Hub id, a folder nor a .gguf file")
+        where = src.where
+        kwargs["use_safetensors"] = True
+        if src.kind == "hub":
+            kwargs["revision"] = revision
+        torch_dtype = parse_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
         model = checked_from_pretrained(where, f"model {source}", UserError, dtype=torch_dtype, **kwargs)
@@ -88,6 +108,73 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
     base["model_type"] = model.config.model_type
     arch_for(model.config.model_type)  # fail early on an unsupported architecture
     return model, tokenizer, base
+
+
+# What a Hub snapshot needs for llmprune: weights as safetensors, the config, the tokenizer (never pickles).
+HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(repo: str, revision: str | None) -> Path:
+    """The local folder of a Hub model's snapshot (safetensors, config and tokenizer files only), downloaded into
+    the Hugging Face cache if it is not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:  # the Hub client raises many types (offline, gated, not found, HTTP): all one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot download model {repo}: {msg[:300]}") from None
+
+
+def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2GB", what: str = "the model") -> None:
+    """Copy the weights of a safetensors folder (``lazy``: checked to cover its config exactly) into ``out`` tensor
+    by tensor, never holding the model: every weight must be finite, and the layout follows ``--max-shard-size`` in
+    the model's own tensor order. ``dtype`` other than ``auto`` casts the floating-point tensors (and says so in the
+    config)."""
+    import json
+    import shutil
+
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from llmprune import report
+    from llmprune.shards import DTYPES as STORED, NAMES, Planned, ShardWriter, plan_shards, shard_names
+
+    src = lazy.folder
+    target = None if dtype == "auto" else parse_dtype(dtype)
+    order = [n for n in lazy.model.state_dict() if lazy.key.get(n) == n]
+    entries = lazy.shards.entries
+
+    def out_dtype(name: str) -> str:
+        floating = STORED[entries[name].dtype].is_floating_point
+        return NAMES[target] if target is not None and floating else entries[name].dtype
+
+    planned = [Planned(n, out_dtype(n), entries[n].shape) for n in order]
+    plan = plan_shards(planned, convert_file_size_to_int(int(max_shard_size) if max_shard_size.isdigit()
+                                                         else max_shard_size))
+    writer = ShardWriter(out, dict(zip(shard_names(len(plan)), plan)))
+    bad, first = 0, None
+    try:
+        with report.progress("copying the weights", total=len(order)) as advance:
+            for name in order:
+                t = lazy.shards.get(name)
+                if t.is_floating_point():
+                    n = int((~torch.isfinite(t)).sum())
+                    bad, first = bad + n, first or (name if n else None)
+                writer.put(name, t)
+                advance()
+        if bad:
+            raise UserError(f"{what} holds {bad:,} NaN or infinite weights (the first in {first}); a model must be "
+                            "finite to be pruned")
+        writer.close()
+    finally:
+        writer.abort()
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if target is not None:
+        config["dtype"] = str(target).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", out / "generation_config.json")
 
 
 def non_finite(model) -> tuple[int, str | None]:
@@ -143,7 +230,7 @@ def load_model(model_dir: Path, dtype: str = "auto", error: type[Exception] | No
 
     from llmprune.errors import IntegrityError
 
-    _quiet_transformers()
+    quiet_transformers()
     model = checked_from_pretrained(model_dir, f"the model in {model_dir}", error or IntegrityError,
                                     dtype=parse_dtype(dtype), use_safetensors=True)
     model.eval()
@@ -181,7 +268,7 @@ def open_current(ws):
     if recovery.pending_adapter(ws.manifest()) is not None:
         model, tok = load_current(ws)
         return model, tok, InMemory()
-    _quiet_transformers()
+    quiet_transformers()
     ws.verify("model")
     weights = Lazy(ws.model_dir)
     return weights.model, AutoTokenizer.from_pretrained(ws.model_dir), weights
