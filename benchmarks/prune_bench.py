@@ -70,12 +70,12 @@ def popen_rss(cmd: list[str]) -> tuple[dict, float, float]:
     return json.loads(out), wall, usage.ru_maxrss / 1024
 
 
-def calibrated_base(out: Path, paths: dict, samples: int, seqlen: int) -> Path:
-    """The calibrated workdir every run of a benchmark copies, made once per (samples, seqlen) and reused."""
-    base = out / f"base-{samples}x{seqlen}"
+def calibrated_base(out: Path, paths: dict, samples: int, seqlen: int, dtype: str = "auto") -> Path:
+    """The calibrated workdir every run of a benchmark copies, made once per (samples, seqlen, dtype) and reused."""
+    base = out / (f"base-{samples}x{seqlen}" + ("" if dtype == "auto" else f"-{dtype}"))
     if not (base / "manifest.json").exists():
         subprocess.run([*LLMPRUNE, "calibrate", str(base), "--model", paths["model"], "--dataset", paths["calib"],
-                        "--samples", str(samples), "--seqlen", str(seqlen), "--force"], check=True,
+                        "--samples", str(samples), "--seqlen", str(seqlen), "--dtype", dtype, "--force"], check=True,
                        stdout=subprocess.DEVNULL)
     return base
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import IntegrityError
-from llmprune.shards import DTYPES, ShardSet
+from llmprune.shards import ShardSet
 
 
 class InMemory:
@@ -80,12 +80,13 @@ class Lazy:
         for name, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(name)
         self.key: dict[str, str] = {}  # parameter or persistent buffer name -> its tensor's name in the shards
-        missing, wrong = [], []
+        missing: list[str] = []
         for names in groups.values():
             stored = [n for n in names if n in self.shards]
             if not stored:
                 missing.append(names[0])
-            for n in names[: len(stored) and len(names)]:
+                continue
+            for n in names:
                 self.key[n] = stored[0]
         persistent = set(model.state_dict())
         for name, _ in model.named_buffers():
@@ -111,14 +112,6 @@ class Lazy:
             holders = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
             for n in names:
                 self._holders[n] = holders
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype most of the checkpoint's bytes are in (what the model computes in)."""
-        counts: dict[str, int] = {}
-        for e in self.shards.entries.values():
-            counts[e.dtype] = counts.get(e.dtype, 0) + e.nbytes
-        return DTYPES[max(counts, key=counts.get)]
 
     def _members(self, module: nn.Module, recurse: bool = True) -> Iterator[tuple[nn.Module, str, str, bool]]:
         """``(owner, attribute, full name, is_parameter)`` of every tensor held by ``module`` (and its children)."""

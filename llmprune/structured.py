@@ -206,38 +206,62 @@ def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().squeeze(1)
 
 
-@torch.no_grad()
-def remove(model: nn.Module, plan: Plan) -> nn.Module:
-    """A new, physically smaller model without the plan's units, built from a standard config."""
-    from transformers import AutoModelForCausalLM
+@dataclass
+class Removal:
+    """What removing a plan's units does, tensor by tensor: the new ``config``, and for each tensor of the old model
+    its new name (blocks renumbered; ``None`` for a tensor that goes) and its new value (the kept slices, RMSNorm
+    weights rescaled). The same object serves a model in memory (``remove``) and one streamed from its shards
+    (``remove_streamed``), so both give the same tensors."""
 
+    config: Any
+    cuts: dict[str, list[Slice]]  # parameter name -> the slices of it that go
+    scale: dict[str, float]  # parameter name -> the factor its kept values are multiplied by
+    gone: set[int]  # removed blocks
+    renumber: dict[int, int]  # old block index -> new, for blocks that stay
+    prefix: str  # dotted path of the blocks, with a trailing dot
+
+    def rename(self, name: str) -> str | None:
+        if not self.gone or not name.startswith(self.prefix):
+            return name
+        i, rest = name[len(self.prefix):].split(".", 1)
+        return None if int(i) in self.gone else f"{self.prefix}{self.renumber[int(i)]}.{rest}"
+
+    def shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        out = list(shape)
+        for sl in self.cuts.get(name, ()):
+            out[sl.dim] -= len(sl.index)
+        return tuple(out)
+
+    def apply(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        for sl in self.cuts.get(name, ()):
+            t = t.index_select(sl.dim, _keep(t.shape[sl.dim], sl.index)).clone()
+        if name in self.scale:
+            t = t * self.scale[name]
+        return t
+
+
+def removal(model: nn.Module, plan: Plan) -> Removal:
+    """The ``Removal`` of ``plan`` from ``model`` (which may be a skeleton: only names, shapes and the config are
+    read)."""
     check_supported(model, plan.structure)
     a = _arch.arch_for(model.config.model_type)
     g = geometry(model)
     cfg = copy.deepcopy(model.config)
-    sd = dict(model.state_dict())
     s = plan.structure
+    cuts: dict[str, list[Slice]] = {}
+    scale: dict[str, float] = {}
+    gone: set[int] = set()
+    renumber: dict[int, int] = {}
     if s == "layers":
         gone = set(plan.removed)
         keep = [i for i in range(g.layers) if i not in gone]
         renumber = {old: new for new, old in enumerate(keep)}
-        prefix = a.layers + "."
-        new_sd = {}
-        for key, t in sd.items():
-            if key.startswith(prefix):
-                i, rest = key[len(prefix):].split(".", 1)
-                if int(i) in gone:
-                    continue
-                key = f"{prefix}{renumber[int(i)]}.{rest}"
-            new_sd[key] = t
-        sd = new_sd
         cfg.num_hidden_layers = len(keep)
         if getattr(cfg, "layer_types", None):
             cfg.layer_types = [cfg.layer_types[i] for i in keep]
     else:
         for sl in slices(model, plan):
-            t = sd[sl.param]
-            sd[sl.param] = t.index_select(sl.dim, _keep(t.shape[sl.dim], sl.index)).clone()
+            cuts.setdefault(sl.param, []).append(sl)
         cfg.head_dim = g.head_dim  # the attention width is no longer hidden_size // heads in general
         if s == "hidden":
             d_new = g.hidden - len(plan.removed)
@@ -246,10 +270,8 @@ def remove(model: nn.Module, plan: Plan) -> nn.Module:
                                 f"{g.heads} attention heads, which transformers' config validation requires")
             cfg.hidden_size = d_new
             if a.parts.rms_norm and plan.removed:
-                scale = math.sqrt(g.hidden / d_new)
                 norms = [a.parts.final_norm] + [f"{a.layers}.{i}.{n}" for i in range(g.layers) for n in a.parts.norms]
-                for n in norms:
-                    sd[f"{n}.weight"] = sd[f"{n}.weight"] * scale
+                scale = {f"{n}.weight": math.sqrt(g.hidden / d_new) for n in norms}
                 # RMSNorm divides by sqrt(mean(x^2) + eps); the mean over d' channels is d/d' times larger, so eps
                 # must grow by the same factor for the smaller model to compute exactly the same function.
                 if getattr(cfg, "rms_norm_eps", None) is not None:
@@ -265,17 +287,72 @@ def remove(model: nn.Module, plan: Plan) -> nn.Module:
             if any(len(x) != r for x in plan.removed):
                 raise UserError("a standard config needs the same number of MLP channels removed in every block")
             setattr(cfg, a.parts.mlp_width, g.mlp - r)
+    return Removal(cfg, cuts, scale, gone, renumber, a.layers + ".")
+
+
+@torch.no_grad()
+def remove(model: nn.Module, plan: Plan) -> nn.Module:
+    """A new, physically smaller model without the plan's units, built from a standard config."""
+    from transformers import AutoModelForCausalLM
+
+    r = removal(model, plan)
+    sd = {}
+    for key, t in model.state_dict().items():
+        new_key = r.rename(key)
+        if new_key is not None:
+            sd[new_key] = r.apply(key, t)
     dtype = next(model.parameters()).dtype
-    new = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    new = AutoModelForCausalLM.from_config(r.config, dtype=dtype)
     missing, unexpected = new.load_state_dict(sd, strict=False)
     # Tied output embeddings may be absent from either side; anything else is a bug in the slicing table.
     missing = [k for k in missing if k not in _tied_names(new)]
     unexpected = [k for k in unexpected if k not in _tied_names(model)]
     if missing or unexpected:
         raise RuntimeError(f"structured removal left tensors unmatched: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if getattr(cfg, "tie_word_embeddings", False):
+    if getattr(r.config, "tie_word_embeddings", False):
         new.tie_weights()
     return new.eval()
+
+
+@torch.no_grad()
+def remove_streamed(lazy, plan: Plan, out, max_shard_size: str) -> Any:
+    """``remove`` for a model in its shards (``lazy.Lazy``): each tensor is read, cut and written in turn, so the
+    peak is one tensor; the shards follow ``--max-shard-size``. Writes the new config; returns the new model's
+    skeleton (checked to be covered exactly by what was written) and the exact zeros of its prunable Linears
+    (``evaluate.block_zeros`` counts, for its summary)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from llmprune import report
+    from llmprune.lazy import Lazy
+    from llmprune.shards import Planned, ShardWriter, plan_shards, shard_names
+
+    r = removal(lazy.model, plan)
+    entries = lazy.shards.entries
+    order = [(n, r.rename(n)) for n in lazy.model.state_dict() if lazy.key.get(n) == n]
+    order = [(old, new) for old, new in order if new is not None]
+    planned = [Planned(new, entries[old].dtype, r.shape(old, entries[old].shape)) for old, new in order]
+    size = convert_file_size_to_int(int(max_shard_size) if max_shard_size.isdigit() else max_shard_size)
+    shards = plan_shards(planned, size)
+    writer = ShardWriter(out, dict(zip(shard_names(len(shards)), shards)))
+    zeros: dict[str, tuple[int, int]] = {}
+    try:
+        with report.progress(f"removing {plan.structure}", total=len(order)) as advance:
+            for old, new in order:
+                t = r.apply(old, lazy.shards.get(old))
+                zeros[new] = (int((t == 0).sum()), t.numel())
+                writer.put(new, t)
+                advance()
+        writer.close()
+    finally:
+        writer.abort()
+    r.config.save_pretrained(out)
+    small = Lazy(out, error=RuntimeError)  # a tensor the table missed is a bug, never a model with random weights
+    prefix = r.prefix
+    counts = {}
+    for name in sorted(_arch.linear_weight_names(small.model)):
+        i, rest = name[len(prefix):].split(".", 1)
+        counts[f"{i}.{rest.removesuffix('.weight')}"] = zeros[name]
+    return small.model, counts
 
 
 def _tied_names(model: nn.Module) -> set[str]:

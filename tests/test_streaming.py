@@ -187,3 +187,91 @@ def test_lazy_refuses_shards_that_do_not_cover_the_config(tiny_root, tmp_path):
         save_file(s, d / "model.safetensors", metadata={"format": "pt"})
         with pytest.raises(IntegrityError, match=what):
             Lazy(d)
+
+
+@pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
+@pytest.mark.parametrize("structure", ["hidden", "heads", "mlp", "layers"])
+def test_streamed_structured_removal_equals_in_memory(tiny_root, tmp_path, arch, structure):
+    from llmprune.methods.dress import select
+    from llmprune.structured import remove, remove_streamed
+
+    src = tiny_root / arch
+    reason = dict(_arch.arch_for(arch).parts.cannot).get(structure)
+    if reason:  # the architecture cannot express the smaller model: both paths refuse it
+        lazy = Lazy(src)
+        with pytest.raises(Exception, match="not possible"):
+            remove_streamed(lazy, select(lazy.model, structure, 0.25, "random", None, seed=3), tmp_path / "o", "2GB")
+        return
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    plan = select(model, structure, 0.5 if structure == "layers" else 0.25, "random", None, seed=3)
+    ref = remove(model, plan).state_dict()
+    small, counts = remove_streamed(Lazy(src), plan, tmp_path / "out", "40KB")
+    assert len(shards.ShardSet(tmp_path / "out").files) > 1  # --max-shard-size applies
+    got = _state(tmp_path / "out")
+    assert set(got) <= set(ref) and len(got) >= len(ref) - 1
+    for name, t in got.items():
+        assert torch.equal(t, ref[name]), name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a standard, smaller config
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in small.parameters())
+    assert set(counts) == set(evaluate.model_zeros(loaded))
+
+
+def test_calibrate_copies_a_folder_tensor_by_tensor(tiny_root, tmp_path):
+    src = tiny_root / "qwen2"
+    ref = load_file(src / "model.safetensors")
+    for dtype, expect in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        wd = tmp_path / dtype
+        assert cli("calibrate", wd, "--model", src, "--dataset", tiny_root / "corpus.txt", "--samples", "4",
+                   "--seqlen", "32", "--dtype", dtype, "--max-shard-size", "60KB")[0] == 0
+        got = _state(wd / "model")
+        assert set(got) == set(ref) and len(shards.ShardSet(wd / "model").files) > 1
+        for name, t in got.items():
+            assert t.dtype == expect and torch.equal(t, ref[name].to(expect)), name
+        model = AutoModelForCausalLM.from_pretrained(wd / "model")
+        assert model.dtype == expect
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    ref["model.norm.weight"][3] = float("nan")
+    save_file(ref, bad / "model.safetensors", metadata={"format": "pt"})
+    code, _ = cli("calibrate", tmp_path / "w-nan", "--model", bad, "--dataset", tiny_root / "corpus.txt",
+                  "--samples", "4", "--seqlen", "32")
+    assert code == 1 and not (tmp_path / "w-nan").exists()
+
+
+@pytest.mark.slow
+def test_kill_while_shards_are_written_loses_nothing(calibrated, tmp_path):
+    """kill -9 a prune at the moment its new shards are on disk in the staging area: the workdir is as before, and
+    the next prune gives the uninterrupted result."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    wd = calibrated("llama")
+    ref = tmp_path / "ref"
+    import shutil
+
+    shutil.copytree(wd, ref)
+    argv = [sys.executable, "-m", "llmprune", "prune", "--method", "wandapp", "--pattern", "2:4"]
+    assert subprocess.run([*argv[:4], str(ref), *argv[4:]], capture_output=True).returncode == 0
+    before = {p.relative_to(wd).as_posix(): p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([*argv[:4], str(wd), *argv[4:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0, killed = time.perf_counter(), False
+    while proc.poll() is None and time.perf_counter() - t0 < 120:
+        if any((wd / ".staging" / "model").glob("*.safetensors")):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed, "the prune ended before its shards were seen being written"
+    left = {p.relative_to(wd).as_posix(): p.read_bytes() for p in wd.rglob("*") if p.is_file()
+            if not p.relative_to(wd).as_posix().startswith((".staging/", ".lock"))}
+    assert left == {k: v for k, v in before.items() if not k.startswith(".lock")}
+    assert subprocess.run([*argv[:4], str(wd), *argv[4:]], capture_output=True).returncode == 0
+    assert not (wd / ".staging").exists()
+    assert _state(wd / "model").keys() == _state(ref / "model").keys()
+    for name, t in _state(wd / "model").items():
+        assert torch.equal(t, _state(ref / "model")[name]), name

@@ -71,12 +71,12 @@ def contribution(x_norms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def scores(model: nn.Module, structure: str, windows: torch.Tensor, device: str = "cpu",
-           batch_size: int = 4) -> torch.Tensor:
+           batch_size: int = 4, weights=None) -> torch.Tensor:
     """Importance of every unit on calibration data; lower is removed first. ``hidden``: [d], RMS of the residual
     stream summed over the block boundaries; ``heads``: [L, KV]; ``mlp``: [L, I]; ``layers``: [L]."""
     g = geometry(model)
     p = _arch.arch_for(model.config.model_type).parts
-    acts = engine.capture(model, windows, batch_size, device)
+    acts = engine.capture(model, windows, batch_size, device, weights=weights)
     tokens = windows.numel()
     hidden = torch.zeros(g.hidden, dtype=torch.float64)
     per_block: list[torch.Tensor] = []
@@ -86,7 +86,7 @@ def scores(model: nn.Module, structure: str, windows: torch.Tensor, device: str 
     def rms(a: engine.Activations) -> torch.Tensor:
         return (sum(h.float().pow(2).sum((0, 1)).double() for h in a.hidden) / tokens).sqrt().cpu()
 
-    walk = engine.Walk(model, acts, device, f"scoring {structure}")
+    walk = engine.Walk(model, acts, device, f"scoring {structure}", weights=weights)
     for i, block, inputs in walk:
         if structure == "hidden":
             hidden += rms(inputs)
@@ -114,7 +114,7 @@ def _influence(a: engine.Activations, b: engine.Activations) -> float:
 
 
 def select(model: nn.Module, structure: str, ratio: float, how: str, windows: torch.Tensor | None,
-           device: str = "cpu", seed: int = 0, batch_size: int = 4) -> Plan:
+           device: str = "cpu", seed: int = 0, batch_size: int = 4, weights=None) -> Plan:
     """The units to remove: ``activation`` (lowest scores on calibration data), ``tail`` (the last indices; for
     blocks, the last ones before the final block, which every model needs), or ``random`` (seeded)."""
     check_supported(model, structure)
@@ -124,7 +124,7 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     size = {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers}[structure]
     if how == "activation":
         assert windows is not None
-        s = scores(model, structure, windows[:SELECT_WINDOWS], device, batch_size)
+        s = scores(model, structure, windows[:SELECT_WINDOWS], device, batch_size, weights)
         rows = s if per_block else s.unsqueeze(0)
         removed = [sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in rows]
     elif how == "tail":
@@ -333,8 +333,10 @@ class DReSS(Method):
         """Remove the units. After ``regularize`` they are the regularised ones; on a workdir never regularised
         they are selected the same way and removed directly (the key control of DReSS)."""
         from llmprune import evaluate
-        from llmprune.modeling import load_current, param_count, save_model
-        from llmprune.structured import remove
+        import shutil
+
+        from llmprune.modeling import open_current, param_count, save_model
+        from llmprune.structured import remove, remove_streamed
 
         pending = PlanRecord.pending(ws)
         planned = pending.plan if pending is not None else None
@@ -356,20 +358,30 @@ class DReSS(Method):
             ws.record_inputs(tx, "calib")
             if regularized:
                 ws.record_inputs(tx, "dress")
-            lm, tok = load_current(ws)
+            lm, tok, weights = open_current(ws)  # the blocks stay in the shards; each tensor is cut in turn
             check_supported(lm, structure)
             t0 = time.perf_counter()
             if planned is None:
                 windows = ws.windows() if select_ == "activation" else None
-                planned = select(lm, structure, ratio, select_, windows, device, options.seed, batch_size)
+                planned = select(lm, structure, ratio, select_, windows, device, options.seed, batch_size,
+                                 weights=weights)
             before_params, before_geom = param_count(lm), geometry(lm)
-            small = remove(lm, planned)
+            out = tx.stage("model")
+            if weights.lazy:
+                small, counts = remove_streamed(weights, planned, out, ws.shard_size)
+                tok.save_pretrained(out)
+                if (ws.model_dir / "generation_config.json").is_file():
+                    shutil.copy2(ws.model_dir / "generation_config.json", out / "generation_config.json")
+                summ = evaluate.summary(small, counts)
+            else:
+                small = remove(lm, planned)
+                summ = evaluate.summary(small)
+                save_model(small, tok, out, ws.shard_size)
             prune_s = time.perf_counter() - t0
             tx.step.metrics = {"prune_s": round(prune_s, 3), "plan": planned.to_json(), "units_removed": planned.n_units,
-                               "parameters_before": before_params, **evaluate.summary(small),
+                               "parameters_before": before_params, **summ,
                                "geometry_before": before_geom.__dict__, "geometry": geometry(small).__dict__}
             PlanRecord(planned, regularized, applied=True).write(tx)
-            save_model(small, tok, tx.stage("model"), ws.shard_size)
         return {"method": "dress", "structure": structure, "ratio": ratio, "select": select_,
                 "regularized": regularized, **tx.step.metrics}
 

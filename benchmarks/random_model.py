@@ -1,0 +1,90 @@
+"""Random-init Llama-shaped checkpoints with real shapes, written tensor by tensor (never a whole model in memory).
+
+An 8B-shaped model in bf16 is about 16 GB: more than ``from_config`` could hold in fp32 on a 24 GB machine, so the
+model is never built. The skeleton comes from the config on the ``meta`` device (its tensor names and shapes), and
+each tensor is drawn and written to its place in the shards in turn (``llmprune.shards.ShardWriter``). Linear
+weights ~ N(0, 0.02) (Llama's initializer range), norms 1. The tokenizer is SmolLM2's (from the benchmark GGUF,
+49,152 tokens), which fits every vocabulary below.
+
+    python benchmarks/random_model.py OUT --size 1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import assets  # noqa: E402
+
+# Real shapes: Llama-3.2-1B/3B and Llama-3.1-8B; "0.5b" is a Llama-3.2-style model of half the 1B's depth and
+# width; "7b" is Llama-2-7B's geometry (vocabulary 49,152, the tokenizer's, instead of 32,000) for the GPU check.
+SIZES = {
+    "0.5b": dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=24, num_key_value_heads=8,
+                 intermediate_size=4096, vocab_size=128256, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+               intermediate_size=11008, vocab_size=49152, tie_word_embeddings=False),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+          max_shard_size: int = 2 * 10**9) -> dict:
+    """Write the checkpoint (safetensors shards, config, tokenizer) into ``out``; returns its config as a dict."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from llmprune.shards import NAMES, Planned, ShardWriter, plan_shards, shard_names
+
+    if (out / "config.json").is_file():
+        return json.loads((out / "config.json").read_text())
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      dtype=str(dtype).removeprefix("torch."))
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    skeleton.tie_weights()
+    seen, tensors = set(), []
+    for name, p in skeleton.named_parameters():  # tied parameters once (named_parameters drops duplicates)
+        if id(p) not in seen:
+            seen.add(id(p))
+            tensors.append(Planned(name, NAMES[dtype], tuple(p.shape)))
+    plan = plan_shards(tensors, max_shard_size)
+    part = out.with_name(out.name + ".part")
+    writer = ShardWriter(part, dict(zip(shard_names(len(plan)), plan)))
+    gen = torch.Generator().manual_seed(seed)
+    for t in tensors:
+        if len(t.shape) == 1:  # RMSNorm weights
+            value = torch.ones(t.shape, dtype=dtype)
+        else:
+            value = torch.empty(t.shape, dtype=torch.float32).normal_(0, 0.02, generator=gen).to(dtype)
+        writer.put(t.name, value)
+        del value
+    writer.close()
+    cfg.save_pretrained(part)
+    gguf = Path(assets.fetch()["model"])
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(part)
+    part.rename(out)
+    return cfg.to_dict()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--size", choices=SIZES, default="1b")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    args = ap.parse_args()
+    build(args.out, args.size, getattr(torch, args.dtype))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Cost as the model grows: calibrate, prune and eval on random-init Llama-shaped bf16 models streamed from disk.
+
+For each size (``random_model.py`` builds it shard by shard): ``calibrate`` (16 x 512 windows of the benchmark
+text), ``prune --method wanda --pattern 2:4`` and ``prune --method sparsegpt --pattern 2:4`` (each on a hard-linked
+copy of the calibrated workdir: steps never write a file in place, so the copy is free and safe), and
+``eval --max-windows 8``. Every command runs in its own process; peak RSS comes from ``wait4``. With
+``--in-memory``, the old path (the whole model loaded with ``from_pretrained``, pruned in place, saved with
+``save_pretrained``) is measured beside it for the sizes given.
+
+    python benchmarks/scale_bench.py --sizes 0.5b,1b                   # about 25 minutes on 2 cores
+    python benchmarks/scale_bench.py --sizes 0.5b,1b,3b,8b --samples 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import assets  # noqa: E402
+import random_model  # noqa: E402
+from prune_bench import LLMPRUNE, popen_rss  # noqa: E402
+
+IN_MEMORY = """
+import sys, torch
+from llmprune.workdir import Workdir
+from llmprune.modeling import load_current, save_model
+from llmprune.methods import METHODS
+from llmprune.methods.base import PruneSpec
+from llmprune.masks import parse_pattern
+from llmprune.pruning import prune_model
+ws = Workdir(sys.argv[1])
+model, tok = load_current(ws)
+pat, s = parse_pattern("2:4", None)
+m = METHODS[sys.argv[2]]
+prune_model(model, m, PruneSpec(pat, s, m.options({})), ws.windows(), batch_size=4)
+save_model(model, tok, sys.argv[3], ws.shard_size)
+print("{}")
+"""
+
+
+def linked_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="0.5b,1b")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--in-memory", default="", help="sizes to measure the in-memory path for too")
+    ap.add_argument("--out", type=Path, default=Path("runs/scale"))
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    paths = assets.fetch()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in args.sizes.split(","):
+        src = args.out / f"random-{size}"
+        random_model.build(src, size)
+        disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        params = json.loads((args.out / f"random-{size}" / "config.json").read_text())
+        base = args.out / f"work-{size}"
+        if base.exists():
+            shutil.rmtree(base)
+        res, wall, rss = popen_rss([*LLMPRUNE, "calibrate", str(base), "--model", str(src), "--dataset",
+                                    paths["calib"], "--samples", str(args.samples), "--seqlen", str(args.seqlen)])
+        n = res["parameters"]
+        row = dict(size=size, parameters=n, disk_gb=round(disk / 1e9, 2), hidden=params["hidden_size"],
+                   layers=params["num_hidden_layers"], calibrate_s=round(wall, 1), calibrate_rss_gb=round(rss / 1024, 2))
+        for method in ("wanda", "sparsegpt"):
+            wd = args.out / f"{size}-{method}"
+            linked_copy(base, wd)
+            res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", method, "--pattern", "2:4"])
+            row[f"{method}_s"] = round(wall, 1)
+            row[f"{method}_s_per_b"] = round(wall / (n / 1e9), 1)
+            row[f"{method}_rss_gb"] = round(rss / 1024, 2)
+            if size in args.in_memory.split(","):
+                tmp = args.out / f"{size}-{method}-inmem"
+                shutil.rmtree(tmp, ignore_errors=True)
+                _, wall2, rss2 = popen_rss([sys.executable, "-c", IN_MEMORY, str(base), method, str(tmp)])
+                row[f"{method}_inmem_s"], row[f"{method}_inmem_rss_gb"] = round(wall2, 1), round(rss2 / 1024, 2)
+                shutil.rmtree(tmp, ignore_errors=True)
+            if method == "sparsegpt":
+                shutil.rmtree(wd)
+        ev, wall, rss = popen_rss([*LLMPRUNE, "eval", str(args.out / f"{size}-wanda"), "--dataset", paths["test"],
+                                   "--seqlen", str(args.seqlen), "--max-windows", "8"])
+        row.update(eval_s=round(wall, 1), eval_rss_gb=round(rss / 1024, 2))
+        shutil.rmtree(args.out / f"{size}-wanda")
+        shutil.rmtree(base)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = ["| size | parameters | on disk GB | calibrate s | Wanda 2:4 s | s / B params | peak RSS GB | RSS / disk "
+             "| SparseGPT 2:4 s | s / B params | peak RSS GB | RSS / disk | eval s | eval peak RSS GB | in-memory peak "
+             "RSS GB (Wanda / SparseGPT) |", "|---|" * 1 + "---|" * 14]
+    for r in rows:
+        inmem = (f"{r['wanda_inmem_rss_gb']} / {r['sparsegpt_inmem_rss_gb']}" if "wanda_inmem_rss_gb" in r else "")
+        lines.append(
+            f"| {r['size']} | {r['parameters'] / 1e9:.2f} B | {r['disk_gb']} | {r['calibrate_s']} | {r['wanda_s']} | "
+            f"{r['wanda_s_per_b']} | {r['wanda_rss_gb']} | {r['wanda_rss_gb'] / r['disk_gb']:.2f} | "
+            f"{r['sparsegpt_s']} | {r['sparsegpt_s_per_b']} | {r['sparsegpt_rss_gb']} | "
+            f"{r['sparsegpt_rss_gb'] / r['disk_gb']:.2f} | {r['eval_s']} | {r['eval_rss_gb']} | {inmem} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    stamp = datetime.date.today().isoformat()
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"scale-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.results / f"scale-{stamp}.md").write_text(
+        f"Random-init Llama-shaped bf16 models, {args.samples} x {args.seqlen} calibration windows, 2 CPU threads. "
+        f"`python benchmarks/scale_bench.py --sizes {args.sizes}"
+        + (f" --in-memory {args.in_memory}" if args.in_memory else "") + "`\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
