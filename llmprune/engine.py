@@ -16,6 +16,7 @@ that reads each module from the shards when it is loaded): the walk itself does 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -102,6 +103,8 @@ def capture(
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
+        # A lazy model loads only the embedding rows these windows use and renumbers them into those rows.
+        windows = weights.input_rows(model, windows, device)
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
             try:
@@ -266,25 +269,72 @@ def stream(model: nn.Module, acts: Activations, device: str, description: str, w
 
 
 class Head:
-    """The final norm (and projection) and ``lm_head``, loaded on ``device`` for the ``with`` body: calling it maps
-    a chunk of last-block outputs to logits."""
+    """The final norm (and projection) and ``lm_head`` on ``device`` for the ``with`` body: calling it maps a chunk
+    of last-block outputs to logits; ``nll`` gives the summed next-token loss.
 
-    def __init__(self, model: nn.Module, device: str, weights=None):
-        self.mods = [*_arch.final_modules(model), model.get_output_embeddings()]
+    For a lazy model, ``nll`` never holds the output embedding (a 128k x 4096 head is 1 GB in bf16): it reads the
+    head in slices of rows and keeps a running log-sum-exp over them, so only one slice of logits exists at a time.
+    """
+
+    def __init__(self, model: nn.Module, device: str, weights=None, logits_bytes: int = 64 << 20):
+        self.model = model
+        self.final = _arch.final_modules(model)
+        self.head = model.get_output_embeddings()
         self.device, self.weights = device, weights or InMemory()
+        self.sliced = getattr(self.weights, "lazy", False)
+        self.logits_bytes = logits_bytes
+        self._head_loaded = False
 
     def __enter__(self) -> "Head":
-        for m in self.mods:
+        for m in self.final:
             self.weights.load(m, self.device)
+        if not self.sliced:
+            self._load_head()
         return self
 
+    def _load_head(self) -> None:
+        if not self._head_loaded:
+            self.weights.load(self.head, self.device)
+            self._head_loaded = True
+
     def __exit__(self, *exc) -> None:
-        for m in self.mods:
+        for m in [*self.final, *([self.head] if self._head_loaded else [])]:
             self.weights.unload(m)
+        self._head_loaded = False
+
+    @torch.no_grad()
+    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(device=self.device, dtype=self.head.weight.dtype)
+        for m in self.final:
+            x = m(x)
+        return x
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.to(device=self.device, dtype=self.mods[-1].weight.dtype)
-        for m in self.mods:
-            x = m(x)
-        return x
+        self._load_head()
+        return self.head(self._normed(hidden))
+
+    @torch.no_grad()
+    def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+        """Summed cross-entropy of ``targets`` [T] under the logits of ``hidden`` [T, H] (last-block outputs)."""
+        import torch.nn.functional as F
+
+        targets = targets.to(self.device)
+        if not self.sliced:
+            return F.cross_entropy(self(hidden).float(), targets, reduction="sum").item()
+        x = self._normed(hidden)
+        vocab = self.head.weight.shape[0]
+        step = max(1, self.logits_bytes // (4 * x.shape[0]))
+        peak = torch.full((x.shape[0],), -math.inf, device=self.device)
+        total = torch.zeros(x.shape[0], device=self.device)
+        picked = torch.zeros(x.shape[0], device=self.device)
+        for start in range(0, vocab, step):
+            stop = min(start + step, vocab)
+            w, b = self.weights.head_rows(self.model, start, stop, self.device)
+            logits = torch.nn.functional.linear(x, w, b).float()  # [T, stop - start]
+            new_peak = torch.maximum(peak, logits.max(1).values)
+            total = total * torch.exp(peak - new_peak) + torch.exp(logits - new_peak[:, None]).sum(1)
+            peak = new_peak
+            here = (targets >= start) & (targets < stop)
+            picked[here] = logits[here, targets[here] - start]
+        return (peak + torch.log(total) - picked).sum().item()

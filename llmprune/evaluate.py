@@ -36,9 +36,8 @@ def perplexity(
     with engine.Head(model, device, weights) as head:
         for h in outs.hidden:
             for j in range(h.shape[0]):  # one window at a time: its logits are [seqlen, vocab]
-                logits = head(h[j : j + 1])[0].float()
-                target = windows[start + j, 1:].to(logits.device)
-                nll += F.cross_entropy(logits[:-1], target, reduction="sum").item()
+                target = windows[start + j, 1:]
+                nll += head.nll(h[j, :-1], target)
                 count += target.numel()
             start += h.shape[0]
     mean = nll / count

@@ -33,6 +33,10 @@ class InMemory:
     def unload(self, module: nn.Module, recurse: bool = True) -> None:
         _move(module, "cpu", recurse)
 
+    def input_rows(self, model: nn.Module, windows: torch.Tensor, device: str) -> torch.Tensor:
+        """The token ids to feed the model for ``windows`` (see ``Lazy.input_rows``): here, the windows."""
+        return windows
+
 
 def _move(module: nn.Module, device: str, recurse: bool) -> None:
     if recurse:
@@ -104,6 +108,7 @@ class Lazy:
                                          (extra, "not in the model")) if names]
         if problems:
             raise error(f"the model in {self.folder} does not match its config.json: {'; '.join(problems)}")
+        self._shapes = shapes  # the skeleton's shapes: what a tensor is unloaded to, whatever was loaded
         self._names = {id(m): name for name, m in model.named_modules()}
         # The (module, attribute) pairs holding each parameter: a tied head and embedding must stay one Parameter
         # through every load and unload (a parameter count, or a weight tied on save, would otherwise see two).
@@ -144,10 +149,33 @@ class Lazy:
             if is_param:
                 p = owner._parameters[attr]
                 if p.device.type != "meta":
-                    self._set(name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                    self._set(name, nn.Parameter(torch.empty(self._shapes[name], dtype=p.dtype, device="meta"),
                                                  requires_grad=p.requires_grad))
             else:
                 owner._buffers[attr] = owner._buffers[attr].to("cpu")
+
+    def input_rows(self, model: nn.Module, windows: torch.Tensor, device: str) -> torch.Tensor:
+        """Load only the rows of the input embedding that ``windows`` use, and return the windows renumbered into
+        them. A few thousand distinct tokens of a 128k-262k vocabulary: the capture needs megabytes of the
+        embedding, not its gigabyte(s). The embedding goes back to ``meta`` (full shape) with the other modules
+        before the first block."""
+        emb = model.get_input_embeddings()
+        name = f"{self._names[id(emb)]}.weight"
+        vocab = self._shapes[name][0]
+        used, renumbered = torch.unique(windows, return_inverse=True)
+        if used.numel() and not 0 <= int(used[0]) <= int(used[-1]) < vocab:
+            raise IndexError(f"token ids {int(used[0])}..{int(used[-1])} outside the vocabulary ({vocab})")
+        rows = self.shards.pick_rows(self.key[name], used)
+        self._set(name, nn.Parameter(rows.to(device), requires_grad=False))
+        return renumbered.reshape(windows.shape)
+
+    def head_rows(self, model: nn.Module, start: int, stop: int, device: str):
+        """Rows ``start:stop`` of the output embedding (and its bias), read alone: ``(weight, bias or None)``."""
+        head = model.get_output_embeddings()
+        base = self._names[id(head)]
+        w = self.shards.rows(self.key[f"{base}.weight"], start, stop).to(device)
+        b = self.key.get(f"{base}.bias")
+        return w, (self.shards.rows(b, start, stop).to(device) if b else None)
 
     def _set(self, name: str, param: nn.Parameter) -> None:
         for owner, attr in self._holders[name]:

@@ -162,17 +162,41 @@ class ShardSet:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read into new CPU memory (the caller owns it; no file stays mapped)."""
         e = self.entries[name]
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        return self._read(name, [(0, e.shape[0] if e.shape else 1)], e.shape[0] if e.shape else 1).reshape(e.shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along its first dimension), read alone."""
+        return self._read(name, [(start, stop)], stop - start)
+
+    def pick_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` (sorted, distinct) of a tensor, read alone: what an embedding lookup of a few thousand
+        tokens needs from a vocabulary of 128k or more."""
+        idx = index.tolist()
+        runs, begin = [], 0
+        for i in range(1, len(idx) + 1):  # contiguous runs of rows become one read each
+            if i == len(idx) or idx[i] != idx[i - 1] + 1:
+                runs.append((idx[begin], idx[i - 1] + 1))
+                begin = i
+        return self._read(name, runs, len(idx))
+
+    def _read(self, name: str, runs: list[tuple[int, int]], count: int) -> torch.Tensor:
+        e = self.entries[name]
+        shape = e.shape if e.shape else (1,)
+        row = e.nbytes // max(shape[0], 1) if shape[0] else 0
+        if any(not 0 <= a <= b <= shape[0] for a, b in runs):
+            raise IndexError(f"rows {runs[:2]} out of range for {name} {e.shape}")
+        buf = torch.empty(count * row, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), 0
         with open(self.folder / e.file, "rb", buffering=0) as f:
-            f.seek(e.begin)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < e.nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise IntegrityError(f"{self.folder / e.file} ended inside tensor {name}")
-                got += n
-        return buf.view(DTYPES[e.dtype]).reshape(e.shape)
+            for a, b in runs:
+                end = pos + (b - a) * row
+                f.seek(e.begin + a * row)
+                while pos < end:
+                    n = f.readinto(view[pos:end])
+                    if not n:
+                        raise IntegrityError(f"{self.folder / e.file} ended inside tensor {name}")
+                    pos += n
+        return buf.view(DTYPES[e.dtype]).reshape(count, *shape[1:])
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 same step gives on the model held in memory; what it writes loads anywhere; damaged shards are refused."""
 
 import json
+import math
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune import arch as _arch
-from llmprune import evaluate, shards
+from llmprune import engine, evaluate, shards
 from llmprune.errors import IntegrityError
 from llmprune.lazy import Lazy, Rewrite
 from llmprune.masks import parse_pattern
@@ -70,8 +71,32 @@ def test_streamed_perplexity_equals_in_memory(tiny_root, arch):
     windows = torch.randint(0, tiny.VOCAB, (5, 32))
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
     lazy = Lazy(tiny_root / arch)
-    assert evaluate.perplexity(lazy.model, windows, batch_size=2, weights=lazy) == \
-        evaluate.perplexity(model, windows, batch_size=2)
+    got = evaluate.perplexity(lazy.model, windows, batch_size=2, weights=lazy)
+    ref = evaluate.perplexity(model, windows, batch_size=2)
+    # The lazy head is read in slices with a running log-sum-exp: the same sum, in another order.
+    assert got["tokens"] == ref["tokens"] and math.isclose(got["nll"], ref["nll"], rel_tol=1e-6)
+    # in slices of 50 vocabulary rows (8 slices), against plain cross-entropy on the whole model's logits
+    hidden = torch.randn(31, model.config.hidden_size)
+    targets = torch.randint(0, tiny.VOCAB, (31,))
+    with engine.Head(lazy.model, "cpu", lazy, logits_bytes=31 * 4 * 50) as head:
+        sliced = head.nll(hidden, targets)
+    with engine.Head(model, "cpu") as head:
+        full = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum").item()
+    assert math.isclose(sliced, full, rel_tol=1e-5)
+    assert {p.device.type for p in lazy.model.parameters()} == {"meta"}
+    assert sum(p.numel() for p in lazy.model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_capture_reads_only_the_embedding_rows_it_uses(tiny_root):
+    lazy = Lazy(tiny_root / "llama")
+    windows = torch.tensor([[5, 7, 7, 300], [8, 5, 9, 10]])
+    acts = engine.capture(lazy.model, windows, 2, weights=lazy)
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "llama").eval()
+    ref = engine.capture(model, windows, 2)
+    assert torch.equal(acts.hidden[0], ref.hidden[0])
+    assert lazy.model.get_input_embeddings().weight.shape == (tiny.VOCAB, 64)  # back to the full (meta) shape
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        engine.capture(lazy.model, torch.tensor([[1, tiny.VOCAB]]), 1, weights=lazy)
 
 
 def _bf16(tiny_root, tmp_path, arch="llama"):
