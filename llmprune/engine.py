@@ -90,6 +90,9 @@ def capture(
     weights = weights or InMemory()
     layers = _arch.blocks(model)
     before = _before_blocks(model)
+    # A lazy model loads only the embedding rows these windows use (first: the rest of the modules before the
+    # blocks must not bring in the whole embedding) and renumbers the windows into those rows.
+    windows = weights.input_rows(model, windows, device)
     for m in before:
         weights.load(m, device, recurse=False)
     hidden: list[torch.Tensor] = []
@@ -103,8 +106,6 @@ def capture(
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        # A lazy model loads only the embedding rows these windows use and renumbers them into those rows.
-        windows = weights.input_rows(model, windows, device)
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
             try:

@@ -50,6 +50,27 @@ def _move(module: nn.Module, device: str, recurse: bool) -> None:
             module._buffers[name] = b.to(device)
 
 
+def _release_freed_memory() -> None:
+    """Give the memory of the tensors just freed back to the system. glibc keeps freed chunks under its (dynamic)
+    mmap threshold in the heap, and a walk that loads and frees one block after another leaves it so fragmented that
+    the process grows by about a block per block (measured: 1.2 GB instead of 0.65 GB on a 0.6B-parameter model).
+    ``malloc_trim`` once per block returns the free pages; a fixed low mmap threshold would too, at 60% more time."""
+    global _trim
+    if _trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
 class Lazy:
     """A model whose weights stay in the safetensors shards of ``folder`` until a module is loaded.
 
@@ -153,6 +174,8 @@ class Lazy:
                                                  requires_grad=p.requires_grad))
             else:
                 owner._buffers[attr] = owner._buffers[attr].to("cpu")
+        if recurse:
+            _release_freed_memory()
 
     def input_rows(self, model: nn.Module, windows: torch.Tensor, device: str) -> torch.Tensor:
         """Load only the rows of the input embedding that ``windows`` use, and return the windows renumbered into

@@ -156,11 +156,19 @@ def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2G
     try:
         with report.progress("copying the weights", total=len(order)) as advance:
             for name in order:
-                t = lazy.shards.get(name)
-                if t.is_floating_point():
-                    n = int((~torch.isfinite(t)).sum())
-                    bad, first = bad + n, first or (name if n else None)
-                writer.put(name, t)
+                # A slice of rows at a time: an embedding of 128k-262k rows is gigabytes, and must not be held.
+                rows = entries[name].shape[0] if entries[name].shape else 1
+                step = max(1, (64 << 20) // max(entries[name].nbytes // max(rows, 1), 1))
+                for start in range(0, max(rows, 1), step):
+                    stop = min(start + step, rows)
+                    t = lazy.shards.rows(name, start, stop) if entries[name].shape else lazy.shards.get(name)
+                    if t.is_floating_point():
+                        n = int((~torch.isfinite(t)).sum())
+                        bad, first = bad + n, first or (name if n else None)
+                    if entries[name].shape:
+                        writer.put_rows(name, start, t, last=stop == rows)
+                    else:
+                        writer.put(name, t)
                 advance()
         if bad:
             raise UserError(f"{what} holds {bad:,} NaN or infinite weights (the first in {first}); a model must be "

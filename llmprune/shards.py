@@ -301,6 +301,20 @@ class ShardWriter:
             pos += os.pwrite(self._fds[file], view[pos:], b + pos)
         self.pending.discard(name)
 
+    def put_rows(self, name: str, start: int, rows: torch.Tensor, last: bool) -> None:
+        """Rows ``start:start + len(rows)`` of a tensor (along its first dimension), so a large tensor is written a
+        slice at a time; ``last`` marks the tensor written."""
+        file, b, e, t = self.where[name]
+        if tuple(rows.shape[1:]) != t.shape[1:] or start + rows.shape[0] > t.shape[0]:
+            raise ValueError(f"{name}: rows {start}+{rows.shape[0]} of shape {tuple(rows.shape)}, planned {t.shape}")
+        row = (e - b) // t.shape[0]
+        data = rows.detach().to(device="cpu", dtype=DTYPES[t.dtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            pos += os.pwrite(self._fds[file], view[pos:], b + start * row + pos)
+        if last:
+            self.pending.discard(name)
+
     def copy(self, src: ShardSet, name: str) -> None:
         """A tensor byte for byte from ``src`` (no decode, no cast)."""
         file, b, e, t = self.where[name]

@@ -1,0 +1,61 @@
+"""The CUDA path (``--device cuda``): one block and its activations on the GPU, the same patterns and nearly the same
+numbers as on the CPU. Marked ``cuda``; skipped where no GPU is present (CI never has one): run them on a GPU
+machine with ``pytest -m cuda tests`` (``benchmarks/gpu_check.sh`` does)."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tiny
+from conftest import cli
+from llmprune import arch as _arch
+from llmprune import evaluate
+from llmprune.lazy import Lazy, Rewrite
+from llmprune.masks import nm_valid, parse_pattern
+from llmprune.methods import METHODS
+from llmprune.methods.base import PruneSpec
+from llmprune.pruning import prune_model
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "wandapp", "ria"])
+def test_streamed_prune_on_cuda_matches_cpu(tiny_root, tmp_path, method):
+    m = METHODS[method]
+    pat, s = parse_pattern("2:4", None)
+    spec = PruneSpec(pat, s, m.options({"ro_iters": 1} if method == "wandapp" else {}))
+    torch.manual_seed(0)
+    windows = torch.randint(0, tiny.VOCAB, (8, 32))
+    results = {}
+    for device in ("cpu", "cuda"):
+        lazy = Lazy(tiny_root / "llama")
+        out = tmp_path / device
+        rewrite = Rewrite(lazy, out, _arch.linear_weight_names(lazy.model))
+        prune_model(lazy.model, m, spec, windows, device=device, batch_size=4, weights=lazy, sink=rewrite.block)
+        rewrite.close()
+        results[device] = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name in _arch.linear_weight_names(AutoModelForCausalLM.from_pretrained(tmp_path / "cpu")):
+        w, ref = results["cuda"][name], results["cpu"][name]
+        assert w.device.type == "cpu" and nm_valid(w, 2, 4), name
+        same = ((w == 0) == (ref == 0)).float().mean().item()
+        assert same > 0.97, (name, same)  # float rounding flips a few near-tied scores, no more
+
+
+def test_perplexity_on_cuda_matches_cpu(tiny_root):
+    torch.manual_seed(1)
+    windows = torch.randint(0, tiny.VOCAB, (5, 32))
+    lazy = Lazy(tiny_root / "qwen3")
+    gpu = evaluate.perplexity(lazy.model, windows, "cuda", batch_size=2, weights=lazy)
+    cpu = evaluate.perplexity(lazy.model, windows, "cpu", batch_size=2, weights=lazy)
+    assert math.isclose(gpu["perplexity"], cpu["perplexity"], rel_tol=1e-3)
+    assert {p.device.type for p in lazy.model.parameters()} == {"meta"}
+
+
+def test_prune_step_on_cuda_records_peak_device_memory(calibrated):
+    wd = calibrated("llama")
+    code, res = cli("prune", wd, "--method", "sparsegpt", "--pattern", "2:4", "--device", "cuda")
+    assert code == 0 and res["sparsity"]["all"] == pytest.approx(0.5)
+    assert res["peak_device_memory_mib"] > 0
