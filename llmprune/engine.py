@@ -16,6 +16,7 @@ that reads each module from the shards when it is loaded): the walk itself does 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -61,6 +62,29 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def activation_home(model: nn.Module, windows: torch.Tensor, device: str, act_dtype: torch.dtype | None) -> str:
+    """Where the calibration activations are kept between blocks: on the device when two copies of them (a block's
+    inputs and outputs) fit in half of its free memory, else in host memory, whence each chunk goes to the device
+    for its turn and comes back (128 x 2048 windows of a 8192-wide model are 8.6 GB in fp32)."""
+    if not str(device).startswith("cuda"):
+        return device
+    itemsize = (act_dtype or torch.float32).itemsize
+    need = windows.numel() * model.config.hidden_size * itemsize
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return device if 2 * need <= free // 2 else "cpu"
+
+
+@contextlib.contextmanager
+def peak_device_memory(device: str, out: dict[str, Any]) -> Iterator[None]:
+    """Record in ``out`` the peak memory allocated on a CUDA ``device`` during the ``with`` body (MiB)."""
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+    yield
+    if cuda:
+        out["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+
+
 def _before_blocks(model: nn.Module) -> list[nn.Module]:
     """The modules that run before the first block (embeddings, positions, rotary tables): every module outside the
     blocks except the final norm and the head, which the capture never reaches."""
@@ -90,6 +114,7 @@ def capture(
     weights = weights or InMemory()
     layers = _arch.blocks(model)
     before = _before_blocks(model)
+    store = activation_home(model, windows, device, act_dtype)
     # A lazy model loads only the embedding rows these windows use (first: the rest of the modules before the
     # blocks must not bring in the whole embedding) and renumbers the windows into those rows.
     windows = weights.input_rows(model, windows, device)
@@ -100,7 +125,7 @@ def capture(
 
     def hook(module, args, kw):
         h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.to(act_dtype or h.dtype))
+        hidden.append(h.to(device=store, dtype=act_dtype or h.dtype))
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _Captured
 
@@ -129,7 +154,7 @@ def run_block(block: nn.Module, acts: Activations, device: str, keep_outputs: bo
         except _StopBlock:
             continue
         if keep_outputs:
-            outs.append(out.to(h.dtype))
+            outs.append(out.to(device=h.device, dtype=h.dtype))
     return Activations(outs, acts.kwargs) if keep_outputs else None
 
 
@@ -214,7 +239,8 @@ def sequential_pass(
     handles = [lin.register_forward_pre_hook(make_hook(n)) for n, lin in block_linears(block).items()]
     try:
         h, kw = acts.hidden[0], acts.kwargs[0]
-        out = block_output(block, h.to(device=device, dtype=next(block.parameters()).dtype), kw).to(h.dtype)
+        out = block_output(block, h.to(device=device, dtype=next(block.parameters()).dtype), kw)
+        out = out.to(device=h.device, dtype=h.dtype)
     finally:
         for handle in handles:
             handle.remove()

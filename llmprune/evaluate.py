@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmprune import arch as _arch
@@ -188,9 +187,11 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
         check_context(lm, o.seqlen)
         windows = data.eval_windows(data.tokenize(tok, text), o.seqlen, o.max_windows)
         counts: dict[str, tuple[int, int]] = {}
-        ppl = perplexity(lm, windows, o.device, o.batch_size, weights=weights,
-                         sink=lambda i, block: counts.update(block_zeros(i, block)))
-        tx.step.metrics = {**ppl, **summary(lm, counts)}
+        peak: dict[str, Any] = {}
+        with engine.peak_device_memory(o.device, peak):
+            ppl = perplexity(lm, windows, o.device, o.batch_size, weights=weights,
+                             sink=lambda i, block: counts.update(block_zeros(i, block)))
+        tx.step.metrics = {**ppl, **peak, **summary(lm, counts)}
         if o.speed:  # generation runs the whole model: it is loaded whole for the timing only
             whole = load_current(ws)[0] if weights.lazy else lm
             tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device)

@@ -54,8 +54,7 @@ def check_options_belong(method: Method, given: dict[str, Any]) -> None:
 def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
     """The ``prune`` step: check the request, prune the workdir's model, commit it; returns the step's result."""
     from llmprune import evaluate
-    from llmprune.lazy import Rewrite
-    from llmprune.modeling import DTYPES, open_current, save_model
+    from llmprune.modeling import DTYPES, open_current
 
     method = method_for(req.method)
     check_options_belong(method, req.options)
@@ -91,24 +90,35 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         check_pattern(lm, spec)
         windows = ws.windows() if method.needs_data else None
         out = tx.stage("model")
-        if weights.lazy:
-            rewrite = Rewrite(weights, out, _arch.linear_weight_names(lm))
-            try:
-                result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype],
-                                     weights=weights, sink=rewrite.block)
-                check_not_already(result["before"], pat, s)
-                for f in rewrite.close():
-                    tx.known[f"model/{f}"] = ws.manifest()["files"][f"model/{f}"]
-            finally:
-                rewrite.abort()
-        else:
-            result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype])
-            check_not_already(result["before"], pat, s)
-            save_model(lm, tok, out, ws.shard_size)
+        peak: dict[str, Any] = {}
+        with engine.peak_device_memory(req.device, peak):
+            result = _prune_and_write(lm, tok, weights, method, spec, windows, req, out, ws, tx)
         summ = evaluate.summary(lm, result["after"])
-        tx.step.metrics = {**result["times"], **summ, "layer_sparsity": evaluate.layer_sparsity(result["after"])}
+        tx.step.metrics = {**result["times"], **peak, **summ, "layer_sparsity": evaluate.layer_sparsity(result["after"])}
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
-    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **summ}
+    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ}
+
+
+def _prune_and_write(lm, tok, weights, method, spec, windows, req, out, ws, tx) -> dict[str, Any]:
+    """Prune, writing each block to the new shards as it is done (a lazy model), or the whole model at the end."""
+    from llmprune.lazy import Rewrite
+    from llmprune.modeling import DTYPES, save_model
+
+    if weights.lazy:
+        rewrite = Rewrite(weights, out, _arch.linear_weight_names(lm))
+        try:
+            result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype],
+                                 weights=weights, sink=rewrite.block)
+            check_not_already(result["before"], spec.pattern, spec.sparsity)  # before the copies: fail fast
+            for f in rewrite.close():
+                tx.known[f"model/{f}"] = ws.manifest()["files"][f"model/{f}"]
+        finally:
+            rewrite.abort()
+        return result
+    result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype])
+    check_not_already(result["before"], spec.pattern, spec.sparsity)
+    save_model(lm, tok, out, ws.shard_size)
+    return result
 
 
 def check_not_already(before: dict[str, tuple[int, int]], pat, s: float) -> None:

@@ -78,7 +78,7 @@ class DensePass:
                 for h, kw in zip(acts.hidden, acts.kwargs):
                     out = engine.block_output(block, h.to(device=device, dtype=dtype), kw)
                     if keep_outputs:
-                        self.outputs.append(out.detach().float())
+                        self.outputs.append(out.detach().float().to(h.device))  # where the activations live
                     if need_grads:
                         grads = torch.autograd.grad(out.float().norm(), weights)
                         for s_, g in zip(sq, grads):
@@ -159,7 +159,7 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
                 opt.zero_grad(set_to_none=True)
                 out = engine.block_output(block, acts.hidden[i].to(device=device, dtype=torch.float32),
                                           acts.kwargs[i])
-                ((out - dense.outputs[i]) ** 2).sum().backward()
+                ((out - dense.outputs[i].to(out.device)) ** 2).sum().backward()
                 opt.step()
     finally:
         for p, f in zip(params, flags):
