@@ -97,6 +97,11 @@ def main() -> None:
         shutil.rmtree(base)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        write(rows, args)  # after every size: a long run cut short keeps what it measured
+
+
+def write(rows: list[dict], args) -> None:
+    """Print the table and save it (markdown and JSON) under ``args.results``."""
     lines = ["| size | parameters | on disk GB | calibrate s | Wanda 2:4 s | s / B params | peak RSS GB | RSS / disk "
              "| SparseGPT 2:4 s | s / B params | peak RSS GB | RSS / disk | eval s | eval peak RSS GB | in-memory peak "
              "RSS GB (Wanda / SparseGPT) |", "|---|" * 1 + "---|" * 14]
@@ -114,7 +119,7 @@ def main() -> None:
     (args.results / f"scale-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.results / f"scale-{stamp}.md").write_text(
         f"Random-init Llama-shaped bf16 models, {args.samples} x {args.seqlen} calibration windows, 2 CPU threads. "
-        f"`python benchmarks/scale_bench.py --sizes {args.sizes}"
+        f"`python benchmarks/scale_bench.py --sizes {','.join(r['size'] for r in rows)}"
         + (f" --in-memory {args.in_memory}" if args.in_memory else "") + "`\n\n" + table + "\n")
 
 
