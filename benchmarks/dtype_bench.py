@@ -10,7 +10,6 @@ in their own processes (peak RSS from ``wait4``) and report the bf16/fp32 perple
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from prune_bench import LLMPRUNE, calibrated_base, popen_rss  # noqa: E402
+from prune_bench import LLMPRUNE, calibrated_base, popen_rss, save_results  # noqa: E402
 
 RUNS = [("dense", None), ("wanda", "2:4"), ("sparsegpt", "unstructured")]
 
@@ -58,14 +57,10 @@ def main() -> None:
         lines.append(f"| {r['dtype']} | {r['method']} | {r['pattern'] or ''} | {r['ppl']:.2f} | "
                      f"{r['ppl'] / fp32[r['method']]:.4f} | {r['prune_s'] or ''} | {r['prune_rss_mib'] or ''} | "
                      f"{r['eval_rss_mib']} | {r['model_mib']} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    stamp = datetime.date.today().isoformat()
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"dtype-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.results / f"dtype-{stamp}.md").write_text(
+    save_results(args.results, "dtype", rows,
         f"SmolLM2-135M-Instruct, BENCHMARK.md protocol ({args.samples} x {args.seqlen} calibration windows, "
-        f"{rows[0]['windows']} test windows), `python benchmarks/dtype_bench.py`\n\n" + table + "\n")
+        f"{rows[0]['windows']} test windows), `python benchmarks/dtype_bench.py`",
+        "\n".join(lines))
 
 
 if __name__ == "__main__":

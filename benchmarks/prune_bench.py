@@ -95,6 +95,17 @@ with torch.no_grad():
 """
 
 
+def save_results(results: Path, name: str, rows: list[dict], caption: str, table: str) -> None:
+    """Print ``table`` and save the run under ``results/NAME-DATE.{json,md}`` (the rows, and the caption + table)."""
+    import datetime
+
+    print("\n" + table)
+    stamp = datetime.date.today().isoformat()
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / f"{name}-{stamp}.md").write_text(caption + "\n\n" + table + "\n")
+
+
 def forward_seconds(workdir: Path, batch_size: int) -> float:
     out = subprocess.run([sys.executable, "-c", FORWARD, str(workdir), str(batch_size)], check=True,
                          capture_output=True, text=True).stdout

@@ -14,7 +14,6 @@ copy of the calibrated workdir: steps never write a file in place, so the copy i
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
 import random_model  # noqa: E402
-from prune_bench import LLMPRUNE, popen_rss  # noqa: E402
+from prune_bench import LLMPRUNE, popen_rss, save_results  # noqa: E402
 
 IN_MEMORY = """
 import sys, torch
@@ -112,15 +111,11 @@ def write(rows: list[dict], args) -> None:
             f"{r['wanda_s_per_b']} | {r['wanda_rss_gb']} | {r['wanda_rss_gb'] / r['disk_gb']:.2f} | "
             f"{r['sparsegpt_s']} | {r['sparsegpt_s_per_b']} | {r['sparsegpt_rss_gb']} | "
             f"{r['sparsegpt_rss_gb'] / r['disk_gb']:.2f} | {r['eval_s']} | {r['eval_rss_gb']} | {inmem} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    stamp = datetime.date.today().isoformat()
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"scale-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.results / f"scale-{stamp}.md").write_text(
+    save_results(args.results, "scale", rows,
         f"Random-init Llama-shaped bf16 models, {args.samples} x {args.seqlen} calibration windows, 2 CPU threads. "
         f"`python benchmarks/scale_bench.py --sizes {','.join(r['size'] for r in rows)}"
-        + (f" --in-memory {args.in_memory}" if args.in_memory else "") + "`\n\n" + table + "\n")
+        + (f" --in-memory {args.in_memory}" if args.in_memory else "") + "`",
+        "\n".join(lines))
 
 
 if __name__ == "__main__":
