@@ -257,7 +257,8 @@ class Workdir:
         return self.path / "calib"
 
     def exists(self) -> bool:
-        return self.manifest_path.is_file()
+        """A manifest, or a committed one whose move into place a killed step did not finish."""
+        return self.manifest_path.is_file() or (self.path / COMMIT / MANIFEST).is_file()
 
     @property
     def shard_size(self) -> str:
@@ -283,13 +284,10 @@ class Workdir:
             raise UserError(f"workdir {self.path} does not exist; create it with `llmprune calibrate {self.path} ...`")
         if not self.path.is_dir():
             raise UserError(f"{self.path} is a file, not a workdir")
+        if (self.path / COMMIT).exists():
+            self._settle()
         if not self.exists():
-            if (self.path / COMMIT).exists():
-                # A step committed but could not move its files into place before it died: finish it.
-                with self.locked():
-                    pass
-            else:
-                raise UserError(f"{self.path} is not an llmprune workdir (no {MANIFEST})")
+            raise UserError(f"{self.path} is not an llmprune workdir (no {MANIFEST})")
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
@@ -352,6 +350,17 @@ class Workdir:
                 os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _settle(self) -> None:
+        """Finish a step that passed its commit point but died before its files were all moved into place.
+
+        Until then the manifest still describes the state before that step while some of its files already hold
+        the step's output: a command that read it now (a recipe deciding what is done, ``recover`` keying its
+        checkpoint) would act on the old state and then, once its own step's lock finished the move, read the new
+        files. Done under the lock; a process holding it is already finishing the move itself."""
+        with contextlib.suppress(WorkdirBusy):
+            with self.locked():
+                pass
 
     def _recover(self) -> None:
         """Finish a committed transaction, discard an uncommitted one."""

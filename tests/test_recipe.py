@@ -208,3 +208,42 @@ def test_variables_with_defaults_expand_like_the_shell(monkeypatch):
     monkeypatch.delenv("LLMPRUNE_T_MODEL")
     with pytest.raises(Exception, match="LLMPRUNE_T_MODEL is not set"):
         _expand("${LLMPRUNE_T_MODEL}", "x")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_root, tmp_path_factory):
+    """The recipe of `recipe()`, run once without interruption: (recipe path, its workdir's state)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    r = recipe(tiny_root, tmp)
+    assert cli("run", tmp / "ref", "--recipe", r)[0] == 0
+    return r, state(tmp / "ref")
+
+
+@pytest.mark.parametrize("command", ["prune", "recover", "eval"])
+def test_kill_after_the_commit_point_before_the_manifest_moved(uninterrupted, tmp_path, monkeypatch, command):
+    """The narrowest window of the commit: the step's files are moved into place, the manifest is not yet (a kill
+    there, 1 in 24 random kills of the slow test once). The re-run must finish that step, not run it again on its
+    own output."""
+    from llmprune.workdir import COMMIT, MANIFEST, Workdir
+
+    r, expected = uninterrupted
+    real = Workdir._apply
+
+    def dies_before_the_manifest(self, commit):
+        pending = json.loads((commit / MANIFEST).read_text())["steps"][-1]["command"]
+        if pending != command:
+            return real(self, commit)
+        for p in sorted(commit.iterdir()):
+            if p.name != MANIFEST:
+                if (self.path / p.name).exists():
+                    os.rename(self.path / p.name, self.path / f".trash-{p.name}")
+                os.rename(p, self.path / p.name)
+        raise KeyboardInterrupt  # the kill: nothing after this point runs
+
+    monkeypatch.setattr(Workdir, "_apply", dies_before_the_manifest)
+    wd = tmp_path / "wd"
+    assert cli("run", wd, "--recipe", r)[0] == 130
+    monkeypatch.undo()
+    assert (wd / COMMIT / MANIFEST).is_file()
+    assert cli("run", wd, "--recipe", r)[0] == 0
+    assert state(wd) == expected

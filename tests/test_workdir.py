@@ -64,17 +64,36 @@ def test_a_committed_transaction_is_finished_on_next_open(calibrated):
     """A process killed after the commit rename but before moving the files leaves `.commit`: roll forward."""
     wd = calibrated("llama")
     ws = Workdir(wd)
+    m = ws.manifest()
     commit = wd / COMMIT
     commit.mkdir()
     (commit / "extra.txt").write_text("new")
-    m = ws.manifest()
     m["steps"].append({**m["steps"][0], "command": "eval"})  # a step of a known command
     (commit / "manifest.json").write_text(json.dumps(m))
-    assert [s["command"] for s in Workdir(wd).steps()] == ["calibrate"]  # not yet visible
     with ws.locked():
         pass
     assert not commit.exists() and (wd / "extra.txt").read_text() == "new"
     assert [s["command"] for s in ws.steps()] == ["calibrate", "eval"]
+
+
+def test_reading_a_workdir_finishes_a_pending_commit_first(calibrated):
+    """The commit point passed but the move did not finish: a reader must see the committed state (the step and its
+    files), never the manifest before it beside the step's files. While a writer holds the lock, reading neither
+    blocks nor fails: that writer is the one finishing the move."""
+    wd = calibrated("llama")
+    m = Workdir(wd).manifest()
+    m["steps"].append({**m["steps"][0], "command": "eval"})
+    (wd / COMMIT).mkdir()
+    (wd / COMMIT / "manifest.json").write_text(json.dumps(m))
+    assert [s["command"] for s in Workdir(wd).steps()] == ["calibrate", "eval"]
+    assert not (wd / COMMIT).exists()
+    m["steps"].append({**m["steps"][0], "command": "eval"})
+    with Workdir(wd).locked():  # a writer holds the lock while its commit is pending
+        (wd / COMMIT).mkdir()
+        (wd / COMMIT / "manifest.json").write_text(json.dumps(m))
+        assert [s["command"] for s in Workdir(wd).steps()] == ["calibrate", "eval"]
+        assert (wd / COMMIT).exists()
+    assert [s["command"] for s in Workdir(wd).steps()] == ["calibrate", "eval", "eval"]
 
 
 def test_uncommitted_staging_is_discarded(calibrated):
