@@ -261,12 +261,14 @@ def load_current(ws, dtype: str = "auto"):
     return model, tok
 
 
-def open_current(ws):
+def open_current(ws, tokenizer: bool = True):
     """``(model, tokenizer, weights)``: the workdir's model for a block-by-block walk, checked against its hashes.
 
     Lazy (``lazy.Lazy``: a skeleton whose blocks are read from the shards as the walk reaches them), so the step
     holds one block at a time, unless ``recover --no-merge`` left an adapter to merge first: peft merges a whole
-    model in memory, so that model is loaded whole (``lazy.InMemory``).
+    model in memory, so that model is loaded whole (``lazy.InMemory``). ``tokenizer=False``: no tokenizer for a
+    lazy model (``None``; a step that rewrites shards copies the tokenizer's files as they are, and a 128k-token
+    tokenizer holds about 56 MB).
     """
     from transformers import AutoTokenizer
 
@@ -279,7 +281,7 @@ def open_current(ws):
     quiet_transformers()
     ws.verify("model")
     weights = Lazy(ws.model_dir)
-    return weights.model, AutoTokenizer.from_pretrained(ws.model_dir), weights
+    return weights.model, AutoTokenizer.from_pretrained(ws.model_dir) if tokenizer else None, weights
 
 
 def check_shard_size(text: str) -> None:

@@ -86,7 +86,7 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
     with ws.step("prune", params) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
-        lm, tok, weights = open_current(ws)
+        lm, tok, weights = open_current(ws, tokenizer=False)  # the in-memory path still gets one
         check_pattern(lm, spec)
         windows = ws.windows() if method.needs_data else None
         out = tx.stage("model")

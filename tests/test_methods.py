@@ -207,3 +207,27 @@ def test_true_sequential_from_the_cli(calibrated, method, monkeypatch):
         if w.dim() == 2 and "layers" in name and "norm" not in name:
             assert nm_valid(w, 4, 8), name
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_sparsegpt_factorising_the_hessian_in_place_changes_no_bit(tiny_root, arch, monkeypatch):
+    """The block's statistics are handed to their last Linear, which factorises the matrix itself (one copy fewer
+    at the peak): every Hessian is taken exactly once, and the weights are those of factorising a copy."""
+    import copy
+
+    from llmprune import engine
+    from llmprune.methods.base import BlockContext, PruneSpec
+
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 8, 32, batch_size=4)
+    dense = _arch.blocks(model)[0]
+    taken = []
+    real = Hessian.take
+    monkeypatch.setattr(Hessian, "take", lambda self: taken.append(id(self)) or real(self))
+    spec = PruneSpec(Pattern(2, 4), 0.5, sparsegpt.METHOD.Options())
+    fast = copy.deepcopy(dense)
+    sparsegpt.METHOD.prune_block(BlockContext(0, fast, acts, "cpu", spec))
+    stats = engine.collect(dense, acts, "cpu", Hessian)
+    assert len(taken) == len(set(taken)) == len({id(s) for s in stats.values()})
+    for (name, a), b in zip(_arch.block_linears(fast).items(), _arch.block_linears(dense).values()):
+        expected = sparsegpt.prune_weight(b.weight.data, stats[name].H, spec.pattern, 0.5)[0].to(b.weight.dtype)
+        assert torch.equal(a.weight, expected), name

@@ -22,7 +22,7 @@ class Magnitude(Method):
     def prune_block(self, ctx: BlockContext) -> None:
         for lin in ctx.linears.values():
             w = lin.weight.data
-            w[select(w.abs(), ctx.spec.pattern, ctx.spec.sparsity, per_row=False)] = 0
+            w.masked_fill_(select(w.abs(), ctx.spec.pattern, ctx.spec.sparsity, per_row=False), 0)
 
 
 METHOD = Magnitude()

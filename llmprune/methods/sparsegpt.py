@@ -24,20 +24,24 @@ class Options:
     damp: float = option(0.01, "SparseGPT: damping, as a fraction of the mean Hessian diagonal.", check=positive)
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``; raises the damping tenfold while it fails."""
-    mean_diag = torch.mean(torch.diag(H)).item()
+def inverse_cholesky(H: torch.Tensor, damp: float, tries: int = 6, overwrite: bool = False) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``; raises the damping tenfold while it fails.
+
+    A zero on the diagonal (an input that is always zero) becomes 1 first, so the factorisation exists.
+    ``overwrite``: ``H`` may serve as the work matrix (its last user passes it): one copy fewer at the step's peak.
+    """
+    A = H if overwrite else H.clone()
+    del H
+    dead = torch.diag(A) == 0
+    A[dead, dead] = 1
+    diag = A.diagonal().clone()  # a retry damps afresh: the work matrix is damped in place
+    mean_diag = torch.mean(diag).item()
     for _ in range(tries):
+        # Damped on the diagonal (no identity matrix); the factor L is freed as soon as the inverse exists. At most
+        # three matrices at once (A, the inverse, its factor): a 14336-input Hessian is 822 MB in fp32.
+        A.diagonal().copy_(diag).add_(damp * mean_diag)
         try:
-            # The damped matrix is built by adding to its diagonal (no identity matrix), and each intermediate is
-            # freed as soon as the next exists: an 14336-input Hessian is 822 MB in fp32, and the factorisation
-            # held about seven of them at once.
-            A = H.clone()
-            A.diagonal().add_(damp * mean_diag)
-            L = torch.linalg.cholesky(A)
-            del A
-            Hinv = torch.cholesky_inverse(L)
-            del L
+            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(A))
             return torch.linalg.cholesky(Hinv, upper=True), damp
         except torch.linalg.LinAlgError:
             damp *= 10
@@ -52,13 +56,19 @@ def prune_weight(
     W: torch.Tensor, H: torch.Tensor, pattern: Pattern, sparsity: float, blocksize: int = 128, damp: float = 0.01
 ) -> tuple[torch.Tensor, float]:
     """The pruned (and updated) weight, and the damping that was needed."""
-    W = W.float().clone()
-    H = H.clone()
-    rows, cols = W.shape
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     Hinv, used = inverse_cholesky(H, damp)
+    return sweep(W, Hinv, dead, pattern, sparsity, blocksize), used
+
+
+@torch.no_grad()
+def sweep(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, pattern: Pattern, sparsity: float,
+          blocksize: int = 128) -> torch.Tensor:
+    """Algorithm 1's column sweep: ``W`` pruned with OBS updates from ``Hinv`` (``inverse_cholesky``'s factor);
+    ``dead``: the inputs that are always zero (their weights are removed first)."""
+    W = W.to(torch.float32, copy=True)
+    rows, cols = W.shape
+    W[:, dead] = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -90,7 +100,7 @@ def prune_weight(
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W, used
+    return W
 
 
 class SparseGPT(Method):
@@ -105,8 +115,13 @@ class SparseGPT(Method):
         opts: Options = ctx.spec.options
 
         def prune_linear(lin, stat: Hessian) -> None:
-            new, _ = prune_weight(lin.weight.data, stat.H, ctx.spec.pattern, ctx.spec.sparsity, opts.blocksize,
-                                  opts.damp)
+            # The statistic's last user hands its matrix to the factorisation, which damps it in place: that is
+            # the step's memory peak, one Hessian smaller (the matrix is freed as soon as the factor exists).
+            last = getattr(stat, "last_use", False)
+            dead = torch.diag(stat.H) == 0
+            Hinv, _ = inverse_cholesky(stat.take() if last else stat.H, opts.damp, overwrite=last)
+            new = sweep(lin.weight.data, Hinv, dead, ctx.spec.pattern, ctx.spec.sparsity, opts.blocksize)
+            del Hinv
             lin.weight.data.copy_(new.to(lin.weight.dtype))
 
         ctx.prune_each_linear(Hessian, prune_linear)

@@ -12,7 +12,8 @@ from llmprune.methods.base import ScoreMethod
 
 def score(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``S_ij = |W_ij| * ||X_j||``."""
-    return weight.abs().float() * norms.reshape(1, -1)
+    # One fp32 temporary, transformed in place (``abs`` is exact, so the order changes no bit).
+    return weight.to(torch.float32, copy=True).abs_().mul_(norms.reshape(1, -1))
 
 
 class Wanda(ScoreMethod):

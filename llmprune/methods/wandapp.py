@@ -115,7 +115,7 @@ def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor], scale: 
     for name, lin in ctx.linears.items():
         w = lin.weight.data
         score = rgs_score(w, grads[name], norms[name] * scale, opts.alpha)
-        w[select(score, ctx.spec.pattern, ctx.spec.sparsity)] = 0
+        w.masked_fill_(select(score, ctx.spec.pattern, ctx.spec.sparsity), 0)
 
 
 @torch.no_grad()
