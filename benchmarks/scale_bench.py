@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-import random_model  # noqa: E402
 from prune_bench import LLMPRUNE, popen_rss, save_results  # noqa: E402
 
 IN_MEMORY = """
@@ -65,7 +64,11 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         src = args.out / f"random-{size}"
-        random_model.build(src, size)
+        # Built in a child process: Linux carries a process's peak RSS across exec into the ru_maxrss that wait4
+        # reports, so every command started from a parent that had built a model in memory would report at least
+        # the parent's peak (all four columns read the same 1.44 GB at 0.6B that way).
+        subprocess.run([sys.executable, str(Path(__file__).parent / "random_model.py"), str(src), "--size", size],
+                       check=True, stdout=subprocess.DEVNULL)
         disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         params = json.loads((args.out / f"random-{size}" / "config.json").read_text())
         base = args.out / f"work-{size}"
@@ -100,6 +103,9 @@ def main() -> None:
         row.update(eval_s=round(wall, 1), eval_rss_gb=round(rss / 1024, 2))
         shutil.rmtree(args.out / f"{size}-wanda")
         shutil.rmtree(base)
+        import resource  # the parent's own peak: below every command's, or their figures would be its (see above)
+
+        row["bench_process_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
         write(rows, args)  # after every size: a long run cut short keeps what it measured
