@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
 from prune_bench import LLMPRUNE, popen_rss, save_results  # noqa: E402
 
+SIZE_ORDER = ("0.5b", "1b", "3b", "7b", "8b")  # random_model.SIZES, without importing torch into this process
+
 IN_MEMORY = """
 import sys, torch
 from llmprune.workdir import Workdir
@@ -54,6 +56,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--in-memory", default="", help="sizes to measure the in-memory path for too")
+    ap.add_argument("--add", action="store_true",
+                    help="keep the rows of today's results file for the sizes this run does not measure (a long "
+                         "table measured in several runs); the caption then lists each run's command")
     ap.add_argument("--skip", action="append", default=[], metavar="SIZE:METHOD",
                     help="a prune not to run (e.g. 8b:sparsegpt, hours on 2 cores); its cells read 'not run'")
     ap.add_argument("--out", type=Path, default=Path("runs/scale"))
@@ -113,6 +118,19 @@ def main() -> None:
 
 def write(rows: list[dict], args) -> None:
     """Print the table and save it (markdown and JSON) under ``args.results``."""
+    import datetime
+
+    command = (f"python benchmarks/scale_bench.py --sizes {','.join(r['size'] for r in rows)}"
+               + (f" --in-memory {args.in_memory}" if args.in_memory else "")
+               + "".join(f" --skip {x}" for x in args.skip) + (" --add" if args.add else ""))
+    for r in rows:
+        r["command"] = command
+    today = args.results / f"scale-{datetime.date.today().isoformat()}.json"
+    if args.add and today.exists():
+        mine = {r["size"] for r in rows}
+        order = list(SIZE_ORDER)
+        rows = sorted([r for r in json.loads(today.read_text()) if r["size"] not in mine] + rows,
+                      key=lambda r: order.index(r["size"]) if r["size"] in order else len(order))
     lines = ["| size | parameters | on disk GB | calibrate s | Wanda 2:4 s | s / B params | peak RSS GB | RSS / disk "
              "| SparseGPT 2:4 s | s / B params | peak RSS GB | RSS / disk | eval s | eval peak RSS GB | in-memory peak "
              "RSS GB (Wanda / SparseGPT) |", "|---|" * 1 + "---|" * 14]
@@ -124,12 +142,10 @@ def write(rows: list[dict], args) -> None:
                       if f"{m}_s" in r else ["not run"] * 4)
         lines.append(f"| {r['size']} | {r['parameters'] / 1e9:.2f} B | {r['disk_gb']} | {r['calibrate_s']} | "
                      + " | ".join(str(c) for c in cells) + f" | {r['eval_s']} | {r['eval_rss_gb']} | {inmem} |")
+    commands = list(dict.fromkeys(r.get("command", "") for r in rows))
     save_results(args.results, "scale", rows,
-        f"Random-init Llama-shaped bf16 models, {args.samples} x {args.seqlen} calibration windows, 2 CPU threads. "
-        f"`python benchmarks/scale_bench.py --sizes {','.join(r['size'] for r in rows)}"
-        + (f" --in-memory {args.in_memory}" if args.in_memory else "")
-        + "".join(f" --skip {x}" for x in args.skip) + "`",
-        "\n".join(lines))
+                 f"Random-init Llama-shaped bf16 models, {args.samples} x {args.seqlen} calibration windows, 2 CPU "
+                 "threads. " + "; ".join(f"`{c}`" for c in commands if c), "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,26 @@ class TrainSpec:
     eval_every: int = 0  # 0: only at the end
 
 
+def check_launcher() -> None:
+    """Refuse a launch the training steps cannot honour, before any work.
+
+    Under FSDP every process holds a shard of each weight, and the steps save (and merge) the model each process
+    holds: refused until they gather the full state first. On the CPU, accelerate (1.15) would not even shard: its
+    state only turns FSDP on for accelerator devices, so a configuration asking for FSDP runs as plain DDP.
+    """
+    import os
+
+    from llmprune.errors import UserError
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UserError("FSDP is not supported by regularize and recover yet (each process would save only its "
+                        "shard); run them with DDP: accelerate launch --num_processes N [--cpu] -m llmprune ...")
+
+
 def accelerator(device: str, grad_accum: int = 1):
     from accelerate import Accelerator
 
+    check_launcher()
     return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum)
 
 

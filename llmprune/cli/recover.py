@@ -39,9 +39,11 @@ def recover(
 ) -> None:
     """LoRA recovery fine-tuning; with --merge the sparsity pattern is re-applied and verified after the merge."""
     from llmprune.recovery import RecoverOptions, Recovery
+    from llmprune.train import check_launcher
 
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
+    check_launcher()
     positive(steps=steps if steps is not None else 1, rank=rank, batch_size=batch_size, grad_accum=grad_accum,
              holdout=holdout, eval_every=eval_every, lr=lr, alpha=alpha, epochs=epochs if epochs is not None else 1)
     if not 0 <= dropout < 1 or save_every < 0:

@@ -36,10 +36,12 @@ def regularize(
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
     from llmprune.methods.dress import RegularizeOptions, regularize_workdir
+    from llmprune.train import check_launcher
 
     opts = RegularizeOptions(ratio, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
                              batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device)
     opts.check()
+    check_launcher()
     positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,
              **{"lambda": lam}, lr=lr)
     if not (math.isfinite(gap_tol) and gap_tol >= 0):
