@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -108,8 +109,7 @@ def main() -> None:
         row.update(eval_s=round(wall, 1), eval_rss_gb=round(rss / 1024, 2))
         shutil.rmtree(args.out / f"{size}-wanda")
         shutil.rmtree(base)
-        import resource  # the parent's own peak: below every command's, or their figures would be its (see above)
-
+        # The parent's own peak: below every command's, or their figures would be its (see above).
         row["bench_process_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
