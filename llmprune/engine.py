@@ -2,9 +2,12 @@
 
 Every data-driven method (Wanda, SparseGPT, Wanda++) and the streaming evaluation run through here:
 
-1. ``capture``: run the model on the windows until block 0 is called, and keep what it receives -- the hidden
-   states *and every keyword argument* (attention mask, position ids, rotary ``position_embeddings``, cache
-   position...). The decoder-layer signature changes between transformers releases, so nothing is hard-coded.
+1. ``capture``: run the model on the windows with every block standing in for the identity, and keep what block 0
+   receives -- the hidden states -- and *every keyword argument each block receives* (attention mask, position
+   ids, rotary ``position_embeddings``, cache position...). Models with layer types (Gemma 2/3, any config with
+   ``layer_types``) hand sliding-window layers another mask and, in Gemma 3, other rotary tables than full-attention
+   layers: replaying block 0's arguments for every block would silently compute another model. The decoder-layer
+   signature changes between transformers releases, so nothing is hard-coded.
 2. ``walk``: for each block, load it onto the device, let the caller collect statistics / prune, then run it again
    so the next block sees the outputs of the *pruned* block, hand it to the caller's sink (the step writes it to its
    new shards), and unload it. Only one block is on the device -- and, for a ``lazy.Lazy`` model, in memory -- at a
@@ -35,15 +38,39 @@ class Activations:
     """Inputs of one block for the whole calibration set, in chunks of windows."""
 
     hidden: list[torch.Tensor]  # per chunk, [batch, seqlen, hidden], stored in the activation dtype
-    kwargs: list[dict[str, Any]]  # per chunk, the keyword arguments the model passed to its blocks
+    kwargs: list[dict[str, Any]]  # per chunk, the keyword arguments the model passes to the block these feed
+    # [block][chunk]: every block's keyword arguments, where they differ between blocks (layer types); None when
+    # every block receives the very same objects (the arguments are references: a mask shared by 30 blocks is
+    # held once).
+    by_block: list[list[dict[str, Any]]] | None = None
 
     @property
     def n_samples(self) -> int:
         return sum(h.shape[0] for h in self.hidden)
 
+    def feeding(self, index: int) -> "Activations":
+        """These hidden states as the inputs of block ``index``: with that block's keyword arguments."""
+        if self.by_block is None:
+            return self
+        return Activations(self.hidden, self.by_block[index], self.by_block)
+
+    def replaced(self, hidden: list[torch.Tensor]) -> "Activations":
+        """Other hidden states (a block's outputs) with the same chunks' keyword arguments."""
+        return Activations(hidden, self.kwargs, self.by_block)
+
+    def subset(self, idx: list[int]) -> "Activations":
+        """The chunks ``idx`` only."""
+        by_block = [[kw[i] for i in idx] for kw in self.by_block] if self.by_block is not None else None
+        return Activations([self.hidden[i] for i in idx], [self.kwargs[i] for i in idx], by_block)
+
+
+def _same_arguments(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] or (not isinstance(a[k], (torch.Tensor, tuple, list, dict))
+                                                         and a[k] == b[k]) for k in a)
+
 
 class _Captured(Exception):
-    """Raised by the hook on block 0 to stop the forward pass once its inputs are captured."""
+    """Raised by the last block's stand-in to stop the forward pass once every block's inputs are captured."""
 
 
 class _StopBlock(Exception):
@@ -121,15 +148,27 @@ def capture(
     for m in before:
         weights.load(m, device, recurse=False)
     hidden: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = []
+    by_block: list[list[dict[str, Any]]] = [[] for _ in layers]
 
-    def hook(module, args, kw):
-        h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.to(device=store, dtype=act_dtype or h.dtype))
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Captured
+    # Each block is replaced, for the capture, by a stand-in that records its arguments and returns its input (so
+    # the model's own loop hands every block what it would hand it, at the cost of none of them); the last one stops
+    # the pass. ``forward`` is an instance attribute for the duration: the block keeps every other attribute the
+    # model's loop may read (``attention_type``...), and an instance ``forward`` already there is put back after.
+    def stand_in(i: int):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hidden.append(h.to(device=store, dtype=act_dtype or h.dtype))
+            by_block[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if i == len(layers) - 1:
+                raise _Captured
+            return h
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        return forward
+
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = stand_in(i)
     try:
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
@@ -138,10 +177,17 @@ def capture(
             except _Captured:
                 pass
     finally:
-        handle.remove()
+        for layer, old in zip(layers, saved):
+            if old is None:
+                del layer.forward
+            else:
+                layer.forward = old
         for m in before:
             weights.unload(m, recurse=False)
-    return Activations(hidden, kwargs)
+    if len(by_block[-1]) != len(hidden):
+        raise RuntimeError("the model did not call each of its decoder blocks once per batch")
+    same = all(_same_arguments(kw[c], by_block[0][c]) for kw in by_block for c in range(len(hidden)))
+    return Activations(hidden, by_block[0], None if same else by_block)
 
 
 def run_block(block: nn.Module, acts: Activations, device: str, keep_outputs: bool = True) -> Activations | None:
@@ -155,7 +201,7 @@ def run_block(block: nn.Module, acts: Activations, device: str, keep_outputs: bo
             continue
         if keep_outputs:
             outs.append(out.to(device=h.device, dtype=h.dtype))
-    return Activations(outs, acts.kwargs) if keep_outputs else None
+    return acts.replaced(outs) if keep_outputs else None
 
 
 @torch.no_grad()
@@ -245,7 +291,7 @@ def sequential_pass(
         for handle in handles:
             handle.remove()
         last.clear()
-    return Activations([out], acts.kwargs)
+    return acts.replaced([out])
 
 
 class Walk:
@@ -271,6 +317,7 @@ class Walk:
         acts = self.acts
         with progress(self.description, total=len(layers)) as advance:
             for i, block in enumerate(layers):
+                acts = acts.feeding(i)
                 self.weights.load(block, self.device)
                 self.next_inputs = None
                 yield i, block, acts

@@ -193,7 +193,8 @@ def test_true_sequential_from_the_cli(calibrated, method, monkeypatch):
     real_call = nn.Module.__call__
 
     def counting(self, *args, **kwargs):
-        if type(self).__name__.endswith("DecoderLayer"):
+        # (during the capture a block's forward is a stand-in that computes nothing: not counted)
+        if type(self).__name__.endswith("DecoderLayer") and "forward" not in vars(self):
             calls[id(self)] = calls.get(id(self), 0) + 1
         return real_call(self, *args, **kwargs)
 
@@ -201,8 +202,8 @@ def test_true_sequential_from_the_cli(calibrated, method, monkeypatch):
     code, res = cli("prune", wd, "--method", method, "--pattern", "4:8", "--true-sequential")
     monkeypatch.undo()
     assert code == 0 and res["sparsity"]["all"] == pytest.approx(0.5)
-    # block 0 runs once for the capture (the model's forward, stopped at it) and once to prune; later blocks once
-    assert sorted(calls.values()) == [1] * (len(calls) - 1) + [2], calls
+    # every block runs once: its pruning pass gives the next block's inputs
+    assert len(calls) == 2 and set(calls.values()) == {1}, calls
     for name, w in _weights(wd).items():
         if w.dim() == 2 and "layers" in name and "norm" not in name:
             assert nm_valid(w, 4, 8), name

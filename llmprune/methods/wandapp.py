@@ -126,10 +126,6 @@ def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float)
     _apply_rgs(ctx, grads, {n: s.norms(convention) for n, s in stats.items()}, scale)
 
 
-def _subset(acts: engine.Activations, idx: list[int]) -> engine.Activations:
-    return engine.Activations([acts.hidden[i] for i in idx], [acts.kwargs[i] for i in idx])
-
-
 def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     opts: Options = ctx.spec.options
     block, acts, device = ctx.block, ctx.acts, ctx.device
@@ -154,7 +150,7 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
                 _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale)
             else:
-                _prune_rgs(ctx, _subset(acts, idx), dense.grads, scale)
+                _prune_rgs(ctx, acts.subset(idx), dense.grads, scale)
             for i in idx:
                 opt.zero_grad(set_to_none=True)
                 out = engine.block_output(block, acts.hidden[i].to(device=device, dtype=torch.float32),
