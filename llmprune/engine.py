@@ -357,6 +357,7 @@ class Head:
         self.device, self.weights = device, weights or InMemory()
         self.sliced = getattr(self.weights, "lazy", False)
         self.logits_bytes = logits_bytes
+        self.cap = _arch.logit_softcap(model.config)
         self._head_loaded = False
 
     def __enter__(self) -> "Head":
@@ -383,10 +384,14 @@ class Head:
             x = m(x)
         return x
 
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's soft cap on its logits (Gemma 2), in their own dtype, as the model's forward applies it."""
+        return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
+
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         self._load_head()
-        return self.head(self._normed(hidden))
+        return self._capped(self.head(self._normed(hidden)))
 
     @torch.no_grad()
     def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
@@ -405,7 +410,7 @@ class Head:
         for start in range(0, vocab, step):
             stop = min(start + step, vocab)
             w, b = self.weights.head_rows(self.model, start, stop, self.device)
-            logits = torch.nn.functional.linear(x, w, b).float()  # [T, stop - start]
+            logits = self._capped(torch.nn.functional.linear(x, w, b)).float()  # [T, stop - start]
             new_peak = torch.maximum(peak, logits.max(1).values)
             total = total * torch.exp(peak - new_peak) + torch.exp(logits - new_peak[:, None]).sum(1)
             peak = new_peak

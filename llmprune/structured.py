@@ -8,9 +8,10 @@ units (read from the architecture table, ``arch.Parts``). Three verbs share the 
 - ``remove``: a physically smaller model built from a *standard* config, so it loads with plain
   ``AutoModelForCausalLM.from_pretrained`` -- no custom code, no pickle.
 
-Removing hidden channels that are exactly zero is exact for RMSNorm models once the kept norm weights are scaled
-by ``sqrt(d / d')`` (the RMS over d' channels is that much larger than over d) and ``rms_norm_eps`` by ``d / d'``. LayerNorm models (OPT, Phi-2) are
-not exact: their mean and variance change with the width.
+Removing hidden channels that are exactly zero is exact for RMSNorm models once the kept norms' effective scales
+are multiplied by ``sqrt(d / d')`` (the RMS over d' channels is that much larger than over d), ``rms_norm_eps`` by
+``d / d'``, and -- Gemma -- the embedding by the same factor, as its ``sqrt(hidden_size)`` multiplier shrinks
+(``_hidden_rescale``). LayerNorm models (OPT, Phi-2) are not exact: their mean and variance change with the width.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def slices(model: nn.Module, plan: Plan) -> list[Slice]:
         add(f"{_module_name(model, model.get_output_embeddings())}.weight", 1, idx, unit)
         add_module(p.final_norm, 0, idx, unit, bias=True)
         for i in range(g.layers):
-            for lin in (p.q, p.k, p.v, *p.mlp_in):
+            for lin in dict.fromkeys((p.q, p.k, p.v, *p.mlp_in)):  # a fused projection once
                 add(f"{blk(i, lin)}.weight", 1, idx, unit)  # input side
             for lin in (p.o, p.mlp_out):
                 add_module(blk(i, lin), 0, idx, unit, bias=True)  # output side, and its bias
@@ -168,16 +169,23 @@ def slices(model: nn.Module, plan: Plan) -> list[Slice]:
                 kv_rows += range(grp * g.head_dim, (grp + 1) * g.head_dim)
                 kv_unit += [u] * g.head_dim
                 u += 1
-            add_module(blk(i, p.q), 0, q_rows, q_unit, bias=True)
-            add_module(blk(i, p.k), 0, kv_rows, kv_unit, bias=True)
-            add_module(blk(i, p.v), 0, kv_rows, kv_unit, bias=True)
+            if p.qkv_fused:  # rows [q (heads x head_dim); k (kv x head_dim); v (kv x head_dim)]
+                k_at, v_at = g.heads * g.head_dim, (g.heads + g.kv_heads) * g.head_dim
+                add_module(blk(i, p.q), 0, q_rows + [k_at + r for r in kv_rows] + [v_at + r for r in kv_rows],
+                           q_unit + kv_unit + kv_unit, bias=True)
+            else:
+                add_module(blk(i, p.q), 0, q_rows, q_unit, bias=True)
+                add_module(blk(i, p.k), 0, kv_rows, kv_unit, bias=True)
+                add_module(blk(i, p.v), 0, kv_rows, kv_unit, bias=True)
             add(f"{blk(i, p.o)}.weight", 1, q_rows, q_unit)
     elif s == "mlp":
         u = 0
         for i, chans in enumerate(plan.removed):
             unit = list(range(u, u + len(chans)))
             u += len(chans)
-            for lin in p.mlp_in:
+            if p.mlp_in_fused:  # rows [gate (mlp); up (mlp)]
+                add_module(blk(i, p.mlp_in[0]), 0, list(chans) + [g.mlp + c for c in chans], unit + unit, bias=True)
+            for lin in () if p.mlp_in_fused else p.mlp_in:
                 add_module(blk(i, lin), 0, list(chans), unit, bias=True)
             add(f"{blk(i, p.mlp_out)}.weight", 1, list(chans), unit)
     elif s == "layers":
@@ -210,12 +218,12 @@ def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
 class Removal:
     """What removing a plan's units does, tensor by tensor: the new ``config``, and for each tensor of the old model
     its new name (blocks renumbered; ``None`` for a tensor that goes) and its new value (the kept slices, RMSNorm
-    weights rescaled). The same object serves a model in memory (``remove``) and one streamed from its shards
+    weights and scaled embeddings rescaled). The same object serves a model in memory (``remove``) and one streamed from its shards
     (``remove_streamed``), so both give the same tensors."""
 
     config: Any
     cuts: dict[str, list[Slice]]  # parameter name -> the slices of it that go
-    scale: dict[str, float]  # parameter name -> the factor its kept values are multiplied by
+    scale: dict[str, tuple[float, float]]  # parameter name -> (a, b): its kept values v become a * v + b
     gone: set[int]  # removed blocks
     renumber: dict[int, int]  # old block index -> new, for blocks that stay
     prefix: str  # dotted path of the blocks, with a trailing dot
@@ -236,7 +244,8 @@ class Removal:
         for sl in self.cuts.get(name, ()):
             t = t.index_select(sl.dim, _keep(t.shape[sl.dim], sl.index)).clone()
         if name in self.scale:
-            t = t * self.scale[name]
+            a, b = self.scale[name]
+            t = t * a + b if b else t * a
         return t
 
 
@@ -249,7 +258,7 @@ def removal(model: nn.Module, plan: Plan) -> Removal:
     cfg = copy.deepcopy(model.config)
     s = plan.structure
     cuts: dict[str, list[Slice]] = {}
-    scale: dict[str, float] = {}
+    scale: dict[str, tuple[float, float]] = {}
     gone: set[int] = set()
     renumber: dict[int, int] = {}
     if s == "layers":
@@ -270,8 +279,7 @@ def removal(model: nn.Module, plan: Plan) -> Removal:
                                 f"{g.heads} attention heads, which transformers' config validation requires")
             cfg.hidden_size = d_new
             if a.parts.rms_norm and plan.removed:
-                norms = [a.parts.final_norm] + [f"{a.layers}.{i}.{n}" for i in range(g.layers) for n in a.parts.norms]
-                scale = {f"{n}.weight": math.sqrt(g.hidden / d_new) for n in norms}
+                scale = _hidden_rescale(model, g.hidden, d_new)
                 # RMSNorm divides by sqrt(mean(x^2) + eps); the mean over d' channels is d/d' times larger, so eps
                 # must grow by the same factor for the smaller model to compute exactly the same function.
                 if getattr(cfg, "rms_norm_eps", None) is not None:
@@ -288,6 +296,30 @@ def removal(model: nn.Module, plan: Plan) -> Removal:
                 raise UserError("a standard config needs the same number of MLP channels removed in every block")
             setattr(cfg, a.parts.mlp_width, g.mlp - r)
     return Removal(cfg, cuts, scale, gone, renumber, a.layers + ".")
+
+
+def _hidden_rescale(model: nn.Module, d: int, d_new: int) -> dict[str, tuple[float, float]]:
+    """The affine maps ``v -> a v + b`` that make a model with ``d - d_new`` zero hidden channels removed compute
+    the same function (RMSNorm models).
+
+    Every RMSNorm over the hidden size sees an RMS ``f = sqrt(d / d_new)`` times larger once the zeros are gone, so
+    its effective scale ``offset + w`` is multiplied by ``f``: ``w' = f w + offset (f - 1)`` (offset 1 for Gemma's
+    ``(1 + w)``). An embedding scaled by ``sqrt(hidden_size)`` (Gemma) is scaled by ``sqrt(d_new)`` in the smaller
+    model, so its values are multiplied by ``f``; a head tied to it is then ``f`` times larger as well, and the
+    final norm's ``f`` cancels it."""
+    a = _arch.arch_for(model.config.model_type)
+    p = a.parts
+    f = math.sqrt(d / d_new)
+    norm = lambda factor: (factor, p.norm_offset * (factor - 1))  # noqa: E731
+    out = {f"{a.layers}.{i}.{n}.weight": norm(f) for i in range(len(_arch.blocks(model))) for n in p.norms}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    emb = f if p.embed_scaled else 1.0
+    out[f"{p.final_norm}.weight"] = norm(f / emb if tied else f)
+    if p.embed_scaled:
+        out[f"{p.embed}.weight"] = (emb, 0.0)
+        if tied:  # the same tensor under the head's name (a model in memory lists both)
+            out[f"{_module_name(model, model.get_output_embeddings())}.weight"] = (emb, 0.0)
+    return {k: v for k, v in out.items() if v != (1.0, 0.0)}
 
 
 @torch.no_grad()

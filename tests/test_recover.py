@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tiny
 from conftest import cli
 from llmprune.cli import run
 from llmprune.masks import nm_valid
@@ -49,6 +50,30 @@ def test_merge_keeps_every_pruned_zero(calibrated, masked):
     # The adapter is kept in the workdir as safetensors + adapter_config.json.
     cfg = json.loads((wd / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and (wd / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
+def test_lora_recovery_on_every_architecture(calibrated, tiny_root, arch):
+    """LoRA adapts every prunable Linear of every block by default (fused projections included), and the merge
+    keeps each one's 2:4 zeros."""
+    from transformers import AutoConfig
+
+    from llmprune import arch as _arch
+    from llmprune.lazy import Lazy
+
+    lazy = Lazy(tiny_root / arch)
+    linears = _arch.linear_weight_names(lazy.model)
+    assert {n.split(".")[-2] for n in linears} == set(_arch.arch_for(AutoConfig.from_pretrained(
+        tiny_root / arch).model_type).lora_targets)
+    wd = calibrated(arch, samples=12, seqlen=32)
+    assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
+    before = _weights(wd)
+    code, res = cli("recover", wd, "--steps", 4, "--eval-every", 4, *FAST)
+    assert code == 0 and res["pruned_layers"] == len(linears)
+    after = _weights(wd)
+    for k in linears:
+        assert torch.equal(after[k] == 0, before[k] == 0) and nm_valid(after[k], 2, 4), k
+        assert not torch.equal(after[k], before[k]), k
 
 
 def test_no_merge_keeps_the_base_and_saves_the_adapter(calibrated):

@@ -55,13 +55,30 @@ def config(model_type: str):
         return tf.Qwen3Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16)
     if model_type == "phi":
         return tf.PhiConfig(**common, intermediate_size=128, partial_rotary_factor=0.5)
+    if model_type == "gemma":
+        return tf.GemmaConfig(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16)
+    # Gemma 2 / 3: both layer types, with a sliding window shorter than the tests' sequences, so that a block given
+    # another layer type's mask or rotary tables computes something else; Gemma 2's logit cap low enough to bite.
+    # (The released Gemmas tie their head; Gemma 2 here does not, so both rescales of hidden removal are tested.)
+    if model_type == "gemma2":
+        return tf.Gemma2Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                               query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=3.0,
+                               attn_logit_softcapping=20.0, layer_types=["sliding_attention", "full_attention"],
+                               tie_word_embeddings=False)  # a scaled embedding with its own head: the other rescale
+    if model_type == "gemma3_text":
+        return tf.Gemma3TextConfig(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                   query_pre_attn_scalar=16, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"])
+    if model_type == "phi3":
+        return tf.Phi3Config(**common, intermediate_size=128, num_key_value_heads=2, pad_token_id=0,
+                             bos_token_id=0, eos_token_id=0)
     if model_type == "opt":
         return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
     raise ValueError(model_type)
 
 
-ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt")
+ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
 def build(model_type: str, out: Path, seed: int = 0) -> Path:
@@ -71,9 +88,13 @@ def build(model_type: str, out: Path, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(config(model_type))
     # Random init is near-uniform; a larger scale gives distinct weights and activations to prune.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif "norm" in name and name.endswith("weight"):
+                # norms away from their init (ones, or Gemma's zeros for 1 + w): a rescale that forgets Gemma's
+                # offset, or a norm left out of it, shows in the structured-removal exactness tests
+                p.add_(torch.randn_like(p), alpha=0.2)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer().save_pretrained(out)
