@@ -9,6 +9,10 @@ calibration windows is timed in the same run, so speed is reported as a ratio me
     python benchmarks/prune_bench.py --methods wanda,wandapp-rgs,wandapp --patterns 2:4
     python benchmarks/prune_bench.py --methods wanda,wandapp-tuned,wandapp-rgs   # the Wanda++ table (~75 min)
     python benchmarks/prune_bench.py --methods wanda,wanda-seq,sparsegpt,sparsegpt-seq   # the two schedules
+    python benchmarks/prune_bench.py --model gemma3-270m --methods magnitude,wanda,sparsegpt,wandapp
+
+The peers' reference rows exist for SmolLM2 only; Gemma-3-270M rows compare against its dense perplexity. Every
+run is saved under benchmarks/results/ (``--save NAME``, default ``MODEL-prune``) as well as ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ REFERENCE = {
     ("sparsegpt", "4:8"): (40.59, 183, 1609),
     ("sparsegpt", "2:4"): (55.21, 189, 1603),
 }
-DENSE_PPL = 14.59
+DENSE_PPL = {"smollm2-135m": 14.59, "gemma3-270m": 30.47}  # BENCHMARK.md
 # Named variants: the label in the table -> the prune options.
 VARIANTS = {
     "magnitude": ["--method", "magnitude"],
@@ -120,11 +124,16 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-windows", type=int, default=None, help="default: the whole test split (105 windows)")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/bench (SmolLM2), runs/bench-MODEL (others)")
     ap.add_argument("--extra", default="", help="extra options for prune, e.g. '--act-dtype bfloat16'")
+    ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
+    ap.add_argument("--save", default="", help="results name under benchmarks/results/ (default: MODEL-prune)")
     args = ap.parse_args()
 
-    paths = assets.fetch()
+    paths = assets.fetch(model=args.model)
+    if args.out is None:
+        args.out = Path("runs/bench" + ("" if args.model == assets.MODELS[0] else f"-{args.model}"))
+    reference = REFERENCE if args.model == "smollm2-135m" else {}
     base = calibrated_base(args.out, paths, args.samples, args.seqlen)
     evalargs = ["--dataset", paths["test"], "--seqlen", str(args.seqlen)]
     if args.eval_windows:
@@ -144,7 +153,7 @@ def main() -> None:
             res, wall, rss = popen_rss(cmd)
             prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"]
             ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
-            ref = REFERENCE.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
+            ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
             row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
                        step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
                        sparsity=res["sparsity"]["all"], windows=ev["windows"])
@@ -152,20 +161,26 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     fwd_end = forward_seconds(base, args.batch_size)
     print(f"full forward pass again at the end: {fwd_end:.1f} s (a large change means the machine was busy)")
-    print_table(rows, fwd)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, batch {args.batch_size}; "
+               f"forward pass over them {fwd:.1f} s at the start, {fwd_end:.1f} s at the end; dense perplexity "
+               f"{DENSE_PPL[args.model]} (BENCHMARK.md). Command: python benchmarks/prune_bench.py "
+               + " ".join(sys.argv[1:]))
+    save_results(Path(__file__).parent / "results", args.save or f"{args.model}-prune", rows, caption,
+                 table(rows, fwd, reference, DENSE_PPL[args.model]))
 
 
-def print_table(rows: list[dict], fwd: float) -> None:
-    print("\n| method | pattern | ppl | ref ppl | ppl/ref | ppl/Wanda ref | prune s | prune/forward | ref s "
-          "| peak RSS MiB | ref RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def table(rows: list[dict], fwd: float, reference: dict, dense: float) -> str:
+    lines = ["| method | pattern | ppl | ppl/dense | ref ppl | ppl/ref | ppl/Wanda ref | prune s | prune/forward "
+             "| ref s | peak RSS MiB | ref RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        wanda_ref = REFERENCE[("wanda", r["pattern"])][0] if ("wanda", r["pattern"]) in REFERENCE else float("nan")
-        print(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ref_ppl']} | {r['ppl'] / r['ref_ppl']:.3f} | "
-              f"{r['ppl'] / wanda_ref:.3f} | {r['prune_s']:.1f} | {r['prune_s'] / fwd:.2f} | {r['ref_s']} | "
-              f"{r['rss_mib']:.0f} | {r['ref_rss_mib']} |")
-    print(f"\nforward pass over the calibration windows: {fwd:.1f} s; dense perplexity {DENSE_PPL} (BENCHMARK.md)")
+        wanda_ref = reference[("wanda", r["pattern"])][0] if ("wanda", r["pattern"]) in reference else float("nan")
+        lines.append(
+            f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {r['ref_ppl']} | "
+            f"{r['ppl'] / r['ref_ppl']:.3f} | {r['ppl'] / wanda_ref:.3f} | {r['prune_s']:.1f} | "
+            f"{r['prune_s'] / fwd:.2f} | {r['ref_s']} | {r['rss_mib']:.0f} | {r['ref_rss_mib']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
