@@ -45,6 +45,27 @@ class Parts:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A block's mixture-of-experts weights, stored by transformers 5 as 3-D parameters ``[E, out, in]``.
+
+    The unit of pruning is one expert's 2-D slice ``param[e]`` (a Linear's ``[out, in]``, input from the tokens
+    routed to e). The table also says how a checkpoint stores them -- one 2-D tensor per expert and source, the 3-D
+    parameter being the stack over experts of the concatenation (rows) of its sources -- which is how Hub releases
+    and ``save_pretrained`` write them (transformers converts on load and back on save).
+    """
+
+    path: str = "mlp.experts"  # the module inside a block that holds the 3-D parameters
+    # parameter -> its per-expert sources on disk, concatenated along rows: gate_up_proj[e] = [gate_e; up_e]
+    params: tuple[tuple[str, tuple[str, ...]], ...] = (("gate_up_proj", ("gate_proj", "up_proj")),
+                                                       ("down_proj", ("down_proj",)))
+    disk_path: str = "mlp.experts"  # where a checkpoint keeps expert e's tensors: ``{disk_path}.{e}.{source}.weight``
+    # The experts' forward, as data: out = sum over the top-k experts e of w_e(x) * down_e(act(gate_e x) * up_e x),
+    # gate and up the two row halves of gate_up_proj[e] ("gated"). A layout that computes anything else is not
+    # this row's (gpt-oss's clamped, interleaved one is not in the table).
+    forward: str = "gated"
+
+
+@dataclass(frozen=True)
 class Arch:
     layers: str  # dotted path to the ModuleList of decoder blocks
     final: tuple[str, ...]  # modules applied, in order, between the last block and lm_head (absent ones skipped)
@@ -53,6 +74,13 @@ class Arch:
     # Config key of a soft cap on the final logits, ``cap * tanh(logits / cap)`` (Gemma 2), applied by the model's
     # forward after the head -- so the streamed head must apply it too. Unset or None in the config: no cap.
     logit_softcap: str = ""
+    experts: Experts | None = None  # mixture-of-experts blocks
+    # Modules inside a block whose weights are never pruned: routers and shared-expert gates (a handful of rows
+    # that decide where every token goes; zeroing half of them reroutes the model).
+    never_prune: tuple[str, ...] = ()
+    # (model name fragment, checkpoint name fragment): the checkpoint's names differ from the modules' (Mixtral
+    # releases keep ``block_sparse_moe`` for what transformers 5 calls ``mlp``)
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA_LIKE = Arch(
@@ -69,6 +97,19 @@ _GEMMA_PARTS = Parts(norm_offset=1.0, embed_scaled=True)
 _GEMMA2_PARTS = Parts(norm_offset=1.0, embed_scaled=True,
                       norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                              "post_feedforward_layernorm"))
+
+# Mixture-of-experts: Qwen-MoE and Mixtral keep routed experts as 3-D parameters and a router ``mlp.gate`` (a plain
+# [E, H] weight); Qwen2-MoE adds a shared expert (ordinary Linears, pruned like a dense MLP) and its one-row gate.
+# Structured removal would have to slice every expert and the router with the rest: refused for now.
+_MOE_WHY = ("structured removal does not slice mixture-of-experts blocks yet (the experts and the router would have "
+            "to be cut together; removing whole experts is a separate method)")
+_MOE_CANNOT = tuple((structure, _MOE_WHY) for structure in ("hidden", "heads", "mlp", "layers"))
+# LoRA adapts the attention of MoE models by default: peft (0.21) maps the MLP names gate_proj / up_proj /
+# down_proj onto the 3-D expert parameters (its transformers-4 compatibility layer), dropping the dense and shared
+# MLP Linears of those names, and the zero-mask training of ``recovery`` covers Linears only.
+_MOE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QWEN_MOE = Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
+                 parts=Parts(cannot=_MOE_CANNOT), experts=Experts(), never_prune=("mlp.gate",))
 
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,  # Llama-2/3, SmolLM
@@ -95,6 +136,15 @@ ARCHS: dict[str, Arch] = {
         parts=Parts(q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj",
                     mlp_in=("mlp.gate_up_proj",), qkv_fused=True, mlp_in_fused=True),
     ),
+    "qwen3_moe": _QWEN_MOE,
+    "qwen2_moe": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
+                      parts=Parts(cannot=_MOE_CANNOT), experts=Experts(),
+                      never_prune=("mlp.gate", "mlp.shared_expert_gate")),
+    "mixtral": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
+                    parts=Parts(cannot=_MOE_CANNOT),
+                    experts=Experts(params=(("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",))),
+                                    disk_path="block_sparse_moe.experts"),
+                    never_prune=("mlp.gate",), renames=((".mlp.", ".block_sparse_moe."),)),
     "opt": Arch(
         layers="model.decoder.layers",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
@@ -141,11 +191,66 @@ def final_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The prunable Linear layers of one block, by their name inside it (e.g. ``self_attn.q_proj``)."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """The prunable weights of one block, by their name inside it, each as a Linear.
+
+    An ``nn.Linear`` (``self_attn.q_proj``; a fused one, ``self_attn.qkv_proj``, is one weight), or one expert's
+    slice of a 3-D expert parameter (``mlp.experts.gate_up_proj[3]``: a Linear whose weight is a view of that
+    slice, so pruning it prunes the parameter). Routers and shared-expert gates (``never_prune``) are not in it.
+    """
+    from llmprune import experts
+
+    a = _arch_of(block)
+    skip = tuple(a.never_prune) + ((a.experts.path,) if a.experts else ())
+    out = {name: m for name, m in block.named_modules()
+           if isinstance(m, nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip)}
+    if a.experts is not None:
+        out.update(experts.views(block, a.experts))
+    return out
+
+
+def _arch_of(block: nn.Module) -> Arch:
+    """The table row of the model a block belongs to (blocks carry no config of their own in every family)."""
+    config = getattr(block, "config", None) or getattr(getattr(block, "self_attn", None), "config", None)
+    if config is None:
+        return _LLAMA_LIKE  # a block the table cannot place has no experts and nothing to exempt
+    return arch_for(getattr(config, "model_type", "llama")) if getattr(config, "model_type", "") in ARCHS else _LLAMA_LIKE
+
+
+def described(block: nn.Module) -> set[str]:
+    """Names (inside the block) of the parameters the table describes: prunable weights and their biases, the expert
+    parameters, and the never-pruned modules' weights. Vectors (norms, biases) need no description."""
+    a = _arch_of(block)
+    names = {f"{n}.{attr}" for n, m in block.named_modules() if isinstance(m, nn.Linear) for attr in ("weight", "bias")}
+    for mod in a.never_prune:
+        names |= {f"{mod}.{attr}" for attr, _ in (get_module(block, mod) or nn.Module()).named_parameters()}
+    if a.experts is not None:
+        names |= {f"{a.experts.path}.{p}" for p, _ in a.experts.params}
+    return names
+
+
+def undescribed(block: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """The block's parameters of two or more dimensions that the table does not describe: weights llmprune would not
+    know how to prune, or what their input is -- a block holding one is refused, never pruned halfway."""
+    known = described(block)
+    return [(n, tuple(p.shape)) for n, p in block.named_parameters() if p.dim() >= 2 and n not in known]
+
+
+def weight_of(model: nn.Module, name: str):
+    """The weight tensor of a prunable weight's full name: a Linear's (``model.layers.0.self_attn.q_proj``) or one
+    expert's slice of a 3-D parameter (``model.layers.0.mlp.experts.gate_up_proj[3]``, a view of it)."""
+    if name.endswith("]"):
+        base, _, e = name[:-1].rpartition("[")
+        return model.get_parameter(base).data[int(e)]
+    return model.get_submodule(name).weight
 
 
 def linear_weight_names(model: nn.Module) -> set[str]:
-    """Full names (as in the checkpoint) of the weight of every prunable Linear of every block."""
-    layers = arch_for(model.config.model_type).layers
-    return {f"{layers}.{i}.{name}.weight" for i, block in enumerate(blocks(model)) for name in block_linears(block)}
+    """Full names (as the model names them) of every parameter holding prunable weights, in every block: each
+    Linear's weight, and each 3-D expert parameter."""
+    a = arch_for(model.config.model_type)
+    names = set()
+    for i, block in enumerate(blocks(model)):
+        for name in block_linears(block):
+            base, _, rest = name.partition("[")
+            names.add(f"{a.layers}.{i}.{base}" if rest else f"{a.layers}.{i}.{name}.weight")
+    return names

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune import experts
 from llmprune.lazy import InMemory
 from llmprune.report import progress
 from llmprune.stats import Stat
@@ -209,8 +210,15 @@ def collect(block: nn.Module, acts: Activations, device: str, make_stat: Callabl
     """One pass of ``block`` over the activations, feeding every Linear's input to a statistic.
 
     The pass stops as soon as every Linear has seen its input for a chunk (the block's last Linear is usually
-    followed only by a residual add), which saves the tail of the block.
+    followed only by a residual add), which saves the tail of the block. Experts are run one by one through their
+    views (``experts.routed``): each expert's statistic is of the tokens routed to it, and an expert no token
+    reached has none.
     """
+    with experts.routed_block(block):
+        return _collect(block, acts, device, make_stat)
+
+
+def _collect(block: nn.Module, acts: Activations, device: str, make_stat: Callable[[nn.Linear], Stat]) -> dict[str, Stat]:
     linears = block_linears(block)
     stats: dict[str, Stat] = {}
     # Linears fed the very same tensor (q/k/v, gate/up) share one statistic: a Hessian is computed once, not
@@ -263,10 +271,16 @@ def sequential_pass(
     the inputs that the *already pruned* Linears before it produce, and the pass's output is the pruned block's --
     the next block's inputs -- so the block is run once instead of twice (statistics, then propagation). A Linear
     must see every window before it is pruned, so the windows must arrive as one chunk. Linears fed the very same
-    tensor (q/k/v, gate/up) share one statistic, as in ``collect``.
+    tensor (q/k/v, gate/up) share one statistic, as in ``collect``; experts are pruned as their tokens arrive, and
+    one that none reaches is not pruned here (the caller falls back to magnitude for it).
     """
     if len(acts.hidden) != 1:
         raise ValueError("sequential_pass needs every calibration window in one chunk")
+    with experts.routed_block(block):
+        return _sequential_pass(block, acts, device, make_stat, prune)
+
+
+def _sequential_pass(block, acts, device, make_stat, prune) -> Activations:
     last: list[tuple[torch.Tensor, Stat]] = []  # the previous Linear's input (held, so its memory is not reused)
 
     def make_hook(name: str):

@@ -69,7 +69,9 @@ def sparsity_by_type(counts: dict[str, tuple[int, int]] | nn.Module) -> dict[str
     zeros: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     for full, (z, n) in counts.items():
-        for key in (full.split(".", 1)[1], "all"):
+        kind = full.split(".", 1)[1]
+        kind = kind[: kind.index("[")] if kind.endswith("]") else kind  # every expert's slice: one layer type
+        for key in (kind, "all"):
             zeros[key] += z
             total[key] += n
     return {k: zeros[k] / total[k] for k in sorted(total, key=lambda k: (k == "all", k))}

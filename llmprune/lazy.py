@@ -85,7 +85,7 @@ class Lazy:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from llmprune.arch import arch_for
+        from llmprune.arch import arch_for, blocks
 
         self.folder = Path(folder)
         self.shards = ShardSet(self.folder, error)
@@ -94,7 +94,7 @@ class Lazy:
         except (OSError, ValueError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise error(f"cannot read the config of the model in {self.folder}: {msg[:300]}") from None
-        arch_for(config.model_type)
+        row = arch_for(config.model_type)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
         model.tie_weights()  # under init_empty_weights the tie is only declared; make it the same Parameter
@@ -105,24 +105,47 @@ class Lazy:
         for name, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(name)
         self.key: dict[str, str] = {}  # parameter or persistent buffer name -> its tensor's name in the shards
+        # A 3-D expert parameter stored one 2-D tensor per expert and source (how releases and save_pretrained keep
+        # them): name -> per expert, the shard tensors whose rows, concatenated, are that expert's slice.
+        self.parts: dict[str, list[list[str]]] = {}
+        self._own: set[str] = set()
+        experts = self._expert_sources(model, row, blocks)
+
+        def on_disk(n: str) -> str | None:
+            if n in self.shards:
+                return n
+            for ours, theirs in row.renames:
+                if ours in n and n.replace(ours, theirs) in self.shards:
+                    return n.replace(ours, theirs)
+            return None
+
         missing: list[str] = []
         for names in groups.values():
-            stored = [n for n in names if n in self.shards]
+            stored = [k for k in map(on_disk, names) if k is not None]
             if not stored:
-                missing.append(names[0])
+                sources = experts.get(names[0])
+                if sources and all(k in self.shards for e in sources for k in e):
+                    self.parts[names[0]] = sources
+                else:
+                    missing.append(names[0])
                 continue
             for n in names:
                 self.key[n] = stored[0]
+            # the name stored as itself (or as its renamed self) owns the tensor; its tied aliases do not
+            self._own.add(next(n for n in names if on_disk(n) is not None))
         persistent = set(model.state_dict())
         for name, _ in model.named_buffers():
             if name in persistent and name in self.shards:
                 self.key[name] = name
+                self._own.add(name)
             elif name in persistent:
                 missing.append(name)
         shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
                   **{n: tuple(b.shape) for n, b in model.named_buffers()}}
         wrong = sorted({key for name, key in self.key.items() if self.shards.entries[key].shape != shapes[name]})
-        extra = sorted(set(self.shards.names()) - set(self.key))  # a tied weight stored twice is not extra
+        wrong += sorted(name for name, sources in self.parts.items() if self._stacked_shape(sources) != shapes[name])
+        used = set(self.key.values()) | {k for sources in self.parts.values() for e in sources for k in e}
+        extra = sorted(set(self.shards.names()) - used - set(self.key))  # a tied weight stored twice is not extra
         problems = [f"{len(names)} tensor(s) {label} ({', '.join(names[:3])}"
                     + (f" and {len(names) - 3} more)" if len(names) > 3 else ")")
                     for names, label in ((missing, "missing"), (wrong, "of the wrong shape"),
@@ -138,6 +161,50 @@ class Lazy:
             holders = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
             for n in names:
                 self._holders[n] = holders
+
+    @staticmethod
+    def _expert_sources(model: nn.Module, row, blocks) -> dict[str, list[list[str]]]:
+        """Where a checkpoint in the per-expert layout keeps each 3-D expert parameter of ``model``: ``{name: [[shard
+        tensors of expert 0], ...]}`` (the table's ``Experts.disk_path`` and sources)."""
+        spec = row.experts
+        if spec is None:
+            return {}
+        out = {}
+        for i, block in enumerate(blocks(model)):
+            mod = block.get_submodule(spec.path) if _has(block, spec.path) else None
+            if mod is None:
+                continue
+            for param, sources in spec.params:
+                p = getattr(mod, param)
+                out[f"{row.layers}.{i}.{spec.path}.{param}"] = [
+                    [f"{row.layers}.{i}.{spec.disk_path}.{e}.{src}.weight" for src in sources] for e in range(p.shape[0])
+                ]
+        return out
+
+    def _stacked_shape(self, sources: list[list[str]]) -> tuple[int, ...]:
+        shapes = [[self.shards.entries[k].shape for k in e] for e in sources]
+        first = shapes[0]
+        if any(len(s) != 2 for e in shapes for s in e) or any(e != first for e in shapes):
+            return ()
+        return (len(shapes), sum(s[0] for s in first), first[0][1])
+
+    def _stacked(self, name: str) -> torch.Tensor:
+        """A 3-D expert parameter read from its per-expert tensors: ``stack_e(cat(sources of e))``."""
+        return torch.stack([torch.cat([self.shards.get(k) for k in e]) for e in self.parts[name]])
+
+    def owned(self, name: str) -> list[str]:
+        """The shard tensors that hold the model's tensor ``name`` (none for an alias of a tied weight)."""
+        if name in self.parts:
+            return [k for e in self.parts[name] for k in e]
+        return [self.key[name]] if name in self._own else []
+
+    def stored(self, names: set[str]) -> set[str]:
+        """The shard tensor names behind a set of the model's tensor names."""
+        return {k for n in names for k in self.owned(n)}
+
+    def order(self) -> list[str]:
+        """Every stored tensor, once, in the model's own order."""
+        return [k for n in self.model.state_dict() for k in self.owned(n)]
 
     def _members(self, module: nn.Module, recurse: bool = True) -> Iterator[tuple[nn.Module, str, str, bool]]:
         """``(owner, attribute, full name, is_parameter)`` of every tensor held by ``module`` (and its children)."""
@@ -156,8 +223,8 @@ class Lazy:
             if is_param:
                 p = owner._parameters[attr]
                 if p.device.type == "meta":
-                    self._set(name, nn.Parameter(self.shards.get(self.key[name]).to(device),
-                                                 requires_grad=p.requires_grad))
+                    t = self._stacked(name) if name in self.parts else self.shards.get(self.key[name])
+                    self._set(name, nn.Parameter(t.to(device), requires_grad=p.requires_grad))
                 else:
                     p.data = p.data.to(device)
             else:
@@ -208,15 +275,34 @@ class Lazy:
         """``(name in the shards, tensor)`` of every stored tensor of a loaded ``module`` (an alias of a tied weight
         is not stored twice)."""
         for owner, attr, name, is_param in self._members(module):
-            if self.key.get(name) == name:
-                t = owner._parameters[attr] if is_param else owner._buffers[attr]
-                if t.device.type == "meta":
-                    raise RuntimeError(f"{name} is not loaded")
-                yield name, t.detach()
+            stored = self.owned(name)
+            if not stored:
+                continue
+            t = owner._parameters[attr] if is_param else owner._buffers[attr]
+            if t.device.type == "meta":
+                raise RuntimeError(f"{name} is not loaded")
+            t = t.detach()
+            if name not in self.parts:
+                yield stored[0], t
+                continue
+            for e, sources in enumerate(self.parts[name]):  # back to one 2-D tensor per expert and source
+                start = 0
+                for k in sources:
+                    rows = self.shards.entries[k].shape[0]
+                    yield k, t[e, start : start + rows]
+                    start += rows
 
     def names(self, module: nn.Module) -> set[str]:
         """The shard tensors ``module`` holds."""
-        return {name for _, _, name, _ in self._members(module) if self.key.get(name) == name}
+        return {k for _, _, name, _ in self._members(module) for k in self.owned(name)}
+
+
+def _has(root: nn.Module, dotted: str) -> bool:
+    try:
+        root.get_submodule(dotted)
+    except AttributeError:
+        return False
+    return True
 
 
 class Rewrite:

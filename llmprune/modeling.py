@@ -141,7 +141,7 @@ def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2G
 
     src = lazy.folder
     target = None if dtype == "auto" else parse_dtype(dtype)
-    order = [n for n in lazy.model.state_dict() if lazy.key.get(n) == n]
+    order = lazy.order()
     entries = lazy.shards.entries
 
     def out_dtype(name: str) -> str:

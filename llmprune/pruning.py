@@ -94,9 +94,13 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         with engine.peak_device_memory(req.device, peak):
             result = _prune_and_write(lm, tok, weights, method, spec, windows, req, out, ws, tx)
         summ = evaluate.summary(lm, result["after"])
-        tx.step.metrics = {**result["times"], **peak, **summ, "layer_sparsity": evaluate.layer_sparsity(result["after"])}
+        # experts without calibration tokens: how many of the model's expert weights were pruned by magnitude
+        fallback = {"no_token_weights": len(result["no_tokens"])} if _arch.arch_for(lm.config.model_type).experts else {}
+        tx.step.metrics = {**result["times"], **peak, **summ, **fallback,
+                           "layer_sparsity": evaluate.layer_sparsity(result["after"])}
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
-    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ}
+    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ,
+            **fallback}
 
 
 def _prune_and_write(lm, tok, weights, method, spec, windows, req, out, ws, tx) -> dict[str, Any]:
@@ -105,7 +109,7 @@ def _prune_and_write(lm, tok, weights, method, spec, windows, req, out, ws, tx) 
     from llmprune.modeling import DTYPES, save_model
 
     if weights.lazy:
-        rewrite = Rewrite(weights, out, _arch.linear_weight_names(lm))
+        rewrite = Rewrite(weights, out, weights.stored(_arch.linear_weight_names(lm)))
         try:
             result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype],
                                  weights=weights, sink=rewrite.block)
@@ -132,7 +136,14 @@ def check_not_already(before: dict[str, tuple[int, int]], pat, s: float) -> None
 
 
 def check_pattern(model: nn.Module, spec: PruneSpec) -> None:
+    """Before any work: every block is one the table fully describes, and the pattern fits every prunable weight."""
     for i, block in enumerate(_arch.blocks(model)):
+        unknown = _arch.undescribed(block)
+        if unknown:
+            name, shape = unknown[0]
+            raise UserError(f"block {i} holds {name} {list(shape)}, a weight llmprune's table for "
+                            f"'{model.config.model_type}' does not describe; refusing to prune a block it does not "
+                            "fully understand" + (f" ({len(unknown) - 1} more such weights)" if len(unknown) > 1 else ""))
         for name, lin in _arch.block_linears(block).items():
             check_width(spec.pattern, lin.in_features, f"{i}.{name}")
 
@@ -161,6 +172,7 @@ def prune_model(
     weights = weights or InMemory()
     check_pattern(model, spec)
     times = {"capture_s": 0.0, "prune_s": 0.0, "propagate_s": 0.0}
+    no_tokens: list[str] = []  # experts that received no calibration token (pruned by magnitude)
     before: dict[str, tuple[int, int]] = {}
     after: dict[str, tuple[int, int]] = {}
 
@@ -198,11 +210,16 @@ def prune_model(
             before.update(block_zeros(i, block))
             ctx = BlockContext(i, block, inputs, device, spec)
             method.prune_block(ctx)
+            no_tokens += [f"{i}.{n}" for n in ctx.no_tokens]
             walk.next_inputs = ctx.outputs
             times["prune_s"] += time.perf_counter() - mark
             mark = time.perf_counter()
         times["propagate_s"] += time.perf_counter() - mark
-    return {"times": {k: round(v, 3) for k, v in times.items()}, "before": before, "after": after}
+    if no_tokens:
+        report.warn(f"{len(no_tokens)} expert weight(s) received no calibration token and were pruned by magnitude "
+                    f"(the first: {no_tokens[0]}); more calibration samples route tokens to more experts")
+    return {"times": {k: round(v, 3) for k, v in times.items()}, "before": before, "after": after,
+            "no_tokens": no_tokens}
 
 
 def verify_block(index: int, block: nn.Module, spec: PruneSpec) -> None:

@@ -192,8 +192,16 @@ def targets_for(model: nn.Module, targets: str) -> list[str]:
     """``auto``: the architecture table's LoRA targets; otherwise a comma list of Linear names (``q_proj,...``)."""
     names = list(_arch.arch_for(model.config.model_type).lora_targets) if targets == "auto" else [
         t.strip() for t in targets.split(",") if t.strip()]
-    present = {n.rsplit(".", 1)[-1] for block in _arch.blocks(model) for n in _arch.block_linears(block)}
+    present = {n.rsplit(".", 1)[-1] for block in _arch.blocks(model) for n in _arch.block_linears(block)
+               if not n.endswith("]")}
+    if targets == "auto":  # the table's names this model has (an all-sparse MoE has no dense MLP Linears)
+        names = [n for n in names if n in present]
     missing = [n for n in names if n not in present]
+    experts = _arch.arch_for(model.config.model_type).experts
+    fused = [n for n in missing if experts and n in dict(experts.params)]
+    if fused:
+        raise UserError(f"--targets {', '.join(fused)}: LoRA on 3-D expert parameters is not supported; the routed "
+                        "experts stay as they are (adapt the attention, and any shared expert)")
     if not names or missing:
         raise UserError(f"--targets {targets}: no Linear named {', '.join(missing) or '(none given)'} in this "
                         f"model's blocks; it has {', '.join(sorted(present)) or 'none'}")
@@ -248,7 +256,7 @@ def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Zero the recorded pattern again; returns how many weights the merge had made non-zero."""
     changed = 0
     for name, mask in masks.items():
-        w = model.get_submodule(name).weight
+        w = _arch.weight_of(model, name)
         changed += int((w[mask] != 0).sum())
         w.masked_fill_(mask, 0)
     return changed
@@ -257,7 +265,7 @@ def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
 def verify(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Every pruned Linear holds at least the zeros it had before recovery."""
     for name, mask in masks.items():
-        w = model.get_submodule(name).weight
+        w = _arch.weight_of(model, name)
         if (w[mask] != 0).any():
             raise StepFailed(f"{name} lost zeros of its pruning pattern after the merge")
 

@@ -360,7 +360,7 @@ def remove_streamed(lazy, plan: Plan, out, max_shard_size: str) -> Any:
 
     r = removal(lazy.model, plan)
     entries = lazy.shards.entries
-    order = [(n, r.rename(n)) for n in lazy.model.state_dict() if lazy.key.get(n) == n]
+    order = [(n, r.rename(n)) for n in lazy.order()]
     order = [(old, new) for old, new in order if new is not None]
     planned = [Planned(new, entries[old].dtype, r.shape(old, entries[old].shape)) for old, new in order]
     size = convert_file_size_to_int(int(max_shard_size) if max_shard_size.isdigit() else max_shard_size)

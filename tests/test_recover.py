@@ -54,26 +54,33 @@ def test_merge_keeps_every_pruned_zero(calibrated, masked):
 
 @pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
 def test_lora_recovery_on_every_architecture(calibrated, tiny_root, arch):
-    """LoRA adapts every prunable Linear of every block by default (fused projections included), and the merge
-    keeps each one's 2:4 zeros."""
-    from transformers import AutoConfig
+    """LoRA adapts every prunable Linear of every block by default (fused projections included; the attention of
+    MoE models), and the merge keeps each one's 2:4 zeros; what is not adapted keeps its pruned values exactly."""
+    from transformers import AutoModelForCausalLM
 
     from llmprune import arch as _arch
-    from llmprune.lazy import Lazy
 
-    lazy = Lazy(tiny_root / arch)
-    linears = _arch.linear_weight_names(lazy.model)
-    assert {n.split(".")[-2] for n in linears} == set(_arch.arch_for(AutoConfig.from_pretrained(
-        tiny_root / arch).model_type).lora_targets)
+    def prunable(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        return {f"{i}.{n}": lin.weight.detach().clone() for i, b in enumerate(_arch.blocks(model))
+                for n, lin in _arch.block_linears(b).items()}, model.config.model_type
+
+    dense, model_type = prunable(tiny_root / arch)
+    targets = set(_arch.arch_for(model_type).lora_targets)
+    adapted = {n for n in dense if n.rsplit(".", 1)[-1] in targets}
+    if arch in tiny.MOE_TYPES:  # MoE: the attention (see arch._MOE_LORA)
+        assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    else:  # dense: every prunable Linear
+        assert adapted == set(dense)
     wd = calibrated(arch, samples=12, seqlen=32)
     assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
-    before = _weights(wd)
+    before, _ = prunable(wd / "model")
     code, res = cli("recover", wd, "--steps", 4, "--eval-every", 4, *FAST)
-    assert code == 0 and res["pruned_layers"] == len(linears)
-    after = _weights(wd)
-    for k in linears:
+    assert code == 0 and res["pruned_layers"] == len(before)
+    after, _ = prunable(wd / "model")
+    for k in before:
         assert torch.equal(after[k] == 0, before[k] == 0) and nm_valid(after[k], 2, 4), k
-        assert not torch.equal(after[k], before[k]), k
+        assert torch.equal(after[k], before[k]) != (k in adapted), k
 
 
 def test_no_merge_keeps_the_base_and_saves_the_adapter(calibrated):

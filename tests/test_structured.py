@@ -31,6 +31,8 @@ def _cases():
         for structure in S.STRUCTURES:
             if arch == "opt" and structure in ("hidden", "heads"):
                 continue  # refused, see test_opt_refuses_what_its_config_cannot_express
+            if arch in tiny.MOE_TYPES:
+                continue  # refused, see test_moe_refuses_structured_removal
             yield arch, structure
 
 
@@ -94,6 +96,16 @@ def test_opt_refuses_what_its_config_cannot_express(tiny_root):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "opt")
     for structure in ("hidden", "heads"):
         with pytest.raises(UserError, match="ties the attention width"):
+            S.remove(model, S.Plan(structure, PLANS[structure]))
+
+
+@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+def test_moe_refuses_structured_removal(tiny_root, arch):
+    from llmprune.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
+    for structure in S.STRUCTURES:
+        with pytest.raises(UserError, match="mixture-of-experts"):
             S.remove(model, S.Plan(structure, PLANS[structure]))
 
 

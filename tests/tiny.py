@@ -72,13 +72,25 @@ def config(model_type: str):
     if model_type == "phi3":
         return tf.Phi3Config(**common, intermediate_size=128, num_key_value_heads=2, pad_token_id=0,
                              bos_token_id=0, eos_token_id=0)
+    # Mixture-of-experts: 4 experts, 2 per token, so that with a few windows some expert of some block may see
+    # few or no tokens; Qwen3-MoE with a dense MLP layer after a sparse one, Qwen2-MoE with its shared expert.
+    moe = dict(num_key_value_heads=2, num_experts_per_tok=2)
+    if model_type == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, **moe, num_experts=4, moe_intermediate_size=32, intermediate_size=128,
+                                 head_dim=16, mlp_only_layers=[1])
+    if model_type == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, **moe, num_experts=4, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=96, intermediate_size=128)
+    if model_type == "mixtral":
+        return tf.MixtralConfig(**common, **moe, num_local_experts=4, intermediate_size=32, sliding_window=None)
     if model_type == "opt":
         return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
     raise ValueError(model_type)
 
 
-ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3")
+MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
+ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3", *MOE_TYPES)
 
 
 def build(model_type: str, out: Path, seed: int = 0) -> Path:
@@ -89,7 +101,7 @@ def build(model_type: str, out: Path, seed: int = 0) -> Path:
     # Random init is near-uniform; a larger scale gives distinct weights and activations to prune.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # Linears, 3-D expert parameters, routers
                 p.normal_(0, 0.08)
             elif "norm" in name and name.endswith("weight"):
                 # norms away from their init (ones, or Gemma's zeros for 1 + w): a rescale that forgets Gemma's

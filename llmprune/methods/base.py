@@ -163,6 +163,18 @@ class BlockContext:
     spec: PruneSpec
     # Set by a method that ran the one-pass schedule: the pruned block's outputs, so the engine need not run it again.
     outputs: engine.Activations | None = None
+    # Prunable weights that had no calibration input (experts no token was routed to), pruned by magnitude instead.
+    no_tokens: list[str] = field(default_factory=list)
+
+    @torch.no_grad()
+    def fallback(self, name: str, lin: nn.Linear) -> None:
+        """Prune a weight that received no calibration token by magnitude (compared over the whole weight, as the
+        magnitude method does): it has no statistics to score with. Counted, and reported by the step."""
+        from llmprune.masks import select
+
+        w = lin.weight.data
+        w.masked_fill_(select(w.abs(), self.spec.pattern, self.spec.sparsity, per_row=False), 0)
+        self.no_tokens.append(name)
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
@@ -183,11 +195,22 @@ class BlockContext:
         """
         assert self.acts is not None, "this method declared needs_data = False"
         if self.spec.true_sequential:
-            self.outputs = engine.sequential_pass(self.block, self.acts, self.device, make_stat,
-                                                  lambda _name, lin, stat: prune_linear(lin, stat))
+            done: set[str] = set()
+
+            def prune(name: str, lin: nn.Linear, stat: Stat) -> None:
+                prune_linear(lin, stat)
+                done.add(name)
+
+            self.outputs = engine.sequential_pass(self.block, self.acts, self.device, make_stat, prune)
+            for name, lin in self.linears.items():
+                if name not in done:
+                    self.fallback(name, lin)
             return
         stats = self.collect(make_stat)
         for name, lin in self.linears.items():
+            if name not in stats:  # an expert no calibration token was routed to
+                self.fallback(name, lin)
+                continue
             stat = stats.pop(name)  # popped: each statistic is freed once its last Linear is done
             # Its last user may consume it in place (SparseGPT factorises the Hessian itself instead of a copy).
             stat.last_use = all(s is not stat for s in stats.values())

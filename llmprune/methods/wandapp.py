@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmprune import engine
+from llmprune import engine, experts
 from llmprune.masks import select
 from llmprune.methods.base import BlockContext, Method, non_negative, option, positive
 from llmprune.stats import RowNorms
@@ -54,17 +54,23 @@ class DensePass:
     pass is two thirds of its cost, and ``grads`` is ``None`` for every Linear."""
 
     def __init__(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool = True):
+        with experts.routed_block(block):  # each expert's norms and gradients from the tokens routed to it
+            self._run(block, acts, device, keep_outputs, need_grads)
+
+    def _run(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool) -> None:
         linears = engine.block_linears(block)
         self.names = list(linears)
         weights = [lin.weight for lin in linears.values()]
         sq = [torch.zeros_like(w, dtype=torch.float32) if need_grads else None for w in weights]
-        self.sample_sq: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        # sample index -> that sample's sums of squares; an expert no token of a sample was routed to has no entry
+        self.sample_sq: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.names}
         self.outputs: list[torch.Tensor] = []
+        current = [0]
 
         def make_hook(name):
             def hook(module, args):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                self.sample_sq[name].append(x.pow(2).sum(0))
+                self.sample_sq[name][current[0]] = x.pow(2).sum(0)
 
             return hook
 
@@ -75,14 +81,17 @@ class DensePass:
             w.requires_grad_(need_grads)
         try:
             with torch.set_grad_enabled(need_grads):
-                for h, kw in zip(acts.hidden, acts.kwargs):
+                for i, (h, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
+                    current[0] = i
                     out = engine.block_output(block, h.to(device=device, dtype=dtype), kw)
                     if keep_outputs:
                         self.outputs.append(out.detach().float().to(h.device))  # where the activations live
                     if need_grads:
-                        grads = torch.autograd.grad(out.float().norm(), weights)
+                        # allow_unused: an expert no token of this sample was routed to takes no part in it
+                        grads = torch.autograd.grad(out.float().norm(), weights, allow_unused=True)
                         for s_, g in zip(sq, grads):
-                            s_.add_(g.float().pow(2))
+                            if g is not None:
+                                s_.add_(g.float().pow(2))
         finally:
             for w, f in zip(weights, flags):
                 w.requires_grad_(f)
@@ -92,11 +101,14 @@ class DensePass:
         self.grads = {name: (s_ / n).sqrt() if need_grads else None for name, s_ in zip(self.names, sq)}
 
     def norms(self, idx: list[int], convention: str) -> dict[str, torch.Tensor]:
-        """``||X_j||`` of each Linear's input over the samples ``idx``, on the dense weights."""
+        """``||X_j||`` of each Linear's input over the samples ``idx``, on the dense weights (absent for an expert
+        none of those samples was routed to). The ``mean`` convention divides by the samples that reached it."""
         out = {}
         for name in self.names:
-            total = torch.stack([self.sample_sq[name][i] for i in idx]).sum(0)
-            out[name] = (total if convention == "sum" else total / len(idx)).sqrt()
+            seen = [self.sample_sq[name][i] for i in idx if i in self.sample_sq[name]]
+            if seen:
+                total = torch.stack(seen).sum(0)
+                out[name] = (total if convention == "sum" else total / len(seen)).sqrt()
         return out
 
 
@@ -106,27 +118,41 @@ def regional_gradients(block, acts: engine.Activations, device: str) -> dict[str
 
 
 @torch.no_grad()
-def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor], scale: float = 1.0,
+               final: bool = True) -> None:
     """Prune with RGS. Norms from a subset of ``1/scale**2`` of the samples are scaled by ``scale`` under the
-    ``sum`` convention, to estimate the norm over all samples, so ``alpha`` keeps its weight."""
+    ``sum`` convention, to estimate the norm over all samples, so ``alpha`` keeps its weight.
+
+    An expert without norms received no token: the final prune falls back to magnitude for it; an intermediate
+    prune of regional optimisation (a subset of the samples) leaves it for the final one."""
     opts: Options = ctx.spec.options
     if opts.act_norm != "sum":
         scale = 1.0
     for name, lin in ctx.linears.items():
+        if name not in norms:
+            if final:
+                ctx.fallback(name, lin)
+            continue
         w = lin.weight.data
         score = rgs_score(w, grads[name], norms[name] * scale, opts.alpha)
         w.masked_fill_(select(score, ctx.spec.pattern, ctx.spec.sparsity), 0)
 
 
 @torch.no_grad()
-def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float) -> None:
+def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float, final: bool = True) -> None:
     """Prune with RGS, the activation norms recomputed on the block's current weights over ``acts``."""
     convention = ctx.spec.options.act_norm
     stats = engine.collect(ctx.block, acts, ctx.device, RowNorms)
-    _apply_rgs(ctx, grads, {n: s.norms(convention) for n, s in stats.items()}, scale)
+    _apply_rgs(ctx, grads, {n: s.norms(convention) for n, s in stats.items()}, scale, final)
 
 
 def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
+    # One routed session for the whole optimisation: the optimiser holds the experts' views from start to end.
+    with experts.routed_block(ctx.block):
+        _regional_optimisation(ctx, dense)
+
+
+def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     opts: Options = ctx.spec.options
     block, acts, device = ctx.block, ctx.acts, ctx.device
     orig_dtype = next(block.parameters()).dtype
@@ -148,9 +174,9 @@ def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
             idx = rng.sample(range(n), m)
             scale = (n / m) ** 0.5
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
-                _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale)
+                _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale, final=False)
             else:
-                _prune_rgs(ctx, acts.subset(idx), dense.grads, scale)
+                _prune_rgs(ctx, acts.subset(idx), dense.grads, scale, final=False)
             for i in idx:
                 opt.zero_grad(set_to_none=True)
                 out = engine.block_output(block, acts.hidden[i].to(device=device, dtype=torch.float32),

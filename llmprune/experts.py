@@ -1,0 +1,130 @@
+"""Mixture-of-experts weights as prunable units: one expert's 2-D slice of a 3-D parameter, seen as a Linear.
+
+transformers 5 stores a block's routed experts as ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` and runs
+them in one fused (grouped) kernel, so no per-expert module exists whose input a hook could see. Two things here make
+every method work on them unchanged (../shared/METHODS.md, "Mixture-of-experts"):
+
+- ``views``: expert e's slice of each parameter as an ``nn.Linear`` whose weight *is* that slice (a view: pruning
+  it prunes the parameter), named ``mlp.experts.gate_up_proj[e]``. ``arch.block_linears`` lists them with the
+  block's ordinary Linears.
+- ``routed``: for the duration of a pruning pass, the experts' forward is replaced by the same computation expert by
+  expert through those views, so each view's hooks see exactly the tokens routed to its expert (and ``down_proj[e]``
+  sees e's activation on them) and gradients reach them. The table's ``forward`` says which computation that is;
+  ``tests/test_moe.py`` proves the replacement equal to the model's own forward.
+
+An expert that receives no calibration token has no statistics: the methods fall back to magnitude for it and the
+step reports how many did (``methods.base.BlockContext.fallback``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmprune.arch import Experts, _arch_of, get_module
+
+_ROUTED = "_llmprune_views"  # instance attribute of an experts module while ``routed``: its registered views
+
+
+def _linear(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    return lin
+
+
+def views(block: nn.Module, spec: Experts) -> dict[str, nn.Linear]:
+    """``{"mlp.experts.gate_up_proj[e]": Linear, ...}`` for every expert and parameter of the block (empty if the
+    block has no experts module: Qwen3-MoE keeps dense MLP layers between sparse ones).
+
+    Inside ``routed`` these are the registered views the pass runs through (the same objects for the hooks and the
+    optimiser); outside, fresh views of the current parameters, kept by no one (a cache would keep a lazy model's
+    unloaded tensors alive)."""
+    mod = get_module(block, spec.path)
+    if mod is None:
+        return {}
+    if _ROUTED in mod.__dict__:
+        return mod.__dict__[_ROUTED]
+    params = [(name, getattr(mod, name)) for name, _ in spec.params]
+    return {f"{spec.path}.{name}[{e}]": _linear(p.data[e], p.requires_grad)
+            for e in range(params[0][1].shape[0]) for name, p in params}
+
+
+def expert_count(name: str) -> int | None:
+    """The expert index of a view's name (``...gate_up_proj[3]`` -> 3), None for an ordinary Linear."""
+    if not name.endswith("]"):
+        return None
+    return int(name[name.rindex("[") + 1 : -1])
+
+
+def write_back(block: nn.Module, spec: Experts) -> None:
+    """Copy every view's weight into its slice of the 3-D parameter. A no-op while they share memory; needed when a
+    pass replaced a view's tensor (``block.float()`` for Wanda++'s regional optimisation, a method that assigns
+    ``weight.data``)."""
+    mod = get_module(block, spec.path)
+    vs = mod.__dict__.get(_ROUTED) if mod is not None else None
+    if vs is None:
+        return
+    with torch.no_grad():
+        for name, lin in vs.items():
+            base = name[: name.rindex("[")].rsplit(".", 1)[1]
+            p = getattr(mod, base)
+            dst = p.data[expert_count(name)]
+            if lin.weight.data_ptr() != dst.data_ptr() or lin.weight.dtype != dst.dtype:
+                dst.copy_(lin.weight.data.to(device=dst.device, dtype=dst.dtype))
+
+
+def _gated_forward(mod: nn.Module, views_by_expert: list[tuple[nn.Linear, nn.Linear]]):
+    """The experts' computation expert by expert, through the views: for each expert e and the tokens routed to it,
+    ``w * down_e(act(gate_e x) * up_e x)`` summed into the output, experts in increasing order (as transformers' own
+    eager loop does, so the sums round alike)."""
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, (gate_up, down) in enumerate(views_by_expert):
+            token_idx, pos = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            gate, up = gate_up(hidden_states[token_idx]).chunk(2, dim=-1)
+            y = down(mod.act_fn(gate) * up) * top_k_weights[token_idx, pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    return forward
+
+
+@contextmanager
+def routed(block: nn.Module, spec: Experts | None) -> Iterator[None]:
+    """Run ``block``'s experts through their views for the duration (see the module docstring); the views are
+    registered as the experts module's children meanwhile, so ``block.float()`` / ``.to()`` move them with the
+    block, and their weights are written back into the 3-D parameters at the end."""
+    mod = get_module(block, spec.path) if spec is not None else None
+    if mod is None or _ROUTED in mod.__dict__:
+        yield
+        return
+    vs = views(block, spec)
+    names = [name for name, _ in spec.params]
+    by_expert = [tuple(vs[f"{spec.path}.{n}[{e}]"] for n in names) for e in range(getattr(mod, names[0]).shape[0])]
+    saved = mod.__dict__.get("forward")
+    mod.add_module("_views", nn.ModuleList(nn.ModuleList(pair) for pair in by_expert))
+    mod.forward = _gated_forward(mod, by_expert)
+    mod.__dict__[_ROUTED] = vs
+    try:
+        yield
+    finally:
+        try:
+            write_back(block, spec)
+        finally:
+            del mod._modules["_views"]
+            del mod.__dict__[_ROUTED]
+            if saved is None:
+                del mod.forward
+            else:
+                mod.forward = saved
+
+
+def routed_block(block: nn.Module):
+    """``routed`` with the block's own table row (a no-op for a block without experts)."""
+    return routed(block, _arch_of(block).experts)

@@ -1,0 +1,170 @@
+"""Mixture-of-experts: each expert's slice of a 3-D parameter is a prunable weight with the statistics of the tokens
+routed to it; the routed stand-in computes what the model computes; experts without tokens fall back to magnitude;
+routers are never pruned; a weight the table does not describe is refused."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import tiny
+from conftest import cli
+from llmprune import arch as _arch
+from llmprune import engine, experts
+from llmprune.errors import UserError
+from llmprune.masks import parse_pattern, select
+from llmprune.methods import METHODS
+from llmprune.methods.base import PruneSpec
+from llmprune.pruning import prune_model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_routed_experts_compute_what_the_model_computes(tiny_root, arch, impl):
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch, experts_implementation=impl).eval()
+    ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = _logits(model, ids)
+    blocks = [b for b in _arch.blocks(model) if experts.views(b, _arch.arch_for(arch).experts)]
+    assert blocks
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for b in blocks:
+            stack.enter_context(experts.routed_block(b))
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # and the stand-in is gone: the model's own forward again, the same parameters
+    assert all("forward" not in vars(b.get_submodule(_arch.arch_for(arch).experts.path)) for b in blocks)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+def test_views_are_the_parameters_and_routed_statistics_are_the_routed_tokens(tiny_root, arch):
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 4, 32, batch_size=4)
+    block = _arch.blocks(model)[0]
+    spec = _arch.arch_for(arch).experts
+    mod = block.get_submodule(spec.path)
+    views = experts.views(block, spec)
+    assert len(views) == 2 * mod.gate_up_proj.shape[0]
+    views[f"{spec.path}.gate_up_proj[2]"].weight.data[0, 0] = 0.0  # a view: writes reach the 3-D parameter
+    assert mod.gate_up_proj[2, 0, 0] == 0
+    # expert e's statistic is over the tokens routed to it (the router's top-k over the normed hidden states)
+    from llmprune.stats import RowNorms
+
+    stats = engine.collect(block, acts, "cpu", RowNorms)
+    seen = []
+    handle = block.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        engine.block_output(block, acts.hidden[0], acts.kwargs[0])
+    handle.remove()
+    h = seen[0].reshape(-1, model.config.hidden_size)  # the MoE block's input: what the router sees
+    with torch.no_grad():
+        _, _, top = block.mlp.gate(h)
+    for e in range(mod.gate_up_proj.shape[0]):
+        routed = (top == e).any(-1)
+        name = f"{spec.path}.gate_up_proj[{e}]"
+        if routed.any():
+            torch.testing.assert_close(stats[name].norms("sum"), h[routed].norm(dim=0), rtol=1e-4, atol=1e-5)
+        else:
+            assert name not in stats
+
+
+def _never_route(model, expert: int) -> None:
+    """Make every router of ``model`` skip ``expert`` (its logit -inf), so it receives no calibration token."""
+    for block in _arch.blocks(model):
+        gate = getattr(block.mlp, "gate", None)
+        if gate is None:  # a dense MLP layer (Qwen3-MoE's mlp_only_layers)
+            continue
+        weight = gate.weight
+
+        def forward(hidden_states, _gate=gate, _w=weight):
+            hidden_states = hidden_states.reshape(-1, _w.shape[1])
+            logits = nn.functional.linear(hidden_states, _w)
+            logits[:, expert] = -torch.inf
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, idx = torch.topk(probs, _gate.top_k, dim=-1)
+            top = top / top.sum(-1, keepdim=True)
+            return logits, top.to(logits.dtype), idx
+
+        gate.forward = forward
+
+
+@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+@pytest.mark.parametrize("method,true_sequential", [("wanda", False), ("sparsegpt", False), ("wandapp", False),
+                                                     ("wanda", True), ("sparsegpt", True)])
+def test_an_expert_without_tokens_falls_back_to_magnitude(tiny_root, arch, method, true_sequential):
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
+    _never_route(model, 3)
+    spec_e = _arch.arch_for(arch).experts
+    dense = {f"{i}.{n}": lin.weight.detach().clone() for i, b in enumerate(_arch.blocks(model))
+             for n, lin in _arch.block_linears(b).items()}
+    m = METHODS[method]
+    pat, s = parse_pattern("2:4", None)
+    spec = PruneSpec(pat, s, m.options({"ro_iters": 1} if method == "wandapp" else {}), true_sequential)
+    windows = torch.randint(0, tiny.VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    res = prune_model(model, m, spec, windows, batch_size=4)
+    sparse_blocks = [i for i, b in enumerate(_arch.blocks(model)) if experts.views(b, spec_e)]
+    expected = {f"{i}.{spec_e.path}.{p}[3]" for i in sparse_blocks for p, _ in spec_e.params}
+    assert set(res["no_tokens"]) == expected
+    for i, b in enumerate(_arch.blocks(model)):
+        for n, lin in _arch.block_linears(b).items():
+            name = f"{i}.{n}"
+            if name in expected:  # magnitude over the whole weight: exactly its mask
+                mask = select(dense[name].abs(), pat, s, per_row=False)
+                assert torch.equal(lin.weight == 0, mask), name
+                assert torch.equal(lin.weight[~mask], dense[name][~mask]), name
+            else:
+                assert (lin.weight == 0).sum() == lin.weight.numel() // 2, name
+
+
+@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+def test_routers_and_shared_expert_gates_are_never_pruned(calibrated, arch):
+    wd = calibrated(arch)
+    before = AutoModelForCausalLM.from_pretrained(wd / "model").state_dict()
+    code, res = cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)
+    assert code == 0 and res["no_token_weights"] >= 0
+    after = AutoModelForCausalLM.from_pretrained(wd / "model").state_dict()
+    never = [k for k in after if any(f".{m}." in k for m in _arch.arch_for(arch).never_prune)]
+    assert never and all(torch.equal(after[k], before[k]) for k in never)
+    manifest = json.loads((wd / "manifest.json").read_text())
+    assert "no_token_weights" in manifest["steps"][-1]["metrics"]
+    # eval's sparsity table counts every expert: one row for each expert parameter, over all experts
+    code, ev = cli("eval", wd, "--dataset", wd.parent / "corpus.txt" if (wd.parent / "corpus.txt").exists()
+                   else _corpus(wd), "--seqlen", 32, "--max-windows", 2)
+    assert code == 0
+    assert ev["sparsity"]["mlp.experts.gate_up_proj"] == pytest.approx(0.5)
+    assert ev["sparsity"]["mlp.experts.down_proj"] == pytest.approx(0.5)
+
+
+def _corpus(wd):
+    path = wd.parent / "eval-corpus.txt"
+    path.write_text(tiny.corpus(4000, seed=3))
+    return path
+
+
+def test_a_weight_the_table_does_not_describe_is_refused(tiny_root):
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "qwen3_moe").eval()
+    mod = _arch.blocks(model)[0].mlp.experts
+    mod.register_parameter("gate_bias_proj", nn.Parameter(torch.zeros(4, 8, 8)))  # a layout the table does not know
+    pat, s = parse_pattern("unstructured", 0.5)
+    with pytest.raises(UserError, match=r"block 0 holds mlp\.experts\.gate_bias_proj \[4, 8, 8\]"):
+        prune_model(model, METHODS["wanda"], PruneSpec(pat, s), torch.zeros(2, 8, dtype=torch.long))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing was touched
+
+
+def test_two_four_on_an_expert_whose_input_width_is_not_divisible_names_it(tiny_root, tmp_path):
+    from transformers import Qwen3MoeConfig
+
+    cfg = tiny.config("qwen3_moe").to_dict()
+    cfg.update(moe_intermediate_size=30)  # down_proj[e]'s input: 30 columns, not a multiple of 4
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    pat, s = parse_pattern("2:4", None)
+    with pytest.raises(UserError, match=r"down_proj\[0\]"):
+        prune_model(model, METHODS["magnitude"], PruneSpec(pat, s), None)
