@@ -6,6 +6,9 @@ the same run), and the wall time and peak RSS of ``regularize``.
     python benchmarks/dress_bench.py --rows hidden:0.1,hidden:0.25,hidden:0.5 --modes direct,dress
     python benchmarks/dress_bench.py --rows heads:0.34,mlp:0.3,layers:0.2 --modes direct
     python benchmarks/dress_bench.py --reg "--steps 200 --lambda 0.01"    # regularise options for every DReSS row
+    python benchmarks/dress_bench.py --model gemma3-270m --rows hidden:0.1,hidden:0.25 --eval-windows 32
+
+Every run is saved under benchmarks/results/ (``--save NAME``, default ``MODEL-dress``) as well as ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from prune_bench import LLMPRUNE, calibrated_base, popen_rss  # noqa: E402
-
-DENSE_PPL = 14.59
+from prune_bench import DENSE_PPL, LLMPRUNE, calibrated_base, popen_rss, save_results  # noqa: E402
 
 
 def main() -> None:
@@ -33,10 +34,14 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=None, help="default: the whole test split (105 windows)")
     ap.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
-    ap.add_argument("--out", type=Path, default=Path("runs/dress-bench"))
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/dress-bench (SmolLM2), runs/dress-bench-MODEL")
+    ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
+    ap.add_argument("--save", default="", help="results name under benchmarks/results/ (default: MODEL-dress)")
     args = ap.parse_args()
 
-    paths = assets.fetch()
+    paths = assets.fetch(model=args.model)
+    if args.out is None:
+        args.out = Path("runs/dress-bench" + ("" if args.model == assets.MODELS[0] else f"-{args.model}"))
     base = calibrated_base(args.out, paths, args.samples, args.seqlen)
     evalargs = ["--dataset", paths["test"], "--seqlen", str(args.seqlen)]
     if args.eval_windows:
@@ -66,28 +71,34 @@ def main() -> None:
                        ppl=ev["perplexity"], prefill_speedup=sp.get("prefill_speedup"),
                        decode_speedup=sp.get("decode_speedup"), regularize_s=reg_s, regularize_rss_mib=reg_rss,
                        steps=reg.get("steps"), holdout_gap=reg.get("gap"), holdout_ppl_zeroed=reg.get("ppl_zeroed"),
-                       reg_options=args.reg if mode == "dress" else "")
+                       reg_options=args.reg if mode == "dress" else "", windows=ev["windows"],
+                       prune_s=res.get("prune_s"))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print_table(rows, dense_params)
     out = args.out / "results.json"
     old = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps(old + rows, indent=2))
+    windows = rows[0]["windows"] if rows else 0
+    caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, test perplexity over {windows} "
+               f"windows of {args.seqlen}; regularize options: {args.reg or 'the defaults'}. Command: "
+               "python benchmarks/dress_bench.py " + " ".join(sys.argv[1:]))
+    save_results(Path(__file__).parent / "results", args.save or f"{args.model}-dress", rows, caption,
+                 table(rows, dense_params, DENSE_PPL[args.model]))
 
 
-def print_table(rows: list[dict], dense_params: int) -> None:
+def table(rows: list[dict], dense_params: int, dense_ppl: float) -> str:
     direct = {(r["structure"], r["ratio"]): r["ppl"] for r in rows if r["mode"] == "direct"}
-    print("\n| structure | ratio | mode | units | parameters | removed | ppl | ppl / direct | prefill × | decode × "
-          "| regularize s | regularize RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["| structure | ratio | mode | units | parameters | removed | ppl | ppl / direct | prefill × | decode × "
+             "| regularize s | regularize RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         d = direct.get((r["structure"], r["ratio"]))
-        print(f"| {r['structure']} | {r['ratio']} | {r['mode']} | {r['units']} | {r['parameters']:,} | "
+        lines.append(f"| {r['structure']} | {r['ratio']} | {r['mode']} | {r['units']} | {r['parameters']:,} | "
               f"{r['removed']:.1%} | {r['ppl']:.2f} | {f(r['ppl'] / d if d else None, '.3f')} | "
               f"{f(r['prefill_speedup'], '.2f')} | {f(r['decode_speedup'], '.2f')} | {f(r['regularize_s'], '.0f')} | "
               f"{f(r['regularize_rss_mib'], '.0f')} |")
-    print(f"\ndense: {dense_params:,} parameters, perplexity {DENSE_PPL} (BENCHMARK.md)")
+    lines.append(f"\ndense: {dense_params:,} parameters, perplexity {dense_ppl} (BENCHMARK.md)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

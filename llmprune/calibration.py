@@ -91,10 +91,15 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
 
 
 def _load_gguf(src, o: CalibrateOptions, out):
+    from pathlib import Path
+
     from llmprune.errors import UserError
     from llmprune.modeling import load_source, non_finite, save_model
 
+    from llmprune import provenance
+
     lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
+    base.update(provenance.of_gguf(Path(src.where)))
     bad, first = non_finite(lm)
     if bad:
         raise UserError(f"model {o.model} holds {bad:,} NaN or infinite weights (the first in {first}); "
@@ -109,6 +114,7 @@ def _open_safetensors(src, o: CalibrateOptions, out):
 
     from llmprune.errors import UserError
     from llmprune.lazy import Lazy
+    from llmprune import provenance
     from llmprune.modeling import copy_weights, hub_snapshot, quiet_transformers
 
     quiet_transformers()
@@ -116,6 +122,7 @@ def _open_safetensors(src, o: CalibrateOptions, out):
     base = dict(src.base)
     if src.kind == "hub":
         base["commit"] = folder.name  # the snapshot folder is named by the commit it holds
+    base.update(provenance.of_folder(folder, src.where if src.kind == "hub" else None))
     lazy = Lazy(folder, error=UserError)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=o.trust_remote_code)

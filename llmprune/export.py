@@ -20,61 +20,112 @@ _HOW = {"merged": "It loads with plain transformers:",
         "adapter": "This folder holds its LoRA recovery adapter (peft); the base is the pruned model it was trained on:"}
 
 
-def _loading(fmt: str, base_id: str | None) -> list[str]:
-    """The card's loading snippet for each export format."""
+def _loading(fmt: str, base_id: str | None, repo: str | None = None) -> list[str]:
+    """The card's loading snippet for each export format (``repo``: the Hub repo it is pushed to, when known)."""
+    at = repo or "PATH_OR_REPO"
     if fmt == "merged":
         return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")']
+                f'model = AutoModelForCausalLM.from_pretrained("{at}")']
     if fmt == "peft":
         return ["from peft import PeftModel",
                 "from transformers import AutoModelForCausalLM",
-                'base = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")  # the pruned model',
-                'model = PeftModel.from_pretrained(base, "PATH_OR_REPO", subfolder="adapter")  # + the LoRA adapter']
+                f'base = AutoModelForCausalLM.from_pretrained("{at}")  # the pruned model',
+                f'model = PeftModel.from_pretrained(base, "{at}", subfolder="adapter")  # + the LoRA adapter']
     return ["from peft import PeftModel",
             "from transformers import AutoModelForCausalLM",
             f'base = AutoModelForCausalLM.from_pretrained("{base_id or "BASE_MODEL"}")  # the pruned model it was trained on',
-            'model = PeftModel.from_pretrained(base, "PATH_OR_REPO")']
+            f'model = PeftModel.from_pretrained(base, "{at}")']
 
 
 def _is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not Path(source).exists() and not source.endswith(".gguf")
 
 
-def _yaml_list(key: str, values: list[str]) -> list[str]:
-    return [f"{key}:"] + [f"- {v}" for v in values] if values else []
+DATASETS_HUB = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4", "ptb": "ptb-text-only/ptb_text_only"}
 
 
-def model_card(manifest: dict[str, Any], fmt: str = "merged", base_id: str | None = None) -> str:
-    """README.md for the exported folder: YAML front matter, how to load it, the lineage of steps, the evaluation
-    table."""
+def _hub_dataset(source: Any) -> str | None:
+    """The Hub id of a dataset source (a named one, or ``hf:NAME[:CONFIG[:SPLIT]]``); None for local files."""
+    if not isinstance(source, str):
+        return None
+    if source.startswith("hf:"):
+        return source[3:].split(":")[0] or None
+    return DATASETS_HUB.get(source)
+
+
+def _local_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of the local files the steps name, so the card can name each by file name and digest: the GGUF's
+    from the manifest, the others hashed now while they still exist (a file gone is named alone)."""
+    from llmprune.workdir import sha256_file
+
+    base = manifest.get("base_model", {})
+    out = {base["source"]: base["sha256"]} if base.get("sha256") and base.get("source") else {}
+    for s in manifest.get("steps", []):
+        for v in s.get("params", {}).values():
+            if isinstance(v, str) and v not in out and not _hub_dataset(v) and Path(v).is_file():
+                out[v] = sha256_file(Path(v))
+    return out
+
+
+def card_front_matter(manifest: dict[str, Any], fmt: str, base_model: str | None) -> tuple[str, list[str]]:
+    """The card's YAML front matter (through huggingface_hub's ``ModelCardData``, so the Hub reads it as written)
+    and the warnings for what a public card should carry but the workdir does not know."""
+    from huggingface_hub import ModelCardData
+
     base = manifest.get("base_model", {})
     steps = manifest.get("steps", [])
     methods = sorted({s["params"].get("method") for s in steps if s["command"] == "prune" and s["params"].get("method")})
-    datasets = sorted(
-        {s["params"].get("dataset") for s in steps if s["params"].get("dataset")} & {"wikitext2", "c4", "ptb"}
-    )
-    datasets_hub = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4", "ptb": "ptb-text-only/ptb_text_only"}
-    front = ["---"]
-    if _is_hub_id(base.get("source", "")):
-        front.append(f"base_model: {base['source']}")
-    front.append(f"library_name: {'peft' if fmt == 'adapter' else 'transformers'}")
-    front += _yaml_list("tags", ["pruned", "llmprune", *methods])
-    front += _yaml_list("datasets", [datasets_hub[d] for d in datasets])
-    front.append("---")
+    datasets = sorted({d for s in steps if (d := _hub_dataset(s["params"].get("dataset")))})
+    base_model = base_model or base.get("hub_id") or (base.get("source") if _is_hub_id(base.get("source", "")) else None)
+    warnings = []
+    if not base_model:
+        warnings.append("the model card has no base_model: the source names no Hub id (a local file or folder); "
+                        "pass export --base-model ORG/NAME")
+    license_ = base.get("license")
+    if not license_:
+        warnings.append("the model card has no license: the source carries none that llmprune can read; check the "
+                        "source's terms and add it to the card")
+    data = ModelCardData(
+        base_model=base_model, license=license_, library_name="peft" if fmt == "adapter" else "transformers",
+        pipeline_tag="text-generation", tags=["pruned", "llmprune", *methods], datasets=datasets or None)
+    return "---\n" + data.to_yaml() + "\n---", warnings
 
+
+def source_line(base: dict[str, Any]) -> tuple[str, str]:
+    """(title, sentence fragment) naming the source in public: a Hub id with its commit, a local file by name and
+    SHA-256, a local folder by name."""
     src = base.get("source", "unknown")
-    ident = base.get("revision") or (f"sha256 {base['sha256'][:16]}…" if base.get("sha256") else "")
+    if _is_hub_id(src) or base.get("kind") == "hub":
+        ident = base.get("commit") or base.get("revision")
+        return src, f"`{src}`" + (f" (revision {ident})" if ident else "")
+    name = Path(src).name or src
+    if base.get("sha256"):
+        return name, f"`{name}` (sha256 {base['sha256']})"
+    return name, f"a local folder `{name}`" + (f" (Hub id {base['hub_id']})" if base.get("hub_id") else "")
+
+
+def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str | None = None,
+               base_model: str | None = None, repo: str | None = None) -> tuple[str, list[str]]:
+    """README.md for the exported folder -- YAML front matter, how to load it, the lineage of steps, the evaluation
+    table -- and the warnings about it. Local paths appear by file name (and SHA-256), never as this machine's
+    paths."""
+    from llmprune.provenance import public_name
+
+    base = manifest.get("base_model", {})
+    steps = manifest.get("steps", [])
+    front, warnings = card_front_matter(manifest, fmt, base_model)
+    digests = _local_digests(manifest)
+    title, origin = source_line(base)
     lines = [
-        *front,
+        front,
         "",
-        f"# Pruned {Path(src).name if not _is_hub_id(src) else src}",
+        f"# Pruned {title}",
         "",
-        f"This model was produced by [llmprune](https://pypi.org/project/llmprune/) from `{src}`"
-        + (f" ({ident})" if ident else "")
+        f"This model was produced by [llmprune](https://pypi.org/project/llmprune/) from {origin}"
         + f", a `{manifest.get('model_type', '?')}` model. " + _HOW[fmt],
         "",
         "```python",
-        *_loading(fmt, base_id),
+        *_loading(fmt, adapter_base, repo),
         "```",
         "",
         "## Lineage",
@@ -84,7 +135,7 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", base_id: str | Non
     ]
     for i, s in enumerate(steps, 1):
         params = ", ".join(
-            f"{k}={v}" for k, v in s["params"].items() if v is not None and k not in _SKIP_PARAMS
+            f"{k}={public_name(v, digests)}" for k, v in s["params"].items() if v is not None and k not in _SKIP_PARAMS
         )
         lines.append(f"| {i} | `{s['command']}` | {params} | {s['duration_s']:.1f} s |")
     evals = [s for s in steps if s["command"] == "eval"]
@@ -104,14 +155,14 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", base_id: str | Non
             prev = next((p["command"] for p in reversed(steps[:idx]) if p["command"] != "eval"), "-")
             m = s["metrics"]
             lines.append(
-                f"| {prev} | {s['params'].get('dataset')} | {s['params'].get('seqlen')} | {m.get('windows')} | "
-                f"{m.get('perplexity', float('nan')):.3f} | {m.get('parameters', 0):,} | "
+                f"| {prev} | {public_name(s['params'].get('dataset'), digests)} | {s['params'].get('seqlen')} | "
+                f"{m.get('windows')} | {m.get('perplexity', float('nan')):.3f} | {m.get('parameters', 0):,} | "
                 f"{m.get('sparsity', {}).get('all', 0.0):.2%} |"
             )
     v = steps[-1]["versions"] if steps else {}
     lines += ["", f"Made with llmprune {v.get('llmprune', '?')}, torch {v.get('torch', '?')}, "
               f"transformers {v.get('transformers', '?')}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines), warnings
 
 
 def set_adapter_base(adapter_dir: Path, base_id: str | None) -> None:
@@ -211,11 +262,11 @@ def push(folder: Path, repo_id: str, private: bool) -> str:
 
 
 def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None = None,
-                   push_to_hub: str | None = None, private: bool = False, dry_run: bool = False,
+                   adapter_base: str | None = None, push_to_hub: str | None = None, private: bool = False, dry_run: bool = False,
                    overwrite: bool = False) -> dict[str, Any]:
     """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
     optionally its upload. With ``dry_run``, only the list of what would be written."""
-    from llmprune import recovery
+    from llmprune import recovery, report
     from llmprune.modeling import load_current, save_model
 
     if fmt not in FORMATS:
@@ -239,7 +290,10 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
             raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
                             "plain peft would apply it densely, another model; export --format merged, or recover "
                             "with --no-masked")
-    base_id = base_model or (push_to_hub if fmt == "peft" else None)
+    for flag, value in (("--base-model", base_model), ("--adapter-base", adapter_base)):
+        if value and not _HUB_ID.match(value):
+            raise UserError(f"{flag} {value!r} is not a Hub repo id; use OWNER/NAME")
+    base_id = adapter_base or (push_to_hub if fmt == "peft" else None)
     parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
              "adapter": {".": adapter}}[fmt]
     if dry_run:
@@ -261,6 +315,10 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
         if fmt != "merged":
             set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
 
-    written = build_folder(fill, model_card(manifest, fmt, base_id), out)
+    card, warnings = model_card(manifest, fmt, base_id, base_model, push_to_hub)
+    for w in warnings:
+        report.warn(w)
+    written = build_folder(fill, card, out)
     url = push(out, push_to_hub, private) if push_to_hub else None
-    return {"out": str(out), "format": fmt, "files": [p.relative_to(out).as_posix() for p in written], "url": url}
+    return {"out": str(out), "format": fmt, "files": [p.relative_to(out).as_posix() for p in written], "url": url,
+            "warnings": warnings}

@@ -82,6 +82,7 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
     if src.kind == "gguf":
         path = Path(src.where)
         where, kwargs["gguf_file"] = str(path.parent.resolve()), path.name
+        check_gguf(path, source)
         # transformers dequantizes GGUF weights to float32; keep that unless asked otherwise.
         torch_dtype = torch.float32 if dtype == "auto" else parse_dtype(dtype)
     else:
@@ -110,8 +111,30 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
     return model, tokenizer, base
 
 
+def check_gguf(path: Path, source: str) -> None:
+    """Refuse, before any weight is dequantized, a GGUF whose architecture transformers cannot read, or whose
+    model type llmprune does not describe: dequantizing a large model in float32 only to refuse it wastes minutes,
+    while its config costs one parse of the metadata."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from llmprune.provenance import gguf_architecture
+
+    name = gguf_architecture(path)
+    if name not in GGUF_SUPPORTED_ARCHITECTURES or name in ("general", "tokenizer"):
+        raise UserError(f"GGUF architecture '{name}' of {source} cannot be dequantized by "
+                        "transformers; use the model's safetensors release (Hub id or folder) instead")
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent.resolve()), gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read the config of {source}: {msg[:300]}") from None
+    arch_for(config.model_type)
+
+
 # What a Hub snapshot needs for llmprune: weights as safetensors, the config, the tokenizer (never pickles).
-HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken",
+             "README.md"]  # the card: its front matter holds the license the pruned model's card carries on
 
 
 def hub_snapshot(repo: str, revision: str | None) -> Path:

@@ -108,11 +108,27 @@ def count_removed(g: Geometry, structure: str, ratio: float) -> int:
         # transformers' config validation (LlamaConfig) wants hidden_size to stay a multiple of the number of
         # attention heads, even with an explicit head_dim: keep the nearest such width.
         n = total - g.heads * math.floor((total - n) / g.heads + 0.5)
+    what = {"hidden": "hidden channels", "heads": "KV groups per block", "mlp": "MLP channels per block",
+            "layers": "decoder blocks"}[structure]
     if n >= total:
-        what = {"hidden": "hidden channels", "heads": "KV groups per block", "mlp": "MLP channels per block",
-                "layers": "decoder blocks"}[structure]
         raise UserError(f"--ratio {ratio} would leave no {what} (there are {total})")
+    if n == 0 and ratio > 0:
+        # e.g. heads on a multi-query model (one KV group): a step that removes nothing must not pass for a success.
+        # Hidden channels go a multiple of the head count at a time, so the first rounding must pass half of it.
+        smallest = ((g.heads // 2 + 0.5) if structure == "hidden" else 0.5) / total
+        raise UserError(f"--ratio {ratio} removes none of the {total} {what}; "
+                        + (f"the smallest ratio that removes any is {math.ceil(smallest * 1e4) / 1e4:g}"
+                           if count_removed_or_none(g, structure, math.ceil(smallest * 1e4) / 1e4) else
+                           "none can be removed"))
     return n
+
+
+def count_removed_or_none(g: Geometry, structure: str, ratio: float) -> int | None:
+    """``count_removed``, or None where that ratio is refused."""
+    try:
+        return count_removed(g, structure, ratio)
+    except UserError:
+        return None
 
 
 def check_supported(model: nn.Module, structure: str) -> None:

@@ -77,7 +77,17 @@ def _bad_inputs(tiny_root, tmp_path):
     (tmp_path / "fake.parquet").write_text(text)
     (tmp_path / "a-file").write_text("x")
     with_data = [*cal[:-6], "--samples", 4, "--seqlen", 32, "--dataset"]
+    _gguf(tmp_path / "rwkv.gguf", "rwkv7")
+    _gguf(tmp_path / "gpt2.gguf", "gpt2")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "gpt2.gguf").read_bytes()[:30])
+    (tmp_path / "text.gguf").write_text(text)
+    gguf_cal = lambda f: [cal[0], cal[1], "--model", tmp_path / f, *cal[4:]]  # noqa: E731
     return {
+        "GGUF architecture transformers cannot read": (gguf_cal("rwkv.gguf"),
+                                                       "GGUF architecture 'rwkv7' of"),
+        "GGUF of an undescribed model type": (gguf_cal("gpt2.gguf"), "model type 'gpt2' is not supported"),
+        "truncated GGUF": (gguf_cal("cut.gguf"), "is not a readable GGUF file (truncated header)"),
+        "text named .gguf": (gguf_cal("text.gguf"), "is not a readable GGUF file (no GGUF magic)"),
         "null text rows": ([*with_data, tmp_path / "nulls.jsonl"], "1 of 2 rows have no text in 'text' (row 1: null)"),
         "number text rows": ([*with_data, tmp_path / "numbers.json"], "(row 1: int)"),
         "binary text file": ([*with_data, tmp_path / "binary.txt"], "is not UTF-8 text"),
@@ -97,6 +107,8 @@ def _bad_inputs(tiny_root, tmp_path):
         "unknown structure": (["prune", "{wd}", "--method", "dress", "--structure", "rows"], "unknown structure"),
         "ratio leaves nothing": (["regularize", "{wd}", "--structure", "heads", "--ratio", "0.9"],
                                  "would leave no KV groups"),
+        "ratio removes nothing": (["regularize", "{wd}", "--structure", "layers", "--ratio", "0.01"],
+                                  "removes none of the"),
         "ratio out of range": (["prune", "{wd}", "--method", "dress", "--ratio", "1.5"], "[0, 1)"),
         "unknown selection": (["regularize", "{wd}", "--select", "best"], "unknown selection"),
         "unknown norm": (["regularize", "{wd}", "--norm", "l3"], "unknown --norm"),
@@ -142,6 +154,50 @@ def _bad_inputs(tiny_root, tmp_path):
     }
 
 
+
+
+def _gguf(path, arch: str, before: dict | None = None) -> None:
+    """A GGUF holding one tensor and the metadata a config needs; ``before``: key-values written ahead of
+    ``general.architecture`` (the writer puts the architecture first; a file may not)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    if before:
+        arch_kv = w.kv_data[0].pop("general.architecture")
+        for k, v in before.items():
+            w.add_key_value(k, *v)
+        w.kv_data[0]["general.architecture"] = arch_kv
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_layer_norm_eps(1e-5)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_architecture_is_read_from_the_header(tmp_path):
+    """The header reader skips every value type on its way to general.architecture, and agrees with the gguf
+    package's full parse."""
+    import gguf
+
+    from llmprune.provenance import gguf_architecture, gguf_metadata
+
+    T = gguf.GGUFValueType
+    before = {"x.u8": (7, T.UINT8), "x.i16": (-3, T.INT16), "x.f32": (0.5, T.FLOAT32), "x.bool": (True, T.BOOL),
+              "x.u64": (2**40, T.UINT64), "x.f64": (1.25, T.FLOAT64), "x.str": ("héllo", T.STRING),
+              "x.ints": ([1, 2, 3], T.ARRAY, T.INT32), "x.strs": (["a", "bb", ""], T.ARRAY, T.STRING)}
+    _gguf(tmp_path / "m.gguf", "qwen3", before)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert list(reader.fields).index("general.architecture") > list(reader.fields).index("x.strs")
+    assert gguf_architecture(tmp_path / "m.gguf") == reader.fields["general.architecture"].contents() == "qwen3"
+    meta = gguf_metadata(tmp_path / "m.gguf", prefix="x.")
+    assert meta == {k: v[0] for k, v in before.items()}
 
 
 def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,7 @@
 """export: a clean folder that plain transformers loads, a model card from the manifest, and the Hub upload calls."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -97,3 +99,89 @@ def test_overwrite_never_replaces_the_workdir_or_a_foreign_folder(pruned, tmp_pa
     (out / "stale.txt").write_text("from an older export")
     assert cli("export", pruned, "--out", out, "--overwrite")[0] == 0
     assert not (out / "stale.txt").exists() and (out / "README.md").is_file()
+
+
+def _front(card: str) -> dict:
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card).data.to_dict()
+
+
+def test_card_front_matter_and_no_local_paths(calibrated, tiny_root, tmp_path, capsys):
+    """A local source with a card: its license is carried, base_model comes from --base-model (a warning without
+    it), and no path of this machine appears anywhere in the card -- the data file is named with its SHA-256."""
+    import shutil
+
+    from llmprune.workdir import sha256_file
+
+    src = tmp_path / "my-model"
+    shutil.copytree(tiny_root / "llama", src)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: someone/its-parent\n---\n# A model\n")
+    wd = tmp_path / "wd"
+    code, _ = cli("calibrate", wd, "--model", src, "--dataset", tiny_root / "corpus.txt", "--samples", 4,
+                  "--seqlen", 32)
+    assert code == 0
+    assert cli("prune", wd, "--method", "magnitude", "--sparsity", 0.5)[0] == 0
+    assert cli("eval", wd, "--dataset", tiny_root / "heldout.txt", "--seqlen", 32, "--max-windows", 2)[0] == 0
+    capsys.readouterr()
+    code, res = cli("export", wd, "--out", tmp_path / "o1")
+    assert code == 0 and any("no base_model" in w for w in res["warnings"])
+    assert "no base_model" in capsys.readouterr().err
+    card = (tmp_path / "o1" / "README.md").read_text()
+    front = _front(card)
+    # the source card's base_model names that model's parent, never the source itself
+    assert front["license"] == "apache-2.0" and "base_model" not in front
+    assert front["pipeline_tag"] == "text-generation" and {"pruned", "llmprune", "magnitude"} <= set(front["tags"])
+    assert str(tmp_path) not in card and str(tiny_root) not in card and str(Path.home()) + "/" not in card
+    assert f"corpus.txt (sha256 {sha256_file(tiny_root / 'corpus.txt')[:12]})" in card
+    assert "a local folder `my-model`" in card
+
+    code, res = cli("export", wd, "--out", tmp_path / "o2", "--base-model", "someone/my-model")
+    assert code == 0 and res["warnings"] == []
+    front = _front((tmp_path / "o2" / "README.md").read_text())
+    assert front["base_model"] == "someone/my-model" and front["license"] == "apache-2.0"
+
+
+def test_card_names_hub_datasets_and_source(tmp_path):
+    """From a manifest: a Hub source gives base_model and the revision; named and hf: datasets give the card's
+    datasets; a local dataset file is not a Hub dataset."""
+    from llmprune.export import model_card
+
+    step = {"params": {}, "duration_s": 1.0, "versions": {}, "metrics": {}}
+    manifest = {"base_model": {"source": "org/model", "revision": "main", "commit": "abc123", "license": "mit"},
+                "model_type": "llama",
+                "steps": [{**step, "command": "calibrate", "params": {"dataset": "wikitext2", "model": "org/model"}},
+                          {**step, "command": "recover", "params": {"dataset": "hf:someone/corpus:default:train"}},
+                          {**step, "command": "eval", "params": {"dataset": "/nowhere/local.txt", "seqlen": 8},
+                           "metrics": {"perplexity": 3.0, "windows": 2}}]}
+    card, warnings = model_card(manifest)
+    front = _front(card)
+    assert warnings == [] and front["base_model"] == "org/model" and front["license"] == "mit"
+    assert front["datasets"] == ["Salesforce/wikitext", "someone/corpus"]
+    assert "`org/model` (revision abc123)" in card and "/nowhere" not in card and "local.txt" in card
+
+
+def test_provenance_of_gguf_and_cached_snapshot(tmp_path):
+    """A GGUF's general.license and general.source.* give the license and Hub id (general.base_model.* names the
+    model's parents, not the model); a folder in the Hugging Face cache layout gives its Hub id."""
+    import gguf
+    import numpy as np
+
+    from llmprune.provenance import hub_id_from_cache_path, of_folder, of_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_license("gemma")
+    w.add_string("general.source.url", "https://huggingface.co/google/gemma-3-270m")
+    w.add_string("general.base_model.0.repo_url", "https://huggingface.co/google/its-parent")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert of_gguf(tmp_path / "m.gguf") == {"license": "gemma", "hub_id": "google/gemma-3-270m"}
+    snap = tmp_path / "hub" / "models--Qwen--Qwen3-0.6B" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "README.md").write_text("---\nlicense:\n- apache-2.0\n---\n")
+    assert hub_id_from_cache_path(snap) == "Qwen/Qwen3-0.6B"
+    assert of_folder(snap) == {"license": "apache-2.0", "hub_id": "Qwen/Qwen3-0.6B"}
+    assert of_folder(tmp_path) == {}

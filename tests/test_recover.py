@@ -116,7 +116,7 @@ def test_an_unmerged_adapter_is_part_of_the_model_and_exports_for_peft(calibrate
     _, merged = cli("eval", twin, *ev)
     assert unmerged["perplexity"] == pytest.approx(merged["perplexity"], rel=1e-5)
 
-    code, res = cli("export", wd, "--out", tmp_path / "peft", "--format", "peft", "--base-model", "me/pruned")
+    code, res = cli("export", wd, "--out", tmp_path / "peft", "--format", "peft", "--adapter-base", "me/pruned")
     assert code == 0 and "adapter/adapter_model.safetensors" in res["files"] and "model.safetensors" in res["files"]
     cfg = json.loads((tmp_path / "peft" / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "me/pruned"

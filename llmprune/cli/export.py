@@ -16,7 +16,8 @@ def export(
     workdir: WorkdirArg,
     out: Annotated[Path, typer.Option(help="Folder to write (must be new or empty).")],
     format: Annotated[str, typer.Option("--format", help="merged: the model (an unmerged adapter folded in); peft: the base model + adapter/ (after `recover --no-merge`); adapter: the LoRA adapter alone.")] = "merged",
-    base_model: Annotated[Optional[str], typer.Option(help="Hub id written as the adapter's base_model_name_or_path (peft/adapter; default: --push-to-hub's repo for peft).")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="Hub id of the model this one was pruned from, for the card's base_model (default: the source's Hub id, when it has one).")] = None,
+    adapter_base: Annotated[Optional[str], typer.Option(help="Hub id written as the adapter's base_model_name_or_path (peft/adapter; default: --push-to-hub's repo for peft).")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Also upload to this Hub repo id.")] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo as private.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List what would be written and uploaded; change nothing.")] = False,
@@ -26,7 +27,7 @@ def export(
     """Write a clean Hugging Face folder with a model card, and optionally push it to the Hub."""
     from llmprune.export import export_workdir
 
-    res = export_workdir(open_workdir(ctx, workdir), out, format, base_model=base_model, push_to_hub=push_to_hub,
+    res = export_workdir(open_workdir(ctx, workdir), out, format, base_model=base_model, adapter_base=adapter_base, push_to_hub=push_to_hub,
                          private=private, dry_run=dry_run, overwrite=overwrite)
     if dry_run:
         finish(res, as_json, lambda: report.table(

@@ -1,0 +1,113 @@
+"""Real-model tier, second model: Gemma-3-270M (Q4_K_M GGUF from PyPI, BENCHMARK.md) on a reduced budget.
+
+It differs from SmolLM2 in what breaks engines: one KV head, head_dim 256, sliding and full attention layers with two
+rope bases, Gemma (1 + w) norms, a scaled embedding and a 262k vocabulary. Evaluation uses few test windows
+(the 262k-way head makes each one cost about two seconds here). Never skipped: the assets are fetched or it fails.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import assets  # noqa: E402
+
+pytestmark = pytest.mark.real
+SEQLEN = 512
+EVAL_WINDOWS = 8  # of the 101 test windows
+PARAMETERS = 268_098_176
+LINEARS = 18 * 7
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    paths = assets.fetch(model="gemma3-270m")
+    wd = tmp_path_factory.mktemp("gemma") / "base"
+    code, res = cli("calibrate", wd, "--model", paths["model"], "--dataset", paths["calib"],
+                    "--samples", 16, "--seqlen", SEQLEN)
+    assert code == 0 and res["model_type"] == "gemma3_text" and res["parameters"] == PARAMETERS
+    config = json.loads((wd / "model" / "config.json").read_text())
+    # the layer types this model mixes: the per-block keyword arguments must follow them
+    assert set(config["layer_types"]) == {"sliding_attention", "full_attention"}
+    assert config["num_key_value_heads"] == 1 and config["head_dim"] == 256
+    return wd, paths
+
+
+def _eval(run: Path, paths: dict) -> float:
+    code, res = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", EVAL_WINDOWS)
+    assert code == 0 and res["windows"] == EVAL_WINDOWS
+    return res["perplexity"]
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in (run / "model").glob("*.safetensors"):
+        out.update(load_file(shard))
+    return out
+
+
+def test_gemma_baselines_order_and_exact_sparsity(gemma, tmp_path):
+    wd, paths = gemma
+    ppl = {"dense": _eval(wd, paths)}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        run = tmp_path / method
+        shutil.copytree(wd, run)
+        assert cli("prune", run, "--method", method, "--sparsity", 0.5)[0] == 0
+        layers = json.loads((run / "manifest.json").read_text())["steps"][-1]["metrics"]["layer_sparsity"]
+        assert len(layers) == LINEARS
+        assert all(s == 0.5 for s in layers.values()), {k: s for k, s in layers.items() if s != 0.5}
+        ppl[method] = _eval(run, paths)
+        shutil.rmtree(run / "model")  # keep the temporary disk small
+    print(ppl)
+    # benchmarks/results/gemma3-270m-prune-2026-12-03.md (64 windows, whole test split): magnitude 22296,
+    # Wanda 90.25, SparseGPT 66.14, dense 30.48.
+    assert ppl["magnitude"] > ppl["wanda"] > ppl["sparsegpt"] > ppl["dense"]
+    assert ppl["sparsegpt"] < 4 * ppl["dense"] and ppl["magnitude"] > 20 * ppl["wanda"]
+
+
+def test_gemma_two_four_holds_on_every_weight(gemma, tmp_path):
+    """Wanda 2:4 holds the pattern on all 126 Linears (q_proj's input is 640 wide, o_proj's 1024), and leaves the
+    embedding, the norms (Gemma's 1 + w scales) and the q/k norms bit for bit."""
+    from llmprune.masks import nm_valid
+
+    wd, paths = gemma
+    run = tmp_path / "wanda24"
+    shutil.copytree(wd, run)
+    assert cli("prune", run, "--method", "wanda", "--pattern", "2:4")[0] == 0
+    base, weights = _weights(wd), _weights(run)
+    linear = [k for k in weights if k.startswith("model.layers.") and k.endswith("proj.weight")]
+    assert len(linear) == LINEARS and all(nm_valid(weights[k], 2, 4) for k in linear)
+    rest = [k for k in weights if k not in linear]
+    assert any("q_norm" in k for k in rest) and any("pre_feedforward_layernorm" in k for k in rest)
+    assert all(torch.equal(weights[k], base[k]) for k in rest)
+    assert _eval(run, paths) < 20 * _eval(wd, paths)  # 2:4 Wanda: 313 on the whole split, dense 30.5
+
+
+def test_gemma_hidden_removal_is_a_smaller_standard_model(gemma, tmp_path):
+    """Removing 10% of the hidden channels from Gemma gives the analytic parameter count (the tied 262k embedding,
+    every projection and the four Gemma norms per block lose their columns; q/k norms are per head_dim and stay), a
+    config transformers loads with plain from_pretrained, and a finite perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    wd, paths = gemma
+    run = tmp_path / "hidden"
+    shutil.copytree(wd, run)
+    code, res = cli("prune", run, "--method", "dress", "--structure", "hidden", "--ratio", 0.1)
+    assert code == 0 and res["units_removed"] == 64  # 640 -> 576, a multiple of the 4 heads
+    c = json.loads((wd / "model" / "config.json").read_text())
+    q, kv, inter = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"], \
+        c["intermediate_size"]
+    per_block = q + 2 * kv + q + 3 * inter + 4  # q,k,v inputs; o output; gate,up inputs, down output; 4 norms
+    removed = 64 * (c["vocab_size"] + c["num_hidden_layers"] * per_block + 1)  # + the final norm
+    assert res["parameters"] == PARAMETERS - removed
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert model.config.hidden_size == 576 and model.num_parameters() == res["parameters"]
+    assert torch.isfinite(torch.tensor(_eval(run, paths)))
