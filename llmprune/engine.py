@@ -431,3 +431,22 @@ class Head:
             here = (targets >= start) & (targets < stop)
             picked[here] = logits[here, targets[here] - start]
         return (peak + torch.log(total) - picked).sum().item()
+
+    @torch.no_grad()
+    def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The most likely next token [T] after each of ``hidden`` [T, H], over the head in slices for a lazy model
+        (the first of equal maxima, as ``torch.argmax`` takes it)."""
+        if not self.sliced:
+            return self(hidden).float().argmax(-1)
+        x = self._normed(hidden)
+        vocab = self.head.weight.shape[0]
+        step = max(1, self.logits_bytes // (4 * x.shape[0]))
+        best = torch.full((x.shape[0],), -math.inf, device=self.device)
+        where = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
+        for start in range(0, vocab, step):
+            w, b = self.weights.head_rows(self.model, start, min(start + step, vocab), self.device)
+            values, idx = self._capped(torch.nn.functional.linear(x, w, b)).float().max(1)
+            better = values > best  # strictly: an equal maximum in a later slice is not the first
+            best = torch.where(better, values, best)
+            where = torch.where(better, idx + start, where)
+        return where

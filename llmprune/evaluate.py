@@ -154,6 +154,9 @@ class EvalOptions:
     speed_baseline: Optional[str] = None  # a workdir or an HF folder
     prompt_len: int = 512
     new_tokens: int = 64
+    tasks: Optional[str] = None  # comma-separated: lastword:SRC, lm-eval task names or YAML files, suites
+    limit: Optional[int] = None  # examples per task
+    num_fewshot: Optional[int] = None  # lm-eval tasks only (the last-word task is zero-shot)
 
 
 def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
@@ -183,6 +186,22 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
         base_dir = given / "model" if (given / "manifest.json").is_file() else given
         if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
             raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
+    from llmprune import tasks as _tasks
+
+    wanted = _tasks.split_tasks(o.tasks)
+    if o.limit is not None and o.limit <= 0:
+        raise UserError(f"--limit must be positive, got {o.limit}")
+    if o.num_fewshot is not None and o.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be >= 0, got {o.num_fewshot}")
+    if (o.limit is not None or o.num_fewshot is not None) and not wanted:
+        raise UserError("--limit and --num-fewshot apply to --tasks; name the tasks")
+    # Everything a task needs is checked before the perplexity pass, which may take a long time.
+    if _tasks.LASTWORD in wanted:
+        raise UserError("the last-word task needs a text source: --tasks lastword:SRC (a file, wikitext2, hf:NAME)")
+    lastword = {t: data.load_text(t.removeprefix(_tasks.LASTWORD) or "", "evaluation", o.text_field)
+                for t in wanted if t.startswith(_tasks.LASTWORD)}
+    others = [t for t in wanted if not t.startswith(_tasks.LASTWORD)]
+    plan = _tasks.lm_eval_plan(others) if others else None
     with ws.step("eval", {**asdict(o), "dataset": dataset}) as tx:
         ws.record_inputs(tx, "model")
         lm, tok, weights = open_current(ws)  # read block by block: the peak is one block, not the model
@@ -194,7 +213,21 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
             ppl = perplexity(lm, windows, o.device, o.batch_size, weights=weights,
                              sink=lambda i, block: counts.update(block_zeros(i, block)))
         tx.step.metrics = {**ppl, **peak, **summary(lm, counts)}
-        if o.speed:  # generation runs the whole model: it is loaded whole for the timing only
+        results: dict[str, dict[str, float]] = {}
+        for name, task_text in lastword.items():  # block by block, like perplexity
+            ex = _tasks.lastword_examples(tok, task_text, o.limit or _tasks.LASTWORD_LIMIT)
+            results[name] = _tasks.lastword_accuracy(lm, ex, o.device, o.batch_size, weights)
+        whole = None
+        if plan is not None or o.speed:  # lm-eval and generation run the whole model: loaded whole for them only
             whole = load_current(ws)[0] if weights.lazy else lm
+        if plan is not None:
+            whole.to(o.device)
+            results.update(_tasks.run_lm_eval(whole, tok, *plan, o.limit, o.num_fewshot, o.batch_size))
+            whole.to("cpu")
+        if results:
+            scores = [v for v in (_tasks.primary(m) for m in results.values()) if v is not None]
+            tx.step.metrics["tasks"] = results
+            tx.step.metrics["tasks_mean"] = sum(scores) / len(scores) if scores else None
+        if o.speed:
             tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device)
     return {"dataset": dataset, **tx.step.metrics}

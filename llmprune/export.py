@@ -60,10 +60,15 @@ def _local_digests(manifest: dict[str, Any]) -> dict[str, str]:
 
     base = manifest.get("base_model", {})
     out = {base["source"]: base["sha256"]} if base.get("sha256") and base.get("source") else {}
+    from llmprune.provenance import _ABS_PATH
+
     for s in manifest.get("steps", []):
         for v in s.get("params", {}).values():
-            if isinstance(v, str) and v not in out and not _hub_dataset(v) and Path(v).is_file():
-                out[v] = sha256_file(Path(v))
+            if not isinstance(v, str) or _hub_dataset(v):
+                continue
+            for path in {v, *(m.group(1) for m in _ABS_PATH.finditer(v))}:  # whole, or inside lastword:/a/b.txt
+                if path not in out and Path(path).is_file():
+                    out[path] = sha256_file(Path(path))
     return out
 
 
@@ -159,10 +164,34 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str 
                 f"{m.get('windows')} | {m.get('perplexity', float('nan')):.3f} | {m.get('parameters', 0):,} | "
                 f"{m.get('sparsity', {}).get('all', 0.0):.2%} |"
             )
+    lines += _task_table(steps, digests)
     v = steps[-1]["versions"] if steps else {}
     lines += ["", f"Made with llmprune {v.get('llmprune', '?')}, torch {v.get('torch', '?')}, "
               f"transformers {v.get('transformers', '?')}.", ""]
     return "\n".join(lines), warnings
+
+
+def _task_table(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[str]:
+    """The zero-shot results of every eval step that ran tasks (``eval --tasks``)."""
+    from llmprune.provenance import public_name
+    from llmprune.tasks import primary
+
+    rows = []
+    for i, s in enumerate(steps):
+        prev = next((p["command"] for p in reversed(steps[:i]) if p["command"] != "eval"), "-")
+        for name, m in (s["metrics"].get("tasks") or {}).items():
+            value, err = primary(m), m.get("acc_stderr")
+            rows.append(f"| {prev} | {public_name(name, digests)} | {int(m.get('examples', 0))} | "
+                        + ("–" if value is None else f"{value:.4f}") + " | "
+                        + ("–" if err is None else f"{err:.4f}") + " |")
+        if s["metrics"].get("tasks_mean") is not None and len(s["metrics"].get("tasks") or {}) > 1:
+            rows.append(f"| {prev} | mean | | {s['metrics']['tasks_mean']:.4f} | |")
+    if not rows:
+        return []
+    return ["", "## Zero-shot tasks", "",
+            "Accuracy measured by `llmprune eval --tasks` after the step it follows (lastword: the final word of "
+            "each paragraph of the source, greedy; other tasks through lm-eval).", "",
+            "| after step | task | examples | accuracy | stderr |", "|---|---|---|---|---|", *rows]
 
 
 def set_adapter_base(adapter_dir: Path, base_id: str | None) -> None:

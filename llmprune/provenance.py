@@ -138,12 +138,23 @@ def of_folder(folder: Path, hub_id: str | None = None) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v}
 
 
+# An absolute or home-relative path inside a value (``lastword:/home/me/x.txt``, a comma-separated list).
+_ABS_PATH = re.compile(r"(?<![\w.-])(~?/[^\s,;:]+|[A-Za-z]:[\\/][^\s,;]+)")
+
+
 def public_name(value: Any, digests: dict[str, str] | None = None) -> Any:
-    """``value`` as a public card may show it: an absolute or home-relative path becomes its file name (with its
-    SHA-256 prefix when ``digests`` knows it); anything else is returned unchanged."""
-    if not isinstance(value, str) or not (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)
-                                          or "/" in value and Path(value).exists()):
+    """``value`` as a public card may show it: every absolute or home-relative path in it becomes its file name
+    (with its SHA-256 prefix when ``digests`` knows it), and so does a whole value that is an existing relative
+    path; anything else is returned unchanged."""
+    if not isinstance(value, str):
         return value
-    name = Path(value).name or value
-    digest = (digests or {}).get(value)
-    return f"{name} (sha256 {digest[:12]})" if digest else name
+    digests = digests or {}
+
+    def name(path: str) -> str:
+        digest = digests.get(path)
+        base = Path(path).name or path
+        return f"{base} (sha256 {digest[:12]})" if digest else base
+
+    if "/" in value and not value.startswith(("/", "~")) and Path(value).exists():
+        return name(value)
+    return _ABS_PATH.sub(lambda m: name(m.group(1)), value)

@@ -16,7 +16,8 @@ _BRIEF = ("model", "dataset", "samples", "seqlen", "method", "pattern", "sparsit
 
 def _outcome(m: dict[str, Any]) -> str:
     if "perplexity" in m:
-        return f"ppl {m['perplexity']:.3f}"
+        tasks = f", tasks mean {m['tasks_mean']:.4f}" if m.get("tasks_mean") is not None else ""
+        return f"ppl {m['perplexity']:.3f}{tasks}"
     if "units_removed" in m and "parameters" in m:
         return f"{m['parameters']:,} parameters"
     if "ppl_adapter" in m:
