@@ -41,9 +41,22 @@ def error(msg: str) -> None:
     err.print(Text.assemble(("error:", "red"), " ", msg), highlight=False, soft_wrap=True)
 
 
+_active: Progress | None = None  # the bar on screen: a progress opened inside another adds a line to it
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
-    """A progress bar on stderr; yields ``advance(n=1, **fields)``."""
+    """A progress bar on stderr; yields ``advance(n=1, **fields)``. Opened while another is showing (a step of a
+    sweep), it is a second line of the same display, removed when it ends: rich shows one live display at a time."""
+    global _active
+    if _active is not None:
+        outer = _active
+        task = outer.add_task(description, total=total, note="")
+        try:
+            yield lambda n=1, note=None: outer.update(task, advance=n, **({"note": note} if note is not None else {}))
+        finally:
+            outer.remove_task(task)
+        return
     bar = Progress(
         TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
@@ -57,11 +70,22 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
     )
     with bar:
         task = bar.add_task(description, total=total, note="")
+        _active = bar
+        try:
+            yield lambda n=1, note=None: bar.update(task, advance=n, **({"note": note} if note is not None else {}))
+        finally:
+            _active = None
 
-        def advance(n: int = 1, note: str | None = None) -> None:
-            bar.update(task, advance=n, **({"note": note} if note is not None else {}))
 
-        yield advance
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No tables for the ``with`` body (the steps of a sweep); messages and progress still show."""
+    global _quiet
+    before, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = before
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -42,6 +42,7 @@ STAGING = ".staging"
 COMMIT = ".commit"
 TRASH = ".trash"
 LOCK = ".lock"
+SWEEP = "sweep"  # llmprune sweep's results and runs (llmprune/sweep.py)
 REMOVE = ".remove"
 SCAFFOLDING = (LOCK, STAGING, TRASH)  # what a step that died before its commit may leave in a new folder
 
@@ -508,7 +509,9 @@ class Workdir:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.link(snap / rel, dst)
                 tops = {rel.split("/", 1)[0] for rel in manifest["files"]}
-                gone = sorted({p.name for p in self.path.iterdir() if not p.name.startswith(".")} - tops - {MANIFEST})
+                # WORK/sweep holds a sweep's results and runs, which start from the workdir but are not in it
+                gone = sorted({p.name for p in self.path.iterdir() if not p.name.startswith(".")} - tops
+                              - {MANIFEST, SWEEP})
                 (staging / REMOVE).write_text("\n".join(gone), encoding="utf-8")
                 atomic_write_text(staging / MANIFEST, dumps(manifest, indent=2) + "\n")
                 fsync_dir(staging)

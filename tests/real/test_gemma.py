@@ -21,6 +21,7 @@ import assets  # noqa: E402
 pytestmark = pytest.mark.real
 SEQLEN = 512
 EVAL_WINDOWS = 8  # of the 101 test windows
+LASTWORD_LIMIT = 200
 PARAMETERS = 268_098_176
 LINEARS = 18 * 7
 
@@ -39,9 +40,14 @@ def gemma(tmp_path_factory):
     return wd, paths
 
 
-def _eval(run: Path, paths: dict) -> float:
-    code, res = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", EVAL_WINDOWS)
+def _eval(run: Path, paths: dict, acc: dict | None = None, key: str = "") -> float:
+    """Perplexity on a few test windows; with ``acc``, also the last-word accuracy, stored under ``key``."""
+    tasks = ["--tasks", f"lastword:{paths['test']}", "--limit", LASTWORD_LIMIT] if acc is not None else []
+    code, res = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", EVAL_WINDOWS,
+                    *tasks)
     assert code == 0 and res["windows"] == EVAL_WINDOWS
+    if acc is not None:
+        acc[key] = res["tasks"][f"lastword:{paths['test']}"]["acc"]
     return res["perplexity"]
 
 
@@ -56,7 +62,8 @@ def _weights(run: Path) -> dict:
 
 def test_gemma_baselines_order_and_exact_sparsity(gemma, tmp_path):
     wd, paths = gemma
-    ppl = {"dense": _eval(wd, paths)}
+    acc: dict[str, float] = {}
+    ppl = {"dense": _eval(wd, paths, acc, "dense")}
     for method in ("magnitude", "wanda", "sparsegpt"):
         run = tmp_path / method
         shutil.copytree(wd, run)
@@ -64,13 +71,14 @@ def test_gemma_baselines_order_and_exact_sparsity(gemma, tmp_path):
         layers = json.loads((run / "manifest.json").read_text())["steps"][-1]["metrics"]["layer_sparsity"]
         assert len(layers) == LINEARS
         assert all(s == 0.5 for s in layers.values()), {k: s for k, s in layers.items() if s != 0.5}
-        ppl[method] = _eval(run, paths)
+        ppl[method] = _eval(run, paths, acc, method)
         shutil.rmtree(run / "model")  # keep the temporary disk small
-    print(ppl)
+    print(ppl, acc)
     # benchmarks/results/gemma3-270m-prune-2026-12-03.md (64 windows, whole test split): magnitude 22296,
     # Wanda 90.25, SparseGPT 66.14, dense 30.48.
     assert ppl["magnitude"] > ppl["wanda"] > ppl["sparsegpt"] > ppl["dense"]
     assert ppl["sparsegpt"] < 4 * ppl["dense"] and ppl["magnitude"] > 20 * ppl["wanda"]
+    assert acc["dense"] >= acc["sparsegpt"] >= acc["magnitude"] and acc["dense"] > acc["magnitude"]
 
 
 def test_gemma_two_four_holds_on_every_weight(gemma, tmp_path):

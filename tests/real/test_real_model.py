@@ -19,6 +19,7 @@ import assets  # noqa: E402
 pytestmark = pytest.mark.real
 SEQLEN = 512
 EVAL_WINDOWS = 20  # of the 105 test windows
+LASTWORD_LIMIT = 200  # last-word examples (of the test split's paragraphs)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_dense_perplexity_reproduces_the_protocol(real):
 
 def test_baselines_order_and_exact_sparsity(real, tmp_path):
     wd, paths = real
-    ppl = {}
+    ppl, acc = {}, {}
     for method in ("dense", "magnitude", "wanda", "sparsegpt"):
         run = tmp_path / method
         shutil.copytree(wd, run)
@@ -51,12 +52,15 @@ def test_baselines_order_and_exact_sparsity(real, tmp_path):
             layers = json.loads((run / "manifest.json").read_text())["steps"][-1]["metrics"]["layer_sparsity"]
             assert len(layers) == 30 * 7
             assert all(s == 0.5 for s in layers.values()), {k: s for k, s in layers.items() if s != 0.5}
-        code, res = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", EVAL_WINDOWS)
+        code, res = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", EVAL_WINDOWS,
+                        "--tasks", f"lastword:{paths['test']}", "--limit", LASTWORD_LIMIT)
         assert code == 0
         ppl[method] = res["perplexity"]
+        acc[method] = res["tasks"][f"lastword:{paths['test']}"]["acc"]
         shutil.rmtree(run / "model")  # keep the temporary disk small
-    print(ppl)
+    print(ppl, acc)
     assert ppl["magnitude"] > ppl["wanda"] > ppl["sparsegpt"] > ppl["dense"]
+    assert acc["dense"] >= acc["sparsegpt"] >= acc["magnitude"] and acc["dense"] > acc["magnitude"]
     # Loose bounds around BENCHMARK.md (64 windows there, 16 here): Wanda 36.12, SparseGPT 28.20, dense 14.59.
     assert ppl["sparsegpt"] < 2.5 * ppl["dense"] and ppl["wanda"] < 4 * ppl["dense"]
 

@@ -1,0 +1,296 @@
+"""``sweep``: a grid of prune configurations from one calibrated workdir, each evaluated, with tables and plots.
+
+Each configuration runs in its own workdir under ``WORK/sweep/runs/NAME``, made by hard-linking the calibrated
+workdir's files (free in space: steps never modify a file in place), through the very command lines a user would
+type. A configuration is done once its row is in ``WORK/sweep/results.json`` (rewritten atomically after each
+one), keyed by a fingerprint of its command lines and of the calibrated state, so a killed or re-run sweep skips
+what is done and redoes only a configuration whose row is missing. The pruned models are deleted once measured
+unless ``--keep-models`` (a grid over an 8B model would otherwise hold one 16 GB copy per point).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmprune import report
+from llmprune.errors import UserError
+from llmprune.workdir import SWEEP
+
+PATTERNS_SPARSITY = 0.5  # where an N:M row sits on a sparsity axis is N/M; 2:4 and 4:8 are both 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the grid: its name, what it is, and the prune options (none for the dense row)."""
+
+    name: str
+    kind: str  # dense, unstructured, pattern, structured
+    method: str | None = None
+    sparsity: float | None = None
+    pattern: str | None = None
+    structure: str | None = None
+    ratio: float | None = None
+    prune: list[str] = field(default_factory=list)
+
+
+def _floats(spec: str | None, what: str) -> list[float]:
+    out = []
+    for v in (spec or "").split(","):
+        if v.strip():
+            try:
+                out.append(float(v))
+            except ValueError:
+                raise UserError(f"{what}: {v!r} is not a number") from None
+    return out
+
+
+def grid(methods: str | None, sparsities: str | None, patterns: str | None, structures: str | None,
+         prune_args: str = "") -> list[Config]:
+    """The configurations, dense first: every method at every sparsity and every pattern, then every structure
+    (direct removal, ``prune --method dress``) at its ratio."""
+    import shlex
+
+    extra = shlex.split(prune_args)
+    names = [m.strip() for m in (methods or "").split(",") if m.strip()]
+    sp = _floats(sparsities, "--sparsities")
+    pats = [p.strip() for p in (patterns or "").split(",") if p.strip()]
+    if (sp or pats) and not names:
+        raise UserError("--sparsities and --patterns need --methods")
+    if names and not (sp or pats):
+        raise UserError("--methods needs --sparsities or --patterns")
+    if "dress" in names:
+        raise UserError("dress removes whole units: give it as --structures STRUCTURE:RATIO, not in --methods")
+    out = [Config("dense", "dense")]
+    for m in names:
+        out += [Config(f"{m}-{s:g}", "unstructured", m, s, prune=["--method", m, "--sparsity", f"{s:g}", *extra])
+                for s in sp]
+        out += [Config(f"{m}-{p.replace(':', 'of')}", "pattern", m, PATTERNS_SPARSITY, p,
+                       prune=["--method", m, "--pattern", p, *extra]) for p in pats]
+    for spec in (s.strip() for s in (structures or "").split(",") if s.strip()):
+        structure, _, ratio = spec.partition(":")
+        r = _floats(ratio, f"--structures {spec}")
+        if len(r) != 1:
+            raise UserError(f"--structures {spec!r}: give STRUCTURE:RATIO, e.g. hidden:0.25")
+        out.append(Config(f"{structure}-{r[0]:g}", "structured", "dress", structure=structure, ratio=r[0],
+                          prune=["--method", "dress", "--structure", structure, "--ratio", f"{r[0]:g}"]))
+    if len(out) == 1:
+        raise UserError("nothing to sweep: give --methods with --sparsities/--patterns, or --structures")
+    seen = set()
+    for c in out:
+        if c.name in seen:
+            raise UserError(f"configuration {c.name} appears twice")
+        seen.add(c.name)
+    return out
+
+
+def fingerprint(cfg: Config, eval_args: list[str], base_manifest: dict[str, Any]) -> str:
+    """What makes a row reusable: the command lines and the calibrated state they start from."""
+    doc = {"prune": cfg.prune, "eval": eval_args, "files": base_manifest.get("files"),
+           "steps": [(s.get("command"), s.get("params")) for s in base_manifest.get("steps", [])]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def link_workdir(src: Path, dest: Path) -> None:
+    """A workdir at ``dest`` holding ``src``'s state as hard links (the manifest copied, since steps replace it)."""
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    manifest = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+    for rel in manifest["files"]:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(src / rel, tmp / rel)
+    shutil.copy2(src / "manifest.json", tmp / "manifest.json")
+    os.replace(tmp, dest)
+
+
+def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
+    """The result row of a finished configuration, from its workdir's manifest."""
+    steps = json.loads((run / "manifest.json").read_text(encoding="utf-8"))["steps"]
+    prune = next((s for s in steps if s["command"] == "prune"), None)
+    ev = steps[-1]["metrics"]
+    sp = ev.get("speed", {})
+    layer = (prune or {}).get("metrics", {}).get("layer_sparsity", {})
+    blocks: dict[str, list[float]] = {}
+    for name, v in layer.items():
+        blocks.setdefault(name.split(".", 1)[0], []).append(v)
+    return {"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "sparsity": cfg.sparsity,
+            "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio, "status": "done",
+            "perplexity": ev.get("perplexity"), "parameters": ev.get("parameters"),
+            "achieved_sparsity": ev.get("sparsity", {}).get("all"), "tasks": ev.get("tasks"),
+            "tasks_mean": ev.get("tasks_mean"), "prefill_speedup": sp.get("prefill_speedup"),
+            "decode_speedup": sp.get("decode_speedup"), "prune_s": (prune or {}).get("duration_s"),
+            "block_sparsity": {b: sum(v) / len(v) for b, v in sorted(blocks.items(), key=lambda kv: int(kv[0]))},
+            "key": key}
+
+
+def save(root: Path, rows: list[dict[str, Any]]) -> None:
+    """``results.json`` (every field) and ``results.csv`` (the scalar ones), each written whole then renamed."""
+    from llmprune.workdir import atomic_write_text, dumps
+
+    atomic_write_text(root / "results.json", dumps(rows, indent=2) + "\n")
+    cols = ["name", "kind", "method", "sparsity", "pattern", "structure", "ratio", "status", "perplexity",
+            "parameters", "achieved_sparsity", "tasks_mean", "prefill_speedup", "decode_speedup", "prune_s", "error"]
+    tmp = root / f".results.csv.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, root / "results.csv")
+
+
+def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[[list[str]], int],
+              keep_models: bool = False, speed: list[str] | None = None) -> dict[str, Any]:
+    """Run every configuration not done yet (see the module's docstring); returns the rows and what ran.
+    ``speed``: the eval options of the timing of structured points against the dense model (None: not timed)."""
+    base = ws.path
+    manifest = ws.manifest()
+    if not manifest.get("calibration"):
+        raise UserError(f"{base} is not calibrated; run `llmprune calibrate` first")
+    root = base / SWEEP
+    runs = root / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    old = {}
+    if (root / "results.json").is_file():
+        try:
+            old = {r["key"]: r for r in json.loads((root / "results.json").read_text(encoding="utf-8"))
+                   if isinstance(r, dict) and r.get("status") == "done" and "key" in r}
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            report.warn(f"{root / 'results.json'} cannot be read; every configuration runs again")
+    rows: list[dict[str, Any]] = []
+    ran, skipped, failed = [], [], []
+    with report.progress("sweep", len(configs)) as advance:
+        for cfg in configs:
+            timed = cfg.kind == "structured" and speed is not None
+            ev = [*eval_args, *(["--speed", "--speed-baseline", str(base), *speed] if timed else [])]
+            key = fingerprint(cfg, ev, manifest)
+            if key in old:
+                rows.append(old[key])
+                skipped.append(cfg.name)
+                advance(note=f"{cfg.name}: done before")
+                continue
+            run = runs / cfg.name
+            if run.exists():  # a configuration killed half-way: its row is missing, so it starts again
+                shutil.rmtree(run)
+            link_workdir(base, run)
+            advance(0, note=cfg.name)
+            try:
+                for args in ([["prune", str(run), *cfg.prune]] if cfg.prune else []) + [["eval", str(run), *ev]]:
+                    rv = invoke(args)
+                    if rv:
+                        if rv == 130:
+                            raise KeyboardInterrupt
+                        raise UserError(f"llmprune {args[0]} exited with status {rv}")
+            except UserError as e:
+                rows.append({"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "sparsity": cfg.sparsity,
+                             "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio,
+                             "status": "failed", "error": str(e), "key": key})
+                failed.append(cfg.name)
+                report.warn(f"{cfg.name}: {e}")
+            else:
+                rows.append(row_of(cfg, run, key))
+                ran.append(cfg.name)
+                if not keep_models:
+                    for sub in ("model", "adapter"):
+                        shutil.rmtree(run / sub, ignore_errors=True)
+            save(root, rows + [r for k, r in old.items() if k not in {x["key"] for x in rows}
+                               and r["name"] not in {c.name for c in configs}])
+            advance()
+    plots = plot(root, [r for r in rows if r["status"] == "done"])
+    return {"results": str(root / "results.json"), "csv": str(root / "results.csv"), "plots": plots,
+            "rows": rows, "ran": ran, "skipped": skipped, "failed": failed}
+
+
+def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """PNG plots of the rows: perplexity (and task accuracy) against sparsity per method; for structured rows
+    perplexity against parameters and against the measured prefill speed-up; per-block sparsity where it varies."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a CI machine
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in rows if r["kind"] == "dense"), None)
+    made = []
+
+    def finish(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(root / name, dpi=130)
+        plt.close(fig)
+        made.append(str(root / name))
+
+    scored = [r for r in rows if r["kind"] in ("unstructured", "pattern")]
+    methods = sorted({r["method"] for r in scored})
+    metrics = [("perplexity", "perplexity (log scale)", True)]
+    if any(r.get("tasks_mean") is not None for r in rows):
+        metrics.append(("tasks_mean", "zero-shot accuracy (mean of the tasks)", False))
+    for key, label, log in metrics if scored else []:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for i, m in enumerate(methods):
+            color = f"C{i}"
+            line = sorted((r["sparsity"], r[key]) for r in scored if r["method"] == m and r["kind"] == "unstructured"
+                          and r.get(key) is not None)
+            if line:
+                ax.plot(*zip(*line), marker="o", color=color, label=m)
+            for r in (r for r in scored if r["method"] == m and r["kind"] == "pattern" and r.get(key) is not None):
+                ax.scatter([r["sparsity"]], [r[key]], marker="s" if r["pattern"] == "2:4" else "D", color=color,
+                           edgecolors="black", zorder=3)
+                ax.annotate(r["pattern"], (r["sparsity"], r[key]), textcoords="offset points", xytext=(6, -3),
+                            fontsize=8)
+        if dense and dense.get(key) is not None:
+            ax.axhline(dense[key], color="gray", linestyle="--", label=f"dense ({dense[key]:.3g})")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("sparsity of the block Linears (N:M patterns: squares and diamonds)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        finish(fig, f"{key.replace('_mean', '')}_vs_sparsity.png")
+
+    structured = [r for r in rows if r["kind"] == "structured"]
+    if structured:
+        with_speed = [r for r in structured if r.get("prefill_speedup")]
+        fig, axes = plt.subplots(1, 2 if with_speed else 1, figsize=(11 if with_speed else 6.4, 4.4), squeeze=False)
+        ax = axes[0][0]
+        for i, s in enumerate(sorted({r["structure"] for r in structured})):
+            pts = sorted((r["parameters"] / 1e6, r["perplexity"]) for r in structured if r["structure"] == s)
+            ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=s)
+        if dense:
+            ax.scatter([dense["parameters"] / 1e6], [dense["perplexity"]], marker="*", s=120, color="black",
+                       label="dense", zorder=3)
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        if with_speed:
+            ax = axes[0][1]
+            for i, s in enumerate(sorted({r["structure"] for r in with_speed})):
+                pts = sorted((r["prefill_speedup"], r["perplexity"]) for r in with_speed if r["structure"] == s)
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=s)
+            if dense:
+                ax.scatter([1.0], [dense["perplexity"]], marker="*", s=120, color="black", label="dense", zorder=3)
+            ax.set_xlabel("prefill speed-up over dense (measured, batch 1)")
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        finish(fig, "structured.png")
+
+    varies = [r for r in rows if r.get("block_sparsity") and
+              max(r["block_sparsity"].values()) - min(r["block_sparsity"].values()) > 1e-4]
+    if varies:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for i, r in enumerate(varies):
+            xs = [int(b) for b in r["block_sparsity"]]
+            ax.plot(xs, list(r["block_sparsity"].values()), marker=".", color=f"C{i % 10}", label=r["name"])
+        ax.set_xlabel("block")
+        ax.set_ylabel("sparsity of the block's Linears")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        finish(fig, "block_sparsity.png")
+    return made
