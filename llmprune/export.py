@@ -110,7 +110,8 @@ def source_line(base: dict[str, Any]) -> tuple[str, str]:
 
 
 def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str | None = None,
-               base_model: str | None = None, repo: str | None = None) -> tuple[str, list[str]]:
+               base_model: str | None = None, repo: str | None = None,
+               sweep: tuple[list[dict[str, Any]], list[str]] | None = None) -> tuple[str, list[str]]:
     """README.md for the exported folder -- YAML front matter, how to load it, the lineage of steps, the evaluation
     table -- and the warnings about it. Local paths appear by file name (and SHA-256), never as this machine's
     paths."""
@@ -165,6 +166,8 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str 
                 f"{m.get('sparsity', {}).get('all', 0.0):.2%} |"
             )
     lines += _task_table(steps, digests)
+    if sweep:
+        lines += _sweep_section(*sweep)
     v = steps[-1]["versions"] if steps else {}
     lines += ["", f"Made with llmprune {v.get('llmprune', '?')}, torch {v.get('torch', '?')}, "
               f"transformers {v.get('transformers', '?')}.", ""]
@@ -192,6 +195,38 @@ def _task_table(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[st
             "Accuracy measured by `llmprune eval --tasks` after the step it follows (lastword: the final word of "
             "each paragraph of the source, greedy; other tasks through lm-eval).", "",
             "| after step | task | examples | accuracy | stderr |", "|---|---|---|---|---|", *rows]
+
+
+def _sweep_section(rows: list[dict[str, Any]], plots: list[str]) -> list[str]:
+    """The sweep this workdir ran (``llmprune sweep``): its table and its plots (copied into ``plots/``)."""
+    out = ["", "## Sweep", "", "Points pruned from the same calibrated model by `llmprune sweep` (each evaluated "
+           "as above).", "", "| point | perplexity | parameters | sparsity | tasks mean | prefill × |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") != "done":
+            continue
+        sp = "–" if r.get("achieved_sparsity") is None else f"{r['achieved_sparsity']:.2%}"
+        tm = "–" if r.get("tasks_mean") is None else f"{r['tasks_mean']:.4f}"
+        out.append(f"| {r['name']} | {r['perplexity']:.3f} | {r['parameters']:,} | {sp} | {tm} | "
+                   f"{r.get('prefill_speedup') or '–'} |")
+    out += [""] + [f"![{Path(p).stem.replace('_', ' ')}](plots/{Path(p).name})" for p in plots]
+    return out
+
+
+def sweep_of(workdir: Path) -> tuple[list[dict[str, Any]], list[Path]] | None:
+    """The rows and plots of the sweep in ``WORK/sweep``, if there is one that can be read."""
+    import json
+
+    from llmprune.workdir import SWEEP
+
+    root = workdir / SWEEP
+    try:
+        rows = json.loads((root / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return None
+    return rows, sorted(root.glob("*.png"))
 
 
 def set_adapter_base(adapter_dir: Path, base_id: str | None) -> None:
@@ -334,17 +369,23 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
         if not get_token():  # check before writing anything
             raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
 
+    sweep = sweep_of(ws.path)
+
     def fill(tmp: Path) -> None:
         if fmt == "merged" and pending is not None:
             model, tok = load_current(ws)  # model/ was hashed above: ws.verify does not hash it again
             save_model(model, tok, tmp, ws.shard_size)
-            return
-        for dest, src in parts.items():
-            shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
-        if fmt != "merged":
-            set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
+        else:
+            for dest, src in parts.items():
+                shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
+            if fmt != "merged":
+                set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
+        for png in sweep[1] if sweep else []:  # the card shows them
+            (tmp / "plots").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, tmp / "plots" / png.name)
 
-    card, warnings = model_card(manifest, fmt, base_id, base_model, push_to_hub)
+    card, warnings = model_card(manifest, fmt, base_id, base_model, push_to_hub,
+                                (sweep[0], [p.name for p in sweep[1]]) if sweep else None)
     for w in warnings:
         report.warn(w)
     written = build_folder(fill, card, out)

@@ -57,6 +57,12 @@ def test_sweep_points_equal_hand_runs_and_resume(calibrated, tiny_root, text, tm
     assert not (wd / "sweep" / "runs" / "wanda-0.5" / "model").exists()  # measured, then deleted
     assert json.loads((wd / "manifest.json").read_text())["steps"][-1]["command"] == "calibrate"  # untouched
 
+    # the workdir's export shows the sweep: its table and its plots, copied beside the card
+    assert cli("export", wd, "--out", tmp_path / "exp")[0] == 0
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "## Sweep" in card and "| wanda-0.5 |" in card and "](plots/perplexity_vs_sparsity.png)" in card
+    assert (tmp_path / "exp" / "plots" / "structured.png").is_file()
+
     # a point is exactly its command lines typed by hand
     hand = tmp_path / "hand"
     shutil.copytree(wd, hand, ignore=shutil.ignore_patterns("sweep"))
