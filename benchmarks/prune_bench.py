@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: runs/bench (SmolLM2), runs/bench-MODEL (others)")
     ap.add_argument("--extra", default="", help="extra options for prune, e.g. '--act-dtype bfloat16'")
     ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
+    ap.add_argument("--lastword", type=int, default=200,
+                    help="last-word accuracy on this many test paragraphs beside perplexity (0: none)")
     ap.add_argument("--save", default="", help="results name under benchmarks/results/ (default: MODEL-prune)")
     args = ap.parse_args()
 
@@ -138,7 +140,19 @@ def main() -> None:
     evalargs = ["--dataset", paths["test"], "--seqlen", str(args.seqlen)]
     if args.eval_windows:
         evalargs += ["--max-windows", str(args.eval_windows)]
+    task = f"lastword:{paths['test']}"
+    if args.lastword:
+        evalargs += ["--tasks", task, "--limit", str(args.lastword)]
 
+    dense_acc = None
+    if args.lastword:  # the dense model's last-word accuracy, on a copy (eval records a step)
+        dense_wd = args.out / "dense-lastword"
+        if dense_wd.exists():
+            shutil.rmtree(dense_wd)
+        shutil.copytree(base, dense_wd)
+        ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(dense_wd), "--dataset", paths["test"], "--seqlen",
+                              str(args.seqlen), "--max-windows", "1", "--tasks", task, "--limit", str(args.lastword)])
+        dense_acc = ev["tasks"][task]["acc"]
     fwd = forward_seconds(base, args.batch_size)
     print(f"full forward pass over {args.samples} x {args.seqlen} calibration tokens: {fwd:.1f} s", flush=True)
     rows = []
@@ -156,7 +170,8 @@ def main() -> None:
             ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
             row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
                        step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
-                       sparsity=res["sparsity"]["all"], windows=ev["windows"])
+                       sparsity=res["sparsity"]["all"], windows=ev["windows"],
+                       lastword=ev.get("tasks", {}).get(task, {}).get("acc"))
             rows.append(row)
             print(json.dumps(row), flush=True)
     fwd_end = forward_seconds(base, args.batch_size)
@@ -164,20 +179,23 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, batch {args.batch_size}; "
                f"forward pass over them {fwd:.1f} s at the start, {fwd_end:.1f} s at the end; dense perplexity "
-               f"{DENSE_PPL[args.model]} (BENCHMARK.md). Command: python benchmarks/prune_bench.py "
+               f"{DENSE_PPL[args.model]} (BENCHMARK.md)"
+               + (f"; last-word accuracy over {args.lastword} test paragraphs, dense {dense_acc:.3f}"
+                  if dense_acc is not None else "") + ". Command: python benchmarks/prune_bench.py "
                + " ".join(sys.argv[1:]))
     save_results(Path(__file__).parent / "results", args.save or f"{args.model}-prune", rows, caption,
                  table(rows, fwd, reference, DENSE_PPL[args.model]))
 
 
 def table(rows: list[dict], fwd: float, reference: dict, dense: float) -> str:
-    lines = ["| method | pattern | ppl | ppl/dense | ref ppl | ppl/ref | ppl/Wanda ref | prune s | prune/forward "
+    lines = ["| method | pattern | ppl | ppl/dense | last-word acc | ref ppl | ppl/ref | ppl/Wanda ref | prune s | prune/forward "
              "| ref s | peak RSS MiB | ref RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        acc = "–" if r.get("lastword") is None else f"{r['lastword']:.3f}"
         wanda_ref = reference[("wanda", r["pattern"])][0] if ("wanda", r["pattern"]) in reference else float("nan")
         lines.append(
-            f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {r['ref_ppl']} | "
+            f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {acc} | {r['ref_ppl']} | "
             f"{r['ppl'] / r['ref_ppl']:.3f} | {r['ppl'] / wanda_ref:.3f} | {r['prune_s']:.1f} | "
             f"{r['prune_s'] / fwd:.2f} | {r['ref_s']} | {r['rss_mib']:.0f} | {r['ref_rss_mib']} |")
     return "\n".join(lines)
