@@ -106,18 +106,25 @@ def lastword_accuracy(model: nn.Module, ex: Examples, device: str = "cpu", batch
     ids = ex.ids
     acts = engine.capture(model, ids, batch_size, device, weights=weights)
     outs = engine.stream(model, acts, device, "last word", weights=weights)
-    right, nll, tokens, start = 0, 0.0, 0, 0
     width = ids.shape[1]
+    # The positions that predict each example's target tokens, gathered over all examples: the head (a 262k-row
+    # matrix read in slices for a lazy model) then runs once, not once per example.
+    at, start = [], 0
+    for h in outs.hidden:
+        for j in range(h.shape[0]):
+            k = ex.target_len[start + j]
+            at.append(h[j, width - k - 1:width - 1])
+        start += h.shape[0]
+    targets = torch.cat([ids[i, width - k:] for i, k in enumerate(ex.target_len)])
     with engine.Head(model, device, weights) as head:
-        for h in outs.hidden:
-            for j in range(h.shape[0]):
-                k = ex.target_len[start + j]
-                at = h[j, width - k - 1:width - 1]  # the positions that predict the k target tokens
-                target = ids[start + j, width - k:]
-                right += int(torch.equal(head.argmax(at).cpu(), target))
-                nll += head.nll(at, target)
-                tokens += k
-            start += h.shape[0]
+        hidden = torch.cat(at)
+        pred = head.argmax(hidden).cpu()
+        nll = head.nll(hidden, targets)
+    tokens = targets.numel()
+    right, pos = 0, 0
+    for k in ex.target_len:
+        right += int(torch.equal(pred[pos:pos + k], targets[pos:pos + k]))
+        pos += k
     n = ids.shape[0]
     acc = right / n
     return {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan"),
