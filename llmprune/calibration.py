@@ -93,10 +93,9 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
 def _load_gguf(src, o: CalibrateOptions, out):
     from pathlib import Path
 
+    from llmprune import provenance
     from llmprune.errors import UserError
     from llmprune.modeling import load_source, non_finite, save_model
-
-    from llmprune import provenance
 
     lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
     base.update(provenance.of_gguf(Path(src.where)))
@@ -112,9 +111,9 @@ def _open_safetensors(src, o: CalibrateOptions, out):
 
     from transformers import AutoTokenizer
 
+    from llmprune import provenance
     from llmprune.errors import UserError
     from llmprune.lazy import Lazy
-    from llmprune import provenance
     from llmprune.modeling import copy_weights, hub_snapshot, quiet_transformers
 
     quiet_transformers()

@@ -60,13 +60,13 @@ def _local_digests(manifest: dict[str, Any]) -> dict[str, str]:
 
     base = manifest.get("base_model", {})
     out = {base["source"]: base["sha256"]} if base.get("sha256") and base.get("source") else {}
-    from llmprune.provenance import _ABS_PATH
+    from llmprune.provenance import local_paths
 
     for s in manifest.get("steps", []):
         for v in s.get("params", {}).values():
             if not isinstance(v, str) or _hub_dataset(v):
                 continue
-            for path in {v, *(m.group(1) for m in _ABS_PATH.finditer(v))}:  # whole, or inside lastword:/a/b.txt
+            for path in local_paths(v):
                 if path not in out and Path(path).is_file():
                     out[path] = sha256_file(Path(path))
     return out
@@ -158,7 +158,7 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str 
         ]
         for s in evals:
             idx = steps.index(s)
-            prev = next((p["command"] for p in reversed(steps[:idx]) if p["command"] != "eval"), "-")
+            prev = _after(steps, idx)
             m = s["metrics"]
             lines.append(
                 f"| {prev} | {public_name(s['params'].get('dataset'), digests)} | {s['params'].get('seqlen')} | "
@@ -174,6 +174,11 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str 
     return "\n".join(lines), warnings
 
 
+def _after(steps: list[dict[str, Any]], i: int) -> str:
+    """The command an eval at index ``i`` measured the result of (the last step before it that is not an eval)."""
+    return next((p["command"] for p in reversed(steps[:i]) if p["command"] != "eval"), "-")
+
+
 def _task_table(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[str]:
     """The zero-shot results of every eval step that ran tasks (``eval --tasks``)."""
     from llmprune.provenance import public_name
@@ -181,7 +186,7 @@ def _task_table(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[st
 
     rows = []
     for i, s in enumerate(steps):
-        prev = next((p["command"] for p in reversed(steps[:i]) if p["command"] != "eval"), "-")
+        prev = _after(steps, i)
         for name, m in (s["metrics"].get("tasks") or {}).items():
             value, err = primary(m), m.get("acc_stderr")
             rows.append(f"| {prev} | {public_name(name, digests)} | {int(m.get('examples', 0))} | "
@@ -326,8 +331,8 @@ def push(folder: Path, repo_id: str, private: bool) -> str:
 
 
 def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None = None,
-                   adapter_base: str | None = None, push_to_hub: str | None = None, private: bool = False, dry_run: bool = False,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   adapter_base: str | None = None, push_to_hub: str | None = None, private: bool = False,
+                   dry_run: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
     optionally its upload. With ``dry_run``, only the list of what would be written."""
     from llmprune import recovery, report

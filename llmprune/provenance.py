@@ -142,6 +142,11 @@ def of_folder(folder: Path, hub_id: str | None = None) -> dict[str, Any]:
 _ABS_PATH = re.compile(r"(?<![\w.-])(~?/[^\s,;:]+|[A-Za-z]:[\\/][^\s,;]+)")
 
 
+def local_paths(value: str) -> set[str]:
+    """The value itself and every absolute path inside it (``lastword:/home/me/x.txt``, comma lists)."""
+    return {value, *(m.group(1) for m in _ABS_PATH.finditer(value))}
+
+
 def public_name(value: Any, digests: dict[str, str] | None = None) -> Any:
     """``value`` as a public card may show it: every absolute or home-relative path in it becomes its file name
     (with its SHA-256 prefix when ``digests`` knows it), and so does a whole value that is an existing relative

@@ -97,17 +97,10 @@ def fingerprint(cfg: Config, eval_args: list[str], base_manifest: dict[str, Any]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def link_workdir(src: Path, dest: Path) -> None:
-    """A workdir at ``dest`` holding ``src``'s state as hard links (the manifest copied, since steps replace it)."""
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    manifest = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
-    for rel in manifest["files"]:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.link(src / rel, tmp / rel)
-    shutil.copy2(src / "manifest.json", tmp / "manifest.json")
-    os.replace(tmp, dest)
+def _point(cfg: Config) -> dict[str, Any]:
+    """The fields of a row that say which point it is."""
+    return {"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "sparsity": cfg.sparsity,
+            "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio}
 
 
 def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
@@ -120,8 +113,7 @@ def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
     blocks: dict[str, list[float]] = {}
     for name, v in layer.items():
         blocks.setdefault(name.split(".", 1)[0], []).append(v)
-    return {"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "sparsity": cfg.sparsity,
-            "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio, "status": "done",
+    return {**_point(cfg), "status": "done",
             "perplexity": ev.get("perplexity"), "parameters": ev.get("parameters"),
             "achieved_sparsity": ev.get("sparsity", {}).get("all"), "tasks": ev.get("tasks"),
             "tasks_mean": ev.get("tasks_mean"), "prefill_speedup": sp.get("prefill_speedup"),
@@ -165,6 +157,8 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
             report.warn(f"{root / 'results.json'} cannot be read; every configuration runs again")
     rows: list[dict[str, Any]] = []
     ran, skipped, failed = [], [], []
+    names = {c.name for c in configs}
+    others = [r for r in old.values() if r["name"] not in names]  # points of earlier sweeps, not of this grid
     with report.progress("sweep", len(configs)) as advance:
         for cfg in configs:
             timed = cfg.kind == "structured" and speed is not None
@@ -178,7 +172,7 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
             run = runs / cfg.name
             if run.exists():  # a configuration killed half-way: its row is missing, so it starts again
                 shutil.rmtree(run)
-            link_workdir(base, run)
+            ws.link_to(run)
             advance(0, note=cfg.name)
             try:
                 for args in ([["prune", str(run), *cfg.prune]] if cfg.prune else []) + [["eval", str(run), *ev]]:
@@ -188,9 +182,7 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
                             raise KeyboardInterrupt
                         raise UserError(f"llmprune {args[0]} exited with status {rv}")
             except UserError as e:
-                rows.append({"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "sparsity": cfg.sparsity,
-                             "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio,
-                             "status": "failed", "error": str(e), "key": key})
+                rows.append({**_point(cfg), "status": "failed", "error": str(e), "key": key})
                 failed.append(cfg.name)
                 report.warn(f"{cfg.name}: {e}")
             else:
@@ -199,8 +191,7 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
                 if not keep_models:
                     for sub in ("model", "adapter"):
                         shutil.rmtree(run / sub, ignore_errors=True)
-            save(root, rows + [r for k, r in old.items() if k not in {x["key"] for x in rows}
-                               and r["name"] not in {c.name for c in configs}])
+            save(root, rows + others)
             advance()
     plots = plot(root, [r for r in rows if r["status"] == "done"])
     return {"results": str(root / "results.json"), "csv": str(root / "results.csv"), "plots": plots,

@@ -476,21 +476,24 @@ class Workdir:
         so a hard-linked snapshot keeps the old bytes alive and nothing else. Made in a temporary folder and renamed,
         so a snapshot exists whole or not at all.
         """
-        root = self.path / SNAPSHOTS
-        final = root / name
-        if final.exists():
-            return final
-        tmp = root / f".tmp-{name}-{os.getpid()}"
+        final = self.path / SNAPSHOTS / name
+        if not final.exists():
+            self.link_to(final)
+        return final
+
+    def link_to(self, dest: Path) -> None:
+        """The current state (manifest and every recorded file) at ``dest``, a new folder, as hard links: a
+        workdir of its own (a recipe's snapshot, a sweep's point) at no cost in space, since steps never modify a
+        file in place. Made in a temporary sibling and renamed, so it exists whole or not at all."""
+        tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        manifest = self.manifest()
-        for rel in [*manifest["files"], MANIFEST]:
+        for rel in [*self.manifest()["files"], MANIFEST]:
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.link(self.path / rel, dst)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        return final
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
 
     def restore(self, name: str) -> None:
         """Bring back the state of snapshot ``name`` as one transaction (what it lacks is removed)."""

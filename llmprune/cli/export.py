@@ -27,8 +27,8 @@ def export(
     """Write a clean Hugging Face folder with a model card, and optionally push it to the Hub."""
     from llmprune.export import export_workdir
 
-    res = export_workdir(open_workdir(ctx, workdir), out, format, base_model=base_model, adapter_base=adapter_base, push_to_hub=push_to_hub,
-                         private=private, dry_run=dry_run, overwrite=overwrite)
+    res = export_workdir(open_workdir(ctx, workdir), out, format, base_model=base_model, adapter_base=adapter_base,
+                         push_to_hub=push_to_hub, private=private, dry_run=dry_run, overwrite=overwrite)
     if dry_run:
         finish(res, as_json, lambda: report.table(
             f"would write {out}" + (f" and upload to {push_to_hub}" if push_to_hub else ""), ["file", "bytes"],
