@@ -10,6 +10,9 @@ calibration windows is timed in the same run, so speed is reported as a ratio me
     python benchmarks/prune_bench.py --methods wanda,wandapp-tuned,wandapp-rgs   # the Wanda++ table (~75 min)
     python benchmarks/prune_bench.py --methods wanda,wanda-seq,sparsegpt,sparsegpt-seq   # the two schedules
     python benchmarks/prune_bench.py --model gemma3-270m --methods magnitude,wanda,sparsegpt,wandapp
+    python benchmarks/prune_bench.py --methods wanda,wanda-owl --patterns unstructured,0.6,0.7   # OWL
+
+A pattern is ``unstructured`` (50%), an N:M pattern, or an unstructured sparsity (``0.6``).
 
 The peers' reference rows exist for SmolLM2 only; Gemma-3-270M rows compare against its dense perplexity. Every
 run is saved under benchmarks/results/ (``--save NAME``, default ``MODEL-prune``) as well as ``OUT/results.json``.
@@ -56,6 +59,10 @@ VARIANTS = {
     # gradient term, an RO step large enough to move weights of this scale.
     "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4"],
     "ria-row": ["--method", "ria", "--compare", "row"],  # RIA scores compared per output row (Wanda's group)
+    # OWL block sparsities (the paper's lambda 0.08, M 5) over each score method.
+    "magnitude-owl": ["--method", "magnitude", "--owl-lambda", "0.08"],
+    "wanda-owl": ["--method", "wanda", "--owl-lambda", "0.08"],
+    "sparsegpt-owl": ["--method", "sparsegpt", "--owl-lambda", "0.08"],
 }
 LLMPRUNE = [sys.executable, "-m", "llmprune"]
 
@@ -158,14 +165,18 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         for pattern in args.patterns.split(","):
+            if "--owl-lambda" in VARIANTS.get(method, []) and ":" in pattern:
+                print(f"{method} {pattern}: skipped (OWL sets per-block sparsities; N:M fixes them)", flush=True)
+                continue
             wd = args.out / f"{method}-{pattern.replace(':', 'of')}"
             if wd.exists():
                 shutil.rmtree(wd)
             shutil.copytree(base, wd)
-            cmd = [*LLMPRUNE, "prune", str(wd), *VARIANTS.get(method, ["--method", method]), "--pattern", pattern,
+            shape = ["--sparsity", pattern] if pattern[:1].isdigit() and ":" not in pattern else ["--pattern", pattern]
+            cmd = [*LLMPRUNE, "prune", str(wd), *VARIANTS.get(method, ["--method", method]), *shape,
                    "--batch-size", str(args.batch_size), *args.extra.split()]
             res, wall, rss = popen_rss(cmd)
-            prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"]
+            prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0)
             ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
             ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
             row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,

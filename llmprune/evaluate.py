@@ -63,6 +63,17 @@ def layer_sparsity(counts: dict[str, tuple[int, int]] | nn.Module) -> dict[str, 
     return {k: z / n for k, (z, n) in counts.items()}
 
 
+def block_sparsity(counts: dict[str, tuple[int, int]]) -> list[float]:
+    """Fraction of exact zeros of each block's prunable weights together, in block order (what OWL sets)."""
+    zeros: dict[int, int] = defaultdict(int)
+    total: dict[int, int] = defaultdict(int)
+    for full, (z, n) in counts.items():
+        b = int(full.split(".", 1)[0])
+        zeros[b] += z
+        total[b] += n
+    return [zeros[b] / total[b] for b in sorted(total)]
+
+
 def sparsity_by_type(counts: dict[str, tuple[int, int]] | nn.Module) -> dict[str, float]:
     """Fraction of exact zeros per layer type (``self_attn.q_proj``...) over all blocks, and ``all`` of them."""
     counts = model_zeros(counts) if isinstance(counts, nn.Module) else counts

@@ -31,6 +31,8 @@ class PruneRequest:
     device: str = "cpu"
     act_dtype: str = "float32"
     batch_size: int = 4
+    owl_lambda: float | None = None  # OWL's spread of block sparsities (``llmprune.owl``); None: uniform
+    owl_m: float | None = None  # OWL's outlier threshold, in multiples of a block's mean score
 
 
 def method_for(name: str) -> Method:
@@ -64,6 +66,8 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
                             "--help`), not --sparsity/--pattern")
         if req.true_sequential:
             raise UserError(f"--true-sequential does not apply to --method {method.name}")
+        if req.owl_lambda is not None or req.owl_m is not None:
+            raise UserError(f"OWL sets the sparsity of each block; --method {method.name} removes whole units instead")
         opts = method.options(req.options)
         ws.require_calibration()
         return method.prune_workdir(ws, opts, device=req.device, batch_size=req.batch_size)
@@ -72,6 +76,7 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         names = ", ".join(able[:-1]) + " and " + able[-1] if len(able) > 1 else able[0]
         raise UserError(f"--true-sequential applies to {names}, not {method.name}")
     pat, s = parse_pattern(req.pattern, req.sparsity)
+    owl_m = _check_owl(req, pat, s)
     opts = method.options(req.options)
     if req.act_dtype not in DTYPES:
         raise UserError(f"unknown --act-dtype '{req.act_dtype}'; use {', '.join(DTYPES)}")
@@ -82,13 +87,15 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
                   batch_size=req.batch_size, **vars(opts))
     if req.true_sequential:
         params["true_sequential"] = True
-    spec = PruneSpec(pat, s, opts, req.true_sequential)
+    if req.owl_lambda is not None:
+        params.update(owl_lambda=req.owl_lambda, owl_m=owl_m)
+    spec = PruneSpec(pat, s, opts, req.true_sequential, req.owl_lambda, owl_m)
     with ws.step("prune", params) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
         lm, tok, weights = open_current(ws, tokenizer=False)  # the in-memory path still gets one
         check_pattern(lm, spec)
-        windows = ws.windows() if method.needs_data else None
+        windows = ws.windows() if method.needs_data or req.owl_lambda is not None else None
         out = tx.stage("model")
         peak: dict[str, Any] = {}
         with engine.peak_device_memory(req.device, peak):
@@ -96,11 +103,29 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         summ = evaluate.summary(lm, result["after"])
         # experts without calibration tokens: how many of the model's expert weights were pruned by magnitude
         fallback = {"no_token_weights": len(result["no_tokens"])} if _arch.arch_for(lm.config.model_type).experts else {}
-        tx.step.metrics = {**result["times"], **peak, **summ, **fallback,
-                           "layer_sparsity": evaluate.layer_sparsity(result["after"])}
+        blocks = evaluate.block_sparsity(result["after"])
+        owl = result.get("owl", {})
+        tx.step.metrics = {**result["times"], **peak, **summ, **fallback, **owl,
+                           "layer_sparsity": evaluate.layer_sparsity(result["after"]), "block_sparsity": blocks}
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
     return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ,
-            **fallback}
+            **fallback, **owl, "block_sparsity": blocks}
+
+
+def _check_owl(req: PruneRequest, pat, s: float) -> float:
+    """OWL's options, checked before any work; returns the outlier threshold M to use."""
+    from llmprune import owl
+
+    if req.owl_lambda is None:
+        if req.owl_m is not None:
+            raise UserError("--owl-m is OWL's outlier threshold: give --owl-lambda too")
+        return owl.DEFAULT_M
+    if pat.is_nm:
+        raise UserError(f"OWL sets one sparsity per block, and {pat} fixes it in every group: use --owl-lambda "
+                        "with unstructured sparsity")
+    m = owl.DEFAULT_M if req.owl_m is None else req.owl_m
+    owl.check(s, req.owl_lambda, m)
+    return m
 
 
 def _prune_and_write(lm, tok, weights, method, spec, windows, req, out, ws, tx) -> dict[str, Any]:
@@ -165,6 +190,10 @@ def prune_model(
     ``weights``: where the blocks live (``lazy.InMemory`` by default: the model is pruned in place; a ``lazy.Lazy``
     model is read block by block). ``sink(index, block)`` receives each pruned block, checked, before it is unloaded
     (the step writes it to its new shards there).
+
+    With ``spec.owl_lambda`` the block sparsities come first from a pass of the dense model (``llmprune.owl``;
+    ``windows`` are needed even for a method that reads no data); the result then has ``owl``: the outlier ratio
+    and the target sparsity of every block.
     """
     from llmprune.evaluate import block_zeros
     from llmprune.lazy import InMemory
@@ -172,12 +201,17 @@ def prune_model(
     weights = weights or InMemory()
     check_pattern(model, spec)
     times = {"capture_s": 0.0, "prune_s": 0.0, "propagate_s": 0.0}
+    owl_info: dict[str, Any] = {}
+    if spec.owl_lambda is not None:
+        t0 = time.perf_counter()
+        spec, owl_info = _owl_spec(model, spec, windows, device, batch_size, act_dtype, weights)
+        times["owl_s"] = time.perf_counter() - t0
     no_tokens: list[str] = []  # experts that received no calibration token (pruned by magnitude)
     before: dict[str, tuple[int, int]] = {}
     after: dict[str, tuple[int, int]] = {}
 
     def done(i: int, block: nn.Module) -> None:
-        verify_block(i, block, spec)
+        verify_block(i, block, spec.for_block(i))
         after.update(block_zeros(i, block))
         if sink is not None:
             sink(i, block)
@@ -189,7 +223,7 @@ def prune_model(
             for i, block in enumerate(layers):
                 weights.load(block, device)
                 before.update(block_zeros(i, block))
-                method.prune_block(BlockContext(i, block, None, device, spec))
+                method.prune_block(BlockContext(i, block, None, device, spec.for_block(i)))
                 done(i, block)
                 weights.unload(block)
                 advance()
@@ -208,7 +242,7 @@ def prune_model(
             times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation (and writing)
             mark = time.perf_counter()
             before.update(block_zeros(i, block))
-            ctx = BlockContext(i, block, inputs, device, spec)
+            ctx = BlockContext(i, block, inputs, device, spec.for_block(i))
             method.prune_block(ctx)
             no_tokens += [f"{i}.{n}" for n in ctx.no_tokens]
             walk.next_inputs = ctx.outputs
@@ -219,7 +253,23 @@ def prune_model(
         report.warn(f"{len(no_tokens)} expert weight(s) received no calibration token and were pruned by magnitude "
                     f"(the first: {no_tokens[0]}); more calibration samples route tokens to more experts")
     return {"times": {k: round(v, 3) for k, v in times.items()}, "before": before, "after": after,
-            "no_tokens": no_tokens}
+            "no_tokens": no_tokens, **({"owl": owl_info} if owl_info else {})}
+
+
+def _owl_spec(model, spec: PruneSpec, windows, device, batch_size, act_dtype, weights) -> tuple[PruneSpec, dict]:
+    """``spec`` with OWL's block sparsities, from one pass of the dense model over the calibration windows."""
+    import dataclasses
+
+    from llmprune import owl
+
+    if windows is None:
+        raise ValueError("OWL needs calibration windows, whatever the method")
+    acts = engine.capture(model, windows, batch_size, device, act_dtype, weights=weights)
+    ratios, sizes = owl.dense_ratios(model, acts, device, spec.owl_m, weights=weights)
+    del acts
+    targets = owl.block_sparsities(ratios, sizes, spec.sparsity, spec.owl_lambda)
+    info = {"outlier_ratio": [round(r, 6) for r in ratios], "target_block_sparsity": [round(t, 6) for t in targets]}
+    return dataclasses.replace(spec, block_sparsity=targets), info
 
 
 def verify_block(index: int, block: nn.Module, spec: PruneSpec) -> None:

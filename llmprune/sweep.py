@@ -37,7 +37,13 @@ class Config:
     pattern: str | None = None
     structure: str | None = None
     ratio: float | None = None
+    owl: float | None = None  # OWL's lambda (``prune --owl-lambda``); None: uniform sparsity
     prune: list[str] = field(default_factory=list)
+
+    @property
+    def series(self) -> str | None:
+        """The line a point belongs to in the plots: its method, with OWL a line of its own."""
+        return self.method if self.owl is None else f"{self.method}+owl{self.owl:g}"
 
 
 def _floats(spec: str | None, what: str) -> list[float]:
@@ -52,14 +58,27 @@ def _floats(spec: str | None, what: str) -> list[float]:
 
 
 def grid(methods: str | None, sparsities: str | None, patterns: str | None, structures: str | None,
-         prune_args: str = "") -> list[Config]:
-    """The configurations, dense first: every method at every sparsity and every pattern, then every structure
-    (direct removal, ``prune --method dress``) at its ratio."""
+         prune_args: str = "", owl: str | None = None) -> list[Config]:
+    """The configurations, dense first: every method at every sparsity (and with each OWL lambda of ``owl`` at
+    each, too) and every pattern, then every structure (direct removal, ``prune --method dress``) at its ratio."""
     import shlex
+
+    from llmprune import owl as _owl
 
     extra = shlex.split(prune_args)
     names = [m.strip() for m in (methods or "").split(",") if m.strip()]
     sp = _floats(sparsities, "--sparsities")
+    lambdas = _floats(owl, "--owl")
+    if lambdas and not sp:
+        raise UserError("--owl sets block sparsities at unstructured sparsity: give --sparsities too")
+    if any(a.startswith("--owl") for a in extra):
+        raise UserError("give OWL as --owl LAMBDAS (a line of its own in the plots), not in --prune-args")
+    for lam in lambdas:
+        for v in sp:
+            try:
+                _owl.check(v, lam, _owl.DEFAULT_M)
+            except UserError as e:
+                raise UserError(f"--owl {lam:g} at sparsity {v:g}: {e}") from None
     pats = [p.strip() for p in (patterns or "").split(",") if p.strip()]
     if (sp or pats) and not names:
         raise UserError("--sparsities and --patterns need --methods")
@@ -71,6 +90,9 @@ def grid(methods: str | None, sparsities: str | None, patterns: str | None, stru
     for m in names:
         out += [Config(f"{m}-{s:g}", "unstructured", m, s, prune=["--method", m, "--sparsity", f"{s:g}", *extra])
                 for s in sp]
+        out += [Config(f"{m}-{s:g}-owl{lam:g}", "unstructured", m, s, owl=lam,
+                       prune=["--method", m, "--sparsity", f"{s:g}", "--owl-lambda", f"{lam:g}", *extra])
+                for lam in lambdas for s in sp]
         out += [Config(f"{m}-{p.replace(':', 'of')}", "pattern", m, PATTERNS_SPARSITY, p,
                        prune=["--method", m, "--pattern", p, *extra]) for p in pats]
     for spec in (s.strip() for s in (structures or "").split(",") if s.strip()):
@@ -99,8 +121,8 @@ def fingerprint(cfg: Config, eval_args: list[str], base_manifest: dict[str, Any]
 
 def _point(cfg: Config) -> dict[str, Any]:
     """The fields of a row that say which point it is."""
-    return {"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "sparsity": cfg.sparsity,
-            "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio}
+    return {"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "series": cfg.series, "sparsity": cfg.sparsity,
+            "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio, "owl_lambda": cfg.owl}
 
 
 def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
@@ -109,17 +131,14 @@ def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
     prune = next((s for s in steps if s["command"] == "prune"), None)
     ev = steps[-1]["metrics"]
     sp = ev.get("speed", {})
-    layer = (prune or {}).get("metrics", {}).get("layer_sparsity", {})
-    blocks: dict[str, list[float]] = {}
-    for name, v in layer.items():
-        blocks.setdefault(name.split(".", 1)[0], []).append(v)
+    pm = (prune or {}).get("metrics", {})
+    blocks = {str(i): v for i, v in enumerate(pm.get("block_sparsity") or [])}
     return {**_point(cfg), "status": "done",
             "perplexity": ev.get("perplexity"), "parameters": ev.get("parameters"),
             "achieved_sparsity": ev.get("sparsity", {}).get("all"), "tasks": ev.get("tasks"),
             "tasks_mean": ev.get("tasks_mean"), "prefill_speedup": sp.get("prefill_speedup"),
             "decode_speedup": sp.get("decode_speedup"), "prune_s": (prune or {}).get("duration_s"),
-            "block_sparsity": {b: sum(v) / len(v) for b, v in sorted(blocks.items(), key=lambda kv: int(kv[0]))},
-            "key": key}
+            "block_sparsity": blocks, "outlier_ratio": pm.get("outlier_ratio"), "key": key}
 
 
 def save(root: Path, rows: list[dict[str, Any]]) -> None:
@@ -127,7 +146,7 @@ def save(root: Path, rows: list[dict[str, Any]]) -> None:
     from llmprune.workdir import atomic_write_text, dumps
 
     atomic_write_text(root / "results.json", dumps(rows, indent=2) + "\n")
-    cols = ["name", "kind", "method", "sparsity", "pattern", "structure", "ratio", "status", "perplexity",
+    cols = ["name", "kind", "method", "owl_lambda", "sparsity", "pattern", "structure", "ratio", "status", "perplexity",
             "parameters", "achieved_sparsity", "tasks_mean", "prefill_speedup", "decode_speedup", "prune_s", "error"]
     tmp = root / f".results.csv.tmp-{os.getpid()}"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -205,6 +224,7 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
 
     matplotlib.use("Agg")  # files only: no display on a CI machine
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     dense = next((r for r in rows if r["kind"] == "dense"), None)
     made = []
@@ -216,7 +236,7 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
         made.append(str(root / name))
 
     scored = [r for r in rows if r["kind"] in ("unstructured", "pattern")]
-    methods = sorted({r["method"] for r in scored})
+    methods = sorted({r.get("series") or r["method"] for r in scored})
     metrics = [("perplexity", "perplexity (log scale)", True)]
     if any(r.get("tasks_mean") is not None for r in rows):
         metrics.append(("tasks_mean", "zero-shot accuracy (mean of the tasks)", False))
@@ -224,11 +244,11 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for i, m in enumerate(methods):
             color = f"C{i}"
-            line = sorted((r["sparsity"], r[key]) for r in scored if r["method"] == m and r["kind"] == "unstructured"
-                          and r.get(key) is not None)
+            mine = [r for r in scored if (r.get("series") or r["method"]) == m]
+            line = sorted((r["sparsity"], r[key]) for r in mine if r["kind"] == "unstructured" and r.get(key) is not None)
             if line:
                 ax.plot(*zip(*line), marker="o", color=color, label=m)
-            for r in (r for r in scored if r["method"] == m and r["kind"] == "pattern" and r.get(key) is not None):
+            for r in (r for r in mine if r["kind"] == "pattern" and r.get(key) is not None):
                 ax.scatter([r["sparsity"]], [r[key]], marker="s" if r["pattern"] == "2:4" else "D", color=color,
                            edgecolors="black", zorder=3)
                 ax.annotate(r["pattern"], (r["sparsity"], r[key]), textcoords="offset points", xytext=(6, -3),
@@ -279,6 +299,7 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
         for i, r in enumerate(varies):
             xs = [int(b) for b in r["block_sparsity"]]
             ax.plot(xs, list(r["block_sparsity"].values()), marker=".", color=f"C{i % 10}", label=r["name"])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("block")
         ax.set_ylabel("sparsity of the block's Linears")
         ax.grid(True, alpha=0.3)

@@ -105,3 +105,47 @@ def test_alpha_zero_skips_the_regional_gradients_exactly(tiny_root, monkeypatch)
     for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
         assert a.grad is None and a.requires_grad == flags[name], name
+
+
+def test_preset_paper_sets_the_papers_values_and_given_options_win():
+    paper = wandapp.METHOD.options({"preset": "paper"})
+    for k, v in wandapp.PAPER.items():
+        assert getattr(paper, k) == v, k
+    mixed = wandapp.METHOD.options({"preset": "paper", "ro_lr": 1e-4, "ro_step": None})
+    assert mixed.ro_lr == 1e-4 and mixed.alpha == wandapp.PAPER["alpha"] and mixed.ro_step == "absolute"
+    with pytest.raises(Exception, match="--preset must be one of"):
+        wandapp.METHOD.options({"preset": "fast"})
+
+
+def test_relative_ro_step_scales_each_linears_rate_by_its_weight_rms():
+    torch.manual_seed(0)
+    ws = [torch.randn(8, 4) * 0.02, torch.randn(3, 5) * 3.0]
+    assert wandapp.ro_rates(ws, 1e-3, "absolute") == [1e-3, 1e-3]
+    rel = wandapp.ro_rates(ws, 1e-3, "relative")
+    for w, r in zip(ws, rel):
+        assert r == pytest.approx(1e-3 * float(w.pow(2).mean().sqrt()))
+    # The first RMSprop step moves every weight by about its rate: a relative rate is the same fraction of any
+    # weight's scale (``alpha`` = 0.99, so the first step is lr * g / sqrt(0.01 g^2) = 10 lr in magnitude).
+    for w, r in zip(ws, rel):
+        p = torch.nn.Parameter(w.clone())
+        opt = torch.optim.RMSprop([{"params": [p], "lr": r}])
+        p.grad = torch.randn_like(p)
+        opt.step()
+        moved = (p.detach() - w).abs().mean() / w.pow(2).mean().sqrt()
+        assert moved == pytest.approx(10 * 1e-3, rel=1e-3)
+
+
+def test_relative_ro_step_from_the_cli_changes_the_result(calibrated, tmp_path):
+    import shutil
+
+    wd = calibrated("llama")
+    other = tmp_path / "other"
+    shutil.copytree(wd, other)
+    base = ["--method", "wandapp", "--pattern", "2:4", "--alpha", 0, "--ro-iters", 1, "--ro-samples", 4]
+    assert cli("prune", wd, *base, "--ro-lr", 1e-3)[0] == 0
+    assert cli("prune", other, *base, "--ro-lr", 1e-3, "--ro-step", "relative")[0] == 0
+    a, b = _weights(wd), _weights(other)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    import json
+    params = json.loads((other / "manifest.json").read_text())["steps"][-1]["params"]
+    assert params["ro_step"] == "relative" and params["preset"] == "none"

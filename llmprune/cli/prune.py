@@ -29,6 +29,13 @@ def prune(
         help="Prune each Linear as its inputs arrive, in one pass of each block over all calibration windows at once "
         "(later Linears see the pruned earlier ones; about half the block passes of the reference schedule, more "
         "activation memory). Methods: " + ", ".join(n for n, m in METHODS.items() if m.true_sequential) + ".")] = False,
+    owl_lambda: Annotated[Optional[float], typer.Option(
+        help="OWL (Yin et al. 2024): one sparsity per block at the same overall --sparsity, blocks with more "
+        "outlier Wanda scores keeping more weights; the spread of the block sparsities (the paper: 0.08). "
+        "Unstructured sparsity, any method that zeroes weights.", show_default=False)] = None,
+    owl_m: Annotated[Optional[float], typer.Option(
+        help="OWL's outlier threshold: a score above this many times its block's mean is an outlier (default 5).",
+        show_default=False)] = None,
     device: DeviceOpt = "cpu",
     act_dtype: Annotated[str, typer.Option(help="Dtype of the stored activations: float32, bfloat16, float16.")] = "float32",
     batch_size: BatchOpt = 4,
@@ -40,7 +47,7 @@ def prune(
 
     positive(batch_size=batch_size)
     req = PruneRequest(method, method_options, pattern, sparsity, true_sequential, check_device(device), act_dtype,
-                       batch_size)
+                       batch_size, owl_lambda, owl_m)
     res = prune_workdir(open_workdir(ctx, workdir), req)
     finish({"workdir": str(workdir), **res}, as_json, lambda: _render(res))
 
@@ -56,10 +63,14 @@ def _render(res: dict[str, Any]) -> None:
             + [[k, v, after[k]] for k, v in before.items() if v != after[k]]
             + [["time", "", f"{res['prune_s']:.1f} s"]])
         return
+    total = res["prune_s"] + res["propagate_s"] + res["capture_s"] + res.get("owl_s", 0.0)
     report.table(
         f"{res['method']} {res['pattern']} {res['target_sparsity']:.0%}: achieved sparsity", ["layer type", "sparsity"],
-        [[k, f"{v:.2%}"] for k, v in res["sparsity"].items()]
-        + [["prune time", f"{res['prune_s'] + res['propagate_s'] + res['capture_s']:.1f} s"]])
+        [[k, f"{v:.2%}"] for k, v in res["sparsity"].items()] + [["prune time", f"{total:.1f} s"]])
+    if "target_block_sparsity" in res:
+        report.table("OWL: sparsity per block", ["block", "outlier ratio", "target", "achieved"],
+                     [[i, f"{d:.4f}", f"{t:.2%}", f"{a:.2%}"] for i, (d, t, a) in
+                      enumerate(zip(res["outlier_ratio"], res["target_block_sparsity"], res["block_sparsity"]))])
 
 
 # --- the method options, from the registry --------------------------------------------------------------------------

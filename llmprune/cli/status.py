@@ -11,7 +11,7 @@ from llmprune.cli._core import JsonOpt, WorkdirArg, finish, open_workdir
 
 # The parameters a step's row shows, and how its result is summed up.
 _BRIEF = ("model", "dataset", "samples", "seqlen", "method", "pattern", "sparsity", "max_windows", "structure", "ratio",
-          "steps", "lam")
+          "steps", "lam", "owl_lambda")
 
 
 def _outcome(m: dict[str, Any]) -> str:
@@ -24,7 +24,12 @@ def _outcome(m: dict[str, Any]) -> str:
         return f"held-out ppl {m['ppl_before']:.2f} → {m.get('ppl_remasked', m['ppl_adapter']):.2f}"
     if "gap" in m:
         return f"zeroing gap {m['gap']:.2%}"
-    return f"sparsity {m['sparsity']['all']:.2%}" if "sparsity" in m else ""
+    if "sparsity" not in m:
+        return ""
+    blocks = m.get("block_sparsity") or []
+    spread = (f", blocks {min(blocks):.1%}–{max(blocks):.1%}"
+              if blocks and max(blocks) - min(blocks) > 1e-3 else "")  # OWL: one sparsity per block
+    return f"sparsity {m['sparsity']['all']:.2%}{spread}"
 
 
 def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) -> None:

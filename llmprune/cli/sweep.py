@@ -18,6 +18,8 @@ def sweep(
     sparsities: Annotated[Optional[str], typer.Option(help="Unstructured sparsities for every method, e.g. 0.3,0.5,0.6,0.7.")] = None,
     patterns: Annotated[Optional[str], typer.Option(help="N:M patterns for every method, e.g. 2:4,4:8.")] = None,
     structures: Annotated[Optional[str], typer.Option(help="Structured removals STRUCTURE:RATIO (direct, prune --method dress), e.g. hidden:0.1,mlp:0.25.")] = None,
+    owl: Annotated[Optional[str], typer.Option(help="OWL lambdas, e.g. 0.08: every method at every --sparsities "
+                                                   "again with prune --owl-lambda (a line of its own in the plots).")] = None,
     prune_args: Annotated[str, typer.Option(help="Extra options for every score-method prune, e.g. '--batch-size 8'.")] = "",
     dataset: Annotated[Optional[str], typer.Option(help="Evaluation source (default: the test split of the calibration dataset).")] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 2048,
@@ -42,7 +44,7 @@ def sweep(
     ws.manifest()
     positive(batch_size=batch_size, seqlen=seqlen, prompt_len=prompt_len, new_tokens=new_tokens)
     device = check_device(device)
-    configs = _sweep.grid(methods, sparsities, patterns, structures, prune_args)
+    configs = _sweep.grid(methods, sparsities, patterns, structures, prune_args, owl)
     ev = ["--seqlen", str(seqlen), "--text-field", text_field, "--device", device, "--batch-size", str(batch_size)]
     for flag, value in (("--dataset", dataset), ("--max-windows", max_windows), ("--tasks", tasks),
                         ("--limit", limit), ("--num-fewshot", num_fewshot)):

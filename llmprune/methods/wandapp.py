@@ -11,6 +11,10 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
   ``ro_samples`` samples, prune with RGS (activation norms recomputed on the current weights), then one RMSprop
   step per sample (``ro_lr``, fp32) on the Linear weights, minimising ``sum((f_dense(X) - f(X))^2)``. A final prune
   with all samples leaves the saved block exactly sparse. ``ro_iters=0`` is the RGS-only ablation.
+- RO step: RMSprop moves each weight by about ``ro_lr`` per step whatever the weight's size, so the paper's 3e-7
+  (set for 7B models) barely moves a small model's larger weights. ``ro_step='relative'`` makes the rate of each
+  Linear ``ro_lr`` times the RMS of its dense weights: one setting then moves weights of any scale alike.
+- ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 """
 
 from __future__ import annotations
@@ -34,7 +38,23 @@ class Options:
     ro_iters: int = option(5, "Wanda++: rounds of regional optimisation (0: RGS only).", check=non_negative)
     ro_samples: int = option(32, "Wanda++: samples drawn per RO round.", check=positive)
     ro_lr: float = option(3e-7, "Wanda++: RMSprop learning rate of RO.", check=positive)
+    ro_step: str = option("absolute", "Wanda++: --ro-lr as RMSprop's own rate ('absolute', the paper) or times each "
+                          "Linear's weight RMS ('relative': the same for weights of any scale).",
+                          choices=("absolute", "relative"))
     seed: int = option(0, "Wanda++: seed of the RO sample draws.")
+    preset: str = option("none", "Wanda++: 'paper' takes the paper's settings for every Wanda++ option not given.",
+                         choices=("none", "paper"))
+
+
+# Yang et al. 2025 (sec. 4 and the reproduction their arXiv v3 points to): what ``--preset paper`` sets.
+PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "ro_step": "absolute"}
+
+
+def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
+    """The RMSprop rate of each weight: ``lr``, or ``lr * RMS(W)`` (``relative``), from the weights as given."""
+    if step == "absolute":
+        return [lr] * len(weights)
+    return [lr * float(w.detach().float().pow(2).mean().sqrt()) for w in weights]
 
 
 def rgs_score(weight: torch.Tensor, grad_rms: torch.Tensor | None, norms: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -165,7 +185,9 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     ids = {id(w) for w in weights}
     for p in params:
         p.requires_grad_(id(p) in ids)
-    opt = torch.optim.RMSprop(weights, lr=opts.ro_lr)
+    # Rates from the dense weights: the block is not pruned yet (the first round prunes it below).
+    opt = torch.optim.RMSprop([{"params": [w], "lr": r} for w, r in zip(weights, ro_rates(weights, opts.ro_lr,
+                                                                                          opts.ro_step))])
     rng = random.Random(opts.seed * 100_003 + ctx.index)
     n = acts.n_samples
     m = min(opts.ro_samples, n)
@@ -196,6 +218,11 @@ class WandaPP(Method):
     summary = "regional gradients + regional optimisation of each block (Yang et al. 2025)"
     Options = Options
     per_sample = True  # regional gradients are per sample: the engine gives this method chunks of one window
+
+    def options(self, given):
+        if given.get("preset") == "paper":
+            given = {**PAPER, **{k: v for k, v in given.items() if v is not None}}
+        return super().options(given)
 
     def warnings(self, options: Options, calibration_samples: int) -> list[str]:
         if options.ro_iters > 0 and calibration_samples < 64:

@@ -1,0 +1,93 @@
+"""OWL: outlier-weighted layer-wise sparsity (Yin et al., ICML 2024, arXiv 2310.05175).
+
+One global sparsity ``s`` becomes one sparsity per decoder block: a block whose Wanda scores hold more outliers keeps
+more of its weights. For block ``l`` the outlier ratio ``D_l`` is the fraction of the scores ``|W_ij| * ||X_j||`` of
+all its prunable weights that exceed ``M`` times their mean (``M`` = 5 in the paper). The ratios are min-max scaled
+to a spread of ``2 * lambda`` and centred, so ``s_l = s - (scaled_l - mean(scaled))`` (what the paper's
+``[s - lambda, s + lambda]`` range amounts to in its code), the mean weighted by the blocks' prunable weights so that
+the model as a whole is still ``s`` sparse. Paper: LLaMA-7B at 70% unstructured, Wanda 85.77 -> OWL + Wanda 24.55
+(WikiText-2), with ``lambda`` = 0.08 and ``M`` = 5.
+
+The ratios are measured on the *dense* model, in one pass of the calibration windows before pruning starts (the
+paper's order): a block's outliers are a property of the trained model, not of what earlier pruning did to it.
+They use Wanda's score whatever the method (the paper's definition; magnitude, SparseGPT and Wanda++ get the same
+per-block targets as Wanda), so OWL needs calibration windows even for magnitude.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from llmprune import engine
+from llmprune.arch import block_linears
+from llmprune.errors import UserError
+
+DEFAULT_M = 5.0
+
+
+def check(sparsity: float, lam: float, m: float) -> None:
+    """Refuse, before any pass, a lambda whose spread could push a block outside [0, 1): a block's sparsity moves
+    by at most ``2 * lambda`` from ``s`` (one block at one end of the scaled range, the mean at the other)."""
+    if not (lam > 0 and m > 0):
+        raise UserError(f"--owl-lambda and --owl-m must be positive, got {lam} and {m}")
+    room = min(sparsity, 1 - sparsity) / 2
+    if lam > room:
+        raise UserError(f"--owl-lambda {lam} could move a block's sparsity by up to {2 * lam:.2f}, past 0 or 1 at "
+                        f"--sparsity {sparsity}; use at most {room:.3f}")
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
+    """``D``: the fraction of all the scores (of every prunable weight of one block) above ``m`` times their mean.
+
+    Two passes over the tensors (their sum, then the count above the threshold) instead of one concatenation: a
+    70B block's scores concatenated are 3 GB of fp32."""
+    total = sum(float(s.sum(dtype=torch.float64)) for s in scores)
+    count = sum(s.numel() for s in scores)
+    if count == 0:
+        return 0.0
+    threshold = m * total / count
+    return sum(int((s > threshold).sum()) for s in scores) / count
+
+
+def block_sparsities(ratios: Sequence[float], sizes: Sequence[int], sparsity: float, lam: float) -> list[float]:
+    """``s_l = s - (r_l - mean_w(r))`` with ``r`` the ratios min-max scaled to ``[0, 2 * lambda]`` and ``mean_w``
+    weighted by ``sizes`` (each block's prunable weights): the weighted mean of the result is exactly ``s``. Equal
+    ratios (or one block) give ``s`` everywhere."""
+    d = torch.tensor(ratios, dtype=torch.float64)
+    w = torch.tensor(sizes, dtype=torch.float64)
+    spread = d.max() - d.min() if len(d) else torch.tensor(0.0)
+    if len(d) < 2 or spread <= 0:
+        return [float(sparsity)] * len(d)
+    r = (d - d.min()) / spread * (2 * lam)
+    centred = r - (r * w).sum() / w.sum()
+    return [float(v) for v in sparsity - centred]
+
+
+@torch.no_grad()
+def dense_block_ratio(block: nn.Module, acts: engine.Activations, device: str, m: float) -> tuple[float, int]:
+    """One block's outlier ratio from its dense calibration inputs, and its number of prunable weights."""
+    from llmprune.methods.wanda import score
+    from llmprune.stats import RowNorms
+
+    stats = engine.collect(block, acts, device, RowNorms)
+    linears = block_linears(block)
+    # An expert no calibration token reached has no norms: its scores would all be zero; it is left out of D
+    # (its weights still count in the block's size, which sets the block's share of the budget).
+    scores = [score(lin.weight.data, stats[n].norms("sum")) for n, lin in linears.items() if n in stats]
+    return outlier_ratio(scores, m), sum(lin.weight.numel() for lin in linears.values())
+
+
+def dense_ratios(model: nn.Module, acts: engine.Activations, device: str, m: float,
+                 weights=None) -> tuple[list[float], list[int]]:
+    """Every block's outlier ratio and size, walking the unpruned model over the calibration windows."""
+    ratios: list[float] = []
+    sizes: list[int] = []
+    walk = engine.Walk(model, acts, device, "OWL outlier ratios", last_outputs=False, weights=weights)
+    for _, block, inputs in walk:
+        d, n = dense_block_ratio(block, inputs, device, m)
+        ratios.append(d)
+        sizes.append(n)
+    return ratios, sizes
