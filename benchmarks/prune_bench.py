@@ -127,6 +127,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt", help=f"comma-separated: a registered method, or one of the variants {', '.join(VARIANTS)}")
     ap.add_argument("--patterns", default="unstructured,4:8,2:4")
+    ap.add_argument("--cells", default="", help="METHOD:PATTERN,... instead of --methods x --patterns, e.g. "
+                    "wanda:0.7,wanda-owl:0.7,sparsegpt:unstructured")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -163,28 +165,29 @@ def main() -> None:
     fwd = forward_seconds(base, args.batch_size)
     print(f"full forward pass over {args.samples} x {args.seqlen} calibration tokens: {fwd:.1f} s", flush=True)
     rows = []
-    for method in args.methods.split(","):
-        for pattern in args.patterns.split(","):
-            if "--owl-lambda" in VARIANTS.get(method, []) and ":" in pattern:
-                print(f"{method} {pattern}: skipped (OWL sets per-block sparsities; N:M fixes them)", flush=True)
-                continue
-            wd = args.out / f"{method}-{pattern.replace(':', 'of')}"
-            if wd.exists():
-                shutil.rmtree(wd)
-            shutil.copytree(base, wd)
-            shape = ["--sparsity", pattern] if pattern[:1].isdigit() and ":" not in pattern else ["--pattern", pattern]
-            cmd = [*LLMPRUNE, "prune", str(wd), *VARIANTS.get(method, ["--method", method]), *shape,
-                   "--batch-size", str(args.batch_size), *args.extra.split()]
-            res, wall, rss = popen_rss(cmd)
-            prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0)
-            ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
-            ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
-            row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
-                       step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
-                       sparsity=res["sparsity"]["all"], windows=ev["windows"],
-                       lastword=ev.get("tasks", {}).get(task, {}).get("acc"))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    cells = ([tuple(c.split(":", 1)) for c in args.cells.split(",")] if args.cells else
+             [(m, p) for m in args.methods.split(",") for p in args.patterns.split(",")])
+    for method, pattern in cells:
+        if "--owl-lambda" in VARIANTS.get(method, []) and ":" in pattern:
+            print(f"{method} {pattern}: skipped (OWL sets per-block sparsities; N:M fixes them)", flush=True)
+            continue
+        wd = args.out / f"{method}-{pattern.replace(':', 'of')}"
+        if wd.exists():
+            shutil.rmtree(wd)
+        shutil.copytree(base, wd)
+        shape = ["--sparsity", pattern] if pattern[:1].isdigit() and ":" not in pattern else ["--pattern", pattern]
+        cmd = [*LLMPRUNE, "prune", str(wd), *VARIANTS.get(method, ["--method", method]), *shape,
+               "--batch-size", str(args.batch_size), *args.extra.split()]
+        res, wall, rss = popen_rss(cmd)
+        prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0)
+        ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
+        ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
+        row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
+                   step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
+                   sparsity=res["sparsity"]["all"], windows=ev["windows"],
+                   lastword=ev.get("tasks", {}).get(task, {}).get("acc"))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     fwd_end = forward_seconds(base, args.batch_size)
     print(f"full forward pass again at the end: {fwd_end:.1f} s (a large change means the machine was busy)")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -6,6 +6,9 @@ Each setting runs ``llmprune prune --method wandapp`` (2:4 by default) on a copy
 
     python benchmarks/wandapp_ablation.py                                   # alpha sweep, RGS only (~5 min each)
     python benchmarks/wandapp_ablation.py --grid "alpha=10 ro_iters=5;alpha=10 ro_iters=5 ro_lr=3e-6"
+    python benchmarks/wandapp_ablation.py --model gemma3-270m --grid "alpha=0 ro_step=relative ro_lr=3e-3"
+
+Both models share the protocol's calibration text, so their tuning slices are the same articles.
 """
 
 from __future__ import annotations
@@ -43,10 +46,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tune-windows", type=int, default=40)
-    ap.add_argument("--out", type=Path, default=Path("runs/wandapp-ablation"))
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/wandapp-ablation[-MODEL]")
+    ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
     args = ap.parse_args()
+    if args.out is None:
+        args.out = Path("runs/wandapp-ablation" + ("" if args.model == assets.MODELS[0] else f"-{args.model}"))
 
-    paths = assets.fetch()
+    paths = assets.fetch(model=args.model)
     fit, tune = split_calibration(Path(paths["calib"]))
     base = calibrated_base(args.out, {**paths, "calib": str(fit)}, args.samples, args.seqlen)
     evalargs = ["--dataset", str(tune), "--seqlen", str(args.seqlen), "--max-windows", str(args.tune_windows)]
@@ -63,7 +69,7 @@ def main() -> None:
         res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", "wandapp", "--pattern", args.pattern,
                                     *flags])
         ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
-        row = dict(setting=setting, pattern=args.pattern, tune_ppl=ev["perplexity"], windows=ev["windows"],
+        row = dict(model=args.model, setting=setting, pattern=args.pattern, tune_ppl=ev["perplexity"], windows=ev["windows"],
                    prune_s=res["capture_s"] + res["prune_s"] + res["propagate_s"], rss_mib=rss)
         rows.append(row)
         print(json.dumps(row), flush=True)
