@@ -298,7 +298,8 @@ def test_prune_takes_exactly_the_registered_methods_options(capsys):
     from llmprune.methods.base import option_specs
 
     declared = {o.name for m in METHODS.values() for o in option_specs(m.Options)}
-    general = {"method", "sparsity", "pattern", "true_sequential", "device", "act_dtype", "batch_size"}
+    general = {"method", "sparsity", "pattern", "true_sequential", "device", "act_dtype", "batch_size", "owl_lambda",
+               "owl_m"}
     opts = {k for k, (_, flag) in command_options()["prune"].items() if k == flag[2:].replace("-", "_")}
     assert opts == declared | general
     assert run(["prune", "--help"]) == 0
