@@ -16,7 +16,7 @@ per-block targets as Wanda), so OWL needs calibration windows even for magnitude
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -39,13 +39,16 @@ def check(sparsity: float, lam: float, m: float) -> None:
                         f"--sparsity {sparsity}; use at most {room:.3f}")
 
 
-def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
+def outlier_ratio(scores: Iterable[torch.Tensor], m: float) -> float:
     """``D``: the fraction of all the scores (of every prunable weight of one block) above ``m`` times their mean.
 
-    Two passes over the tensors (their sum, then the count above the threshold) instead of one concatenation: a
-    70B block's scores concatenated are 3 GB of fp32."""
-    total = sum(float(s.sum(dtype=torch.float64)) for s in scores)
-    count = sum(s.numel() for s in scores)
+    ``scores`` is iterated twice (their sum, then the count above the threshold) instead of concatenated: given a
+    re-iterable that makes each Linear's scores on demand (``dense_block_ratio``), only one Linear's scores exist at
+    a time -- a 70B block's scores together are 3 GB of fp32."""
+    total, count = 0.0, 0
+    for s in scores:
+        total += float(s.sum(dtype=torch.float64))
+        count += s.numel()
     if count == 0:
         return 0.0
     threshold = m * total / count
@@ -76,8 +79,13 @@ def dense_block_ratio(block: nn.Module, acts: engine.Activations, device: str, m
     linears = block_linears(block)
     # An expert no calibration token reached has no norms: its scores would all be zero; it is left out of D
     # (its weights still count in the block's size, which sets the block's share of the budget).
-    scores = [score(lin.weight.data, stats[n].norms("sum")) for n, lin in linears.items() if n in stats]
-    return outlier_ratio(scores, m), sum(lin.weight.numel() for lin in linears.values())
+    fed = [(lin.weight.data, stats[n].norms("sum")) for n, lin in linears.items() if n in stats]
+
+    class Scores:  # each Linear's scores made when iterated, never all held at once
+        def __iter__(self):
+            return (score(w, x) for w, x in fed)
+
+    return outlier_ratio(Scores(), m), sum(lin.weight.numel() for lin in linears.values())
 
 
 def dense_ratios(model: nn.Module, acts: engine.Activations, device: str, m: float,
