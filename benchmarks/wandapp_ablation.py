@@ -65,7 +65,9 @@ def main() -> None:
         if wd.exists():
             shutil.rmtree(wd)
         shutil.copytree(base, wd)
-        flags = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
+        # key=true is a switch (true_sequential=true -> --true-sequential)
+        flags = [x for k, v in opts.items()
+                 for x in ((f"--{k.replace('_', '-')}",) if v == "true" else (f"--{k.replace('_', '-')}", v))]
         res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", "wandapp", "--pattern", args.pattern,
                                     *flags])
         ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])

@@ -64,6 +64,52 @@ class Activations:
         by_block = [[kw[i] for i in idx] for kw in self.by_block] if self.by_block is not None else None
         return Activations([self.hidden[i] for i in idx], [self.kwargs[i] for i in idx], by_block)
 
+    def merged(self, idx: list[int] | None = None) -> "Activations":
+        """The chunks ``idx`` (default: all) as one chunk, for the block these feed: a pass over many windows at
+        once (Wanda++'s batched RO steps, its one-pass final prune) on inputs captured one window at a time.
+
+        Raises ``ValueError`` when a keyword argument cannot be merged (``merge_arguments``); the callers then
+        keep to the chunks as they are."""
+        idx = list(range(len(self.hidden))) if idx is None else list(idx)
+        sizes = [self.hidden[i].shape[0] for i in idx]
+        kwargs = {k: merge_arguments([self.kwargs[i][k] for i in idx], sizes) for k in self.kwargs[idx[0]]}
+        if any(self.kwargs[i].keys() != self.kwargs[idx[0]].keys() for i in idx):
+            raise ValueError("the chunks were given different keyword arguments")
+        return Activations([torch.cat([self.hidden[i] for i in idx])], [kwargs])
+
+
+def merge_arguments(values: list[Any], sizes: list[int]) -> Any:
+    """One keyword argument of several chunks (of ``sizes`` windows each) as the argument of their concatenation.
+
+    The same object in every chunk is kept (a mask or a constant shared by all windows broadcasts); tensors whose
+    first dimension is their chunk's size are concatenated (per-window rotary tables, position ids, masks); other
+    tensors must be equal, as must plain values; tuples, lists and dicts are merged element by element. Anything
+    else is refused with ``ValueError``: a block must never see arguments that do not match its windows."""
+    first = values[0]
+    if all(v is first for v in values):
+        return first
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise ValueError("a keyword argument is a tensor in some chunks only")
+        if first.dim() > 0 and all(v.dim() == first.dim() and v.shape[0] == n for v, n in zip(values, sizes)):
+            if all(v.shape[0] == 1 for v in values) and all(torch.equal(v, first) for v in values):
+                return first  # one row broadcast to every window (chunks of one window cannot tell)
+            return torch.cat(values)
+        if all(v.shape == first.shape and torch.equal(v, first) for v in values):
+            return first
+        raise ValueError("a tensor argument differs between chunks and has no batch dimension")
+    if isinstance(first, (tuple, list)):
+        if any(not isinstance(v, type(first)) or len(v) != len(first) for v in values):
+            raise ValueError("a sequence argument differs in length between chunks")
+        return type(first)(merge_arguments([v[j] for v in values], sizes) for j in range(len(first)))
+    if isinstance(first, dict):
+        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+            raise ValueError("a dict argument differs in its keys between chunks")
+        return {k: merge_arguments([v[k] for v in values], sizes) for k in first}
+    if all(type(v) is type(first) and v == first for v in values):
+        return first
+    raise ValueError(f"a {type(first).__name__} argument differs between chunks")
+
 
 def _same_arguments(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(a[k] is b[k] or (not isinstance(a[k], (torch.Tensor, tuple, list, dict))

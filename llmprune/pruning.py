@@ -230,10 +230,12 @@ def prune_model(
         times["prune_s"] = time.perf_counter() - t0
     else:
         assert windows is not None
-        if method.per_sample:
-            batch_size = 1  # the method works on one window at a time (e.g. per-sample gradients)
         if spec.true_sequential:
             batch_size = windows.shape[0]  # one pass prunes each Linear once it has seen every window
+        if method.per_sample:
+            # The method works on one window at a time (per-sample gradients) and merges the windows itself
+            # where it needs them at once (``Activations.merged``).
+            batch_size = 1
         acts = engine.capture(model, windows, batch_size, device, act_dtype, weights=weights)
         times["capture_s"] = time.perf_counter() - t0
         walk = engine.Walk(model, acts, device, method.name, last_outputs=False, weights=weights, sink=done)

@@ -40,6 +40,38 @@ def test_each_layer_type_gets_its_own_arguments(tiny_root, arch):
     assert (wrong - full).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
+def test_merged_chunks_give_every_block_the_outputs_of_its_chunks(tiny_root, arch):
+    """Windows captured one at a time, merged into one batch (Wanda++'s batched RO steps and one-pass prune): every
+    block computes on the batch what it computes on each window, with its own layer type's arguments."""
+    from llmprune import arch as _arch
+
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 4, 48, batch_size=1)
+    with torch.no_grad():
+        for i, block in enumerate(_arch.blocks(model)):
+            mine = acts.feeding(i)
+            for idx in (None, [2, 0]):
+                one = mine.merged(idx)
+                assert len(one.hidden) == 1
+                want = torch.cat([engine.block_output(block, mine.hidden[j], mine.kwargs[j])
+                                  for j in (idx or range(4))])
+                torch.testing.assert_close(engine.block_output(block, one.hidden[0], one.kwargs[0]), want,
+                                           rtol=1e-5, atol=1e-5)
+            acts = engine.run_block(block, mine, "cpu")
+
+
+def test_merge_arguments_keeps_shared_values_concatenates_per_window_ones_and_refuses_the_rest():
+    shared = torch.ones(1, 1, 4, 4)
+    assert engine.merge_arguments([shared, shared], [1, 1]) is shared
+    a, b = torch.zeros(1, 3), torch.ones(2, 3)
+    assert torch.equal(engine.merge_arguments([(a, None), (b, None)], [1, 2])[0], torch.cat([a, b]))
+    assert engine.merge_arguments([torch.arange(4), torch.arange(4)], [1, 2]).shape == (4,)  # no batch dimension
+    assert engine.merge_arguments([{"k": 3}, {"k": 3}], [1, 1]) == {"k": 3}
+    for bad in ([torch.arange(4), torch.arange(1, 5)], [3, 4], [(a,), (a, a)], [a, None]):
+        with pytest.raises(ValueError):
+            engine.merge_arguments(bad, [1, 1])
+
+
 def test_blocks_given_the_same_arguments_share_one_record(tiny_root):
     _, _, acts = tiny.model_and_inputs(tiny_root, "llama", 2, 16, batch_size=1)
     assert acts.by_block is None and len(acts.kwargs) == 2

@@ -1,6 +1,7 @@
 """Wanda++: the RGS score reduces to Wanda at alpha=0, and regional optimisation lowers the block's output error."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -149,3 +150,58 @@ def test_relative_ro_step_from_the_cli_changes_the_result(calibrated, tmp_path):
     import json
     params = json.loads((other / "manifest.json").read_text())["steps"][-1]["params"]
     assert params["ro_step"] == "relative" and params["preset"] == "none"
+
+
+def test_ro_batch_takes_the_same_step_merged_or_one_sample_at_a_time(tiny_root, monkeypatch):
+    """``ro_batch`` sums the losses of several samples into one RMSprop step; the batch is only a speed-up:
+    accumulating the samples' gradients one by one (what a block whose arguments do not merge gets) gives the
+    same weights."""
+    model, _, acts = tiny.model_and_inputs(tiny_root, "gemma3_text", 8, 32, batch_size=1)
+    dense = _arch.blocks(model)[0]
+    opts = wandapp.Options(alpha=0.0, ro_iters=2, ro_samples=8, ro_batch=4, ro_lr=1e-3, ro_step="relative")
+    spec = PruneSpec(Pattern(2, 4), 0.5, opts)
+    merged = copy.deepcopy(dense)
+    wandapp.METHOD.prune_block(BlockContext(0, merged, acts, "cpu", spec))
+
+    def refuse(self, idx=None):
+        raise ValueError("not mergeable")
+
+    monkeypatch.setattr(engine.Activations, "merged", refuse)
+    single = copy.deepcopy(dense)
+    wandapp.METHOD.prune_block(BlockContext(0, single, acts, "cpu", spec))
+    one_step = copy.deepcopy(dense)  # ro_batch 1: other steps, another result (so the equality above has teeth)
+    wandapp.METHOD.prune_block(BlockContext(0, one_step, acts, "cpu",
+                                            PruneSpec(Pattern(2, 4), 0.5, dataclasses.replace(opts, ro_batch=1))))
+    for name, lin in _arch.block_linears(merged).items():
+        other = _arch.block_linears(single)[name].weight
+        torch.testing.assert_close(lin.weight, other, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(lin.weight, _arch.block_linears(one_step)[n].weight, atol=1e-6)
+               for n, lin in _arch.block_linears(merged).items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_true_sequential_rgs_at_alpha_zero_equals_true_sequential_wanda(calibrated, tmp_path, arch, pattern):
+    """The one-pass final prune at ``alpha=0``, no RO, is Wanda's score on the true-sequential schedule: the same
+    masks as ``wanda --true-sequential``, and the pass's outputs feed the next block as the engine's would."""
+    import shutil
+
+    wd = calibrated(arch)
+    other = tmp_path / "other"
+    shutil.copytree(wd, other)
+    assert cli("prune", wd, "--method", "wanda", "--pattern", pattern, "--true-sequential")[0] == 0
+    assert cli("prune", other, "--method", "wandapp", "--pattern", pattern, "--alpha", 0, "--ro-iters", 0,
+               "--true-sequential")[0] == 0
+    a, b = _weights(wd), _weights(other)
+    for k in a:
+        assert torch.equal(a[k] == 0, b[k] == 0), k
+
+
+def test_true_sequential_wandapp_with_ro_keeps_exact_sparsity(calibrated):
+    wd = calibrated("qwen3")
+    code, out = cli("prune", wd, "--method", "wandapp", "--pattern", "2:4", "--true-sequential", "--ro-iters", 2,
+                    "--ro-samples", 4, "--ro-batch", 2, "--ro-lr", 1e-3, "--ro-step", "relative", "--json")
+    assert code == 0, out
+    for k, w in _weights(wd).items():
+        if k.endswith("proj.weight") and ".layers." in k:
+            assert (w == 0).float().mean().item() == 0.5, k

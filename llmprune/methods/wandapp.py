@@ -14,6 +14,12 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - RO step: RMSprop moves each weight by about ``ro_lr`` per step whatever the weight's size, so the paper's 3e-7
   (set for 7B models) barely moves a small model's larger weights. ``ro_step='relative'`` makes the rate of each
   Linear ``ro_lr`` times the RMS of its dense weights: one setting then moves weights of any scale alike.
+- ``ro_batch``: samples per RMSprop step, their losses summed (1: the paper's one step per sample). The windows
+  of a step run as one batch when the block's arguments merge (``Activations.merged``), which is faster on any
+  device; the gradient is the same either way.
+- ``--true-sequential``: the final prune (the only one, with ``ro_iters=0``) is one pass over all samples that
+  prunes each Linear as its input arrives -- the order of the reproduction the paper points to -- and its output
+  is the pruned block's, which saves the engine's propagation pass.
 - ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 """
 
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from llmprune import engine, experts
+from llmprune.errors import UserError
 from llmprune.masks import select
 from llmprune.methods.base import BlockContext, Method, non_negative, option, positive
 from llmprune.stats import RowNorms
@@ -41,13 +48,16 @@ class Options:
     ro_step: str = option("absolute", "Wanda++: --ro-lr as RMSprop's own rate ('absolute', the paper) or times each "
                           "Linear's weight RMS ('relative': the same for weights of any scale).",
                           choices=("absolute", "relative"))
+    ro_batch: int = option(1, "Wanda++: RO samples per RMSprop step (their losses summed; run as one batch when "
+                           "the block's arguments allow).", check=positive)
     seed: int = option(0, "Wanda++: seed of the RO sample draws.")
     preset: str = option("none", "Wanda++: 'paper' takes the paper's settings for every Wanda++ option not given.",
                          choices=("none", "paper"))
 
 
 # Yang et al. 2025 (sec. 4 and the reproduction their arXiv v3 points to): what ``--preset paper`` sets.
-PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "ro_step": "absolute"}
+PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "ro_step": "absolute",
+         "ro_batch": 1}
 
 
 def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
@@ -199,11 +209,11 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
                 _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale, final=False)
             else:
                 _prune_rgs(ctx, acts.subset(idx), dense.grads, scale, final=False)
-            for i in idx:
+            for start in range(0, m, opts.ro_batch):
                 opt.zero_grad(set_to_none=True)
-                out = engine.block_output(block, acts.hidden[i].to(device=device, dtype=torch.float32),
-                                          acts.kwargs[i])
-                ((out - dense.outputs[i].to(out.device)) ** 2).sum().backward()
+                for h, kw, target in _batches(acts, dense.outputs, idx[start:start + opts.ro_batch]):
+                    out = engine.block_output(block, h.to(device=device, dtype=torch.float32), kw)
+                    ((out - target.to(out.device)) ** 2).sum().backward()  # accumulates over the step's windows
                 opt.step()
     finally:
         for p, f in zip(params, flags):
@@ -212,12 +222,55 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     block.to(orig_dtype)
 
 
+def _batches(acts: engine.Activations, targets: list[torch.Tensor], idx: list[int]):
+    """The samples ``idx`` as (inputs, arguments, dense outputs): one batch when their arguments merge, else one
+    sample at a time (the same summed loss and gradient, only slower)."""
+    if len(idx) > 1:
+        try:
+            one = acts.merged(idx)
+        except ValueError:
+            pass
+        else:
+            yield one.hidden[0], one.kwargs[0], torch.cat([targets[i] for i in idx])
+            return
+    for i in idx:
+        yield acts.hidden[i], acts.kwargs[i], targets[i]
+
+
+@torch.no_grad()
+def _prune_rgs_sequential(ctx: BlockContext, grads) -> None:
+    """The final prune as one pass that prunes each Linear as its input arrives, on every sample at once (the
+    ``--true-sequential`` schedule; the order of the reproduction the paper points to): later Linears' norms come
+    from the pruned earlier ones, and the pass's output is the pruned block's, so the engine need not run it again."""
+    opts: Options = ctx.spec.options
+    try:
+        one = ctx.acts.merged()
+    except ValueError as e:
+        raise UserError(f"--true-sequential: this model's block arguments cannot be batched ({e}); run without it")
+
+    def prune(name: str, lin, stat: RowNorms) -> None:
+        w = lin.weight.data
+        score = rgs_score(w, grads[name], stat.norms(opts.act_norm), opts.alpha)
+        w.masked_fill_(select(score, ctx.spec.pattern, ctx.spec.sparsity), 0)
+        done.add(name)
+
+    done: set[str] = set()
+    out = engine.sequential_pass(ctx.block, one, ctx.device, RowNorms, prune).hidden[0]
+    for name, lin in ctx.linears.items():
+        if name not in done:
+            ctx.fallback(name, lin)
+    # Back into one chunk per sample, as the next block's regional gradients need them.
+    sizes = [h.shape[0] for h in ctx.acts.hidden]
+    ctx.outputs = ctx.acts.replaced(list(out.split(sizes)))
+
+
 class WandaPP(Method):
     name = "wandapp"
     label = "Wanda++"
     summary = "regional gradients + regional optimisation of each block (Yang et al. 2025)"
     Options = Options
     per_sample = True  # regional gradients are per sample: the engine gives this method chunks of one window
+    true_sequential = True  # the final prune (or the RGS-only one) as one pass over all samples
 
     def options(self, given):
         if given.get("preset") == "paper":
@@ -236,6 +289,9 @@ class WandaPP(Method):
                           need_grads=opts.alpha != 0)
         if opts.ro_iters > 0:
             regional_optimisation(ctx, dense)
+        if ctx.spec.true_sequential:
+            _prune_rgs_sequential(ctx, dense.grads)
+        elif opts.ro_iters > 0:
             _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
         else:  # RGS only: the dense pass has the norms of all samples on these (dense) weights
             _apply_rgs(ctx, dense.grads, dense.norms(list(range(ctx.acts.n_samples)), opts.act_norm))
