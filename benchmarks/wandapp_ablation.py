@@ -8,7 +8,11 @@ Each setting runs ``llmprune prune --method wandapp`` (2:4 by default) on a copy
     python benchmarks/wandapp_ablation.py --grid "alpha=10 ro_iters=5;alpha=10 ro_iters=5 ro_lr=3e-6"
     python benchmarks/wandapp_ablation.py --model gemma3-270m --grid "alpha=0 ro_step=relative ro_lr=3e-3"
 
-Both models share the protocol's calibration text, so their tuning slices are the same articles.
+Both models share the protocol's calibration text, so their tuning slices are the same articles. ``--method`` tunes
+another method the same way (OWL's lambda and M over Wanda, for one); a pattern such as ``0.6`` is that unstructured
+sparsity:
+
+    python benchmarks/wandapp_ablation.py --method wanda --pattern 0.6 --grid "owl_lambda=0.02;owl_lambda=0.05 owl_m=3"
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def split_calibration(calib: Path, tune_fraction: float = 0.1) -> tuple[Path, Pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default=";".join(GRID), help="settings separated by ';', each 'key=value ...'")
-    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--pattern", default="2:4", help="unstructured, N:M, or an unstructured sparsity such as 0.6")
+    ap.add_argument("--method", default="wandapp")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tune-windows", type=int, default=40)
@@ -51,6 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.out is None:
         args.out = Path("runs/wandapp-ablation" + ("" if args.model == assets.MODELS[0] else f"-{args.model}"))
+    shape = (["--pattern", "unstructured", "--sparsity", args.pattern] if args.pattern[:1].isdigit() and ":" not in
+             args.pattern else ["--pattern", args.pattern])
 
     paths = assets.fetch(model=args.model)
     fit, tune = split_calibration(Path(paths["calib"]))
@@ -68,16 +75,16 @@ def main() -> None:
         # key=true is a switch (true_sequential=true -> --true-sequential)
         flags = [x for k, v in opts.items()
                  for x in ((f"--{k.replace('_', '-')}",) if v == "true" else (f"--{k.replace('_', '-')}", v))]
-        res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", "wandapp", "--pattern", args.pattern,
-                                    *flags])
+        res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", args.method, *shape, *flags])
         ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
-        row = dict(model=args.model, setting=setting, pattern=args.pattern, tune_ppl=ev["perplexity"], windows=ev["windows"],
-                   prune_s=res["capture_s"] + res["prune_s"] + res["propagate_s"], rss_mib=rss)
+        row = dict(model=args.model, method=args.method, setting=setting, pattern=args.pattern,
+                   tune_ppl=ev["perplexity"], windows=ev["windows"],
+                   prune_s=res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0), rss_mib=rss)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\ntuning slice: the last 10% of the calibration split's articles, {rows[0]['windows'] if rows else 0} "
           f"windows of {args.seqlen}; dense {dense['perplexity']:.2f}; calibration: 64 x {args.seqlen} from the rest")
-    print(f"\n| setting ({args.pattern}) | tuning-slice perplexity | prune s | peak RSS MiB |\n|---|---|---|---|")
+    print(f"\n| {args.method} setting ({args.pattern}) | tuning-slice perplexity | prune s | peak RSS MiB |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['tune_ppl']:.2f} | {r['prune_s']:.0f} | {r['rss_mib']:.0f} |")
     out = args.out / "results.json"
