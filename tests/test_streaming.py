@@ -22,7 +22,7 @@ from llmprune.methods.base import PruneSpec
 from llmprune.pruning import prune_model
 
 CASES = [(m, p, False) for m in ("magnitude", "wanda", "sparsegpt", "wandapp", "ria")
-         for p in ("unstructured", "2:4", "4:8")] + [(m, "2:4", True) for m in ("wanda", "sparsegpt", "ria")]
+         for p in ("unstructured", "2:4", "4:8")] + [(m, "2:4", True) for m in ("wanda", "sparsegpt", "ria", "wandapp")]
 
 
 def _state(folder):
@@ -34,7 +34,7 @@ def _prune_both(src, out, method, pattern, true_sequential=False, windows=None):
     """The in-memory result (state dict) and the streamed one (the folder ``out``)."""
     m = METHODS[method]
     pat, s = parse_pattern(pattern, None)
-    spec = PruneSpec(pat, s, m.options({"ro_iters": 1} if method == "wandapp" else {}), true_sequential)
+    spec = PruneSpec(pat, s, m.options({"ro_iters": 1, "alpha": 100.0} if method == "wandapp" else {}), true_sequential)
     if windows is None:
         torch.manual_seed(0)
         windows = torch.randint(0, tiny.VOCAB, (8, 32))

@@ -68,8 +68,8 @@ def test_baselines_order_and_exact_sparsity(real, tmp_path):
 def test_two_four_wanda_and_wandapp(real, tmp_path):
     """Wanda and Wanda++ 2:4 hold the pattern to the last weight, and Wanda++ beats Wanda.
 
-    Wanda++ runs with the settings the calibration-slice ablation chose for this model (benchmarks/README.md:
-    `--alpha 0 --ro-lr 1e-4`; the paper's 3e-7 barely moves weights of this size) on a reduced RO budget.
+    Wanda++ runs with its defaults (chosen by the calibration-slice ablation, benchmarks/README.md) on a reduced
+    RO budget: 8 samples per round instead of 32.
     """
     from safetensors.torch import load_file
 
@@ -81,8 +81,7 @@ def test_two_four_wanda_and_wandapp(real, tmp_path):
         base.update(load_file(shard))
     ppl = {}
     for name, opts in (("wanda", ["--method", "wanda"]),
-                       ("wandapp", ["--method", "wandapp", "--alpha", 0, "--ro-lr", 1e-4,
-                                    "--ro-iters", 2, "--ro-samples", 8])):
+                       ("wandapp", ["--method", "wandapp", "--ro-samples", 8])):
         run = tmp_path / name
         shutil.copytree(wd, run)
         assert cli("prune", run, *opts, "--pattern", "2:4")[0] == 0
