@@ -6,8 +6,8 @@ calibration windows is timed in the same run, so speed is reported as a ratio me
 
     python benchmarks/prune_bench.py                                   # the 3 x 3 table (about 40 minutes on 2 cores)
     python benchmarks/prune_bench.py --methods wanda --patterns 2:4    # one cell
-    python benchmarks/prune_bench.py --methods wanda,wandapp-rgs,wandapp --patterns 2:4
-    python benchmarks/prune_bench.py --methods wanda,wandapp-tuned,wandapp-rgs   # the Wanda++ table (~75 min)
+    python benchmarks/prune_bench.py --methods wanda,sparsegpt,wandapp --patterns 2:4   # the Wanda++ targets
+    python benchmarks/prune_bench.py --methods wanda,wandapp-rgs,wandapp-paper --patterns 2:4
     python benchmarks/prune_bench.py --methods wanda,wanda-seq,sparsegpt,sparsegpt-seq   # the two schedules
     python benchmarks/prune_bench.py --model gemma3-270m --methods magnitude,wanda,sparsegpt,wandapp
     python benchmarks/prune_bench.py --methods wanda,wanda-owl --patterns unstructured,0.6,0.7   # OWL
@@ -53,11 +53,15 @@ VARIANTS = {
     # One pass per block that prunes each Linear as its inputs arrive (--true-sequential).
     "wanda-seq": ["--method", "wanda", "--true-sequential"],
     "sparsegpt-seq": ["--method", "sparsegpt", "--true-sequential"],
-    "wandapp-rgs": ["--method", "wandapp", "--ro-iters", "0"],  # the RGS-only ablation
-    "wandapp": ["--method", "wandapp"],  # RGS + regional optimisation, documented defaults
-    # The setting the calibration-slice ablation chose for this model (benchmarks/wandapp_ablation.py): no
-    # gradient term, an RO step large enough to move weights of this scale.
-    "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4"],
+    # Wanda++ defaults (benchmarks/wandapp_ablation.py on the calibration slices of both models): no gradient
+    # term in the score, two RO rounds of 32 windows with a step relative to each weight's RMS.
+    "wandapp": ["--method", "wandapp"],
+    "wandapp-paper": ["--method", "wandapp", "--preset", "paper"],  # the paper's settings exactly
+    "wandapp-rgs": ["--method", "wandapp", "--alpha", "100", "--ro-iters", "0"],  # the RGS score alone, no RO
+    # The 11-26 setting chosen on SmolLM2 alone (an absolute RMSprop step), kept for comparison.
+    "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4", "--ro-step", "absolute",
+                      "--ro-iters", "5"],
+    "wandapp-owl": ["--method", "wandapp", "--owl-lambda", "0.08"],
     "ria-row": ["--method", "ria", "--compare", "row"],  # RIA scores compared per output row (Wanda's group)
     # OWL block sparsities (the paper's lambda 0.08, M 5) over each score method.
     "magnitude-owl": ["--method", "magnitude", "--owl-lambda", "0.08"],
