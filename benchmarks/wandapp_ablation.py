@@ -7,6 +7,10 @@ Each setting runs ``llmprune prune --method wandapp`` (2:4 by default) on a copy
     python benchmarks/wandapp_ablation.py                                   # alpha sweep, RGS only (~5 min each)
     python benchmarks/wandapp_ablation.py --grid "alpha=10 ro_iters=5;alpha=10 ro_iters=5 ro_lr=3e-6"
     python benchmarks/wandapp_ablation.py --model gemma3-270m --grid "alpha=0 ro_step=relative ro_lr=3e-3"
+    python benchmarks/wandapp_ablation.py --grid "alpha=100 ro_iters=0 true_sequential=true" --save smollm2-rgs-seq
+
+Rows accumulate in ``OUT/results.json``; ``--save NAME`` also writes this run's rows and table under
+benchmarks/results/ as ``NAME-DATE.{json,md}``.
 
 Both models share the protocol's calibration text, so their tuning slices are the same articles. ``--method`` tunes
 another method the same way (OWL's lambda and M over Wanda, for one); a pattern such as ``0.6`` is that unstructured
@@ -25,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from prune_bench import LLMPRUNE, calibrated_base, popen_rss  # noqa: E402
+from prune_bench import LLMPRUNE, calibrated_base, popen_rss, save_results  # noqa: E402
 
 # alpha = 0 with RO off is Wanda's score exactly (a test checks it): the row every other one is read against.
 GRID = ["alpha=0 ro_iters=0", "alpha=3 ro_iters=0", "alpha=10 ro_iters=0", "alpha=30 ro_iters=0",
@@ -53,6 +57,7 @@ def main() -> None:
     ap.add_argument("--tune-windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=None, help="default: runs/wandapp-ablation[-MODEL]")
     ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
+    ap.add_argument("--save", default="", help="also save this run's rows and table as benchmarks/results/NAME-DATE.*")
     args = ap.parse_args()
     if args.out is None:
         args.out = Path("runs/wandapp-ablation" + ("" if args.model == assets.MODELS[0] else f"-{args.model}"))
@@ -82,11 +87,18 @@ def main() -> None:
                    prune_s=res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0), rss_mib=rss)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\ntuning slice: the last 10% of the calibration split's articles, {rows[0]['windows'] if rows else 0} "
-          f"windows of {args.seqlen}; dense {dense['perplexity']:.2f}; calibration: 64 x {args.seqlen} from the rest")
-    print(f"\n| {args.method} setting ({args.pattern}) | tuning-slice perplexity | prune s | peak RSS MiB |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['setting']} | {r['tune_ppl']:.2f} | {r['prune_s']:.0f} | {r['rss_mib']:.0f} |")
+    caption = (f"{args.model}, {args.method} at {args.pattern}; tuning slice: the last 10% of the calibration split's "
+               f"articles, {rows[0]['windows'] if rows else 0} windows of {args.seqlen}; dense {dense['perplexity']:.2f}; "
+               f"calibration: {args.samples} x {args.seqlen} from the rest")
+    table = (f"| {args.method} setting ({args.pattern}) | tuning-slice perplexity | prune s | peak RSS MiB |\n"
+             "|---|---|---|---|\n" + "\n".join(f"| {r['setting']} | {r['tune_ppl']:.2f} | {r['prune_s']:.0f} | "
+                                              f"{r['rss_mib']:.0f} |" for r in rows))
+    print("\n" + caption)
+    if args.save:
+        save_results(Path(__file__).parent / "results", args.save,
+                     [dict(r, dense_tune_ppl=dense["perplexity"]) for r in rows], caption, table)
+    else:
+        print("\n" + table)
     out = args.out / "results.json"
     old = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps(old + rows, indent=2))
