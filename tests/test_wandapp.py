@@ -211,6 +211,6 @@ def test_the_defaults_are_the_ablations_and_differ_from_the_paper():
     """What nobody types is what the calibration-slice ablation chose on both real models (benchmarks/README.md);
     the paper's settings are one option away."""
     d = wandapp.METHOD.options({})
-    assert (d.alpha, d.ro_iters, d.ro_samples, d.ro_lr, d.ro_step, d.ro_batch) == (0.0, 2, 32, 3e-3, "relative", 1)
+    assert (d.alpha, d.ro_iters, d.ro_samples, d.ro_lr, d.ro_step, d.ro_batch) == (0.0, 2, 32, 1e-3, "relative", 1)
     paper = wandapp.METHOD.options({"preset": "paper"})
     assert all(getattr(paper, k) != getattr(d, k) for k in ("alpha", "ro_iters", "ro_lr", "ro_step"))

@@ -22,7 +22,7 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
   is the pruned block's, which saves the engine's propagation pass.
 - ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 
-The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 3e-3. They were
+The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3. They were
 chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M (benchmarks/README.md, Wanda++
 ablation), where the gradient term made the masks worse at every weight tried and the paper's 3e-7 absolute step
 barely moved the weights. Two rounds cost 3.4-3.6x Wanda's prune time at 64 windows on CPU (the paper's five
@@ -52,7 +52,7 @@ class Options:
     ro_iters: int = option(2, "Wanda++: rounds of regional optimisation (0: RGS only; the paper: 5).",
                            check=non_negative)
     ro_samples: int = option(32, "Wanda++: samples drawn per RO round.", check=positive)
-    ro_lr: float = option(3e-3, "Wanda++: RMSprop learning rate of RO (with the default relative step, a fraction "
+    ro_lr: float = option(1e-3, "Wanda++: RMSprop learning rate of RO (with the default relative step, a fraction "
                           "of each Linear's weight RMS; the paper: 3e-7 absolute).", check=positive)
     ro_step: str = option("relative", "Wanda++: --ro-lr as RMSprop's own rate ('absolute', the paper) or times each "
                           "Linear's weight RMS ('relative': the same for weights of any scale).",
