@@ -25,7 +25,7 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3. They were
 chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M (benchmarks/README.md, Wanda++
 ablation), where the gradient term made the masks worse at every weight tried and the paper's 3e-7 absolute step
-barely moved the weights. Two rounds cost 3.4-3.6x Wanda's prune time at 64 windows on CPU (the paper's five
+barely moved the weights. Two rounds cost 3.2-3.3x Wanda's prune time at 64 windows on CPU (the paper's five
 would be about 7x); the first round's mask reuses the dense pass's norms, since its weights are still dense.
 """
 
