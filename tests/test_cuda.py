@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.cuda,
 def test_streamed_prune_on_cuda_matches_cpu(tiny_root, tmp_path, method):
     m = METHODS[method]
     pat, s = parse_pattern("2:4", None)
-    spec = PruneSpec(pat, s, m.options({"ro_iters": 1, "alpha": 100.0} if method == "wandapp" else {}))
+    spec = PruneSpec(pat, s, m.options(tiny.fast_options(method)))
     torch.manual_seed(0)
     windows = torch.randint(0, tiny.VOCAB, (8, 32))
     results = {}

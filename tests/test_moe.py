@@ -106,7 +106,7 @@ def test_an_expert_without_tokens_falls_back_to_magnitude(tiny_root, arch, metho
              for n, lin in _arch.block_linears(b).items()}
     m = METHODS[method]
     pat, s = parse_pattern("2:4", None)
-    spec = PruneSpec(pat, s, m.options({"ro_iters": 1, "alpha": 100.0} if method == "wandapp" else {}), true_sequential)
+    spec = PruneSpec(pat, s, m.options(tiny.fast_options(method)), true_sequential)
     windows = torch.randint(0, tiny.VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
     res = prune_model(model, m, spec, windows, batch_size=4)
     sparse_blocks = [i for i, b in enumerate(_arch.blocks(model)) if experts.views(b, spec_e)]

@@ -34,7 +34,7 @@ def _prune_both(src, out, method, pattern, true_sequential=False, windows=None):
     """The in-memory result (state dict) and the streamed one (the folder ``out``)."""
     m = METHODS[method]
     pat, s = parse_pattern(pattern, None)
-    spec = PruneSpec(pat, s, m.options({"ro_iters": 1, "alpha": 100.0} if method == "wandapp" else {}), true_sequential)
+    spec = PruneSpec(pat, s, m.options(tiny.fast_options(method)), true_sequential)
     if windows is None:
         torch.manual_seed(0)
         windows = torch.randint(0, tiny.VOCAB, (8, 32))
