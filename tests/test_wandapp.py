@@ -211,6 +211,49 @@ def test_the_defaults_are_the_ablations_and_differ_from_the_paper():
     """What nobody types is what the calibration-slice ablation chose on both real models (benchmarks/README.md);
     the paper's settings are one option away."""
     d = wandapp.METHOD.options({})
-    assert (d.alpha, d.ro_iters, d.ro_samples, d.ro_lr, d.ro_step, d.ro_batch) == (0.0, 2, 32, 1e-3, "relative", 1)
+    assert (d.alpha, d.ro_iters, d.ro_samples, d.ro_lr, d.ro_step, d.ro_batch, d.ro_norms) == (
+        0.0, 2, 32, 1e-3, "relative", 1, "steps")
     paper = wandapp.METHOD.options({"preset": "paper"})
-    assert all(getattr(paper, k) != getattr(d, k) for k in ("alpha", "ro_iters", "ro_lr", "ro_step"))
+    assert all(getattr(paper, k) != getattr(d, k) for k in ("alpha", "ro_iters", "ro_lr", "ro_step", "ro_norms"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_step_norms_equal_a_statistics_pass_over_the_same_inputs(tiny_root, arch):
+    """What ``ro_norms='steps'`` reads: the norms the forward pre-hooks gather while the block runs are the norms a
+    separate statistics pass (``engine.collect``) gives over the same samples and weights -- for the experts too,
+    which see only the tokens routed to them."""
+    from llmprune import experts
+    from llmprune.stats import RowNorms
+
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 4, 16, batch_size=1)
+    block = _arch.blocks(model)[0]
+    want = {n: s.norms("sum") for n, s in engine.collect(block, acts, "cpu", RowNorms).items()}
+    with experts.routed_block(block):
+        seen = wandapp.StepNorms(_arch.block_linears(block))
+        with torch.no_grad():
+            for h, kw in zip(acts.hidden, acts.kwargs):
+                engine.block_output(block, h, kw)
+        seen.remove()
+        got = seen.take("sum")
+    assert got.keys() == want.keys() and len(got) >= 7
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_ro_norms_steps_and_pass_both_keep_exact_sparsity_and_differ(tiny_root, arch):
+    """Both sources of the re-prunes' norms leave the block exactly 2:4 and lower its error against no RO; they
+    are different estimates (the steps see the weights while they move), so the blocks differ."""
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 16, 32, batch_size=1)
+    dense = _arch.blocks(model)[0]
+    blocks, errors = {}, {}
+    for norms, iters in (("steps", 3), ("pass", 3), ("steps", 0)):
+        block = copy.deepcopy(dense)
+        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_norms=norms)
+        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+        for name, lin in _arch.block_linears(block).items():
+            assert (lin.weight.reshape(-1, 4) == 0).sum(1).ge(2).all(), name
+        blocks[norms, iters], errors[norms, iters] = block, _block_error(block, dense, acts)
+    assert errors["steps", 3] < errors["steps", 0] and errors["pass", 3] < errors["steps", 0], errors
+    assert any(not torch.equal(a, b) for a, b in zip(blocks["steps", 3].parameters(),
+                                                     blocks["pass", 3].parameters()))

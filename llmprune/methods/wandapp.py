@@ -17,6 +17,12 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - ``ro_batch``: samples per RMSprop step, their losses summed (1: the paper's one step per sample). The windows
   of a step run as one batch when the block's arguments merge (``Activations.merged``), which is faster on any
   device; the gradient is the same either way.
+- ``ro_norms``: where the re-prunes of RO (each round after the first, and the final prune) take ``||X_j||``.
+  ``steps`` (default): from RO's own forward passes of the round before, gathered as they run -- each Linear's
+  inputs on the weights as they are being optimised -- so no statistics pass is added; ``pass``: a separate pass
+  over the samples on the current weights (the paper's order; 0.5 block passes a round and 1 for the final prune,
+  about a fifth of Wanda++'s prune time at the defaults). A Linear the round's samples never reached (an expert no
+  token was routed to) takes the dense pass's norms.
 - ``--true-sequential``: the final prune (the only one, with ``ro_iters=0``) is one pass over all samples that
   prunes each Linear as its input arrives -- the order of the reproduction the paper points to -- and its output
   is the pruned block's, which saves the engine's propagation pass.
@@ -59,6 +65,9 @@ class Options:
                           choices=("absolute", "relative"))
     ro_batch: int = option(1, "Wanda++: RO samples per RMSprop step (their losses summed; run as one batch when "
                            "the block's arguments allow).", check=positive)
+    ro_norms: str = option("steps", "Wanda++: ||X_j|| of the re-prunes from RO's own forward passes of the round "
+                           "before ('steps', no extra pass) or from a separate pass on the current weights ('pass', "
+                           "the paper's order).", choices=("steps", "pass"))
     seed: int = option(0, "Wanda++: seed of the RO sample draws.")
     preset: str = option("none", "Wanda++: 'paper' takes the paper's settings for every Wanda++ option not given.",
                          choices=("none", "paper"))
@@ -66,7 +75,7 @@ class Options:
 
 # Yang et al. 2025 (sec. 4 and the reproduction their arXiv v3 points to): what ``--preset paper`` sets.
 PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "ro_step": "absolute",
-         "ro_batch": 1}
+         "ro_batch": 1, "ro_norms": "pass"}
 
 
 def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
@@ -185,18 +194,52 @@ def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float,
     _apply_rgs(ctx, grads, {n: s.norms(convention) for n, s in stats.items()}, scale, final)
 
 
-def regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
+def regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, torch.Tensor] | None:
+    """Optimise the block's Linears towards the dense block's outputs (``ro_iters`` rounds, each pruned first).
+
+    Returns, with ``ro_norms='steps'``, the last round's ``||X_j||`` as seen by its forward passes, scaled to all
+    samples: the final prune's norms. ``None`` with ``'pass'``."""
     # One routed session for the whole optimisation: the optimiser holds the experts' views from start to end.
     with experts.routed_block(ctx.block):
-        _regional_optimisation(ctx, dense)
+        return _regional_optimisation(ctx, dense)
 
 
-def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
+class StepNorms:
+    """``||X_j||`` of every Linear's inputs gathered by forward pre-hooks while RO's steps run: the norms of the
+    round's samples on the weights as they are optimised, at the cost of one square-and-sum per input (a separate
+    statistics pass over the same samples is half a block pass a round). Hooks see inputs that require grad; the
+    statistic holds no graph."""
+
+    def __init__(self, linears: dict[str, torch.nn.Module]):
+        self.stats: dict[str, RowNorms] = {}
+        self._handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            if name not in self.stats:
+                self.stats[name] = RowNorms(module)
+            self.stats[name].add(args[0].detach())
+
+        return hook
+
+    def take(self, convention: str) -> dict[str, torch.Tensor]:
+        """This round's norms, and a fresh start for the next round's."""
+        out = {n: s.norms(convention) for n, s in self.stats.items()}
+        self.stats = {}
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, torch.Tensor] | None:
     opts: Options = ctx.spec.options
     block, acts, device = ctx.block, ctx.acts, ctx.device
     orig_dtype = next(block.parameters()).dtype
     block.float()  # RO runs in fp32 whatever the model's dtype
-    weights = [lin.weight for lin in ctx.linears.values()]
+    linears = ctx.linears
+    weights = [lin.weight for lin in linears.values()]
     # Only the Linear weights are optimised: every other parameter of the block (norms, biases) is frozen for
     # the duration, so the backward pass neither computes nor accumulates gradients nobody reads.
     params = list(block.parameters())
@@ -210,12 +253,16 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
     rng = random.Random(opts.seed * 100_003 + ctx.index)
     n = acts.n_samples
     m = min(opts.ro_samples, n)
+    scale = (n / m) ** 0.5  # a round's norms (m samples) to the scale of all n under the 'sum' convention
+    seen = StepNorms(linears) if opts.ro_norms == "steps" else None
+    last: dict[str, torch.Tensor] = {}
     try:
         for k in range(opts.ro_iters):
             idx = rng.sample(range(n), m)
-            scale = (n / m) ** 0.5
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
                 _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale, final=False)
+            elif seen is not None:  # the norms the previous round's steps saw
+                _apply_rgs(ctx, dense.grads, last, scale, final=False)
             else:
                 _prune_rgs(ctx, acts.subset(idx), dense.grads, scale, final=False)
             for start in range(0, m, opts.ro_batch):
@@ -224,11 +271,19 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> None:
                     out = engine.block_output(block, h.to(device=device, dtype=torch.float32), kw)
                     ((out - target.to(out.device)) ** 2).sum().backward()  # accumulates over the step's windows
                 opt.step()
+            if seen is not None:
+                last = seen.take(opts.act_norm)
     finally:
+        if seen is not None:
+            seen.remove()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None
     block.to(orig_dtype)
+    if seen is None:
+        return None
+    factor = scale if opts.act_norm == "sum" else 1.0
+    return {name: v * factor for name, v in last.items()}
 
 
 def _batches(acts: engine.Activations, targets: list[torch.Tensor], idx: list[int]):
@@ -296,14 +351,16 @@ class WandaPP(Method):
         opts: Options = ctx.spec.options
         dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts.ro_iters > 0,
                           need_grads=opts.alpha != 0)
-        if opts.ro_iters > 0:
-            regional_optimisation(ctx, dense)
+        seen = regional_optimisation(ctx, dense) if opts.ro_iters > 0 else None
+        everyone = list(range(ctx.acts.n_samples))
         if ctx.spec.true_sequential:
             _prune_rgs_sequential(ctx, dense.grads)
+        elif seen is not None:  # the final prune from the last round's norms; exact sparsity
+            _apply_rgs(ctx, dense.grads, {**dense.norms(everyone, opts.act_norm), **seen})
         elif opts.ro_iters > 0:
             _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
         else:  # RGS only: the dense pass has the norms of all samples on these (dense) weights
-            _apply_rgs(ctx, dense.grads, dense.norms(list(range(ctx.acts.n_samples)), opts.act_norm))
+            _apply_rgs(ctx, dense.grads, dense.norms(everyone, opts.act_norm))
 
 
 METHOD = WandaPP()
