@@ -62,6 +62,7 @@ VARIANTS = {
     "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4", "--ro-step", "absolute",
                       "--ro-iters", "5"],
     "wandapp-owl": ["--method", "wandapp", "--owl-lambda", "0.08"],
+    "wandapp-paper-owl": ["--method", "wandapp", "--preset", "paper", "--owl-lambda", "0.08"],
     "ria-row": ["--method", "ria", "--compare", "row"],  # RIA scores compared per output row (Wanda's group)
     # OWL block sparsities (the paper's lambda 0.08, M 5) over each score method.
     "magnitude-owl": ["--method", "magnitude", "--owl-lambda", "0.08"],
@@ -186,7 +187,7 @@ def main() -> None:
         prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0)
         ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
         ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
-        row = dict(method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
+        row = dict(model=args.model, method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
                    step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
                    sparsity=res["sparsity"]["all"], windows=ev["windows"],
                    lastword=ev.get("tasks", {}).get(task, {}).get("acc"))

@@ -16,7 +16,7 @@ Both models share the protocol's calibration text, so their tuning slices are th
 another method the same way (OWL's lambda and M over Wanda, for one); a pattern such as ``0.6`` is that unstructured
 sparsity:
 
-    python benchmarks/wandapp_ablation.py --method wanda --pattern 0.6 --grid "owl_lambda=0.02;owl_lambda=0.05 owl_m=3"
+    python benchmarks/wandapp_ablation.py --method wanda --pattern 0.6 --grid "defaults;owl_lambda=0.02;owl_m=3"
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def main() -> None:
     print(json.dumps({"dense_tune_ppl": dense["perplexity"]}), flush=True)
     rows = []
     for setting in args.grid.split(";"):
-        opts = dict(kv.split("=") for kv in setting.split())
+        # "defaults" (or an empty setting): the method with no options, the row the others are read against
+        opts = dict(kv.split("=") for kv in setting.split() if kv != "defaults")
         wd = args.out / "run"
         if wd.exists():
             shutil.rmtree(wd)
