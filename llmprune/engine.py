@@ -261,11 +261,23 @@ def collect(block: nn.Module, acts: Activations, device: str, make_stat: Callabl
     reached has none.
     """
     with experts.routed_block(block):
-        return _collect(block, acts, device, make_stat)
+        return _collect(block, acts, device, make_stat)[0]
 
 
-def _collect(block: nn.Module, acts: Activations, device: str, make_stat: Callable[[nn.Linear], Stat]) -> dict[str, Stat]:
+@torch.no_grad()
+def collect_and_run(block: nn.Module, acts: Activations, device: str,
+                    make_stat: Callable[[nn.Linear], Stat]) -> tuple[dict[str, Stat], Activations]:
+    """``collect`` and ``run_block`` in one pass, for a block whose weights the statistics will not change (a
+    walk over the dense model): every chunk runs to the block's end, and its output is the next block's input."""
+    with experts.routed_block(block):
+        stats, outs = _collect(block, acts, device, make_stat, keep_outputs=True)
+    return stats, acts.replaced(outs)
+
+
+def _collect(block: nn.Module, acts: Activations, device: str, make_stat: Callable[[nn.Linear], Stat],
+             keep_outputs: bool = False) -> tuple[dict[str, Stat], list[torch.Tensor]]:
     linears = block_linears(block)
+    outs: list[torch.Tensor] = []
     stats: dict[str, Stat] = {}
     # Linears fed the very same tensor (q/k/v, gate/up) share one statistic: a Hessian is computed once, not
     # three times. Found on the first chunk from the tensors' identity, then reused for the others.
@@ -283,7 +295,7 @@ def _collect(block: nn.Module, acts: Activations, device: str, make_stat: Callab
             if leader[name] == name:
                 stats[name].add(x)
             seen.add(name)
-            if len(seen) == len(linears):
+            if len(seen) == len(linears) and not keep_outputs:
                 raise _StopBlock
 
         return hook
@@ -293,14 +305,17 @@ def _collect(block: nn.Module, acts: Activations, device: str, make_stat: Callab
         for h, kw in zip(acts.hidden, acts.kwargs):
             seen.clear()
             try:
-                block(h.to(device=device, dtype=next(block.parameters()).dtype), **kw)
+                out = block_output(block, h.to(device=device, dtype=next(block.parameters()).dtype), kw)
             except _StopBlock:
                 pass
+            else:
+                if keep_outputs:
+                    outs.append(out.to(device=h.device, dtype=h.dtype))
             first_inputs.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return stats, outs
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ the model as a whole is still ``s`` sparse. Paper: LLaMA-7B at 70% unstructured,
 (WikiText-2), with ``lambda`` = 0.08 and ``M`` = 5.
 
 The ratios are measured on the *dense* model, in one pass of the calibration windows before pruning starts (the
-paper's order): a block's outliers are a property of the trained model, not of what earlier pruning did to it.
+paper's order; each block runs once, its statistics and outputs together): a block's outliers are a property of the trained model, not of what earlier pruning did to it.
 They use Wanda's score whatever the method (the paper's definition; magnitude, SparseGPT and Wanda++ get the same
 per-block targets as Wanda), so OWL needs calibration windows even for magnitude.
 """
@@ -43,7 +43,7 @@ def outlier_ratio(scores: Iterable[torch.Tensor], m: float) -> float:
     """``D``: the fraction of all the scores (of every prunable weight of one block) above ``m`` times their mean.
 
     ``scores`` is iterated twice (their sum, then the count above the threshold) instead of concatenated: given a
-    re-iterable that makes each Linear's scores on demand (``dense_block_ratio``), only one Linear's scores exist at
+    re-iterable that makes each Linear's scores on demand (``block_ratio``), only one Linear's scores exist at
     a time -- a 70B block's scores together are 3 GB of fp32."""
     total, count = 0.0, 0
     for s in scores:
@@ -69,13 +69,10 @@ def block_sparsities(ratios: Sequence[float], sizes: Sequence[int], sparsity: fl
     return [float(v) for v in sparsity - centred]
 
 
-@torch.no_grad()
-def dense_block_ratio(block: nn.Module, acts: engine.Activations, device: str, m: float) -> tuple[float, int]:
-    """One block's outlier ratio from its dense calibration inputs, and its number of prunable weights."""
+def block_ratio(block: nn.Module, stats: dict, m: float) -> tuple[float, int]:
+    """One block's outlier ratio from its Linears' input norms (``RowNorms``), and its number of prunable weights."""
     from llmprune.methods.wanda import score
-    from llmprune.stats import RowNorms
 
-    stats = engine.collect(block, acts, device, RowNorms)
     linears = block_linears(block)
     # An expert no calibration token reached has no norms: its scores would all be zero; it is left out of D
     # (its weights still count in the block's size, which sets the block's share of the budget).
@@ -91,11 +88,16 @@ def dense_block_ratio(block: nn.Module, acts: engine.Activations, device: str, m
 def dense_ratios(model: nn.Module, acts: engine.Activations, device: str, m: float,
                  weights=None) -> tuple[list[float], list[int]]:
     """Every block's outlier ratio and size, walking the unpruned model over the calibration windows."""
+    from llmprune.stats import RowNorms
+
     ratios: list[float] = []
     sizes: list[int] = []
     walk = engine.Walk(model, acts, device, "OWL outlier ratios", last_outputs=False, weights=weights)
     for _, block, inputs in walk:
-        d, n = dense_block_ratio(block, inputs, device, m)
+        # The statistics and the next block's inputs in one pass: the dense block does not change in between
+        # (two passes, as a pruning step needs, made this walk cost as much as a whole Wanda prune).
+        stats, walk.next_inputs = engine.collect_and_run(block, inputs, device, RowNorms)
+        d, n = block_ratio(block, stats, m)
         ratios.append(d)
         sizes.append(n)
     return ratios, sizes

@@ -88,3 +88,32 @@ def test_perplexity_matches_the_model_loss(tiny_root, arch):
     got = evaluate.perplexity(model, windows, batch_size=2)
     assert got["tokens"] == 3 * 31
     assert math.isclose(got["perplexity"], math.exp(ref.item()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3_moe"])
+def test_collect_and_run_is_collect_then_run_block(tiny_root, arch):
+    """The one-pass walk of the dense model (OWL's) gives the same statistics as ``collect`` and the same outputs
+    as ``run_block``: bit for bit for dense blocks (it only lets the chunks run to the block's end); an MoE block
+    runs its experts one by one through their views, as ``collect`` does, where ``run_block`` runs the native
+    batched experts -- the same sums in another order."""
+    from llmprune.stats import RowNorms
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
+    torch.manual_seed(0)
+    acts = engine.capture(model, torch.randint(0, tiny.VOCAB, (3, 16)), 2, "cpu")
+    from llmprune import arch as _arch
+
+    block = _arch.blocks(model)[0]
+    stats, outs = engine.collect_and_run(block, acts, "cpu", RowNorms)
+    want = engine.collect(block, acts, "cpu", RowNorms)
+    assert stats.keys() == want.keys()
+    for n in want:
+        assert torch.equal(stats[n].sumsq, want[n].sumsq), n
+    with torch.no_grad():
+        ran = engine.run_block(block, acts, "cpu")
+    assert len(outs.hidden) == len(ran.hidden) == 2
+    for a, b in zip(outs.hidden, ran.hidden):
+        if arch in tiny.MOE_TYPES:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
