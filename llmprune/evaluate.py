@@ -96,18 +96,20 @@ def summary(model: nn.Module, counts: dict[str, tuple[int, int]] | None = None) 
 
 @torch.no_grad()
 def speed(model: nn.Module, prompt_len: int = 512, new_tokens: int = 64, reps: int = 3, device: str = "cpu",
-          seed: int = 0) -> dict[str, float]:
-    """Prefill and decode throughput (tokens/s) of the whole model on ``device``, batch 1, best of ``reps``.
+          seed: int = 0, batch: int = 1) -> dict[str, float]:
+    """Prefill and decode throughput (tokens/s, all sequences together) of the whole model on ``device`` with
+    ``batch`` sequences at once, best of ``reps``.
 
-    Prefill: one forward pass over a ``prompt_len`` prompt. Decode: ``new_tokens`` single-token steps through the
-    KV cache after that prompt (greedy). Best-of-n, because timing noise on a shared machine only ever slows down.
+    Prefill: one forward pass over ``batch`` prompts of ``prompt_len``. Decode: ``new_tokens`` single-token steps
+    through the KV cache after them (greedy). Best-of-n, because timing noise on a shared machine only ever slows
+    down. Batch 1 is latency-bound serving; a larger batch is where a smaller model's arithmetic shows.
     """
     import inspect
     import time
 
     model.to(device).eval()
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     # transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this release's forward takes.
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -127,28 +129,58 @@ def speed(model: nn.Module, prompt_len: int = 512, new_tokens: int = 64, reps: i
         sync()
         decode = min(decode, time.perf_counter() - t0)
     model.to("cpu")
-    return {"prefill_tokens_per_s": round(prompt_len / prefill, 2), "decode_tokens_per_s": round(new_tokens / decode, 2),
-            "prompt_len": prompt_len, "new_tokens": new_tokens}
+    return {"prefill_tokens_per_s": round(batch * prompt_len / prefill, 2),
+            "decode_tokens_per_s": round(batch * new_tokens / decode, 2), "prompt_len": prompt_len,
+            "new_tokens": new_tokens}
 
 
-def speed_against(model: nn.Module, base_dir, prompt_len: int, new_tokens: int, device: str) -> dict[str, Any]:
-    """Throughput of ``model`` and of the baseline in ``base_dir``, timed alternately in the same run (ratios, not
-    absolute timings, are what compares on a noisy machine)."""
+def _suffix(batch: int) -> str:
+    """Batch 1's metrics keep their plain names (``prefill_speedup``); batch b's end in ``_b{b}``."""
+    return "" if batch == 1 else f"_b{batch}"
+
+
+def speed_against(model: nn.Module, base_dir, prompt_len: int, new_tokens: int, device: str,
+                  batches: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    """Throughput of ``model`` (and of the baseline in ``base_dir``, timed alternately in the same run: ratios, not
+    absolute timings, are what compares on a noisy machine) at each batch size of ``batches``."""
     from llmprune.modeling import load_model
 
-    if base_dir is None:
-        return speed(model, prompt_len, new_tokens, device=device)
-    base, _ = load_model(base_dir, error=UserError)  # a folder the user named
-    runs: dict[str, list[dict[str, float]]] = {"model": [], "baseline": []}
-    for _ in range(2):  # alternate, so that a slow spell of the machine hits both
-        runs["model"].append(speed(model, prompt_len, new_tokens, device=device))
-        runs["baseline"].append(speed(base, prompt_len, new_tokens, device=device))
+    base = load_model(base_dir, error=UserError)[0] if base_dir is not None else None  # a folder the user named
+    out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": list(batches)}
     keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
-    best = {k: {m: max(r[m] for r in v) for m in keys} for k, v in runs.items()}
-    return {**best["model"], **{f"baseline_{m}": v for m, v in best["baseline"].items()},
-            "prefill_speedup": round(best["model"]["prefill_tokens_per_s"] / best["baseline"]["prefill_tokens_per_s"], 3),
-            "decode_speedup": round(best["model"]["decode_tokens_per_s"] / best["baseline"]["decode_tokens_per_s"], 3),
-            "prompt_len": prompt_len, "new_tokens": new_tokens}
+    for b in batches:
+        sfx = _suffix(b)
+        if base is None:
+            one = speed(model, prompt_len, new_tokens, device=device, batch=b)
+            out.update({f"{k}{sfx}": one[k] for k in keys})
+            continue
+        runs: dict[str, list[dict[str, float]]] = {"model": [], "baseline": []}
+        for _ in range(2):  # alternate, so that a slow spell of the machine hits both
+            runs["model"].append(speed(model, prompt_len, new_tokens, device=device, batch=b))
+            runs["baseline"].append(speed(base, prompt_len, new_tokens, device=device, batch=b))
+        best = {k: {m: max(r[m] for r in v) for m in keys} for k, v in runs.items()}
+        out.update({f"{m}{sfx}": v for m, v in best["model"].items()})
+        out.update({f"baseline_{m}{sfx}": v for m, v in best["baseline"].items()})
+        for phase in ("prefill", "decode"):
+            m = f"{phase}_tokens_per_s"
+            out[f"{phase}_speedup{sfx}"] = round(best["model"][m] / best["baseline"][m], 3)
+    return out
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """``--speed-batches 1,8`` -> (1, 8); one clear error for anything else."""
+    try:
+        batches = tuple(dict.fromkeys(int(b) for b in text.split(",")))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise UserError(f"--speed-batches takes positive batch sizes separated by commas (1,8), got '{text}'")
+    return batches
+
+
+def model_bytes(model_dir: Path) -> int:
+    """The model's size on disk: its safetensors shards (what a release ships and a server loads)."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
 @dataclass(frozen=True)
@@ -165,6 +197,7 @@ class EvalOptions:
     speed_baseline: Optional[str] = None  # a workdir or an HF folder
     prompt_len: int = 512
     new_tokens: int = 64
+    speed_batches: str = "1"  # comma-separated batch sizes of the --speed timing
     tasks: Optional[str] = None  # comma-separated: lastword:SRC, lm-eval task names or YAML files, suites
     limit: Optional[int] = None  # examples per task
     num_fewshot: Optional[int] = None  # lm-eval tasks only (the last-word task is zero-shot)
@@ -182,6 +215,7 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
             raise UserError("pass --dataset: the calibration source is a local file, which has no test split")
         dataset = src
     text = data.load_text(dataset, "evaluation", o.text_field)
+    batches = parse_batches(o.speed_batches)
     if o.speed:
         import json
 
@@ -223,7 +257,7 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
         with engine.peak_device_memory(o.device, peak):
             ppl = perplexity(lm, windows, o.device, o.batch_size, weights=weights,
                              sink=lambda i, block: counts.update(block_zeros(i, block)))
-        tx.step.metrics = {**ppl, **peak, **summary(lm, counts)}
+        tx.step.metrics = {**ppl, **peak, **summary(lm, counts), "model_bytes": model_bytes(ws.model_dir)}
         results: dict[str, dict[str, float]] = {}
         for name, task_text in lastword.items():  # block by block, like perplexity
             ex = _tasks.lastword_examples(tok, task_text, o.limit or _tasks.LASTWORD_LIMIT)
@@ -240,5 +274,5 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
             tx.step.metrics["tasks"] = results
             tx.step.metrics["tasks_mean"] = sum(scores) / len(scores) if scores else None
         if o.speed:
-            tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device)
+            tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device, batches)
     return {"dataset": dataset, **tx.step.metrics}

@@ -135,7 +135,7 @@ def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
     blocks = {str(i): v for i, v in enumerate(pm.get("block_sparsity") or [])}
     return {**_point(cfg), "status": "done",
             "perplexity": ev.get("perplexity"), "parameters": ev.get("parameters"),
-            "achieved_sparsity": ev.get("sparsity", {}).get("all"), "tasks": ev.get("tasks"),
+            "model_bytes": ev.get("model_bytes"), "achieved_sparsity": ev.get("sparsity", {}).get("all"), "tasks": ev.get("tasks"),
             "tasks_mean": ev.get("tasks_mean"), "prefill_speedup": sp.get("prefill_speedup"),
             "decode_speedup": sp.get("decode_speedup"), "prune_s": (prune or {}).get("duration_s"),
             "block_sparsity": blocks, "outlier_ratio": pm.get("outlier_ratio"), "key": key}
@@ -147,7 +147,7 @@ def save(root: Path, rows: list[dict[str, Any]]) -> None:
 
     atomic_write_text(root / "results.json", dumps(rows, indent=2) + "\n")
     cols = ["name", "kind", "method", "owl_lambda", "sparsity", "pattern", "structure", "ratio", "status", "perplexity",
-            "parameters", "achieved_sparsity", "tasks_mean", "prefill_speedup", "decode_speedup", "prune_s", "error"]
+            "parameters", "model_bytes", "achieved_sparsity", "tasks_mean", "prefill_speedup", "decode_speedup", "prune_s", "error"]
     tmp = root / f".results.csv.tmp-{os.getpid()}"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

@@ -140,6 +140,8 @@ def _bad_inputs(tiny_root, tmp_path):
         "recover without targets": (["recover", "{wd}", "--targets", "wq,wk"], "no Linear named wq, wk"),
         "recover steps and epochs": (["recover", "{wd}", "--steps", "3", "--epochs", "1"], "not both"),
         "speed baseline without speed": (["eval", "{wd}", "--dataset", d, "--speed-baseline", m], "needs --speed"),
+        "bad speed batches": (["eval", "{wd}", "--dataset", d, "--speed", "--speed-batches", "1,0"],
+                              "--speed-batches takes positive batch sizes"),
         "unknown export format": (["export", "{wd}", "--out", tmp_path / "o", "--format", "gguf"], "unknown --format"),
         "adapter export without adapter": (["export", "{wd}", "--out", tmp_path / "o", "--format", "peft"],
                                            "has no adapter"),

@@ -206,3 +206,25 @@ def test_eval_speed_compares_with_a_baseline_in_one_run(calibrated, tiny_root):
     assert sp["prefill_speedup"] == pytest.approx(sp["prefill_tokens_per_s"] / sp["baseline_prefill_tokens_per_s"],
                                                   rel=1e-2)
     assert math.isfinite(sp["decode_speedup"])
+
+
+def test_eval_speed_at_several_batch_sizes_and_the_size_on_disk(calibrated, tiny_root):
+    """``--speed-batches 1,3``: every figure at both batch sizes (batch 1's under the plain names, which the sweep and
+    the benchmarks read), the speed-ups against the baseline at each; and the model's size on disk is its shards'."""
+    wd = calibrated("llama", samples=4, seqlen=32)
+    assert cli("prune", wd, "--method", "dress", "--structure", "mlp", "--ratio", 0.5)[0] == 0
+    code, ev = cli("eval", wd, "--dataset", tiny_root / "heldout.txt", "--seqlen", 32, "--max-windows", 2, "--speed",
+                   "--speed-baseline", tiny_root / "llama", "--prompt-len", 16, "--new-tokens", 3,
+                   "--speed-batches", "1,3")
+    assert code == 0, ev
+    sp = ev["speed"]
+    assert sp["batches"] == [1, 3]
+    for sfx in ("", "_b3"):
+        for phase in ("prefill", "decode"):
+            assert sp[f"{phase}_tokens_per_s{sfx}"] > 0 and sp[f"baseline_{phase}_tokens_per_s{sfx}"] > 0
+            assert sp[f"{phase}_speedup{sfx}"] == pytest.approx(
+                sp[f"{phase}_tokens_per_s{sfx}"] / sp[f"baseline_{phase}_tokens_per_s{sfx}"], rel=1e-2)
+    shards = sorted((wd / "model").glob("*.safetensors"))
+    assert shards and ev["model_bytes"] == sum(f.stat().st_size for f in shards)
+    dense = sum(f.stat().st_size for f in (tiny_root / "llama").glob("*.safetensors"))
+    assert ev["model_bytes"] < dense  # half the MLP channels are gone from the file, not only zeroed

@@ -48,6 +48,7 @@ def test_sweep_points_equal_hand_runs_and_resume(calibrated, tiny_root, text, tm
                          "wanda-2of4", "mlp-0.25"}
     assert rows["wanda-0.5"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert rows["mlp-0.25"]["parameters"] < rows["dense"]["parameters"] and rows["mlp-0.25"]["prefill_speedup"]
+    assert rows["mlp-0.25"]["model_bytes"] < rows["dense"]["model_bytes"]  # smaller on disk, not only in count
     with open(wd / "sweep" / "results.csv", newline="") as f:
         assert {r["name"] for r in csv.DictReader(f)} == set(rows)
     for png in res["plots"]:

@@ -23,6 +23,7 @@ def eval_(
     speed_baseline: Annotated[Optional[Path], typer.Option(help="With --speed: also time this workdir or HF folder in the same run, and report the ratios.")] = None,
     prompt_len: Annotated[int, typer.Option(help="With --speed: prompt tokens of the prefill.")] = 512,
     new_tokens: Annotated[int, typer.Option(help="With --speed: tokens decoded through the KV cache.")] = 64,
+    speed_batches: Annotated[str, typer.Option(help="With --speed: batch sizes to time, comma-separated (1,8); batch 1's figures keep their plain names, batch b's end in _bB.")] = "1",
     tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: lastword:SRC (built in: the final word of each paragraph of SRC), lm-eval task names or task YAML files (needs llmprune[eval]), or the suites wanda-suite, llm-pruner-suite.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="With --tasks: at most this many examples per task (lastword default: 500).")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option(help="With --tasks: few-shot examples for lm-eval tasks (default: each task's own).")] = None,
@@ -38,14 +39,15 @@ def eval_(
     positive(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens)
     opts = EvalOptions(dataset, seqlen, max_windows, text_field, check_device(device), batch_size, speed,
                        str(speed_baseline) if speed_baseline is not None else None, prompt_len, new_tokens,
-                       tasks, limit, num_fewshot)
+                       speed_batches, tasks, limit, num_fewshot)
     m = evaluate_workdir(ws, opts)
     sp = m.get("speed", {})
     finish({"workdir": str(workdir), **m}, as_json, lambda: report.table(
         f"eval {workdir} on {m['dataset']}", ["metric", "value"],
-        [["perplexity", m["perplexity"]], ["windows", f"{m['windows']} × {seqlen}"], ["parameters", m["parameters"]]]
+        [["perplexity", m["perplexity"]], ["windows", f"{m['windows']} × {seqlen}"], ["parameters", m["parameters"]],
+         ["size on disk", f"{m['model_bytes'] / 2**20:,.1f} MiB"]]
         + [[f"sparsity {k}", f"{v:.2%}"] for k, v in m["sparsity"].items()]
-        + [[k.replace("_", " "), v] for k, v in sp.items() if k not in ("prompt_len", "new_tokens")]
+        + [[k.replace("_", " "), v] for k, v in sp.items() if k not in ("prompt_len", "new_tokens", "batches")]
         + task_rows(m.get("tasks", {}), m.get("tasks_mean"))))
 
 

@@ -8,7 +8,7 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - RGS score: ``S = (alpha * G + ||X_j||_2) * |W|``; ``alpha`` (default 100) weighs two terms, so the scale of
   ``||X_j||`` matters: ``act_norm='sum'`` is the paper's formula (over all tokens), ``'mean'`` the Wanda code's.
 - Regional optimisation (RO): a frozen dense copy of the block is the teacher. ``ro_iters`` rounds of: draw
-  ``ro_samples`` samples, prune with RGS (activation norms recomputed on the current weights), then one RMSprop
+  ``ro_samples`` samples, prune with RGS (activation norms on the current weights, see ``ro_norms``), then one RMSprop
   step per sample (``ro_lr``, fp32) on the Linear weights, minimising ``sum((f_dense(X) - f(X))^2)``. A final prune
   with all samples leaves the saved block exactly sparse. ``ro_iters=0`` is the RGS-only ablation.
 - RO step: RMSprop moves each weight by about ``ro_lr`` per step whatever the weight's size, so the paper's 3e-7
