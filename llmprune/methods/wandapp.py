@@ -21,8 +21,9 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
   ``steps`` (default): from RO's own forward passes of the round before, gathered as they run -- each Linear's
   inputs on the weights as they are being optimised -- so no statistics pass is added; ``pass``: a separate pass
   over the samples on the current weights (the paper's order; 0.5 block passes a round and 1 for the final prune,
-  about a fifth of Wanda++'s prune time at the defaults). A Linear the round's samples never reached (an expert no
-  token was routed to) takes the dense pass's norms.
+  about a fifth of Wanda++'s prune time at the defaults); ``mixed``: the rounds' from the steps, the final prune's
+  from a pass over ``ro_samples`` fresh samples on the final weights (0.5 block passes). A Linear the samples never
+  reached (an expert no token was routed to) takes the dense pass's norms.
 - ``--true-sequential``: the final prune (the only one, with ``ro_iters=0``) is one pass over all samples that
   prunes each Linear as its input arrives -- the order of the reproduction the paper points to -- and its output
   is the pruned block's, which saves the engine's propagation pass.
@@ -66,8 +67,9 @@ class Options:
     ro_batch: int = option(1, "Wanda++: RO samples per RMSprop step (their losses summed; run as one batch when "
                            "the block's arguments allow).", check=positive)
     ro_norms: str = option("steps", "Wanda++: ||X_j|| of the re-prunes from RO's own forward passes of the round "
-                           "before ('steps', no extra pass) or from a separate pass on the current weights ('pass', "
-                           "the paper's order).", choices=("steps", "pass"))
+                           "before ('steps', no extra pass), from a separate pass on the current weights ('pass', "
+                           "the paper's order), or the rounds' from the steps and the final prune's from a pass over "
+                           "--ro-samples samples ('mixed').", choices=("steps", "pass", "mixed"))
     seed: int = option(0, "Wanda++: seed of the RO sample draws.")
     preset: str = option("none", "Wanda++: 'paper' takes the paper's settings for every Wanda++ option not given.",
                          choices=("none", "paper"))
@@ -254,7 +256,7 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, tor
     n = acts.n_samples
     m = min(opts.ro_samples, n)
     scale = (n / m) ** 0.5  # a round's norms (m samples) to the scale of all n under the 'sum' convention
-    seen = StepNorms(linears) if opts.ro_norms == "steps" else None
+    seen = StepNorms(linears) if opts.ro_norms != "pass" else None
     last: dict[str, torch.Tensor] = {}
     try:
         for k in range(opts.ro_iters):
@@ -355,8 +357,15 @@ class WandaPP(Method):
         everyone = list(range(ctx.acts.n_samples))
         if ctx.spec.true_sequential:
             _prune_rgs_sequential(ctx, dense.grads)
-        elif seen is not None:  # the final prune from the last round's norms; exact sparsity
+        elif opts.ro_iters > 0 and opts.ro_norms == "steps":  # the last round's norms; exact sparsity
             _apply_rgs(ctx, dense.grads, {**dense.norms(everyone, opts.act_norm), **seen})
+        elif opts.ro_iters > 0 and opts.ro_norms == "mixed":  # a pass over a round's worth of fresh samples
+            n, m = ctx.acts.n_samples, min(opts.ro_samples, ctx.acts.n_samples)
+            idx = random.Random(opts.seed * 100_003 + ctx.index + 50_001).sample(range(n), m)
+            stats = engine.collect(ctx.block, ctx.acts.subset(idx), ctx.device, RowNorms)
+            factor = (n / m) ** 0.5 if opts.act_norm == "sum" else 1.0
+            final = {name: st.norms(opts.act_norm) * factor for name, st in stats.items()}
+            _apply_rgs(ctx, dense.grads, {**dense.norms(everyone, opts.act_norm), **final})
         elif opts.ro_iters > 0:
             _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
         else:  # RGS only: the dense pass has the norms of all samples on these (dense) weights
