@@ -57,6 +57,10 @@ VARIANTS = {
     # term in the score, two RO rounds of 32 windows with a step relative to each weight's RMS.
     "wandapp": ["--method", "wandapp"],
     "wandapp-paper": ["--method", "wandapp", "--preset", "paper"],  # the paper's settings exactly
+    # Where RO's re-prunes take their norms (--ro-norms): the defaults but for that one option.
+    "wandapp-steps": ["--method", "wandapp", "--ro-norms", "steps"],
+    "wandapp-mixed": ["--method", "wandapp", "--ro-norms", "mixed"],
+    "wandapp-pass": ["--method", "wandapp", "--ro-norms", "pass"],
     "wandapp-rgs": ["--method", "wandapp", "--alpha", "100", "--ro-iters", "0"],  # the RGS score alone, no RO
     # The 11-26 setting chosen on SmolLM2 alone (an absolute RMSprop step), kept for comparison.
     "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4", "--ro-step", "absolute",

@@ -26,7 +26,7 @@ METHODS = ["wanda", "wanda-owl", "sparsegpt", "sparsegpt-owl", "wandapp", "wanda
 PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
 # A variant's cells count only from runs on or after the day its meaning last changed: ``wandapp`` is
 # ``prune --method wandapp`` with no options, whose defaults changed on these days (the paper's settings until
-# 2026-12-03; the relative step from 12-04; the norms from RO's own passes from 12-05).
+# 2026-12-03; the relative step from 12-04; --ro-norms mixed from 12-05).
 SINCE = {"wandapp": "2026-12-05", "wandapp-owl": "2026-12-05"}
 LABEL = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "wandapp": "Wanda++ defaults", "wandapp-paper": "Wanda++ paper"}
 

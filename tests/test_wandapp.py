@@ -212,7 +212,7 @@ def test_the_defaults_are_the_ablations_and_differ_from_the_paper():
     the paper's settings are one option away."""
     d = wandapp.METHOD.options({})
     assert (d.alpha, d.ro_iters, d.ro_samples, d.ro_lr, d.ro_step, d.ro_batch, d.ro_norms) == (
-        0.0, 2, 32, 1e-3, "relative", 1, "steps")
+        0.0, 2, 32, 1e-3, "relative", 1, "mixed")
     paper = wandapp.METHOD.options({"preset": "paper"})
     assert all(getattr(paper, k) != getattr(d, k) for k in ("alpha", "ro_iters", "ro_lr", "ro_step", "ro_norms"))
 

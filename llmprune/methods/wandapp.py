@@ -18,22 +18,26 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
   of a step run as one batch when the block's arguments merge (``Activations.merged``), which is faster on any
   device; the gradient is the same either way.
 - ``ro_norms``: where the re-prunes of RO (each round after the first, and the final prune) take ``||X_j||``.
-  ``steps`` (default): from RO's own forward passes of the round before, gathered as they run -- each Linear's
-  inputs on the weights as they are being optimised -- so no statistics pass is added; ``pass``: a separate pass
-  over the samples on the current weights (the paper's order; 0.5 block passes a round and 1 for the final prune,
-  about a fifth of Wanda++'s prune time at the defaults); ``mixed``: the rounds' from the steps, the final prune's
-  from a pass over ``ro_samples`` fresh samples on the final weights (0.5 block passes). A Linear the samples never
-  reached (an expert no token was routed to) takes the dense pass's norms.
+  ``pass``: a separate pass over the round's samples on the current weights, and over all samples for the final
+  prune (the paper's order; 0.5 block passes a round and 1 for the final prune, a sixth of Wanda++'s prune time).
+  ``steps``: from RO's own forward passes of the round before, gathered as they run -- each Linear's inputs on the
+  weights as they are being optimised -- so no pass is added. ``mixed`` (default): the rounds' from the steps, the
+  final prune's from a pass over ``ro_samples`` fresh samples on the final weights (0.5 block passes): the mask
+  that is saved comes from the weights it is applied to. On the 2:4 tuning slices (benchmarks/README.md) steps and
+  mixed equal pass on SmolLM2; on Gemma-3-270M steps loses 7% and mixed 3%. A Linear the samples never reached (an
+  expert no token was routed to) takes the dense pass's norms.
 - ``--true-sequential``: the final prune (the only one, with ``ro_iters=0``) is one pass over all samples that
   prunes each Linear as its input arrives -- the order of the reproduction the paper points to -- and its output
   is the pruned block's, which saves the engine's propagation pass.
 - ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 
-The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3. They were
-chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M (benchmarks/README.md, Wanda++
-ablation), where the gradient term made the masks worse at every weight tried and the paper's 3e-7 absolute step
-barely moved the weights. Two rounds cost 3.2-3.3x Wanda's prune time at 64 windows on CPU (the paper's five
-would be about 7x); the first round's mask reuses the dense pass's norms, since its weights are still dense.
+The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3, ``mixed``
+norms. They were chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M
+(benchmarks/README.md, Wanda++ ablation), where the gradient term made the masks worse at every weight tried and the
+paper's 3e-7 absolute step barely moved the weights. In block passes over the 64 windows: the dense pass 1, RO's
+64 forward + backward steps about 3.4, the final prune's statistics 0.5, the propagation 1 -- about 3x Wanda's
+prune time at 64 windows on CPU (the paper's five rounds would be about 7x); the first round's mask reuses the dense
+pass's norms, since its weights are still dense.
 """
 
 from __future__ import annotations
@@ -66,10 +70,10 @@ class Options:
                           choices=("absolute", "relative"))
     ro_batch: int = option(1, "Wanda++: RO samples per RMSprop step (their losses summed; run as one batch when "
                            "the block's arguments allow).", check=positive)
-    ro_norms: str = option("steps", "Wanda++: ||X_j|| of the re-prunes from RO's own forward passes of the round "
-                           "before ('steps', no extra pass), from a separate pass on the current weights ('pass', "
-                           "the paper's order), or the rounds' from the steps and the final prune's from a pass over "
-                           "--ro-samples samples ('mixed').", choices=("steps", "pass", "mixed"))
+    ro_norms: str = option("mixed", "Wanda++: ||X_j|| of the re-prunes: the rounds' from RO's own forward passes "
+                           "and the final prune's from a pass over --ro-samples samples ('mixed'), all from RO's "
+                           "passes ('steps', no extra pass), or all from separate passes on the current weights "
+                           "('pass', the paper's order).", choices=("mixed", "steps", "pass"))
     seed: int = option(0, "Wanda++: seed of the RO sample draws.")
     preset: str = option("none", "Wanda++: 'paper' takes the paper's settings for every Wanda++ option not given.",
                          choices=("none", "paper"))
