@@ -35,6 +35,14 @@ def pattern_key(p: str) -> str:
     return "0.5" if p == "unstructured" else (str(float(p)) if re.fullmatch(r"[0-9.]+", p) else p)
 
 
+def _of(name: str, model: str) -> bool:
+    """Whether a results file is of ``model``: named after it, or -- SmolLM2, the protocol's first model, whose
+    early runs carry no model prefix (``baselines-2026-11-25.json``) -- named after no model."""
+    if name.startswith(MODELS[model]):
+        return True
+    return model == "smollm2-135m" and not any(name.startswith(p) for p in MODELS.values())
+
+
 def load(model: str, files: list[Path]) -> dict[tuple[str, str], dict]:
     """(method, pattern) -> the latest row of ``model`` among the saved prune_bench runs."""
     cells: dict[tuple[str, str], dict] = {}
@@ -44,7 +52,7 @@ def load(model: str, files: list[Path]) -> dict[tuple[str, str], dict]:
         for r in rows if isinstance(rows, list) else []:
             if not {"method", "pattern", "ppl", "prune_s", "forward_s"} <= r.keys():
                 continue  # not a prune_bench row (an ablation's, a sweep's)
-            if r.get("model", model) != model or not f.name.startswith(MODELS[model]):
+            if r.get("model", model) != model or not _of(f.name, model):
                 continue
             if day < SINCE.get(r["method"], ""):
                 continue  # measured with what the variant meant then
