@@ -35,8 +35,8 @@ The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a re
 norms. They were chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M
 (benchmarks/README.md, Wanda++ ablation), where the gradient term made the masks worse at every weight tried and the
 paper's 3e-7 absolute step barely moved the weights. In block passes over the 64 windows: the dense pass 1, RO's
-64 forward + backward steps about 3.4, the final prune's statistics 0.5, the propagation 1 -- about 3x Wanda's
-prune time at 64 windows on CPU (the paper's five rounds would be about 7x); the first round's mask reuses the dense
+64 forward + backward steps about 3.4, the final prune's statistics 0.5, the propagation 1 -- 3.2x Wanda's prune
+time at 64 windows on CPU, measured on both real models (the paper's five rounds would be about 7x); the first round's mask reuses the dense
 pass's norms, since its weights are still dense.
 """
 
