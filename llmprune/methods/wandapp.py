@@ -36,8 +36,8 @@ norms. They were chosen by the 2:4 ablation on calibration slices of SmolLM2-135
 (benchmarks/README.md, Wanda++ ablation), where the gradient term made the masks worse at every weight tried and the
 paper's 3e-7 absolute step barely moved the weights. In block passes over the 64 windows: the dense pass 1, RO's
 64 forward + backward steps about 3.4, the final prune's statistics 0.5, the propagation 1 -- 3.2x Wanda's prune
-time at 64 windows on CPU, measured on both real models (the paper's five rounds would be about 7x); the first round's mask reuses the dense
-pass's norms, since its weights are still dense.
+time at 64 windows on CPU, measured on both real models (the paper's five rounds would be about 7x); the first
+round's mask reuses the dense pass's norms, since its weights are still dense.
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float,
 def regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, torch.Tensor] | None:
     """Optimise the block's Linears towards the dense block's outputs (``ro_iters`` rounds, each pruned first).
 
-    Returns, with ``ro_norms='steps'``, the last round's ``||X_j||`` as seen by its forward passes, scaled to all
-    samples: the final prune's norms. ``None`` with ``'pass'``."""
+    Returns, unless ``ro_norms='pass'`` (then ``None``), the last round's ``||X_j||`` as its forward passes saw
+    them, scaled to all samples: the final prune's norms under ``'steps'``."""
     # One routed session for the whole optimisation: the optimiser holds the experts' views from start to end.
     with experts.routed_block(ctx.block):
         return _regional_optimisation(ctx, dense)
