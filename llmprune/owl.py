@@ -10,8 +10,9 @@ the model as a whole is still ``s`` sparse. Paper: LLaMA-7B at 70% unstructured,
 
 The ratios are measured on the *dense* model, in one pass of the calibration windows before pruning starts (the
 paper's order; each block runs once, its statistics and outputs together): a block's outliers are a property of the
-trained model, not of what earlier pruning did to it. They use Wanda's score whatever the method (the paper's definition; magnitude, SparseGPT and Wanda++ get the same
-per-block targets as Wanda), so OWL needs calibration windows even for magnitude.
+trained model, not of what earlier pruning did to it. They use Wanda's score whatever the method (the paper's
+definition; magnitude, SparseGPT and Wanda++ get the same per-block targets as Wanda), so OWL needs calibration
+windows even for magnitude.
 """
 
 from __future__ import annotations

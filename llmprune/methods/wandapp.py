@@ -154,16 +154,25 @@ class DensePass:
         n = max(acts.n_samples, 1)
         self.grads = {name: (s_ / n).sqrt() if need_grads else None for name, s_ in zip(self.names, sq)}
 
-    def norms(self, idx: list[int], convention: str) -> dict[str, torch.Tensor]:
+    def norms(self, idx: list[int], convention: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """``||X_j||`` of each Linear's input over the samples ``idx``, on the dense weights (absent for an expert
         none of those samples was routed to). The ``mean`` convention divides by the samples that reached it."""
         out = {}
-        for name in self.names:
+        for name in self.names if names is None else names:
             seen = [self.sample_sq[name][i] for i in idx if i in self.sample_sq[name]]
             if seen:
                 total = torch.stack(seen).sum(0)
                 out[name] = (total if convention == "sum" else total / len(seen)).sqrt()
         return out
+
+    def fill(self, norms: dict[str, torch.Tensor], idx: list[int], convention: str) -> dict[str, torch.Tensor]:
+        """``norms``, with the dense pass's over ``idx`` for any Linear they lack (an expert the samples behind
+        ``norms`` never reached); only those are computed."""
+        missing = [n for n in self.names if n not in norms]
+        if not missing:
+            return norms
+        dense = self.norms(idx, convention, missing)
+        return {**dense, **norms}
 
 
 def regional_gradients(block, acts: engine.Activations, device: str) -> dict[str, torch.Tensor]:
@@ -362,14 +371,14 @@ class WandaPP(Method):
         if ctx.spec.true_sequential:
             _prune_rgs_sequential(ctx, dense.grads)
         elif opts.ro_iters > 0 and opts.ro_norms == "steps":  # the last round's norms; exact sparsity
-            _apply_rgs(ctx, dense.grads, {**dense.norms(everyone, opts.act_norm), **seen})
+            _apply_rgs(ctx, dense.grads, dense.fill(seen, everyone, opts.act_norm))
         elif opts.ro_iters > 0 and opts.ro_norms == "mixed":  # a pass over a round's worth of fresh samples
             n, m = ctx.acts.n_samples, min(opts.ro_samples, ctx.acts.n_samples)
             idx = random.Random(opts.seed * 100_003 + ctx.index + 50_001).sample(range(n), m)
             stats = engine.collect(ctx.block, ctx.acts.subset(idx), ctx.device, RowNorms)
             factor = (n / m) ** 0.5 if opts.act_norm == "sum" else 1.0
             final = {name: st.norms(opts.act_norm) * factor for name, st in stats.items()}
-            _apply_rgs(ctx, dense.grads, {**dense.norms(everyone, opts.act_norm), **final})
+            _apply_rgs(ctx, dense.grads, dense.fill(final, everyone, opts.act_norm))
         elif opts.ro_iters > 0:
             _prune_rgs(ctx, ctx.acts, dense.grads, 1.0)  # the final prune, all samples: exact sparsity
         else:  # RGS only: the dense pass has the norms of all samples on these (dense) weights
