@@ -23,6 +23,7 @@ class CalibrateOptions:
     text_field: str = "text"
     trust_remote_code: bool = False
     max_shard_size: str = "2GB"
+    keep_teacher: bool = True  # teacher/: the model as calibrated, for --distill later
 
 
 def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str, Any]:
@@ -79,6 +80,8 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
         })
         write()
         tok.save_pretrained(out)
+        if o.keep_teacher:
+            keep_teacher(tx, out)
         calib = tx.stage("calib")
         calib.mkdir()
         # One metadata key: safetensors writes a metadata map in no fixed order, and the file's hash must be
@@ -88,6 +91,25 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
         tx.step.metrics = {"parameters": param_count(lm), "source_tokens": ids.numel(),
                            "windows": list(windows.shape)}
     return {"model_type": base["model_type"], **tx.step.metrics}
+
+
+def keep_teacher(tx, model_dir) -> None:
+    """``teacher/``: hard links of the model files just written, so the dense model stays available to distil from
+    (``recover --distill``) at no cost in space until a step replaces ``model/``, then at the cost of one copy of the
+    model as calibrated. Hashed once for both names."""
+    import os
+
+    from llmprune.distill import TEACHER
+    from llmprune.workdir import sha256_file
+
+    teacher = tx.stage(TEACHER)
+    for p in sorted(model_dir.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(model_dir)
+            (teacher / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(p, teacher / rel)
+            digest = sha256_file(p)
+            tx.known[f"{model_dir.name}/{rel.as_posix()}"] = tx.known[f"{TEACHER}/{rel.as_posix()}"] = digest
 
 
 def _load_gguf(src, o: CalibrateOptions, out):

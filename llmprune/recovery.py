@@ -1,9 +1,11 @@
-"""LoRA recovery (peft) that keeps the sparsity exact.
+"""Recovery fine-tuning -- LoRA (peft) or all weights (``--full``), on the LM loss or distilled from the dense
+teacher (``--distill``, ``distill.py``) -- that keeps the sparsity exact.
 
 Merging a LoRA update ``B @ A`` into a sparse weight makes it dense again: the product is dense. (The Wanda
 repository's issue #83 reports 40% sparsity falling to 32.7% after a merge.) So the zero pattern of every pruned
 weight is recorded *before* training and re-applied after the merge, and the step reports what that costs. Weights of
-structurally pruned models (DReSS) hold no zeros to keep and merge plainly.
+structurally pruned models (DReSS) hold no zeros to keep and merge plainly. Full fine-tuning of a sparse model
+re-applies the pattern after every optimiser step (AdamW's momentum would otherwise grow the pruned weights back).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class RecoverOptions:
     seqlen: int | None = None  # windows of ``dataset`` (None: the calibration's)
     steps: int | None = None
     epochs: float | None = None
-    lr: float = 2e-4
+    lr: float | None = None  # None: 2e-4 for LoRA, 2e-5 for --full
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -49,10 +51,25 @@ class RecoverOptions:
     seed: int = 0
     grad_checkpointing: bool = False
     device: str = "cpu"
+    full: bool = False  # every weight trainable instead of a LoRA adapter
+    distill: bool = False
+    kd_temperature: float = 1.0
+    kd_weight: float = 1.0  # the KD share of the loss; the rest is the LM loss
+    teacher: str | None = None  # None: the workdir's teacher/
     save_every: int = 25  # not a parameter of the result: a resumed run with another value is the same run
 
+    @property
+    def learning_rate(self) -> float:
+        # Full fine-tuning moves every weight: the step LoRA's small adapters take would wreck a pruned model.
+        return self.lr if self.lr is not None else (2e-5 if self.full else 2e-4)
+
     def params(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "save_every"}
+        p = {k: v for k, v in asdict(self).items() if k != "save_every"}
+        p["lr"] = self.learning_rate
+        if not self.distill:  # the KD settings do not apply: a plain run records what it always did
+            for k in ("kd_temperature", "kd_weight", "teacher"):
+                del p[k]
+        return p
 
 
 def is_sparse(manifest: dict[str, Any]) -> bool:
@@ -89,14 +106,14 @@ class Recovery:
         with self.ws.step("recover", o.params()) as tx:
             self.ws.record_inputs(tx, "model")
             model, hold, masks = self._setup(tx, text, windows)
-            hist = self._train(model, hold)
+            hist = self._train(model, hold, masks)
             m = self._save(tx, model, hold, masks, hist)
             tx.step.metrics = m
         shutil.rmtree(self.resume_dir, ignore_errors=True)  # the step committed: nothing left to resume
         return m
 
     def _setup(self, tx, text: str | None, windows: torch.Tensor | None):
-        from llmprune import data, evaluate
+        from llmprune import data, distill, evaluate
         from llmprune.modeling import check_context, load_current, save_model
         from llmprune.train import split_holdout
 
@@ -115,30 +132,42 @@ class Recovery:
         self.n_steps = o.steps if o.steps is not None else (
             math.ceil(o.epochs * self.train_w.shape[0] / (o.batch_size * o.grad_accum)) if o.epochs is not None
             else 100)
+        self.names = ["all"] if o.full else targets_for(lm, o.targets)  # bad --targets fail before any warning
         masks = zero_masks(lm) if is_sparse(self.manifest) else {}
         self.sparsity_before = evaluate.summary(lm)["sparsity"]
-        self.names = targets_for(lm, o.targets)
+        self.distiller = None
+        if o.distill:
+            if o.teacher is None:
+                self.ws.record_inputs(tx, distill.TEACHER)
+            self.distiller = distill.Distiller(distill.load_teacher(self.ws, o.teacher, lm), o.kd_temperature,
+                                               o.kd_weight)
         passes = self.n_steps * o.batch_size * o.grad_accum / self.train_w.shape[0]
         if o.dataset is None and passes > 1 and o.epochs is None:
             # Fresh windows of the calibration text are what generalises after DReSS, which already trained on these
             # windows (benchmarks/README.md has the measurement).
             report.warn(f"{self.n_steps} steps are {passes:.1f} passes over the {self.train_w.shape[0]} calibration "
                         "windows, which can overfit; --dataset with the calibration text trains on fresh windows")
+        if o.full:
+            self.masked_layers = 0
+            return lm.requires_grad_(True), hold, masks
         model = add_lora(lm, self.names, o.rank, o.alpha, o.dropout, o.seed)
         self.masked_layers = mask_adapters(model, masks) if o.masked else 0
         return model, hold, masks
 
-    def _train(self, model, hold: torch.Tensor) -> dict[str, Any]:
+    def _train(self, model, hold: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
         from llmprune.train import TrainSpec, heldout_nll, train
 
         o = self.opts
         self.ppl_before = math.exp(heldout_nll(model, hold))
-        spec = TrainSpec(steps=self.n_steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
-                         grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
+        spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, batch_size=o.batch_size, grad_accum=o.grad_accum,
+                         seed=o.seed, grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
+        # All weights trained on a sparse model: the pattern comes back after each step, so it holds throughout.
+        keep = (lambda m, step, lr: reapply(m, masks)) if o.full and masks else None
         return train(model, self.train_w, spec, device=o.device,
-                     params=[p for p in model.parameters() if p.requires_grad],
+                     params=[p for p in model.parameters() if p.requires_grad], after_step=keep,
                      evaluate=lambda m, step: {"ppl": round(math.exp(heldout_nll(m, hold)), 4)},
-                     description="recovering", resume_dir=self.resume_dir, save_every=o.save_every)
+                     description="distilling" if o.distill else "recovering", resume_dir=self.resume_dir,
+                     save_every=o.save_every, distiller=self.distiller)
 
     def _save(self, tx, model, hold: torch.Tensor, masks: dict[str, torch.Tensor], hist: dict[str, Any]) -> dict[str, Any]:
         import resource
@@ -147,18 +176,30 @@ class Recovery:
         from llmprune.modeling import save_model
         from llmprune.train import heldout_nll
 
-        save_adapter(model, tx.stage("adapter"))
-        m = {"ppl_before": round(self.ppl_before, 4), "ppl_adapter": hist["evals"][-1]["ppl"], "steps": hist["steps"],
+        o = self.opts
+        m = {"ppl_before": round(self.ppl_before, 4), "steps": hist["steps"],
              "resumed_from": hist.get("resumed_from"), "train_s": hist["seconds"], "curve": hist["evals"],
              "loss": hist["loss"], "targets": self.names, "pruned_layers": len(masks),
-             "masked_adapters": self.masked_layers,
+             "masked_adapters": self.masked_layers, "mode": "full" if o.full else "lora",
+             "objective": "distill" if o.distill else "lm",
              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-        if self.opts.merge:
+        if o.distill:
+            m.update(kd=hist["kd"], final_kd=hist["final_kd"],
+                     teacher_parameters=sum(p.numel() for p in self.distiller.teacher.parameters()))
+        if o.full:
+            verify(model, masks)  # re-applied after every step: a failure here is a bug, not a merge cost
+            m["ppl_after"] = hist["evals"][-1]["ppl"]
+            m.update(evaluate.summary(model), sparsity_before=self.sparsity_before)
+            save_model(model, self.tok, tx.stage("model"), self.ws.shard_size)
+        else:
+            save_adapter(model, tx.stage("adapter"))
+            m["ppl_adapter"] = m["ppl_after"] = hist["evals"][-1]["ppl"]
+        if o.merge and not o.full:
             merged = model.merge_and_unload()
             m["ppl_merged"] = round(math.exp(heldout_nll(merged, hold)), 4)
             m["weights_remasked"] = reapply(merged, masks)
             verify(merged, masks)
-            m["ppl_remasked"] = round(math.exp(heldout_nll(merged, hold)), 4)
+            m["ppl_remasked"] = m["ppl_after"] = round(math.exp(heldout_nll(merged, hold)), 4)
             m.update(evaluate.summary(merged), sparsity_before=self.sparsity_before)
             save_model(merged, self.tok, tx.stage("model"), self.ws.shard_size)
         m["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

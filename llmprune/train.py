@@ -78,12 +78,15 @@ def train(
     description: str = "training",
     resume_dir: Path | None = None,
     save_every: int = 0,
+    distiller=None,
 ) -> dict[str, Any]:
-    """Train ``model`` on the token ``windows`` with the language-modelling loss (plus ``extra_loss``).
+    """Train ``model`` on the token ``windows`` with the language-modelling loss (plus ``extra_loss``), or with
+    ``distiller`` (``distill.Distiller``) its mix of the teacher's KD loss and the LM loss.
 
     ``after_step(model, step, lr)`` runs after every optimiser step; ``evaluate(model, step)`` every
     ``spec.eval_every`` steps and at the end, and ``stop(metrics)`` may end training early. Returns the history:
-    the mean LM loss of every step, the evaluations, the steps taken and the wall time.
+    the mean LM loss of every step (and with a distiller the mean KD loss, ``kd``), the evaluations, the steps taken
+    and the wall time.
 
     With ``resume_dir``, the trainable parameters, the optimiser state and the history are saved there every
     ``save_every`` steps (safetensors + JSON), and a run that finds a checkpoint there continues from it: same data
@@ -103,7 +106,12 @@ def train(
         model.config.use_cache = False
     model.train()
     wrapped, opt, loader = acc.prepare(model, opt, loader)
+    if distiller is not None:
+        distiller.to(acc.device)  # each process holds its own frozen teacher; it is never wrapped or trained
     history: dict[str, Any] = {"loss": [], "evals": []}
+    if distiller is not None:
+        history["kd"] = []
+    acc_kd = 0.0
     t0 = time.perf_counter()
     step, acc_loss, micro = 0, 0.0, 0
     stopped = False
@@ -120,10 +128,14 @@ def train(
         advance(step)
         for (ids,) in batches:
             with acc.accumulate(wrapped):
-                out = wrapped(input_ids=ids, labels=ids, use_cache=False)
-                loss = out.loss
+                if distiller is None:
+                    loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+                    objective = loss
+                else:
+                    objective, loss, kd = distiller.objective(ids, wrapped(input_ids=ids, use_cache=False).logits)
+                    acc_kd += kd.item()
                 extra = extra_loss(acc.unwrap_model(wrapped)) if extra_loss else None
-                total = loss + extra if extra is not None else loss
+                total = objective + extra if extra is not None else objective
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"the training loss became {total.item()} at step {step + 1}; "
                                              "lower the learning rate")
@@ -137,7 +149,9 @@ def train(
             step += 1
             lm = acc.gather(torch.tensor([acc_loss / micro], device=acc.device)).mean().item()
             history["loss"].append(round(lm, 5))
-            acc_loss, micro = 0.0, 0
+            if distiller is not None:
+                history["kd"].append(round(acc.gather(torch.tensor([acc_kd / micro], device=acc.device)).mean().item(), 5))
+            acc_loss, acc_kd, micro = 0.0, 0.0, 0
             if after_step:
                 after_step(acc.unwrap_model(wrapped), step, spec.lr)
             last = step == spec.steps
@@ -148,7 +162,7 @@ def train(
                 history["evals"].append(metrics)
                 if stop and stop(metrics):
                     stopped = True
-            advance(note=f"loss {lm:.3f}")
+            advance(note=f"loss {lm:.3f}" + (f", kd {history['kd'][-1]:.3f}" if distiller is not None else ""))
             if resume_dir is not None and save_every and step % save_every == 0 and not (last or stopped):
                 if acc.is_main_process:
                     save_checkpoint(resume_dir, step, history, trainable, opt)
@@ -162,6 +176,8 @@ def train(
     acc.free_memory()
     history.update(steps=step, stopped_early=stopped, seconds=round(time.perf_counter() - t0, 2),
                    final_loss=_mean_tail(history["loss"]))
+    if distiller is not None:
+        history["final_kd"] = _mean_tail(history["kd"])
     return history
 
 

@@ -36,6 +36,10 @@ BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Text field of .jsonl/.json/.parquet and hf: sources.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the data order (and of --select random).")]
 GradCkptOpt = Annotated[bool, typer.Option(help="Trade compute for activation memory.")]
+DistillOpt = Annotated[bool, typer.Option("--distill", help="Train on the KL divergence from the dense teacher's next-token distribution (the workdir's teacher/, or --teacher).")]
+KdTemperatureOpt = Annotated[float, typer.Option(help="--distill: softmax temperature T of both distributions (the loss is scaled by T^2).")]
+KdWeightOpt = Annotated[float, typer.Option(help="--distill: the KD share of the loss, in (0, 1]; the rest is the LM loss.")]
+TeacherOpt = Annotated[Optional[str], typer.Option(help="--distill: the teacher, a saved model folder or Hub id (default: the workdir's teacher/, kept by calibrate).")]
 
 
 # --- checks of option values ------------------------------------------------------------------------------------

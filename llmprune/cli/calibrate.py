@@ -24,6 +24,7 @@ def calibrate(
     text_field: TextFieldOpt = "text",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository to run.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.")] = "2GB",
+    keep_teacher: Annotated[bool, typer.Option(help="Keep the model as calibrated in WORK/teacher/ (hard links: no extra space until a step replaces the model) for --distill.")] = True,
     force: Annotated[bool, typer.Option(help="Overwrite an existing workdir.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -39,7 +40,7 @@ def calibrate(
     check_shard_size(max_shard_size)
     _check_memory(samples, seqlen)
     opts = CalibrateOptions(model, dataset, samples, seqlen, seed, revision, dtype, text_field, trust_remote_code,
-                            max_shard_size)
+                            max_shard_size, keep_teacher)
     res = run_step(open_workdir(ctx, workdir), opts, force)
     finish({"workdir": str(workdir), **res}, as_json, lambda: report.table(
         f"calibrated {workdir}", ["what", "value"],

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune import report
-from llmprune.cli._core import (DeviceOpt, GradCkptOpt, JsonOpt, TextFieldOpt, WorkdirArg, check_device, finish,
-                                open_workdir, positive)
+from llmprune.cli._core import (DeviceOpt, DistillOpt, GradCkptOpt, JsonOpt, KdTemperatureOpt, KdWeightOpt,
+                                TeacherOpt, TextFieldOpt, WorkdirArg, check_device, finish, open_workdir, positive)
 from llmprune.errors import UserError
 
 
@@ -20,7 +20,12 @@ def recover(
     seqlen: Annotated[Optional[int], typer.Option(help="Tokens per window of --dataset (default: the calibration's).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default 100).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the training windows, instead of --steps.")] = None,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate of the adapter.")] = 2e-4,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default: 2e-4 for LoRA, 2e-5 with --full).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Train every weight instead of a LoRA adapter (structured models have no zeros to keep; a sparse model's pattern is re-applied after each step).")] = False,
+    distill: DistillOpt = False,
+    kd_temperature: KdTemperatureOpt = 1.0,
+    kd_weight: KdWeightOpt = 1.0,
+    teacher: TeacherOpt = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank).")] = 16.0,
     dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
@@ -37,25 +42,42 @@ def recover(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """LoRA recovery fine-tuning; with --merge the sparsity pattern is re-applied and verified after the merge."""
+    """Recovery fine-tuning (LoRA, or every weight with --full) on the LM loss or distilled from the dense teacher
+    (--distill); with --merge the sparsity pattern is re-applied and verified after the merge."""
+    from llmprune.distill import check_options
     from llmprune.recovery import RecoverOptions, Recovery
     from llmprune.train import check_launcher
 
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
+    if full and not merge:
+        raise UserError("--full trains the weights themselves: there is no adapter to keep unmerged (drop --no-merge)")
+    if teacher is not None and not distill:
+        raise UserError("--teacher names the model to distil from: add --distill")
     check_launcher()
     positive(steps=steps if steps is not None else 1, rank=rank, batch_size=batch_size, grad_accum=grad_accum,
-             holdout=holdout, eval_every=eval_every, lr=lr, alpha=alpha, epochs=epochs if epochs is not None else 1)
+             holdout=holdout, eval_every=eval_every, lr=lr if lr is not None else 1, alpha=alpha,
+             epochs=epochs if epochs is not None else 1)
+    check_options(kd_temperature, kd_weight)
     if not 0 <= dropout < 1 or save_every < 0:
         raise UserError("--dropout must be in [0, 1) and --save-every >= 0")
-    opts = RecoverOptions(dataset, text_field, seqlen, steps, epochs, lr, rank, alpha, dropout, targets, batch_size,
-                          grad_accum, merge, masked, holdout, eval_every, seed, grad_checkpointing,
-                          check_device(device), save_every)
+    opts = RecoverOptions(dataset=dataset, text_field=text_field, seqlen=seqlen, steps=steps, epochs=epochs, lr=lr,
+                          rank=rank, alpha=alpha, dropout=dropout, targets=targets, batch_size=batch_size,
+                          grad_accum=grad_accum, merge=merge, masked=masked, holdout=holdout, eval_every=eval_every,
+                          seed=seed, grad_checkpointing=grad_checkpointing, device=check_device(device), full=full,
+                          distill=distill, kd_temperature=kd_temperature, kd_weight=kd_weight, teacher=teacher,
+                          save_every=save_every)
     m = Recovery(open_workdir(ctx, workdir).require_calibration(), opts).run()
-    rows = [["held-out perplexity before", m["ppl_before"]], ["with the adapter", m["ppl_adapter"]]]
-    if merge:
+    how = ("all weights" if full else f"LoRA r={rank}") + (", distilled" if distill else "")
+    rows = [["held-out perplexity before", m["ppl_before"]],
+            ["after training" if full else "with the adapter", m["ppl_after" if full else "ppl_adapter"]]]
+    if distill:
+        rows.append(["KD loss (last steps)", m["final_kd"]])
+    if full:
+        rows.append(["sparsity", f"{m['sparsity']['all']:.2%} (before {m['sparsity_before']['all']:.2%})"])
+    if merge and not full:
         rows += [["merged", m["ppl_merged"]], [f"merged, {m['weights_remasked']:,} weights re-zeroed", m["ppl_remasked"]],
                  ["sparsity", f"{m['sparsity']['all']:.2%} (before {m['sparsity_before']['all']:.2%})"]]
     rows += [["steps", m["steps"]], ["time", f"{m['train_s']:.1f} s"]]
     finish({"workdir": str(workdir), **m}, as_json,
-           lambda: report.table(f"recovered {workdir} (LoRA r={rank})", ["what", "value"], rows))
+           lambda: report.table(f"recovered {workdir} ({how})", ["what", "value"], rows))

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from llmprune import report
-from llmprune.cli._core import DeviceOpt, GradCkptOpt, JsonOpt, SeedOpt, WorkdirArg, check_device, finish, open_workdir, positive
+from llmprune.cli._core import (DeviceOpt, DistillOpt, GradCkptOpt, JsonOpt, KdTemperatureOpt, KdWeightOpt, SeedOpt,
+                                TeacherOpt, WorkdirArg, check_device, finish, open_workdir, positive)
 from llmprune.errors import UserError
 
 
@@ -32,6 +33,10 @@ def regularize(
     seed: SeedOpt = 0,
     grad_checkpointing: GradCkptOpt = False,
     device: DeviceOpt = "cpu",
+    distill: DistillOpt = False,
+    kd_temperature: KdTemperatureOpt = 1.0,
+    kd_weight: KdWeightOpt = 1.0,
+    teacher: TeacherOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
@@ -39,7 +44,8 @@ def regularize(
     from llmprune.train import check_launcher
 
     opts = RegularizeOptions(ratio, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
-                             batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device)
+                             batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device, distill,
+                             kd_temperature, kd_weight, teacher)
     opts.check()
     check_launcher()
     positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,

@@ -247,9 +247,10 @@ class Penalty:
 
 def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Tensor, plan: Plan, *, norm: str,
                shrink: str, lam: float, spec, device: str = "cpu", until_converged: bool = False,
-               gap_tol: float = 0.01, norm_tol: float = 1e-3) -> dict[str, Any]:
-    """Train the whole model with the LM loss while the plan's slices go to zero; returns the history with, at every
-    evaluation, the held-out perplexity with and without the slices zeroed and their relative norm."""
+               gap_tol: float = 0.01, norm_tol: float = 1e-3, distiller=None) -> dict[str, Any]:
+    """Train the whole model with the LM loss (or, with ``distiller``, distilled from the dense teacher) while the
+    plan's slices go to zero; returns the history with, at every evaluation, the held-out perplexity with and without
+    the slices zeroed and their relative norm."""
     from llmprune.train import heldout_nll, train
 
     pen = Penalty(model, plan, norm)
@@ -268,7 +269,7 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
         after_step=(lambda m, step, lr: pen.shrink(lam)) if shrink == "prox" else None,
         evaluate=measure,
         stop=(lambda m: m["gap"] <= gap_tol and m["relative_norm"] <= norm_tol) if until_converged else None,
-        description=f"regularizing {plan.structure}",
+        description=f"regularizing {plan.structure}", distiller=distiller,
     )
     hist["evals"].insert(0, before)
     return hist
@@ -411,9 +412,27 @@ class RegularizeOptions:
     seed: int = 0
     grad_checkpointing: bool = False
     device: str = "cpu"
+    distill: bool = False
+    kd_temperature: float = 1.0
+    kd_weight: float = 1.0
+    teacher: Optional[str] = None
+
+    def params(self) -> dict[str, Any]:
+        import dataclasses
+
+        p = dataclasses.asdict(self)
+        if not self.distill:  # the KD settings do not apply: a plain run records what it always did
+            for k in ("distill", "kd_temperature", "kd_weight", "teacher"):
+                del p[k]
+        return p
 
     def check(self) -> None:
+        from llmprune.distill import check_options
+
         check_choice(self.structure, self.select)
+        check_options(self.kd_temperature, self.kd_weight)
+        if self.teacher is not None and not self.distill:
+            raise UserError("--teacher names the model to distil from: add --distill")
         if self.norm not in NORMS:
             raise UserError(f"unknown --norm '{self.norm}'; use one of: {', '.join(NORMS)}")
         if self.shrink not in SHRINKS:
@@ -423,30 +442,36 @@ class RegularizeOptions:
 def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     """The ``regularize`` step: choose the units, train the whole model while they are driven to zero, and record
     the plan as regularised and pending (``prune --method dress`` applies it)."""
-    import dataclasses
     import resource
 
+    from llmprune import distill
     from llmprune.modeling import load_current, save_model
     from llmprune.train import TrainSpec, split_holdout
 
-    with ws.step("regularize", dataclasses.asdict(o)) as tx:
+    with ws.step("regularize", o.params()) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
         lm, tok = load_current(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
         check_supported(lm, o.structure)
+        distiller = None
+        if o.distill:
+            if o.teacher is None:
+                ws.record_inputs(tx, distill.TEACHER)
+            distiller = distill.Distiller(distill.load_teacher(ws, o.teacher, lm), o.kd_temperature, o.kd_weight)
         windows = ws.windows()
         train_w, hold = split_holdout(windows, o.holdout)
         plan = select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
-                          device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol)
+                          device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol, distiller=distiller)
         last = hist["evals"][-1]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
             "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
             "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "peak_rss_mib": round(peak, 1),
-            "loss": hist["loss"], "evals": hist["evals"]}
+            "loss": hist["loss"], "evals": hist["evals"], **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
+                                                             if o.distill else {})}
         PlanRecord(plan, regularized=True, applied=False).write(tx)
         save_model(lm, tok, tx.stage("model"), ws.shard_size)
     return tx.step.metrics

@@ -1,0 +1,97 @@
+"""Knowledge distillation from the dense model (Hinton et al. 2015), the recovery structured pruning is usually given.
+
+``loss = T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))`` averaged over the predicted tokens
+(../shared/METHODS.md), optionally mixed with the language-modelling loss. Minitron (Muralidharan et al. 2024) and
+Sheared-LLaMA (Xia et al. 2024) recover structurally pruned models this way; both distil at ``T = 1``.
+
+The teacher is the model the workdir was calibrated with: ``calibrate`` keeps it as ``WORK/teacher/`` (hard links of
+the shards it wrote, so it costs no space until a step replaces ``model/``), and ``--teacher SOURCE`` names it for a
+workdir that does not keep one. Its logits are computed on the fly, in the same forward order as the student's:
+exact (a top-k cache drops the tail of the distribution, and the full distribution of 512 tokens over Gemma's 262k
+vocabulary is 537 MB per window), and a teacher forward costs about a third of a student training step (no backward),
+which ``benchmarks/recover_bench.py`` measures.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprune.errors import UserError
+
+TEACHER = "teacher"  # the workdir folder that keeps the calibrated model
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(p_t || p_s)`` at temperature ``T``, averaged over the positions that predict a next token (all but
+    the last of each window, the positions the LM loss scores too). ``T^2`` keeps the gradient's scale independent of
+    ``T`` (Hinton et al. 2015, sec. 2)."""
+    s = student_logits[:, :-1].float() / temperature
+    t = teacher_logits[:, :-1].float() / temperature
+    log_ps = F.log_softmax(s, dim=-1).flatten(0, 1)
+    log_pt = F.log_softmax(t, dim=-1).flatten(0, 1)
+    # kl_div(input = log q, target = log p, log_target) = sum p (log p - log q); "batchmean" divides by the rows
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * temperature**2
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The next-token cross-entropy ``model(input_ids=ids, labels=ids).loss`` computes, from logits already at hand."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
+
+class Distiller:
+    """The teacher (frozen, in eval mode) and how its loss mixes with the LM loss:
+    ``weight * KD + (1 - weight) * LM``."""
+
+    def __init__(self, teacher: nn.Module, temperature: float = 1.0, weight: float = 1.0):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature, self.weight = temperature, weight
+
+    def to(self, device) -> "Distiller":
+        self.teacher.to(device)
+        return self
+
+    def objective(self, ids: torch.Tensor, student_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the loss to minimise, the LM loss, the KD loss) of one micro-batch."""
+        with torch.no_grad():
+            t = self.teacher(input_ids=ids, use_cache=False).logits
+        kd = kd_loss(student_logits, t, self.temperature)
+        lm = lm_loss(student_logits, ids)
+        total = kd if self.weight == 1.0 else self.weight * kd + (1.0 - self.weight) * lm
+        return total, lm, kd
+
+
+def check_options(temperature: float, weight: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--kd-temperature must be positive, got {temperature}")
+    if not (math.isfinite(weight) and 0 < weight <= 1):
+        raise UserError(f"--kd-weight must be in (0, 1] (the KD share of the loss; the rest is the LM loss), got {weight}")
+
+
+def load_teacher(ws, given: str | None, student: nn.Module, dtype: str = "float32") -> nn.Module:
+    """The teacher: ``--teacher SOURCE`` (a saved model folder or Hub id) or the workdir's ``teacher/``, checked
+    against its hashes; refused when it cannot teach this student (another vocabulary)."""
+    from llmprune.modeling import checked_from_pretrained, load_model, parse_dtype, quiet_transformers
+
+    if given is None:
+        folder = ws.path / TEACHER
+        if not (folder / "config.json").is_file():
+            src = ws.manifest().get("base_model", {}).get("source") or "the model it was calibrated from"
+            raise UserError(f"{ws.path} keeps no teacher (it was calibrated with --no-keep-teacher, or before "
+                            f"llmprune kept one); pass --teacher with {src}")
+        ws.verify(TEACHER)
+        teacher, _ = load_model(folder, dtype)
+    else:
+        quiet_transformers()
+        where = Path(given)
+        teacher = checked_from_pretrained(where if where.exists() else given, f"the teacher {given}", UserError,
+                                          dtype=parse_dtype(dtype))
+    v_t = teacher.get_output_embeddings().weight.shape[0]
+    v_s = student.get_output_embeddings().weight.shape[0]
+    if v_t != v_s:
+        raise UserError(f"the teacher's vocabulary ({v_t:,}) is not the student's ({v_s:,}); distillation compares "
+                        "their next-token distributions token by token")
+    return teacher.eval().requires_grad_(False)

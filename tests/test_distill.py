@@ -1,0 +1,182 @@
+"""Distillation from the dense teacher (`recover --distill`, `regularize --distill`) and full fine-tuning
+(`recover --full`): the loss against an independent computation, the teacher kept by `calibrate`, and the steps'
+invariants on tiny models."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli
+from llmprune.distill import kd_loss, lm_loss
+
+FAST = ["--batch-size", 4, "--holdout", 4, "--dropout", 0.0]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# --- the loss --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_kd_loss_is_t2_times_the_token_mean_kl(temperature):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 7, 11, generator=g), torch.randn(2, 7, 11, generator=g) * 3
+    p = torch.softmax(t[:, :-1] / temperature, -1)
+    q = torch.softmax(s[:, :-1] / temperature, -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()  # over the 2 x 6 positions that predict a next token
+    torch.testing.assert_close(kd_loss(s, t, temperature), kl * temperature**2)
+    assert kd_loss(t, t, temperature).abs() < 1e-6  # a student equal to its teacher has nothing to learn
+
+
+def test_kd_gradient_at_t1_is_the_probability_gap():
+    """d KL(p_t || p_s) / d z_s = (p_s - p_t) / tokens: the classic form, checked through autograd."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(1, 5, 9, generator=g, requires_grad=True), torch.randn(1, 5, 9, generator=g)
+    kd_loss(s, t).backward()
+    want = (torch.softmax(s.detach(), -1) - torch.softmax(t, -1)) / 4
+    want[:, -1] = 0  # the last position predicts nothing
+    torch.testing.assert_close(s.grad, want)
+
+
+def test_lm_loss_is_the_models_own(tiny_root):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(lm_loss(out.logits, ids), out.loss)
+
+
+# --- the teacher -----------------------------------------------------------------------------------------------
+def test_calibrate_keeps_the_teacher_as_hard_links(calibrated, tiny_root, tmp_path):
+    wd = calibrated("llama", samples=12, seqlen=32)
+    manifest = json.loads((wd / "manifest.json").read_text())
+    model = {k.split("/", 1)[1]: v for k, v in manifest["files"].items() if k.startswith("model/")}
+    teacher = {k.split("/", 1)[1]: v for k, v in manifest["files"].items() if k.startswith("teacher/")}
+    assert model and teacher == model  # recorded, with the same hashes
+    fresh = tmp_path / "fresh"  # the fixture copies; a fresh calibration shows the links themselves
+    assert cli("calibrate", fresh, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
+               "--samples", 12, "--seqlen", 32)[0] == 0
+    for name in model:
+        assert os.stat(fresh / "model" / name).st_ino == os.stat(fresh / "teacher" / name).st_ino
+    none = tmp_path / "none"
+    assert cli("calibrate", none, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
+               "--samples", 12, "--seqlen", 32, "--no-keep-teacher")[0] == 0
+    assert not (none / "teacher").exists()
+    assert not any(k.startswith("teacher/") for k in json.loads((none / "manifest.json").read_text())["files"])
+
+
+def test_distilling_an_unpruned_model_starts_at_zero_kd(calibrated):
+    """LoRA's B starts at zero, so the student is the teacher at step 1: its KD loss is zero there."""
+    wd = calibrated("qwen3", samples=12, seqlen=32)
+    code, res = cli("recover", wd, "--distill", "--steps", 2, "--eval-every", 2, "--lr", 1e-3, *FAST)
+    assert code == 0 and res["objective"] == "distill" and len(res["kd"]) == 2
+    assert res["kd"][0] < 1e-6
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["params"]["distill"] and step["params"]["kd_temperature"] == 1.0
+    assert any(k.startswith("teacher/") for k in step["inputs"])  # the teacher's hashes were checked and recorded
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_distillation_recovers_a_structured_model_toward_its_teacher(calibrated, arch):
+    wd = calibrated(arch, samples=20, seqlen=32)
+    teacher = _weights(wd / "teacher")
+    assert cli("prune", wd, "--method", "dress", "--structure", "mlp", "--ratio", 0.5, "--select", "tail")[0] == 0
+    code, res = cli("recover", wd, "--distill", "--kd-temperature", 2.0, "--steps", 8, "--eval-every", 8,
+                    "--lr", 3e-3, *FAST)
+    assert code == 0
+    assert sum(res["kd"][-3:]) < sum(res["kd"][:3])  # the student moves toward the teacher
+    assert res["teacher_parameters"] > res["parameters"]  # the teacher is the unpruned model
+    after = _weights(wd / "teacher")
+    assert teacher.keys() == after.keys() and all(torch.equal(teacher[k], after[k]) for k in teacher)
+
+
+def test_kd_weight_mixes_in_the_lm_loss(calibrated):
+    """At --kd-weight 0.5 the objective differs from pure KD, so the trained weights do too."""
+    out = {}
+    for w in (1.0, 0.5):
+        wd = calibrated("llama", samples=12, seqlen=32)
+        assert cli("prune", wd, "--method", "dress", "--structure", "mlp", "--ratio", 0.5, "--select", "tail")[0] == 0
+        code, res = cli("recover", wd, "--distill", "--kd-weight", w, "--steps", 3, "--eval-every", 3, "--lr", 3e-3,
+                        *FAST)
+        assert code == 0
+        out[w] = (res["kd"][0], _weights(wd / "model"))
+        (wd.parent / f"done-{w}").mkdir()
+        wd.rename(wd.parent / f"done-{w}" / "wd")
+    assert out[1.0][0] == pytest.approx(out[0.5][0])  # step 1: same student, same teacher, same KD
+    assert any(not torch.equal(out[1.0][1][k], out[0.5][1][k]) for k in out[1.0][1])
+
+
+def test_a_given_teacher_serves_a_workdir_that_keeps_none(tiny_root, tmp_path):
+    wd = tmp_path / "wd"
+    assert cli("calibrate", wd, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
+               "--samples", 12, "--seqlen", 32, "--no-keep-teacher")[0] == 0
+    assert cli("recover", wd, "--distill", "--steps", 1, *FAST)[0] == 1  # nothing to distil from: refused
+    code, res = cli("recover", wd, "--distill", "--teacher", tiny_root / "llama", "--steps", 2, "--eval-every", 2,
+                    *FAST)
+    assert code == 0 and res["kd"][0] < 1e-6  # the given teacher is the calibrated model
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(calibrated, tiny_root, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_root / "llama")
+    other.resize_token_embeddings(other.config.vocab_size + 8)
+    other.save_pretrained(tmp_path / "other")
+    wd = calibrated("llama", samples=12, seqlen=32)
+    manifest = (wd / "manifest.json").read_text()
+    assert cli("recover", wd, "--distill", "--teacher", tmp_path / "other", "--steps", 1, *FAST)[0] == 1
+    assert "vocabulary" in capsys.readouterr().err
+    assert (wd / "manifest.json").read_text() == manifest
+
+
+@pytest.mark.parametrize("args", [["--teacher", "x"], ["--distill", "--kd-weight", 0], ["--distill", "--kd-weight", 1.5],
+                                  ["--distill", "--kd-temperature", 0], ["--full", "--no-merge"]])
+def test_bad_distillation_options_are_one_line(calibrated, capsys, args):
+    wd = calibrated("llama", samples=12, seqlen=32)
+    assert cli("recover", wd, "--steps", 1, *args)[0] == 1
+    err = capsys.readouterr().err.strip()
+    assert err and "Traceback" not in err
+
+
+# --- full fine-tuning ------------------------------------------------------------------------------------------
+def test_full_fine_tuning_keeps_a_sparse_pattern_exactly(calibrated):
+    wd = calibrated("llama", samples=20, seqlen=32)
+    assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
+    before = _weights(wd / "model")
+    code, res = cli("recover", wd, "--full", "--distill", "--steps", 4, "--eval-every", 4, "--lr", 1e-3, *FAST)
+    assert code == 0 and res["mode"] == "full" and not (wd / "adapter").exists()
+    after = _weights(wd / "model")
+    pruned = [k for k in before if k.startswith("model.layers.") and k.endswith("proj.weight")]
+    for k in pruned:
+        assert torch.equal(after[k] == 0, before[k] == 0), k  # every zero kept, none added
+        assert not torch.equal(after[k], before[k]), k
+    assert res["trainable_parameters"] == sum(v.numel() for k, v in before.items() if k != "lm_head.weight")
+    assert res["sparsity"]["all"] == pytest.approx(0.5)
+
+
+def test_full_fine_tuning_of_a_structured_model(calibrated):
+    wd = calibrated("qwen2", samples=20, seqlen=32)
+    assert cli("prune", wd, "--method", "dress", "--structure", "mlp", "--ratio", 0.25, "--select", "tail")[0] == 0
+    code, res = cli("recover", wd, "--full", "--steps", 6, "--eval-every", 6, "--lr", 2e-3, *FAST)
+    assert code == 0 and res["objective"] == "lm" and res["ppl_after"] < res["ppl_before"]
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["params"]["lr"] == 2e-3 and step["params"]["full"] and "kd_weight" not in step["params"]
+
+
+def test_regularize_distils_from_the_teacher(calibrated):
+    wd = calibrated("llama", samples=20, seqlen=32)
+    code, res = cli("regularize", wd, "--structure", "mlp", "--ratio", 0.25, "--select", "tail", "--steps", 4,
+                    "--eval-every", 4, "--batch-size", 4, "--holdout", 4, "--distill")
+    assert code == 0 and len(res["kd"]) == 4 and res["kd"][0] < 1e-6  # the model is its teacher at step 1
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["params"]["distill"] is True
+    assert cli("prune", wd, "--method", "dress")[0] == 0
