@@ -67,6 +67,12 @@ def test_calibrate_keeps_the_teacher_as_hard_links(calibrated, tiny_root, tmp_pa
                "--samples", 12, "--seqlen", 32)[0] == 0
     for name in model:
         assert os.stat(fresh / "model" / name).st_ino == os.stat(fresh / "teacher" / name).st_ino
+    # status counts a hard-linked file once: the teacher costs nothing until the model is replaced
+    once = sum(p.stat().st_size for d in ("model", "calib") for p in (fresh / d).rglob("*") if p.is_file())
+    code, st = cli("status", fresh)
+    assert code == 0 and st["teacher"] is True and st["bytes"] == once
+    assert cli("prune", fresh, "--method", "magnitude", "--sparsity", 0.5)[0] == 0
+    assert cli("status", fresh)[1]["bytes"] > once
     none = tmp_path / "none"
     assert cli("calibrate", none, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
                "--samples", 12, "--seqlen", 32, "--no-keep-teacher")[0] == 0

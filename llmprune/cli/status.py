@@ -41,12 +41,20 @@ def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) ->
     steps = manifest["steps"]
     adapter = None if not recovery.has_adapter(manifest) else (
         "unmerged" if recovery.pending_adapter(manifest) else "merged")
-    size = sum((ws.path / rel).stat().st_size for rel in manifest["files"] if (ws.path / rel).is_file())
+    # Bytes on disk: a file hard-linked under two names (teacher/ and model/ until a step replaces the model)
+    # takes its space once.
+    inodes = {}
+    for rel in manifest["files"]:
+        if (ws.path / rel).is_file():
+            st = (ws.path / rel).stat()
+            inodes[(st.st_dev, st.st_ino)] = st.st_size
+    size = sum(inodes.values())
+    teacher = any(k.startswith("teacher/") for k in manifest["files"])
     last_metrics = next((s["metrics"] for s in reversed(steps) if "parameters" in s["metrics"]), {})
     result = {"workdir": str(workdir), "format_version": manifest["format_version"],
               "base_model": manifest.get("base_model"), "model_type": manifest.get("model_type"),
               "bytes": size, "parameters": last_metrics.get("parameters"),
-              "sparsity": last_metrics.get("sparsity", {}), "adapter": adapter, "steps": steps}
+              "sparsity": last_metrics.get("sparsity", {}), "adapter": adapter, "teacher": teacher, "steps": steps}
 
     def render() -> None:
         rows = []
@@ -55,7 +63,7 @@ def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) ->
             rows.append([i, s["command"], brief, f"{s['duration_s']:.1f} s", _outcome(s["metrics"]), s["started"]])
         report.table(f"{workdir} ({manifest.get('model_type')}, {size / 2**20:,.1f} MiB, "
                      f"{last_metrics.get('parameters', 0):,} parameters"
-                     + (f", LoRA adapter {adapter}" if adapter else "") + ")",
+                     + (f", LoRA adapter {adapter}" if adapter else "") + (", teacher kept" if teacher else "") + ")",
                      ["#", "step", "parameters", "duration", "result", "started"], rows)
 
     finish(result, as_json, render)
