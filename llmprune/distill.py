@@ -15,7 +15,6 @@ which ``benchmarks/recover_bench.py`` measures.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,9 +71,9 @@ def check_options(temperature: float, weight: float) -> None:
 
 
 def load_teacher(ws, given: str | None, student: nn.Module, dtype: str = "float32") -> nn.Module:
-    """The teacher: ``--teacher SOURCE`` (a saved model folder or Hub id) or the workdir's ``teacher/``, checked
+    """The teacher: ``--teacher SOURCE`` (a Hub id, a safetensors folder or a ``.gguf`` file) or the workdir's ``teacher/``, checked
     against its hashes; refused when it cannot teach this student (another vocabulary)."""
-    from llmprune.modeling import checked_from_pretrained, load_model, parse_dtype, quiet_transformers
+    from llmprune.modeling import load_model, load_source
 
     if given is None:
         folder = ws.path / TEACHER
@@ -84,11 +83,8 @@ def load_teacher(ws, given: str | None, student: nn.Module, dtype: str = "float3
                             f"llmprune kept one); pass --teacher with {src}")
         ws.verify(TEACHER)
         teacher, _ = load_model(folder, dtype)
-    else:
-        quiet_transformers()
-        where = Path(given)
-        teacher = checked_from_pretrained(where if where.exists() else given, f"the teacher {given}", UserError,
-                                          dtype=parse_dtype(dtype))
+    else:  # whatever calibrate accepts: a Hub id, a safetensors folder, a .gguf file
+        teacher, _, _ = load_source(given, None, dtype, False)
     v_t = teacher.get_output_embeddings().weight.shape[0]
     v_s = student.get_output_embeddings().weight.shape[0]
     if v_t != v_s:

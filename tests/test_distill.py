@@ -137,6 +137,8 @@ def test_a_teacher_with_another_vocabulary_is_refused(calibrated, tiny_root, tmp
     other = AutoModelForCausalLM.from_pretrained(tiny_root / "llama")
     other.resize_token_embeddings(other.config.vocab_size + 8)
     other.save_pretrained(tmp_path / "other")
+    for f in (tiny_root / "llama").glob("tok*"):
+        (tmp_path / "other" / f.name).write_bytes(f.read_bytes())
     wd = calibrated("llama", samples=12, seqlen=32)
     manifest = (wd / "manifest.json").read_text()
     assert cli("recover", wd, "--distill", "--teacher", tmp_path / "other", "--steps", 1, *FAST)[0] == 1

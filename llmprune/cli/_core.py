@@ -39,7 +39,7 @@ GradCkptOpt = Annotated[bool, typer.Option(help="Trade compute for activation me
 DistillOpt = Annotated[bool, typer.Option("--distill", help="Train on the KL divergence from the dense teacher's next-token distribution (the workdir's teacher/, or --teacher).")]
 KdTemperatureOpt = Annotated[float, typer.Option(help="--distill: softmax temperature T of both distributions (the loss is scaled by T^2).")]
 KdWeightOpt = Annotated[float, typer.Option(help="--distill: the KD share of the loss, in (0, 1]; the rest is the LM loss.")]
-TeacherOpt = Annotated[Optional[str], typer.Option(help="--distill: the teacher, a saved model folder or Hub id (default: the workdir's teacher/, kept by calibrate).")]
+TeacherOpt = Annotated[Optional[str], typer.Option(help="--distill: the teacher, a Hub id, safetensors folder or .gguf file (default: the workdir's teacher/, kept by calibrate).")]
 
 
 # --- checks of option values ------------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""Structured compression that ships (issue #20): remove units with DReSS (or directly), then recover them with each
+recovery -- LoRA or all weights, on the LM loss or distilled from the dense teacher -- on the calibration split only.
+
+One row per (structure, mode, recovery): parameters, size on disk, test perplexity, prefill and decode speed-ups over
+the dense model at batch 1 and 8 (timed in the same run, on the pruned model before recovery: recovery changes no
+shape), and the recovery's seconds and peak RSS. Recovery trains on fresh windows of the calibration text (the
+recipe's practice: DReSS already trained on the calibration windows), never on the test split.
+
+    python benchmarks/structured_bench.py                                       # layers 25%, DReSS, 3 recoveries
+    python benchmarks/structured_bench.py --rows layers:0.25,mlp:0.3 --modes direct,dress --recoveries none,lora-lm
+    python benchmarks/structured_bench.py --model gemma3-270m --rows mlp:0.5 --steps 100 --eval-windows 32
+
+Recoveries: none, lora-lm, lora-kd, full-lm, full-kd (``--steps`` each; equal steps, so LM against KD is a fair
+comparison). Every run is saved under benchmarks/results/ (``--save NAME``, default ``MODEL-structured``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import assets  # noqa: E402
+from prune_bench import DENSE_PPL, LLMPRUNE, calibrated_base, popen_rss, save_results  # noqa: E402
+
+RECOVERIES = {
+    "none": None,
+    "lora-lm": [],
+    "lora-kd": ["--distill"],
+    "full-lm": ["--full"],
+    "full-kd": ["--full", "--distill"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="layers:0.25", help="comma-separated STRUCTURE:RATIO")
+    ap.add_argument("--modes", default="dress", help="direct (no regularisation) and/or dress")
+    ap.add_argument("--recoveries", default="none,lora-lm,lora-kd,full-kd", help=", ".join(RECOVERIES))
+    ap.add_argument("--steps", type=int, default=150, help="recovery steps, the same for every recovery")
+    ap.add_argument("--select", default="activation")
+    ap.add_argument("--reg", default="", help="extra options for `llmprune regularize`")
+    ap.add_argument("--recover", default="", help="extra options for every `llmprune recover`")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=None, help="default: the whole test split")
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/structured-bench[-MODEL]")
+    ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
+    ap.add_argument("--save", default="", help="results name under benchmarks/results/ (default: MODEL-structured)")
+    args = ap.parse_args()
+    recoveries = args.recoveries.split(",")
+    unknown = [r for r in recoveries if r not in RECOVERIES]
+    if unknown:
+        sys.exit(f"unknown recoveries {unknown}; use {', '.join(RECOVERIES)}")
+
+    paths = assets.fetch(model=args.model)
+    if args.out is None:
+        args.out = Path("runs/structured-bench" + ("" if args.model == assets.MODELS[0] else f"-{args.model}"))
+    base = calibrated_base(args.out, paths, args.samples, args.seqlen)
+    evalargs = ["--dataset", paths["test"], "--seqlen", str(args.seqlen)]
+    if args.eval_windows:
+        evalargs += ["--max-windows", str(args.eval_windows)]
+    speed = ["--speed", "--speed-batches", "1,8", "--speed-baseline", str(base)]
+    dense_params = json.loads((base / "manifest.json").read_text())["steps"][0]["metrics"]["parameters"]
+    # The teacher is the model the base was calibrated from (a base made before calibrate kept teacher/ has none).
+    teacher = [] if (base / "teacher").is_dir() else ["--teacher", str(paths["model"])]
+    rows = []
+    for spec in args.rows.split(","):
+        structure, ratio = spec.split(":")
+        for mode in args.modes.split(","):
+            pruned = args.out / f"{structure}-{ratio}-{mode}"
+            if pruned.exists():
+                shutil.rmtree(pruned)
+            shutil.copytree(base, pruned)
+            sel = ["--structure", structure, "--ratio", ratio, "--select", args.select]
+            reg_s = reg_rss = None
+            if mode == "dress":
+                _, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
+                                               *(teacher if "--distill" in args.reg else [])])
+            res, _, _ = popen_rss([*LLMPRUNE, "prune", str(pruned), "--method", "dress",
+                                   *(sel if mode == "direct" else [])])
+            ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(pruned), *evalargs, *speed])
+            sp = ev["speed"]
+            shape = dict(model=args.model, structure=structure, ratio=float(ratio), mode=mode,
+                         units=res["units_removed"], parameters=res["parameters"],
+                         removed=1 - res["parameters"] / dense_params, model_mib=ev["model_bytes"] / 2**20,
+                         prefill_1=sp.get("prefill_speedup"), decode_1=sp.get("decode_speedup"),
+                         prefill_8=sp.get("prefill_speedup_b8"), decode_8=sp.get("decode_speedup_b8"),
+                         regularize_s=reg_s, regularize_rss_mib=reg_rss, reg_options=args.reg if mode == "dress" else "",
+                         windows=ev["windows"])
+            for rec in recoveries:
+                row = dict(shape, recovery=rec)
+                if RECOVERIES[rec] is None:
+                    row.update(ppl=ev["perplexity"], recover_s=None, recover_rss_mib=None, steps=0)
+                else:
+                    wd = args.out / f"{pruned.name}-{rec}"
+                    if wd.exists():
+                        shutil.rmtree(wd)
+                    shutil.copytree(pruned, wd)
+                    extra = [*RECOVERIES[rec], *(teacher if "--distill" in RECOVERIES[rec] else [])]
+                    r, wall, rss = popen_rss([*LLMPRUNE, "recover", str(wd), "--steps", str(args.steps), "--dataset",
+                                              str(paths["calib"]), *extra, *args.recover.split()])
+                    after, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
+                    row.update(ppl=after["perplexity"], recover_s=wall, train_s=r["train_s"], recover_rss_mib=rss,
+                               steps=r["steps"], heldout_before=r["ppl_before"], heldout_after=r["ppl_after"],
+                               trainable=r["trainable_parameters"], final_kd=r.get("final_kd"))
+                    shutil.rmtree(wd)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out = args.out / "results.json"
+    old = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(old + rows, indent=2))
+    windows = rows[0]["windows"] if rows else 0
+    caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, test perplexity over {windows} "
+               f"windows of {args.seqlen}; {args.steps} recovery steps on fresh windows of the calibration text; "
+               f"regularize options: {args.reg or 'the defaults'}. Command: python benchmarks/structured_bench.py "
+               + " ".join(sys.argv[1:]))
+    save_results(Path(__file__).parent / "results", args.save or f"{args.model}-structured", rows, caption,
+                 table(rows, dense_params, DENSE_PPL[args.model]))
+
+
+def table(rows: list[dict], dense_params: int, dense_ppl: float) -> str:
+    f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
+    lines = ["| structure | mode | parameters | removed | MiB | recovery | ppl | / dense | prefill × b1 / b8 "
+             "| decode × b1 / b8 | regularize s | recover s | recover RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['structure']} {r['ratio']} | {r['mode']} | {r['parameters']:,} | {r['removed']:.1%} | "
+            f"{r['model_mib']:.0f} | {r['recovery']} | {r['ppl']:.2f} | {r['ppl'] / dense_ppl:.2f} | "
+            f"{f(r['prefill_1'], '.2f')} / {f(r['prefill_8'], '.2f')} | {f(r['decode_1'], '.2f')} / "
+            f"{f(r['decode_8'], '.2f')} | {f(r['regularize_s'], '.0f')} | {f(r['recover_s'], '.0f')} | "
+            f"{f(r['recover_rss_mib'], '.0f')} |")
+    lines.append(f"\ndense: {dense_params:,} parameters, perplexity {dense_ppl} (BENCHMARK.md)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
