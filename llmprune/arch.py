@@ -63,6 +63,11 @@ class Experts:
     # gate and up the two row halves of gate_up_proj[e] ("gated"). A layout that computes anything else is not
     # this row's (gpt-oss's clamped, interleaved one is not in the table).
     forward: str = "gated"
+    router: str = "mlp.gate"  # the module holding the router's [E, H] weight (one row, one logit per expert)
+    count: str = "num_experts"  # config key of the number of routed experts (Mixtral: num_local_experts)
+    # Whether the router renormalises the weights over the chosen top-k (then removing an expert that a token does
+    # not choose leaves that token's output exactly unchanged): a config key, or "" for always (Mixtral).
+    renormalises: str = "norm_topk_prob"
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,10 @@ _GEMMA2_PARTS = Parts(norm_offset=1.0, embed_scaled=True,
 
 # Mixture-of-experts: Qwen-MoE and Mixtral keep routed experts as 3-D parameters and a router ``mlp.gate`` (a plain
 # [E, H] weight); Qwen2-MoE adds a shared expert (ordinary Linears, pruned like a dense MLP) and its one-row gate.
-# Structured removal would have to slice every expert and the router with the rest: refused for now.
-_MOE_WHY = ("structured removal does not slice mixture-of-experts blocks yet (the experts and the router would have "
-            "to be cut together; removing whole experts is a separate method)")
+# Removing whole experts (--structure experts) slices the expert parameters and the router's rows together; the
+# other structures would have to cut every expert along with the rest: refused for now.
+_MOE_WHY = ("this structure does not slice mixture-of-experts blocks yet (every expert and the router would have to "
+            "be cut together); --structure experts removes whole experts")
 _MOE_CANNOT = tuple((structure, _MOE_WHY) for structure in ("hidden", "heads", "mlp", "layers"))
 # LoRA adapts the attention of MoE models by default: peft (0.21) maps the MLP names gate_proj / up_proj /
 # down_proj onto the 3-D expert parameters (its transformers-4 compatibility layer), dropping the dense and shared
@@ -143,7 +149,7 @@ ARCHS: dict[str, Arch] = {
     "mixtral": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                     parts=Parts(cannot=_MOE_CANNOT),
                     experts=Experts(params=(("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",))),
-                                    disk_path="block_sparse_moe.experts"),
+                                    disk_path="block_sparse_moe.experts", count="num_local_experts", renormalises=""),
                     never_prune=("mlp.gate",), renames=((".mlp.", ".block_sparse_moe."),)),
     "opt": Arch(
         layers="model.decoder.layers",

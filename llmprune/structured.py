@@ -1,4 +1,5 @@
-"""Structured removal: hidden channels, attention heads (whole KV groups), MLP channels, whole decoder blocks.
+"""Structured removal: hidden channels, attention heads (whole KV groups), MLP channels, whole decoder blocks, and
+the routed experts of mixture-of-experts blocks.
 
 A ``Plan`` names the units to remove. ``slices`` turns it into the exact parameter slices that couple with those
 units (read from the architecture table, ``arch.Parts``). Three verbs share the slices, so they always agree:
@@ -12,6 +13,12 @@ Removing hidden channels that are exactly zero is exact for RMSNorm models once 
 are multiplied by ``sqrt(d / d')`` (the RMS over d' channels is that much larger than over d), ``rms_norm_eps`` by
 ``d / d'``, and -- Gemma -- the embedding by the same factor, as its ``sqrt(hidden_size)`` multiplier shrinks
 (``_hidden_rescale``). LayerNorm models (OPT, Phi-2) are not exact: their mean and variance change with the width.
+
+Removing experts cuts expert e out of the block's 3-D expert parameters and row e out of its router (a checkpoint
+storing one tensor per expert has e's tensors dropped and the rest renumbered, as blocks are). It is exact for every
+token that did not choose e when the router renormalises over its top-k (Mixtral, Qwen-MoE with
+``norm_topk_prob``): the softmax over the chosen experts does not see the others. Without that renormalisation the
+router's softmax runs over all experts, so removing one raises the weights of those that stay.
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ from torch import nn
 from llmprune import arch as _arch
 from llmprune.errors import UserError
 
-STRUCTURES = ("hidden", "heads", "mlp", "layers")
+STRUCTURES = ("hidden", "heads", "mlp", "layers", "experts")
 
 
 @dataclass
 class Plan:
     """What to remove. ``removed`` is a list of channel / block indices for ``hidden`` and ``layers``, and one list
-    per block (KV-group or MLP-channel indices) for ``heads`` and ``mlp``."""
+    per block (KV-group, MLP-channel or expert indices; empty for a block without experts) for ``heads``, ``mlp`` and
+    ``experts``."""
 
     structure: str
     removed: list[Any]
@@ -76,6 +84,7 @@ class Geometry:
     kv_heads: int
     head_dim: int
     mlp: int
+    experts: int = 0  # routed experts per mixture-of-experts block (0: a dense model)
 
     @property
     def rep(self) -> int:  # query heads per KV group
@@ -88,12 +97,15 @@ def geometry(model: nn.Module) -> Geometry:
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width))
+    spec = _arch.arch_for(c.model_type).experts
+    experts = int(getattr(c, spec.count, 0) or 0) if spec is not None else 0
+    return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width), experts)
 
 
 def units_per_group(g: Geometry, structure: str) -> int:
-    """How many units one ratio applies to: hidden channels, KV groups per block, MLP channels per block, blocks."""
-    return {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers}[structure]
+    """How many units one ratio applies to: hidden channels, KV groups per block, MLP channels per block, blocks,
+    routed experts per MoE block."""
+    return {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers, "experts": g.experts}[structure]
 
 
 def count_removed(g: Geometry, structure: str, ratio: float) -> int:
@@ -109,7 +121,7 @@ def count_removed(g: Geometry, structure: str, ratio: float) -> int:
         # attention heads, even with an explicit head_dim: keep the nearest such width.
         n = total - g.heads * math.floor((total - n) / g.heads + 0.5)
     what = {"hidden": "hidden channels", "heads": "KV groups per block", "mlp": "MLP channels per block",
-            "layers": "decoder blocks"}[structure]
+            "layers": "decoder blocks", "experts": "routed experts per MoE block"}[structure]
     if n >= total:
         raise UserError(f"--ratio {ratio} would leave no {what} (there are {total})")
     if n == 0 and ratio > 0:
@@ -132,8 +144,10 @@ def count_removed_or_none(g: Geometry, structure: str, ratio: float) -> int | No
 
 
 def check_supported(model: nn.Module, structure: str) -> None:
-    parts = _arch.arch_for(model.config.model_type).parts
-    reason = dict(parts.cannot).get(structure)
+    a = _arch.arch_for(model.config.model_type)
+    reason = dict(a.parts.cannot).get(structure)
+    if structure == "experts" and a.experts is None:
+        reason = "it has no mixture-of-experts blocks"
     if reason:
         raise UserError(f"--structure {structure} is not possible for {model.config.model_type}: {reason}")
 
@@ -204,6 +218,16 @@ def slices(model: nn.Module, plan: Plan) -> list[Slice]:
             for lin in () if p.mlp_in_fused else p.mlp_in:
                 add_module(blk(i, lin), 0, list(chans), unit, bias=True)
             add(f"{blk(i, p.mlp_out)}.weight", 1, list(chans), unit)
+    elif s == "experts":
+        # Expert e is row e of both 3-D parameters and of the router: they go together.
+        spec = a.experts
+        u = 0
+        for i, experts in enumerate(plan.removed):
+            unit = list(range(u, u + len(experts)))
+            u += len(experts)
+            for param, _ in spec.params:
+                add(f"{blk(i, spec.path)}.{param}", 0, list(experts), unit)
+            add_module(blk(i, spec.router), 0, list(experts), unit, bias=True)
     elif s == "layers":
         # A block whose two output projections are zero adds nothing to the residual stream: it is the identity.
         for u, i in enumerate(plan.removed):
@@ -243,11 +267,23 @@ class Removal:
     gone: set[int]  # removed blocks
     renumber: dict[int, int]  # old block index -> new, for blocks that stay
     prefix: str  # dotted path of the blocks, with a trailing dot
+    # Removed experts, for checkpoints that keep one tensor per expert (``{disk_path}.{e}.{source}.weight``):
+    # block -> {old expert index: new one, or None for one that goes}, and the disk path inside a block.
+    experts: dict[int, dict[int, int | None]] = field(default_factory=dict)
+    expert_disk: str = ""
 
     def rename(self, name: str) -> str | None:
-        if not self.gone or not name.startswith(self.prefix):
+        if not name.startswith(self.prefix) or not (self.gone or self.experts):
             return name
         i, rest = name[len(self.prefix):].split(".", 1)
+        if self.experts:
+            table = self.experts.get(int(i))
+            head = self.expert_disk + "."
+            if table and rest.startswith(head) and rest[len(head):].split(".", 1)[0].isdigit():
+                e, tail = rest[len(head):].split(".", 1)
+                new = table[int(e)]
+                return None if new is None else f"{self.prefix}{i}.{head}{new}.{tail}"
+            return name
         return None if int(i) in self.gone else f"{self.prefix}{self.renumber[int(i)]}.{rest}"
 
     def shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -277,6 +313,7 @@ def removal(model: nn.Module, plan: Plan) -> Removal:
     scale: dict[str, tuple[float, float]] = {}
     gone: set[int] = set()
     renumber: dict[int, int] = {}
+    experts: dict[int, dict[int, int | None]] = {}
     if s == "layers":
         gone = set(plan.removed)
         keep = [i for i in range(g.layers) if i not in gone]
@@ -287,6 +324,9 @@ def removal(model: nn.Module, plan: Plan) -> Removal:
     else:
         for sl in slices(model, plan):
             cuts.setdefault(sl.param, []).append(sl)
+            for ours, theirs in a.renames:  # the same tensor under a checkpoint's own name (Mixtral's router)
+                if ours in sl.param:
+                    cuts.setdefault(sl.param.replace(ours, theirs), []).append(sl)
         cfg.head_dim = g.head_dim  # the attention width is no longer hidden_size // heads in general
         if s == "hidden":
             d_new = g.hidden - len(plan.removed)
@@ -311,7 +351,22 @@ def removal(model: nn.Module, plan: Plan) -> Removal:
             if any(len(x) != r for x in plan.removed):
                 raise UserError("a standard config needs the same number of MLP channels removed in every block")
             setattr(cfg, a.parts.mlp_width, g.mlp - r)
-    return Removal(cfg, cuts, scale, gone, renumber, a.layers + ".")
+        elif s == "experts":
+            counts = {len(x) for x, block in zip(plan.removed, _arch.blocks(model))
+                      if _arch.get_module(block, a.experts.path) is not None}
+            if len(counts) > 1:
+                raise UserError("a standard config needs the same number of experts removed in every MoE block")
+            r = counts.pop() if counts else 0
+            if g.experts - r < getattr(cfg, "num_experts_per_tok", 1):
+                raise UserError(f"removing {r} of {g.experts} experts leaves fewer than the {cfg.num_experts_per_tok} "
+                                "each token is routed to")
+            setattr(cfg, a.experts.count, g.experts - r)
+            for i, gone_e in enumerate(plan.removed):
+                if gone_e:
+                    kept = [e for e in range(g.experts) if e not in set(gone_e)]
+                    experts[i] = {e: (kept.index(e) if e in kept else None) for e in range(g.experts)}
+    return Removal(cfg, cuts, scale, gone, renumber, a.layers + ".", experts,
+                   a.experts.disk_path if a.experts is not None else "")
 
 
 def _hidden_rescale(model: nn.Module, d: int, d_new: int) -> dict[str, tuple[float, float]]:
@@ -388,6 +443,9 @@ def remove_streamed(lazy, plan: Plan, out, max_shard_size: str) -> Any:
             for old, new in order:
                 t = r.apply(old, lazy.shards.get(old))
                 zeros[new] = (int((t == 0).sum()), t.numel())
+                if t.dim() == 3:  # a 3-D expert parameter stored whole: its experts are counted one by one
+                    for e in range(t.shape[0]):
+                        zeros[f"{new}[{e}]"] = (int((t[e] == 0).sum()), t[e].numel())
                 writer.put(new, t)
                 advance()
         writer.close()
@@ -399,7 +457,14 @@ def remove_streamed(lazy, plan: Plan, out, max_shard_size: str) -> Any:
     counts = {}
     for name in sorted(_arch.linear_weight_names(small.model)):
         i, rest = name[len(prefix):].split(".", 1)
-        counts[f"{i}.{rest.removesuffix('.weight')}"] = zeros[name]
+        if name in small.parts:  # a 3-D expert parameter stored one tensor per expert and source
+            for e, sources in enumerate(small.parts[name]):
+                counts[f"{i}.{rest}[{e}]"] = tuple(map(sum, zip(*(zeros[k] for k in sources))))
+        elif name.endswith(".weight"):
+            counts[f"{i}.{rest.removesuffix('.weight')}"] = zeros[name]
+        else:
+            for e in range(small.model.get_parameter(name).shape[0]):
+                counts[f"{i}.{rest}[{e}]"] = zeros[f"{name}[{e}]"]
     return small.model, counts
 
 

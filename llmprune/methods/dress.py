@@ -41,7 +41,8 @@ from llmprune.structured import STRUCTURES, Plan, Slice, check_supported, count_
 if TYPE_CHECKING:
     from llmprune.workdir import Transaction, Workdir
 
-SELECTS = ("activation", "tail", "random")
+SELECTS = ("activation", "tail", "random", "reap", "frequency")
+EXPERT_SELECTS = ("reap", "frequency")  # experts only; "activation" means reap there
 NORMS = ("group", "l2", "l1")
 SHRINKS = ("prox", "loss")
 SELECT_WINDOWS = 16  # windows the activation scores are measured on: channel RMS is stable well before that
@@ -53,6 +54,8 @@ def check_choice(structure: str, select: str) -> None:
         raise UserError(f"unknown structure '{structure}'; use one of: {', '.join(STRUCTURES)}")
     if select not in SELECTS:
         raise UserError(f"unknown selection '{select}'; use one of: {', '.join(SELECTS)}")
+    if select in EXPERT_SELECTS and structure != "experts":
+        raise UserError(f"--select {select} scores experts; for --structure {structure} use activation, tail or random")
 
 
 # --- selection ------------------------------------------------------------------------------------------------
@@ -108,6 +111,13 @@ def scores(model: nn.Module, structure: str, windows: torch.Tensor, device: str 
     return torch.stack(per_block)
 
 
+def routing_renormalised(model: nn.Module) -> bool:
+    """Whether the router renormalises its weights over the chosen top-k (then removing an expert a token does not
+    choose leaves that token's output unchanged)."""
+    key = _arch.arch_for(model.config.model_type).experts.renormalises
+    return True if not key else bool(getattr(model.config, key, False))
+
+
 def _influence(a: engine.Activations, b: engine.Activations) -> float:
     vals = [block_influence(x, y) for x, y in zip(a.hidden, b.hidden)]
     return sum(vals) / len(vals)
@@ -120,9 +130,22 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     check_supported(model, structure)
     g = geometry(model)
     n = count_removed(g, structure, ratio)
-    per_block = structure in ("heads", "mlp")
-    size = {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers}[structure]
-    if how == "activation":
+    per_block = structure in ("heads", "mlp", "experts")
+    size = {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers, "experts": g.experts}[structure]
+    moe = [_arch.get_module(b, spec.path) is not None for b in _arch.blocks(model)] if (
+        spec := _arch.arch_for(model.config.model_type).experts) else []
+    meta: dict[str, Any] = {}
+    if structure == "experts" and how in ("activation", *EXPERT_SELECTS):
+        from llmprune.reap import expert_stats
+
+        assert windows is not None
+        how = "reap" if how == "activation" else how
+        st = expert_stats(model, windows[:SELECT_WINDOWS], device, batch_size, weights)
+        s = st.reap() if how == "reap" else st.frequency()
+        removed = [[] if r is None else sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in s]
+        meta = {"scores": [None if r is None else [round(float(v), 6) for v in r] for r in s],
+                "tokens": [None if t is None else t.tolist() for t in st.tokens]}
+    elif how == "activation":
         assert windows is not None
         s = scores(model, structure, windows[:SELECT_WINDOWS], device, batch_size, weights)
         rows = s if per_block else s.unsqueeze(0)
@@ -139,8 +162,10 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
                    for _ in range(g.layers if per_block else 1)]
     else:
         raise ValueError(how)
+    if structure == "experts":  # dense blocks of an MoE model (Qwen3-MoE's mlp_only_layers) have none to remove
+        removed = [r if m else [] for r, m in zip(removed, moe)]
     return Plan(structure, removed if per_block else removed[0], ratio, how,
-                {"units": n, "of": size, **({"seed": seed} if how == "random" else {})})
+                {"units": n, "of": size, **({"seed": seed} if how == "random" else {}), **meta})
 
 
 # --- the penalty and the shrink -------------------------------------------------------------------------------
@@ -257,8 +282,15 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
 
     def measure(m: nn.Module, step: int) -> dict[str, Any]:
         nll = heldout_nll(m, holdout)
-        with pen.zeroed():
-            nll0 = heldout_nll(m, holdout)
+        if plan.structure == "experts":
+            # A router row at zero still gives its expert a logit of 0, which can win the top-k: zeroing is not
+            # removing here, so the gap is measured on the model with the experts removed.
+            from llmprune.structured import remove
+
+            nll0 = heldout_nll(remove(m, plan), holdout)
+        else:
+            with pen.zeroed():
+                nll0 = heldout_nll(m, holdout)
         return {"relative_norm": round(pen.relative_norm(), 6), "ppl": round(math.exp(nll), 4),
                 "ppl_zeroed": round(math.exp(nll0), 4), "gap": round(math.exp(nll0 - nll) - 1, 6)}
 
@@ -363,10 +395,16 @@ class DReSS(Method):
             check_supported(lm, structure)
             t0 = time.perf_counter()
             if planned is None:
-                windows = ws.windows() if select_ == "activation" else None
+                windows = ws.windows() if select_ in ("activation", *EXPERT_SELECTS) else None
                 planned = select(lm, structure, ratio, select_, windows, device, options.seed, batch_size,
                                  weights=weights)
             before_params, before_geom = param_count(lm), geometry(lm)
+            exact = routing_renormalised(lm) if structure == "experts" else None
+            if exact is False:
+                from llmprune import report
+
+                report.warn(f"{lm.config.model_type}'s router does not renormalise over its top-k (norm_topk_prob "
+                            "false): removing experts also raises the routing weights of the experts that stay")
             out = tx.stage("model")
             if weights.lazy:
                 small, counts = remove_streamed(weights, planned, out, ws.shard_size)
@@ -381,7 +419,8 @@ class DReSS(Method):
             prune_s = time.perf_counter() - t0
             tx.step.metrics = {"prune_s": round(prune_s, 3), "plan": planned.to_json(), "units_removed": planned.n_units,
                                "parameters_before": before_params, **summ,
-                               "geometry_before": before_geom.__dict__, "geometry": geometry(small).__dict__}
+                               "geometry_before": before_geom.__dict__, "geometry": geometry(small).__dict__,
+                               **({"routing_renormalised": exact} if exact is not None else {})}
             PlanRecord(planned, regularized, applied=True).write(tx)
         return {"method": "dress", "structure": structure, "ratio": ratio, "select": select_,
                 "regularized": regularized, **tx.step.metrics}

@@ -1,0 +1,155 @@
+"""Removing whole experts (`prune --method dress --structure experts`): exact where the router renormalises over its
+top-k, a plain `from_pretrained` afterwards, the analytic parameter count, REAP and frequency against an independent
+computation, DReSS for experts, and the refusals."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tiny
+from conftest import cli
+from llmprune import arch as _arch
+from llmprune import reap, structured
+from llmprune.structured import Plan
+
+
+def _renormalising(folder, on: bool = True):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if hasattr(model.config, "norm_topk_prob"):  # Qwen-MoE: a config switch (Mixtral always renormalises)
+        model.config.norm_topk_prob = on
+        for block in _arch.blocks(model):
+            gate = getattr(block.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "norm_topk_prob"):
+                gate.norm_topk_prob = on
+    return model
+
+
+def _unchosen(model, ids) -> tuple[list[list[int]], list[list[int]]]:
+    """Per block: one expert no token of ``ids`` chose, and one that some token chose ([] for a dense block)."""
+    st = reap.expert_stats(model, ids, batch_size=1)
+    idle = [[] if t is None else [int((t == 0).nonzero()[0])] for t in st.tokens]
+    busy = [[] if t is None else [int(t.argmax())] for t in st.tokens]
+    return idle, busy
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_removing_an_expert_no_token_chose_leaves_the_logits_unchanged(tiny_root, arch):
+    model = _renormalising(tiny_root / arch)
+    ids = torch.tensor([[7]])  # one token chooses 2 of the 4 experts: two per block are idle
+    idle, busy = _unchosen(model, ids)
+    with torch.no_grad():
+        dense = model(ids).logits
+        torch.testing.assert_close(structured.remove(model, Plan("experts", idle))(ids).logits, dense,
+                                   atol=1e-5, rtol=0)
+        # the control: removing an expert the token did choose changes them
+        assert (structured.remove(model, Plan("experts", busy))(ids).logits - dense).abs().max() > 1e-3
+
+
+def test_without_top_k_renormalisation_removal_moves_the_weights_of_the_experts_that_stay(tiny_root):
+    model = _renormalising(tiny_root / "qwen3_moe", on=False)  # the softmax runs over all experts
+    ids = torch.tensor([[7]])
+    idle, _ = _unchosen(model, ids)
+    with torch.no_grad():
+        diff = (structured.remove(model, Plan("experts", idle))(ids).logits - model(ids).logits).abs().max()
+    assert diff > 1e-4
+
+
+def test_reap_and_frequency_match_an_independent_computation(tiny_root):
+    """Router weights and expert outputs recomputed from the block's own router and its 3-D parameters."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "mixtral").eval()
+    ids = torch.randint(0, tiny.VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    inputs = {}
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+             for i, b in enumerate(_arch.blocks(model))]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    st = reap.expert_stats(model, ids, batch_size=2)
+    k = model.config.num_experts_per_tok
+    for i, block in enumerate(_arch.blocks(model)):
+        x = inputs[i].reshape(-1, inputs[i].shape[-1])
+        with torch.no_grad():
+            _, weights, chosen = block.mlp.gate(x)
+        ex = block.mlp.experts
+        want_n, want_s = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.float64)
+        for e in range(4):
+            tok, pos = torch.where(chosen == e)
+            gate, up = (x[tok] @ ex.gate_up_proj[e].T).chunk(2, -1)
+            y = (ex.act_fn(gate) * up) @ ex.down_proj[e].T
+            want_n[e] = tok.numel()
+            want_s[e] = (weights[tok, pos].double() * y.double().norm(dim=-1)).sum()
+        assert torch.equal(st.tokens[i], want_n) and int(want_n.sum()) == ids.numel() * k
+        torch.testing.assert_close(st.weighted_norm[i], want_s, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(st.reap()[i], want_s / want_n.clamp(min=1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+@pytest.mark.parametrize("select", ["reap", "frequency", "random"])
+def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_root, arch, select):
+    wd = calibrated(arch, samples=12, seqlen=32)
+    dense = AutoModelForCausalLM.from_pretrained(wd / "model")
+    key = _arch.arch_for(dense.config.model_type).experts.count
+    code, res = cli("prune", wd, "--method", "dress", "--structure", "experts", "--ratio", 0.5, "--select", select)
+    assert code == 0 and res["select"] == select
+    small = AutoModelForCausalLM.from_pretrained(wd / "model")  # plain transformers, no llmprune code
+    assert getattr(small.config, key) == 2 and small.config.num_experts_per_tok == 2
+    moe = [b for b in _arch.blocks(dense) if _arch.get_module(b, "mlp.experts") is not None]
+    h, i = dense.config.hidden_size, getattr(dense.config, "moe_intermediate_size", dense.config.intermediate_size)
+    per_expert = 3 * h * i + h  # gate, up and down, and its router row
+    assert res["parameters_before"] - res["parameters"] == len(moe) * 2 * per_expert
+    assert sum(p.numel() for p in small.parameters()) == res["parameters"]
+    # The streamed removal wrote exactly what removing the plan in memory gives.
+    plan = Plan.from_json(res["plan"])
+    want = structured.remove(dense, plan).state_dict()
+    got = small.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    for block, removed in zip(_arch.blocks(dense), plan.removed):
+        if _arch.get_module(block, "mlp.experts") is None:
+            assert removed == []  # a dense block of an MoE model has none to remove
+    if select != "random":
+        assert res["plan"]["tokens"] and res["plan"]["scores"]
+    code, ev = cli("eval", wd, "--dataset", tiny_root / "heldout.txt", "--seqlen", 32, "--max-windows", 2)
+    assert code == 0 and ev["perplexity"] > 0
+
+
+def test_the_lowest_scoring_experts_go(calibrated):
+    wd = calibrated("mixtral", samples=12, seqlen=32)
+    code, res = cli("prune", wd, "--method", "dress", "--structure", "experts", "--ratio", 0.25, "--select",
+                    "frequency")
+    assert code == 0
+    for tokens, removed in zip(res["plan"]["tokens"], res["plan"]["removed"]):
+        assert removed == [min(range(4), key=lambda e: (tokens[e], e))]
+    assert res["geometry"]["experts"] == 3 and res["geometry_before"]["experts"] == 4
+    assert res["routing_renormalised"] is True
+
+
+def test_dress_for_experts_shrinks_them_and_measures_the_gap_by_removal(calibrated):
+    wd = calibrated("qwen3_moe", samples=16, seqlen=32)
+    code, reg = cli("regularize", wd, "--structure", "experts", "--ratio", 0.5, "--select", "reap", "--steps", 12,
+                    "--eval-every", 6, "--batch-size", 4, "--holdout", 4, "--lambda", 0.1)
+    assert code == 0 and reg["relative_norm"] == 0  # lambda 0.1: zero within 10 steps
+    code, res = cli("prune", wd, "--method", "dress")
+    assert code == 0 and res["regularized"] and res["structure"] == "experts"
+    assert res["plan"]["removed"] == reg["plan"]["removed"]
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["metrics"]["geometry"]["experts"] == 2
+
+
+def test_expert_removal_refusals(calibrated, capsys):
+    dense = calibrated("llama", samples=12, seqlen=32)
+    moe = calibrated("mixtral", samples=12, seqlen=32)
+    manifest = (moe / "manifest.json").read_text()
+    for wd, args, words in [
+        (dense, ["--structure", "experts", "--ratio", 0.5], "no mixture-of-experts"),
+        (dense, ["--structure", "mlp", "--ratio", 0.5, "--select", "reap"], "scores experts"),
+        (moe, ["--structure", "experts", "--ratio", 0.75], "fewer than the 2"),
+        (moe, ["--structure", "mlp", "--ratio", 0.5], "--structure experts removes whole experts"),
+    ]:
+        capsys.readouterr()
+        assert cli("prune", wd, "--method", "dress", *args)[0] == 1
+        err = capsys.readouterr().err
+        assert words in " ".join(err.split()) and "Traceback" not in err, err
+    assert (moe / "manifest.json").read_text() == manifest
