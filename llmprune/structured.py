@@ -472,3 +472,68 @@ def _tied_names(model: nn.Module) -> set[str]:
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     return {f"{_module_name(model, model.get_output_embeddings())}.weight"}
+
+
+# --- a parameter budget ---------------------------------------------------------------------------------------
+def parse_budget(text: str, total: int) -> int:
+    """``--target-params``: a count (``100M``, ``1.5B``, ``250000000``) or a fraction of the model (``0.75``)."""
+    t = text.strip().upper().replace("_", "")
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(t[-1:], 1.0)
+    try:
+        value = float(t[:-1] if scale != 1.0 else t)
+    except ValueError:
+        raise UserError(f"--target-params {text!r} is neither a count (100M, 1.5B) nor a fraction (0.75)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"--target-params must be positive, got {text}")
+    target = round(value * total) if scale == 1.0 and value < 1 else round(value * scale)
+    if target >= total:
+        raise UserError(f"--target-params {text} is not below the model's {total:,} parameters")
+    return target
+
+
+def params_after(model: nn.Module, plan: Plan) -> int:
+    """The parameter count of the model ``remove`` would build from ``plan``, from shapes alone (tied counted once)."""
+    r = removal(model, plan)
+    seen, total = set(), 0
+    for name, p in model.named_parameters():  # named_parameters lists a tied tensor once
+        if id(p) in seen or r.rename(name) is None:
+            continue
+        seen.add(id(p))
+        total += math.prod(r.shape(name, tuple(p.shape)))
+    return total
+
+
+def ratio_for_budget(model: nn.Module, structure: str, target: int) -> tuple[float, int]:
+    """The smallest ratio of ``structure`` whose removal leaves at most ``target`` parameters, and that count.
+
+    The count falls monotonically with the number of units, so a bisection over the numbers of units a ratio can give
+    (hidden channels go a multiple of the head count at a time) finds it; which units go does not change it."""
+    from llmprune.modeling import param_count
+
+    check_supported(model, structure)
+    g = geometry(model)
+    total = units_per_group(g, structure)
+
+    def plan_for(n: int) -> Plan:
+        per_block = structure in ("heads", "mlp", "experts")
+        idx = list(range(total - n, total)) if structure != "layers" else list(range(total - 1 - n, total - 1))
+        return Plan(structure, [idx] * g.layers if per_block else idx)
+
+    def count(n: int) -> int:
+        return params_after(model, plan_for(n)) if n else param_count(model)
+
+    valid = sorted({c for n in range(total) if (c := count_removed_or_none(g, structure, n / total)) is not None})
+    if structure == "experts":  # every token still needs its top-k
+        valid = [n for n in valid if total - n >= getattr(model.config, "num_experts_per_tok", 1)]
+    lo, hi = 0, len(valid) - 1
+    if count(valid[hi]) > target:
+        raise UserError(f"--structure {structure} cannot reach {target:,} parameters: removing the most it can "
+                        f"({valid[hi]} of {total}) leaves {count(valid[hi]):,}")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(valid[mid]) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    n = valid[lo]
+    return n / total, count(n)

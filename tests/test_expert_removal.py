@@ -153,3 +153,64 @@ def test_expert_removal_refusals(calibrated, capsys):
         err = capsys.readouterr().err
         assert words in " ".join(err.split()) and "Traceback" not in err, err
     assert (moe / "manifest.json").read_text() == manifest
+
+
+# --- a parameter budget (issue #20, item 2) ----------------------------------------------------------------------
+@pytest.mark.parametrize("arch,structure", [("llama", "hidden"), ("llama", "mlp"), ("gemma3_text", "heads"),
+                                            ("qwen2", "layers"), ("mixtral", "experts"), ("qwen3_moe", "experts")])
+def test_params_after_is_what_removal_builds(tiny_root, arch, structure):
+    from llmprune.methods import dress
+    from llmprune.modeling import param_count
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
+    for ratio in (0.25, 0.5):
+        plan = dress.select(model, structure, ratio, "tail", None)
+        assert structured.params_after(model, plan) == param_count(structured.remove(model, plan))
+
+
+@pytest.mark.parametrize("arch,structure", [("llama", "mlp"), ("llama", "hidden"), ("mixtral", "experts")])
+def test_a_budget_is_the_smallest_ratio_that_reaches_it(tiny_root, arch, structure):
+    from llmprune.methods import dress
+    from llmprune.modeling import param_count
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
+    total = param_count(model)
+    if structure == "experts":  # at most 2 of 4 experts can go (each token needs 2): 0.7 is out of reach
+        with pytest.raises(Exception, match="cannot reach"):
+            structured.ratio_for_budget(model, structure, structured.parse_budget("0.7", total))
+    for text in ("0.8", f"{int(total * 0.7)}") if structure != "experts" else ("0.8", "0.9"):
+        target = structured.parse_budget(text, total)
+        ratio, params = structured.ratio_for_budget(model, structure, target)
+        assert params <= target
+        plan = dress.select(model, structure, ratio, "tail", None)
+        assert structured.params_after(model, plan) == params
+        units = structured.count_removed(structured.geometry(model), structure, ratio)
+        fewer = [n for n in range(units) if structured.count_removed_or_none(
+            structured.geometry(model), structure, n / structured.units_per_group(structured.geometry(model), structure)) == n]
+        if fewer:  # one unit fewer (of those a ratio can give) would miss the budget
+            smaller = dress.select(model, structure, fewer[-1] / structured.units_per_group(
+                structured.geometry(model), structure), "tail", None)
+            assert structured.params_after(model, smaller) > target
+
+
+def test_target_params_through_the_commands(calibrated, capsys):
+    wd = calibrated("llama", samples=12, seqlen=32)
+    code, res = cli("prune", wd, "--method", "dress", "--structure", "mlp", "--target-params", "0.8", "--select",
+                    "tail")
+    assert code == 0 and res["parameters"] <= res["budget"]["target"] == round(0.8 * res["parameters_before"])
+    assert res["parameters"] == res["budget"]["params"] and res["ratio"] == res["budget"]["ratio"]
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["params"]["target_params"] == "0.8" and step["params"]["ratio"] == res["ratio"]
+    wd2 = calibrated("qwen2", samples=16, seqlen=32)
+    code, reg = cli("regularize", wd2, "--structure", "layers", "--target-params", "0.7", "--steps", 2,
+                    "--batch-size", 4, "--holdout", 4, "--select", "tail")
+    assert code == 0 and reg["budget"]["params"] <= reg["budget"]["target"]
+    code, res = cli("prune", wd2, "--method", "dress")
+    assert code == 0 and res["parameters"] == reg["budget"]["params"]
+    fresh = calibrated("mistral", samples=12, seqlen=32)
+    for args in (["--target-params", "2.0"], ["--target-params", "lots"], ["--target-params", "0.5", "--ratio", 0.3],
+                 ["--target-params", "10"]):
+        capsys.readouterr()
+        assert cli("prune", fresh, "--method", "dress", "--structure", "mlp", *args)[0] == 1
+        err = capsys.readouterr().err
+        assert err.strip() and "Traceback" not in err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,7 +16,7 @@ from llmprune.errors import UserError
 def regularize(
     ctx: typer.Context,
     workdir: WorkdirArg,
-    ratio: Annotated[float, typer.Option(help="Fraction of the structure's units to remove.")] = 0.25,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of the structure's units to remove (default 0.25).")] = None,
     structure: Annotated[str, typer.Option(help="hidden (the paper), heads (KV groups), mlp, layers, experts (MoE: whole routed experts).")] = "hidden",
     select: Annotated[str, typer.Option(help="activation (lowest on calibration data; REAP for experts), tail, random; experts also reap, frequency.")] = "activation",
     norm: Annotated[str, typer.Option(help="group (one L2 norm per unit), l2 (per slice), l1 (element-wise).")] = "group",
@@ -37,15 +37,18 @@ def regularize(
     kd_temperature: KdTemperatureOpt = 1.0,
     kd_weight: KdWeightOpt = 1.0,
     teacher: TeacherOpt = None,
+    target_params: Annotated[Optional[str], typer.Option(help="A parameter budget instead of --ratio: a count (100M, 1.5B) or a fraction of the model (0.75).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
     from llmprune.methods.dress import RegularizeOptions, regularize_workdir
     from llmprune.train import check_launcher
 
-    opts = RegularizeOptions(ratio, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
+    if ratio is not None and target_params is not None:
+        raise UserError("give --ratio or --target-params, not both")
+    opts = RegularizeOptions(ratio if ratio is not None else 0.25, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
                              batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device, distill,
-                             kd_temperature, kd_weight, teacher)
+                             kd_temperature, kd_weight, teacher, target_params)
     opts.check()
     check_launcher()
     positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,
@@ -56,7 +59,7 @@ def regularize(
     m = regularize_workdir(open_workdir(ctx, workdir).require_calibration(), opts)
     result = {"workdir": str(workdir), **m}
     finish(result, as_json, lambda: report.table(
-        f"regularized {structure} {ratio:.0%} ({m['units_removed']} units, {select})", ["held-out", "before", "after"],
+        f"regularized {structure} {m['plan']['ratio']:.0%} ({m['units_removed']} units, {select})", ["held-out", "before", "after"],
         [["perplexity", m["before"]["ppl"], m["ppl"]], ["perplexity, units zeroed", m["before"]["ppl_zeroed"],
           m["ppl_zeroed"]], ["relative norm of the units", m["before"]["relative_norm"], m["relative_norm"]],
          ["steps", 0, m["steps"]], ["time", "", f"{m['train_s']:.1f} s"]]))

@@ -111,6 +111,17 @@ def scores(model: nn.Module, structure: str, windows: torch.Tensor, device: str 
     return torch.stack(per_block)
 
 
+def resolve_budget(model: nn.Module, structure: str, text: str) -> dict[str, Any]:
+    """``--target-params`` as the ratio that reaches it: ``{"target", "ratio", "params"}`` (the count that ratio
+    leaves, at most the target)."""
+    from llmprune.modeling import param_count
+    from llmprune.structured import parse_budget, ratio_for_budget
+
+    target = parse_budget(text, param_count(model))
+    ratio, params = ratio_for_budget(model, structure, target)
+    return {"target": target, "ratio": ratio, "params": params}
+
+
 def routing_renormalised(model: nn.Module) -> bool:
     """Whether the router renormalises its weights over the chosen top-k (then removing an expert a token does not
     choose leaves that token's output unchanged)."""
@@ -352,6 +363,8 @@ class Options:
     select: Optional[str] = option(None, f"DReSS: {', '.join(SELECTS)} (default: the regularised plan's, else "
                                    f"{DEFAULT_SELECT}).")
     seed: int = option(0, "DReSS: seed of --select random.")
+    target_params: Optional[str] = option(None, "DReSS: a parameter budget instead of --ratio: a count (100M, 1.5B) "
+                                          "or a fraction of the model (0.75); the smallest ratio that reaches it.")
 
 
 class DReSS(Method):
@@ -383,9 +396,13 @@ class DReSS(Method):
         select_ = options.select or (planned.select if planned else DEFAULT_SELECT)
         ratio = options.ratio if options.ratio is not None else (planned.ratio if planned else DEFAULT_RATIO)
         check_choice(structure, select_)
+        if options.target_params is not None and (options.ratio is not None or planned is not None):
+            raise UserError("--target-params chooses the ratio: give it instead of --ratio, and to regularize "
+                            "(not to the prune that applies a regularised plan)")
         regularized = pending is not None
         params = dict(method="dress", structure=structure, ratio=ratio, select=select_, seed=options.seed,
-                      device=device, regularized=regularized)
+                      device=device, regularized=regularized,
+                      **({"target_params": options.target_params} if options.target_params is not None else {}))
         with ws.step("prune", params) as tx:
             ws.record_inputs(tx, "model")
             ws.record_inputs(tx, "calib")
@@ -393,6 +410,10 @@ class DReSS(Method):
                 ws.record_inputs(tx, "dress")
             lm, tok, weights = open_current(ws)  # the blocks stay in the shards; each tensor is cut in turn
             check_supported(lm, structure)
+            budget = None
+            if options.target_params is not None:
+                budget = resolve_budget(lm, structure, options.target_params)
+                ratio = params["ratio"] = budget["ratio"]  # recorded as the ratio it resolved to
             t0 = time.perf_counter()
             if planned is None:
                 windows = ws.windows() if select_ in ("activation", *EXPERT_SELECTS) else None
@@ -420,7 +441,8 @@ class DReSS(Method):
             tx.step.metrics = {"prune_s": round(prune_s, 3), "plan": planned.to_json(), "units_removed": planned.n_units,
                                "parameters_before": before_params, **summ,
                                "geometry_before": before_geom.__dict__, "geometry": geometry(small).__dict__,
-                               **({"routing_renormalised": exact} if exact is not None else {})}
+                               **({"routing_renormalised": exact} if exact is not None else {}),
+                               **({"budget": budget} if budget is not None else {})}
             PlanRecord(planned, regularized, applied=True).write(tx)
         return {"method": "dress", "structure": structure, "ratio": ratio, "select": select_,
                 "regularized": regularized, **tx.step.metrics}
@@ -455,11 +477,14 @@ class RegularizeOptions:
     kd_temperature: float = 1.0
     kd_weight: float = 1.0
     teacher: Optional[str] = None
+    target_params: Optional[str] = None  # a budget instead of the ratio (resolved in the step)
 
     def params(self) -> dict[str, Any]:
         import dataclasses
 
         p = dataclasses.asdict(self)
+        if self.target_params is None:
+            del p["target_params"]
         if not self.distill:  # the KD settings do not apply: a plain run records what it always did
             for k in ("distill", "kd_temperature", "kd_weight", "teacher"):
                 del p[k]
@@ -492,6 +517,13 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         ws.record_inputs(tx, "calib")
         lm, tok = load_current(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
         check_supported(lm, o.structure)
+        budget = None
+        if o.target_params is not None:
+            import dataclasses
+
+            budget = resolve_budget(lm, o.structure, o.target_params)
+            o = dataclasses.replace(o, ratio=budget["ratio"])
+            tx.step.params["ratio"] = o.ratio
         distiller = None
         if o.distill:
             if o.teacher is None:
@@ -509,7 +541,7 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
             "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
             "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "peak_rss_mib": round(peak, 1),
-            "loss": hist["loss"], "evals": hist["evals"], **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
+            "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
                                                              if o.distill else {})}
         PlanRecord(plan, regularized=True, applied=False).write(tx)
         save_model(lm, tok, tx.stage("model"), ws.shard_size)
