@@ -105,11 +105,12 @@ _GEMMA2_PARTS = Parts(norm_offset=1.0, embed_scaled=True,
 
 # Mixture-of-experts: Qwen-MoE and Mixtral keep routed experts as 3-D parameters and a router ``mlp.gate`` (a plain
 # [E, H] weight); Qwen2-MoE adds a shared expert (ordinary Linears, pruned like a dense MLP) and its one-row gate.
-# Removing whole experts (--structure experts) slices the expert parameters and the router's rows together; the
-# other structures would have to cut every expert along with the rest: refused for now.
+# Removing whole experts (--structure experts) slices the expert parameters and the router's rows together, and
+# KV groups (heads) touch the attention only; hidden channels and MLP channels would have to cut every expert along
+# with the rest, and a block's identity under DReSS's zeroing would need its experts zeroed too: refused for now.
 _MOE_WHY = ("this structure does not slice mixture-of-experts blocks yet (every expert and the router would have to "
             "be cut together); --structure experts removes whole experts")
-_MOE_CANNOT = tuple((structure, _MOE_WHY) for structure in ("hidden", "heads", "mlp", "layers"))
+_MOE_CANNOT = tuple((structure, _MOE_WHY) for structure in ("hidden", "mlp", "layers"))
 # LoRA adapts the attention of MoE models by default: peft (0.21) maps the MLP names gate_proj / up_proj /
 # down_proj onto the 3-D expert parameters (its transformers-4 compatibility layer), dropping the dense and shared
 # MLP Linears of those names, and the zero-mask training of ``recovery`` covers Linears only.

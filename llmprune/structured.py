@@ -35,6 +35,10 @@ from llmprune import arch as _arch
 from llmprune.errors import UserError
 
 STRUCTURES = ("hidden", "heads", "mlp", "layers", "experts")
+# A combination ("mlp+layers") removes its parts in this order. Each part's indices refer to the original model:
+# hidden channels, KV groups, MLP channels and experts are independent index spaces, so removing one leaves the
+# others' indices valid, and blocks go last, so the per-block lists still line up with the blocks.
+ORDER = ("hidden", "heads", "mlp", "experts", "layers")
 
 
 @dataclass
@@ -59,7 +63,16 @@ class Plan:
         return cls(d["structure"], d["removed"], d.get("ratio", 0.0), d.get("select", ""), meta)
 
     @property
+    def parts(self) -> list["Plan"]:
+        """The single-structure plans of a combination, in removal order (``[self]`` for a single structure)."""
+        if "+" not in self.structure:
+            return [self]
+        return sorted((Plan.from_json(d) for d in self.removed), key=lambda p: ORDER.index(p.structure))
+
+    @property
     def n_units(self) -> int:
+        if "+" in self.structure:
+            return sum(p.n_units for p in self.parts)
         if self.structure in ("hidden", "layers"):
             return len(self.removed)
         return sum(len(r) for r in self.removed)
@@ -143,7 +156,21 @@ def count_removed_or_none(g: Geometry, structure: str, ratio: float) -> int | No
         return None
 
 
+def split_structures(structure: str) -> list[str]:
+    """``"mlp+layers"`` -> ``["mlp", "layers"]``, each known and none twice."""
+    names = structure.split("+")
+    bad = [n for n in names if n not in STRUCTURES]
+    if bad or len(set(names)) != len(names):
+        raise UserError(f"--structure {structure}: use one of {', '.join(STRUCTURES)}, or several joined by '+' "
+                        "(each once)")
+    return names
+
+
 def check_supported(model: nn.Module, structure: str) -> None:
+    if "+" in structure:
+        for part in split_structures(structure):
+            check_supported(model, part)
+        return
     a = _arch.arch_for(model.config.model_type)
     reason = dict(a.parts.cannot).get(structure)
     if structure == "experts" and a.experts is None:
@@ -157,7 +184,15 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def slices(model: nn.Module, plan: Plan) -> list[Slice]:
-    """Every parameter slice that belongs to the plan's units. Tied parameters appear under each of their names."""
+    """Every parameter slice that belongs to the plan's units. Tied parameters appear under each of their names.
+    A combination's parts are numbered one after the other (unit ids stay distinct for the group norms)."""
+    if "+" in plan.structure:
+        out, offset = [], 0
+        for part in plan.parts:
+            got = slices(model, part)
+            out += [Slice(sl.param, sl.dim, sl.index, sl.unit + offset) for sl in got]
+            offset += max((int(sl.unit.max()) + 1 for sl in got), default=0)
+        return out
     a = _arch.arch_for(model.config.model_type)
     p = a.parts
     g = geometry(model)
@@ -398,6 +433,10 @@ def remove(model: nn.Module, plan: Plan) -> nn.Module:
     """A new, physically smaller model without the plan's units, built from a standard config."""
     from transformers import AutoModelForCausalLM
 
+    if "+" in plan.structure:
+        for part in plan.parts:
+            model = remove(model, part)
+        return model
     r = removal(model, plan)
     sd = {}
     for key, t in model.state_dict().items():
@@ -429,6 +468,22 @@ def remove_streamed(lazy, plan: Plan, out, max_shard_size: str) -> Any:
     from llmprune.lazy import Lazy
     from llmprune.shards import Planned, ShardWriter, plan_shards, shard_names
 
+    if "+" in plan.structure:  # one part at a time, each from the previous part's shards
+        import shutil
+
+        parts, source, tmp = plan.parts, lazy, []
+        try:
+            for k, part in enumerate(parts):
+                last = k == len(parts) - 1
+                dest = out if last else out.with_name(f"{out.name}.part{k}")
+                small, counts = remove_streamed(source, part, dest, max_shard_size)
+                if not last:
+                    tmp.append(dest)
+                    source = Lazy(dest, error=RuntimeError)
+            return small, counts
+        finally:
+            for d in tmp:
+                shutil.rmtree(d, ignore_errors=True)
     r = removal(lazy.model, plan)
     entries = lazy.shards.entries
     order = [(n, r.rename(n)) for n in lazy.order()]
@@ -473,67 +528,3 @@ def _tied_names(model: nn.Module) -> set[str]:
         return set()
     return {f"{_module_name(model, model.get_output_embeddings())}.weight"}
 
-
-# --- a parameter budget ---------------------------------------------------------------------------------------
-def parse_budget(text: str, total: int) -> int:
-    """``--target-params``: a count (``100M``, ``1.5B``, ``250000000``) or a fraction of the model (``0.75``)."""
-    t = text.strip().upper().replace("_", "")
-    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(t[-1:], 1.0)
-    try:
-        value = float(t[:-1] if scale != 1.0 else t)
-    except ValueError:
-        raise UserError(f"--target-params {text!r} is neither a count (100M, 1.5B) nor a fraction (0.75)") from None
-    if not (math.isfinite(value) and value > 0):
-        raise UserError(f"--target-params must be positive, got {text}")
-    target = round(value * total) if scale == 1.0 and value < 1 else round(value * scale)
-    if target >= total:
-        raise UserError(f"--target-params {text} is not below the model's {total:,} parameters")
-    return target
-
-
-def params_after(model: nn.Module, plan: Plan) -> int:
-    """The parameter count of the model ``remove`` would build from ``plan``, from shapes alone (tied counted once)."""
-    r = removal(model, plan)
-    seen, total = set(), 0
-    for name, p in model.named_parameters():  # named_parameters lists a tied tensor once
-        if id(p) in seen or r.rename(name) is None:
-            continue
-        seen.add(id(p))
-        total += math.prod(r.shape(name, tuple(p.shape)))
-    return total
-
-
-def ratio_for_budget(model: nn.Module, structure: str, target: int) -> tuple[float, int]:
-    """The smallest ratio of ``structure`` whose removal leaves at most ``target`` parameters, and that count.
-
-    The count falls monotonically with the number of units, so a bisection over the numbers of units a ratio can give
-    (hidden channels go a multiple of the head count at a time) finds it; which units go does not change it."""
-    from llmprune.modeling import param_count
-
-    check_supported(model, structure)
-    g = geometry(model)
-    total = units_per_group(g, structure)
-
-    def plan_for(n: int) -> Plan:
-        per_block = structure in ("heads", "mlp", "experts")
-        idx = list(range(total - n, total)) if structure != "layers" else list(range(total - 1 - n, total - 1))
-        return Plan(structure, [idx] * g.layers if per_block else idx)
-
-    def count(n: int) -> int:
-        return params_after(model, plan_for(n)) if n else param_count(model)
-
-    valid = sorted({c for n in range(total) if (c := count_removed_or_none(g, structure, n / total)) is not None})
-    if structure == "experts":  # every token still needs its top-k
-        valid = [n for n in valid if total - n >= getattr(model.config, "num_experts_per_tok", 1)]
-    lo, hi = 0, len(valid) - 1
-    if count(valid[hi]) > target:
-        raise UserError(f"--structure {structure} cannot reach {target:,} parameters: removing the most it can "
-                        f"({valid[hi]} of {total}) leaves {count(valid[hi]):,}")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count(valid[mid]) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    n = valid[lo]
-    return n / total, count(n)

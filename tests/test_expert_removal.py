@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune import arch as _arch
-from llmprune import reap, structured
+from llmprune import budget, reap, structured
 from llmprune.structured import Plan
 
 
@@ -165,7 +165,7 @@ def test_params_after_is_what_removal_builds(tiny_root, arch, structure):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
     for ratio in (0.25, 0.5):
         plan = dress.select(model, structure, ratio, "tail", None)
-        assert structured.params_after(model, plan) == param_count(structured.remove(model, plan))
+        assert budget.params_after(model, plan) == param_count(structured.remove(model, plan))
 
 
 @pytest.mark.parametrize("arch,structure", [("llama", "mlp"), ("llama", "hidden"), ("mixtral", "experts")])
@@ -177,20 +177,20 @@ def test_a_budget_is_the_smallest_ratio_that_reaches_it(tiny_root, arch, structu
     total = param_count(model)
     if structure == "experts":  # at most 2 of 4 experts can go (each token needs 2): 0.7 is out of reach
         with pytest.raises(Exception, match="cannot reach"):
-            structured.ratio_for_budget(model, structure, structured.parse_budget("0.7", total))
+            budget.ratio_for_budget(model, structure, budget.parse_budget("0.7", total))
     for text in ("0.8", f"{int(total * 0.7)}") if structure != "experts" else ("0.8", "0.9"):
-        target = structured.parse_budget(text, total)
-        ratio, params = structured.ratio_for_budget(model, structure, target)
+        target = budget.parse_budget(text, total)
+        ratio, params = budget.ratio_for_budget(model, structure, target)
         assert params <= target
         plan = dress.select(model, structure, ratio, "tail", None)
-        assert structured.params_after(model, plan) == params
+        assert budget.params_after(model, plan) == params
         units = structured.count_removed(structured.geometry(model), structure, ratio)
         fewer = [n for n in range(units) if structured.count_removed_or_none(
             structured.geometry(model), structure, n / structured.units_per_group(structured.geometry(model), structure)) == n]
         if fewer:  # one unit fewer (of those a ratio can give) would miss the budget
             smaller = dress.select(model, structure, fewer[-1] / structured.units_per_group(
                 structured.geometry(model), structure), "tail", None)
-            assert structured.params_after(model, smaller) > target
+            assert budget.params_after(model, smaller) > target
 
 
 def test_target_params_through_the_commands(calibrated, capsys):
@@ -214,3 +214,59 @@ def test_target_params_through_the_commands(calibrated, capsys):
         assert cli("prune", fresh, "--method", "dress", "--structure", "mlp", *args)[0] == 1
         err = capsys.readouterr().err
         assert err.strip() and "Traceback" not in err
+
+
+# --- combinations: one budget split between structures ------------------------------------------------------------
+@pytest.mark.parametrize("arch,structure", [("llama", "hidden+mlp"), ("gemma3_text", "heads+mlp"),
+                                            ("qwen2", "mlp+layers"), ("mixtral", "experts+heads")])
+def test_a_combination_removes_its_parts_in_turn(tiny_root, arch, structure):
+    from llmprune.methods import dress
+    from llmprune.modeling import param_count
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
+    a, b = structure.split("+")
+    pa = dress.select(model, a, 0.5, "tail", None)
+    pb = dress.select(model, b, 0.5, "tail", None)
+    combined = budget.combine(structure, [pb, pa])  # given in any order, removed in structured.ORDER
+    ids = torch.randint(0, tiny.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = structured.remove(structured.remove(model, combined.parts[0]), combined.parts[1])
+    got = structured.remove(model, combined)
+    assert got.state_dict().keys() == want.state_dict().keys()
+    assert all(torch.equal(got.state_dict()[k], want.state_dict()[k]) for k in want.state_dict())
+    assert budget.params_after(model, combined) == param_count(got) < param_count(model)
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits)
+    assert combined.n_units == pa.n_units + pb.n_units
+    # the slices of a combination are its parts', with distinct unit ids (the DReSS group norms need them)
+    sl = structured.slices(model, combined)
+    units = [set(x.unit.tolist()) for x in sl]
+    assert len(sl) == len(structured.slices(model, pa)) + len(structured.slices(model, pb))
+    assert max(max(u) for u in units) + 1 == len(set().union(*units))
+
+
+def test_the_budget_split_is_searched_recorded_and_applied(calibrated, tiny_root, capsys):
+    wd = calibrated("llama", samples=24, seqlen=32)
+    assert cli("prune", wd, "--method", "dress", "--structure", "hidden+mlp", "--select", "tail")[0] == 1
+    assert "--target-params" in capsys.readouterr().err
+    code, res = cli("prune", wd, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
+    assert code == 0
+    b = res["budget"]
+    assert len(b["alternatives"]) >= 3 and b["chosen"] in b["alternatives"]
+    assert all(a["parameters"] <= b["target"] for a in b["alternatives"])
+    assert b["chosen"]["heldout_ppl"] == min(a["heldout_ppl"] for a in b["alternatives"])
+    assert res["parameters"] == b["chosen"]["parameters"] <= b["target"]
+    small = AutoModelForCausalLM.from_pretrained(wd / "model")  # plain transformers
+    from llmprune.modeling import param_count
+
+    assert param_count(small) == res["parameters"]
+    assert small.config.intermediate_size == 128 - round(b["chosen"]["ratios"]["mlp"] * 128)
+
+
+def test_a_regularised_combination_is_the_plan_the_prune_applies(calibrated):
+    wd = calibrated("qwen3", samples=24, seqlen=32)
+    code, reg = cli("regularize", wd, "--structure", "heads+mlp", "--target-params", "0.85", "--steps", 4,
+                    "--eval-every", 4, "--batch-size", 4, "--holdout", 4, "--lambda", 0.3)
+    assert code == 0 and reg["relative_norm"] == 0 and reg["budget"]["chosen"]
+    code, res = cli("prune", wd, "--method", "dress")
+    assert code == 0 and res["regularized"] and res["structure"] == "heads+mlp"
+    assert res["parameters"] == reg["budget"]["chosen"]["parameters"]

@@ -33,7 +33,7 @@ def _cases():
                 continue  # zeroing an expert is not removing it (its router logit stays): tests/test_expert_removal.py
             if arch == "opt" and structure in ("hidden", "heads"):
                 continue  # refused, see test_opt_refuses_what_its_config_cannot_express
-            if arch in tiny.MOE_TYPES:
+            if arch in tiny.MOE_TYPES and structure != "heads":
                 continue  # refused, see test_moe_refuses_structured_removal
             yield arch, structure
 
@@ -106,7 +106,7 @@ def test_moe_refuses_structured_removal(tiny_root, arch):
     from llmprune.errors import UserError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
-    for structure in [s for s in S.STRUCTURES if s != "experts"]:
+    for structure in [s for s in S.STRUCTURES if s not in ("experts", "heads")]:
         with pytest.raises(UserError, match="mixture-of-experts"):
             S.remove(model, S.Plan(structure, PLANS[structure]))
 
@@ -225,7 +225,7 @@ def test_eval_speed_at_several_batch_sizes_and_the_size_on_disk(calibrated, tiny
         for phase in ("prefill", "decode"):
             assert sp[f"{phase}_tokens_per_s{sfx}"] > 0 and sp[f"baseline_{phase}_tokens_per_s{sfx}"] > 0
             assert sp[f"{phase}_speedup{sfx}"] == pytest.approx(
-                sp[f"{phase}_tokens_per_s{sfx}"] / sp[f"baseline_{phase}_tokens_per_s{sfx}"], rel=1e-2)
+                sp[f"{phase}_tokens_per_s{sfx}"] / sp[f"baseline_{phase}_tokens_per_s{sfx}"], rel=1e-2, abs=1e-3)  # rounded to 3 decimals
     shards = sorted((wd / "model").glob("*.safetensors"))
     assert shards and ev["model_bytes"] == sum(f.stat().st_size for f in shards)
     dense = sum(f.stat().st_size for f in (tiny_root / "llama").glob("*.safetensors"))

@@ -55,13 +55,20 @@ def prune(
 def _render(res: dict[str, Any]) -> None:
     if "units_removed" in res:  # structured
         before, after = res["geometry_before"], res["geometry"]
+        budget = res.get("budget")
+        size = f"to {budget['target']:,} parameters" if budget else f"{res['ratio']:.0%}"
         report.table(
-            f"{res['method']} {res['structure']} {res['ratio']:.0%} "
+            f"{res['method']} {res['structure']} {size} "
             f"({'regularised' if res['regularized'] else 'direct removal'}, {res['select']})",
             ["what", "before", "after"],
             [["parameters", res["parameters_before"], res["parameters"]]]
             + [[k, v, after[k]] for k, v in before.items() if v != after[k]]
             + [["time", "", f"{res['prune_s']:.1f} s"]])
+        if budget and "alternatives" in budget:
+            report.table("the budget's split (held-out calibration windows)", ["split", "parameters", "held-out ppl"],
+                         [[", ".join(f"{s} {r:.3f}" for s, r in a["ratios"].items())
+                           + (" (chosen)" if a == budget["chosen"] else ""), a["parameters"], a["heldout_ppl"]]
+                          for a in budget["alternatives"]])
         return
     total = res["prune_s"] + res["propagate_s"] + res["capture_s"] + res.get("owl_s", 0.0)
     report.table(

@@ -36,7 +36,8 @@ from llmprune import engine
 from llmprune.errors import UserError
 from llmprune.methods.base import Method, option
 from llmprune.stats import RowNorms
-from llmprune.structured import STRUCTURES, Plan, Slice, check_supported, count_removed, geometry, slices
+from llmprune.structured import (STRUCTURES, Plan, Slice, check_supported, count_removed, geometry, slices,
+                                 split_structures)
 
 if TYPE_CHECKING:
     from llmprune.workdir import Transaction, Workdir
@@ -50,8 +51,13 @@ DEFAULT_STRUCTURE, DEFAULT_RATIO, DEFAULT_SELECT = "hidden", 0.25, "activation"
 
 
 def check_choice(structure: str, select: str) -> None:
+    if "+" in structure:
+        for part in split_structures(structure):
+            check_choice(part, select if select not in EXPERT_SELECTS or part == "experts" else "activation")
+        return
     if structure not in STRUCTURES:
-        raise UserError(f"unknown structure '{structure}'; use one of: {', '.join(STRUCTURES)}")
+        raise UserError(f"unknown structure '{structure}'; use one of: {', '.join(STRUCTURES)}, or several joined "
+                        "by '+' with --target-params")
     if select not in SELECTS:
         raise UserError(f"unknown selection '{select}'; use one of: {', '.join(SELECTS)}")
     if select in EXPERT_SELECTS and structure != "experts":
@@ -114,12 +120,31 @@ def scores(model: nn.Module, structure: str, windows: torch.Tensor, device: str 
 def resolve_budget(model: nn.Module, structure: str, text: str) -> dict[str, Any]:
     """``--target-params`` as the ratio that reaches it: ``{"target", "ratio", "params"}`` (the count that ratio
     leaves, at most the target)."""
+    from llmprune.budget import parse_budget, ratio_for_budget
     from llmprune.modeling import param_count
-    from llmprune.structured import parse_budget, ratio_for_budget
 
     target = parse_budget(text, param_count(model))
     ratio, params = ratio_for_budget(model, structure, target)
     return {"target": target, "ratio": ratio, "params": params}
+
+
+def search_combination(model: nn.Module, structure: str, text: str, how: str, windows: torch.Tensor, device: str,
+                       seed: int, holdout: int = 8) -> tuple[Plan, dict[str, Any]]:
+    """A combination's plan for ``--target-params``: ``budget.search`` over the splits, each part selected as a
+    single structure would be (on the windows before the last ``holdout``, which score the candidates)."""
+    from llmprune.budget import parse_budget, search
+    from llmprune.modeling import param_count
+
+    if windows.shape[0] <= holdout:
+        raise UserError(f"a combination is chosen on {holdout} held-out calibration windows; this workdir has "
+                        f"{windows.shape[0]} windows in all")
+    fit, held = windows[:-holdout], windows[-holdout:]
+
+    def select_fn(part: str, ratio: float) -> Plan:
+        part_how = how if how not in EXPERT_SELECTS or part == "experts" else "activation"
+        return select(model, part, ratio, part_how, fit, device, seed)
+
+    return search(model, structure, parse_budget(text, param_count(model)), select_fn, held)
 
 
 def routing_renormalised(model: nn.Module) -> bool:
@@ -293,7 +318,7 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
 
     def measure(m: nn.Module, step: int) -> dict[str, Any]:
         nll = heldout_nll(m, holdout)
-        if plan.structure == "experts":
+        if "experts" in plan.structure.split("+"):
             # A router row at zero still gives its expert a logit of 0, which can win the top-k: zeroing is not
             # removing here, so the gap is measured on the model with the experts removed.
             from llmprune.structured import remove
@@ -399,6 +424,10 @@ class DReSS(Method):
         if options.target_params is not None and (options.ratio is not None or planned is not None):
             raise UserError("--target-params chooses the ratio: give it instead of --ratio, and to regularize "
                             "(not to the prune that applies a regularised plan)")
+        combination = "+" in structure
+        if combination and options.target_params is None and planned is None:
+            raise UserError(f"--structure {structure} splits a parameter budget between its structures: give "
+                            "--target-params (100M, or 0.75 of the model)")
         regularized = pending is not None
         params = dict(method="dress", structure=structure, ratio=ratio, select=select_, seed=options.seed,
                       device=device, regularized=regularized,
@@ -411,7 +440,15 @@ class DReSS(Method):
             lm, tok, weights = open_current(ws)  # the blocks stay in the shards; each tensor is cut in turn
             check_supported(lm, structure)
             budget = None
-            if options.target_params is not None:
+            if combination and planned is None:
+                from llmprune.modeling import load_current
+
+                full, _ = load_current(ws)  # the search scores each split on the model in memory
+                planned, budget = search_combination(full, structure, options.target_params, select_, ws.windows(),
+                                                     device, options.seed)
+                del full
+                ratio = params["ratio"] = 0.0
+            elif options.target_params is not None:
                 budget = resolve_budget(lm, structure, options.target_params)
                 ratio = params["ratio"] = budget["ratio"]  # recorded as the ratio it resolved to
             t0 = time.perf_counter()
@@ -518,7 +555,15 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         lm, tok = load_current(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
         check_supported(lm, o.structure)
         budget = None
-        if o.target_params is not None:
+        combined = None
+        if "+" in o.structure:
+            if o.target_params is None:
+                raise UserError(f"--structure {o.structure} splits a parameter budget between its structures: give "
+                                "--target-params (100M, or 0.75 of the model)")
+            combined, budget = search_combination(lm, o.structure, o.target_params, o.select, ws.windows(), o.device,
+                                                  o.seed, o.holdout)
+            tx.step.params["ratio"] = 0.0
+        elif o.target_params is not None:
             import dataclasses
 
             budget = resolve_budget(lm, o.structure, o.target_params)
@@ -531,7 +576,7 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             distiller = distill.Distiller(distill.load_teacher(ws, o.teacher, lm), o.kd_temperature, o.kd_weight)
         windows = ws.windows()
         train_w, hold = split_holdout(windows, o.holdout)
-        plan = select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
+        plan = combined or select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
