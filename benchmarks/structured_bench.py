@@ -9,6 +9,7 @@ recipe's practice: DReSS already trained on the calibration windows), never on t
     python benchmarks/structured_bench.py                                       # layers 25%, DReSS, 3 recoveries
     python benchmarks/structured_bench.py --rows layers:0.25,mlp:0.3 --modes direct,dress --recoveries none,lora-lm
     python benchmarks/structured_bench.py --model gemma3-270m --rows mlp:0.5 --steps 100 --eval-windows 32
+    python benchmarks/structured_bench.py --rows layers+mlp@0.78 --modes direct        # a budget split by search
 
 Recoveries: none, lora-lm, lora-kd, full-lm, full-kd (``--steps`` each; equal steps, so LM against KD is a fair
 comparison). Every run is saved under benchmarks/results/ (``--save NAME``, default ``MODEL-structured``).
@@ -37,7 +38,9 @@ RECOVERIES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="layers:0.25", help="comma-separated STRUCTURE:RATIO")
+    ap.add_argument("--rows", default="layers:0.25",
+                    help="comma-separated STRUCTURE:RATIO or STRUCTURE@BUDGET (--target-params: 0.78, 100M; "
+                         "a combination such as layers+mlp needs a budget)")
     ap.add_argument("--modes", default="dress", help="direct (no regularisation) and/or dress")
     ap.add_argument("--recoveries", default="none,lora-lm,lora-kd,full-kd", help=", ".join(RECOVERIES))
     ap.add_argument("--steps", type=int, default=150, help="recovery steps, the same for every recovery")
@@ -69,13 +72,14 @@ def main() -> None:
     teacher = [] if (base / "teacher").is_dir() else ["--teacher", str(paths["model"])]
     rows = []
     for spec in args.rows.split(","):
-        structure, ratio = spec.split(":")
+        structure, ratio = spec.split("@" if "@" in spec else ":")
+        size = ["--target-params" if "@" in spec else "--ratio", ratio]
         for mode in args.modes.split(","):
             pruned = args.out / f"{structure}-{ratio}-{mode}"
             if pruned.exists():
                 shutil.rmtree(pruned)
             shutil.copytree(base, pruned)
-            sel = ["--structure", structure, "--ratio", ratio, "--select", args.select]
+            sel = ["--structure", structure, *size, "--select", args.select]
             reg_s = reg_rss = None
             if mode == "dress":
                 _, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
@@ -84,7 +88,9 @@ def main() -> None:
                                    *(sel if mode == "direct" else [])])
             ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(pruned), *evalargs, *speed])
             sp = ev["speed"]
-            shape = dict(model=args.model, structure=structure, ratio=float(ratio), mode=mode,
+            budget = res.get("budget") or {}
+            shape = dict(model=args.model, structure=structure, ratio=res["ratio"], mode=mode,
+                         budget=ratio if "@" in spec else None, split=budget.get("chosen", {}).get("ratios"),
                          units=res["units_removed"], parameters=res["parameters"],
                          removed=1 - res["parameters"] / dense_params, model_mib=ev["model_bytes"] / 2**20,
                          prefill_1=sp.get("prefill_speedup"), decode_1=sp.get("decode_speedup"),
@@ -129,13 +135,19 @@ def table(rows: list[dict], dense_params: int, dense_ppl: float) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['structure']} {r['ratio']} | {r['mode']} | {r['parameters']:,} | {r['removed']:.1%} | "
+            f"| {r['structure']} {_size(r)} | {r['mode']} | {r['parameters']:,} | {r['removed']:.1%} | "
             f"{r['model_mib']:.0f} | {r['recovery']} | {r['ppl']:.2f} | {r['ppl'] / dense_ppl:.2f} | "
             f"{f(r['prefill_1'], '.2f')} / {f(r['prefill_8'], '.2f')} | {f(r['decode_1'], '.2f')} / "
             f"{f(r['decode_8'], '.2f')} | {f(r['regularize_s'], '.0f')} | {f(r['recover_s'], '.0f')} | "
             f"{f(r['recover_rss_mib'], '.0f')} |")
     lines.append(f"\ndense: {dense_params:,} parameters, perplexity {dense_ppl} (BENCHMARK.md)")
     return "\n".join(lines)
+
+
+def _size(r: dict) -> str:
+    if r.get("split"):
+        return "(" + ", ".join(f"{s} {v:.2f}" for s, v in r["split"].items()) + ")"
+    return f"{r['ratio']:g}" + (f" (budget {r['budget']})" if r.get("budget") else "")
 
 
 if __name__ == "__main__":
