@@ -80,15 +80,15 @@ def main() -> None:
                 shutil.rmtree(pruned)
             shutil.copytree(base, pruned)
             sel = ["--structure", structure, *size, "--select", args.select]
-            reg_s = reg_rss = None
+            reg, reg_s, reg_rss = {}, None, None
             if mode == "dress":
-                _, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
+                reg, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
                                                *(teacher if "--distill" in args.reg else [])])
             res, _, _ = popen_rss([*LLMPRUNE, "prune", str(pruned), "--method", "dress",
                                    *(sel if mode == "direct" else [])])
             ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(pruned), *evalargs, *speed])
             sp = ev["speed"]
-            budget = res.get("budget") or {}
+            budget = res.get("budget") or reg.get("budget") or {}
             shape = dict(model=args.model, structure=structure, ratio=res["ratio"], mode=mode,
                          budget=ratio if "@" in spec else None, split=budget.get("chosen", {}).get("ratios"),
                          units=res["units_removed"], parameters=res["parameters"],
