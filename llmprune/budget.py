@@ -170,6 +170,9 @@ def search(model: nn.Module, structure: str, target: int, select_fn, holdout: to
     from llmprune.structured import remove
     from llmprune.train import heldout_nll
 
+    import time
+
+    t0 = time.perf_counter()
     structures = split_structures(structure)
     tried: dict[tuple, dict[str, Any]] = {}
     plans: dict[str, dict[float, Plan]] = {s: {} for s in structures}
@@ -198,7 +201,8 @@ def search(model: nn.Module, structure: str, target: int, select_fn, holdout: to
         raise UserError(f"--structure {structure} cannot reach {target:,} parameters with any split")
     best = min(tried.values(), key=lambda t: (t["heldout_ppl"], -t["parameters"]))
     record = {"target": target, "chosen": {k: v for k, v in best.items() if k != "plan"},
-              "alternatives": [{k: v for k, v in t.items() if k != "plan"} for t in tried.values()]}
+              "alternatives": [{k: v for k, v in t.items() if k != "plan"} for t in tried.values()],
+              "search_s": round(time.perf_counter() - t0, 2)}
     return best["plan"], record
 
 
