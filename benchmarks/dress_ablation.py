@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from prune_bench import LLMPRUNE, calibrated_base, popen_rss  # noqa: E402
+from prune_bench import LLMPRUNE, append_results, calibrated_base, popen_rss  # noqa: E402
 
 # One setting per entry: options that differ from the base options below.
 GRID = [
@@ -70,9 +70,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['setting']} | {r['ppl_removed']:.2f} | {r['ppl']:.2f} | {r['relative_norm']:.2g} | "
               f"{r['direct_ppl']:.2f} | {r['final_loss']:.3f} | {r['wall_s']:.0f} |")
-    out = args.out / "results.json"
-    old = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(old + rows, indent=2))
+    append_results(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -130,10 +130,9 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         d = direct.get((r["ratio"], r["select"]))
+        vs_direct = f"{r['ppl'] / d:.3f}" if d else "–"
         lines.append(f"| {r['ratio']:.0%} | {r['select']} | {r['mode']} | {r['parameters']:,} | {r['ppl']:.2f} | "
-                     f"{r['ppl'] / r['dense_ppl']:.2f} | {r['ppl'] / d:.3f} |" if d else
-                     f"| {r['ratio']:.0%} | {r['select']} | {r['mode']} | {r['parameters']:,} | {r['ppl']:.2f} | "
-                     f"{r['ppl'] / r['dense_ppl']:.2f} | – |")
+                     f"{r['ppl'] / r['dense_ppl']:.2f} | {vs_direct} |")
     lines.append(f"\ntrained model: {rows[0]['parameters_before']:,} parameters, perplexity {rows[0]['dense_ppl']:.2f}")
     return "\n".join(lines)
 

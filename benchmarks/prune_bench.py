@@ -115,6 +115,13 @@ with torch.no_grad():
 """
 
 
+def append_results(out: Path, rows: list[dict]) -> None:
+    """Add this run's rows to ``OUT/results.json``, where a script's runs accumulate."""
+    path = out / "results.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(old + rows, indent=2))
+
+
 def save_results(results: Path, name: str, rows: list[dict], caption: str, table: str) -> None:
     """Print ``table`` and save the run under ``results/NAME-DATE.{json,md}`` (the rows, and the caption + table)."""
     import datetime

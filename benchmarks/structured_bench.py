@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from prune_bench import DENSE_PPL, LLMPRUNE, calibrated_base, popen_rss, save_results  # noqa: E402
+from prune_bench import DENSE_PPL, LLMPRUNE, append_results, calibrated_base, popen_rss, save_results  # noqa: E402
 
 RECOVERIES = {
     "none": None,
@@ -116,9 +116,7 @@ def main() -> None:
                     shutil.rmtree(wd)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = args.out / "results.json"
-    old = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(old + rows, indent=2))
+    append_results(args.out, rows)
     windows = rows[0]["windows"] if rows else 0
     caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, test perplexity over {windows} "
                f"windows of {args.seqlen}; {args.steps} recovery steps on fresh windows of the calibration text; "

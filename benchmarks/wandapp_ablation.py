@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
-from prune_bench import LLMPRUNE, calibrated_base, popen_rss, save_results  # noqa: E402
+from prune_bench import LLMPRUNE, append_results, calibrated_base, popen_rss, save_results  # noqa: E402
 
 # alpha = 0 with RO off is Wanda's score exactly (a test checks it): the row every other one is read against.
 GRID = ["alpha=0 ro_iters=0", "alpha=3 ro_iters=0", "alpha=10 ro_iters=0", "alpha=30 ro_iters=0",
@@ -100,9 +100,7 @@ def main() -> None:
                      [dict(r, dense_tune_ppl=dense["perplexity"]) for r in rows], caption, table)
     else:
         print("\n" + table)
-    out = args.out / "results.json"
-    old = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(old + rows, indent=2))
+    append_results(args.out, rows)
 
 
 if __name__ == "__main__":
