@@ -249,15 +249,17 @@ def test_a_damaged_checkpoint_is_discarded_and_the_step_starts_afresh(calibrated
 
 
 @pytest.mark.slow
-def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path):
-    """`accelerate launch --num_processes 2 --cpu` (gloo): each process takes half of every batch."""
+@pytest.mark.parametrize("extra", [[], ["--full", "--distill"]], ids=["lora", "full-distill"])
+def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path, extra):
+    """`accelerate launch --num_processes 2 --cpu` (gloo): each process takes half of every batch (and, distilling,
+    holds its own teacher)."""
     import shutil
 
     wd = calibrated("llama", samples=36, seqlen=64)
     assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
     two = tmp_path / "two"
     shutil.copytree(wd, two)
-    opts = ["--steps", 8, "--eval-every", 8, "--lr", 1e-3, "--holdout", 4, "--dropout", 0.0, "--save-every", 0]
+    opts = ["--steps", 8, "--eval-every", 8, "--lr", 1e-3, "--holdout", 4, "--dropout", 0.0, "--save-every", 0, *extra]
     code, one = cli("recover", wd, *opts, "--batch-size", 4)
     assert code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -273,6 +275,13 @@ def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path
     # The same windows per step, split across two processes: the curves agree within noise.
     for a, b in zip(one["loss"], multi):
         assert abs(a - b) < 0.05 * a, (one["loss"], multi)
+    if extra:  # the KD curve too: the pruned student against its dense teacher
+        kd = steps[0]["metrics"]["kd"]
+        assert len(kd) == 8 and kd[0] > 0
+        # A KD loss varies more from window to window than the LM loss (whose curves agree above), and the two runs
+        # deal the windows to the processes differently: both curves fall, from the same order of magnitude.
+        assert sum(kd[-4:]) / 4 < kd[0] and sum(one["kd"][-4:]) / 4 < one["kd"][0]
+        assert 0.5 < kd[0] / one["kd"][0] < 2
 
 
 @pytest.mark.parametrize("command", ["recover", "regularize"])
