@@ -147,7 +147,8 @@ def test_a_teacher_with_another_vocabulary_is_refused(calibrated, tiny_root, tmp
 
 
 @pytest.mark.parametrize("args", [["--teacher", "x"], ["--distill", "--kd-weight", 0], ["--distill", "--kd-weight", 1.5],
-                                  ["--distill", "--kd-temperature", 0], ["--full", "--no-merge"]])
+                                  ["--distill", "--kd-temperature", 0], ["--full", "--no-merge"],
+                                  ["--full", "--targets", "q_proj"]])
 def test_bad_distillation_options_are_one_line(calibrated, capsys, args):
     wd = calibrated("llama", samples=12, seqlen=32)
     assert cli("recover", wd, "--steps", 1, *args)[0] == 1

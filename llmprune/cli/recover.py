@@ -50,6 +50,8 @@ def recover(
 
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
+    if full and targets != "auto":
+        raise UserError("--targets names the Linears LoRA adapts; --full trains every weight (drop one of them)")
     if full and not merge:
         raise UserError("--full trains the weights themselves: there is no adapter to keep unmerged (drop --no-merge)")
     if teacher is not None and not distill:
