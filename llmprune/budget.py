@@ -23,7 +23,7 @@ from torch import nn
 from llmprune import report
 from llmprune.errors import UserError
 from llmprune.structured import (Plan, check_supported, count_removed_or_none, geometry, removal, split_structures,
-                                 units_per_group)
+                                 tail_units, units_per_group)
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # a combination's candidate splits: the coarsest structure's share of the cut
 
@@ -76,10 +76,9 @@ def params_after(model: nn.Module, plan: Plan) -> int:
 def _tail(model: nn.Module, structure: str, n: int) -> Plan:
     """Some ``n`` units of ``structure`` (which ones does not change a count)."""
     g = geometry(model)
-    total = units_per_group(g, structure)
-    idx = list(range(total - 1 - n, total - 1)) if structure == "layers" else list(range(total - n, total))
+    idx = tail_units(g, structure, n)
     per_block = structure in ("heads", "mlp", "experts")
-    return Plan(structure, [idx] * g.layers if per_block else idx, n / total)
+    return Plan(structure, [idx] * g.layers if per_block else idx, n / units_per_group(g, structure))
 
 
 def _valid(model: nn.Module, structure: str) -> list[int]:

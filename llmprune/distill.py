@@ -22,6 +22,7 @@ from torch import nn
 from llmprune.errors import UserError
 
 TEACHER = "teacher"  # the workdir folder that keeps the calibrated model
+KD_OPTIONS = ("kd_temperature", "kd_weight", "teacher")  # recorded only by a step that distils
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -67,7 +67,9 @@ class RecoverOptions:
         p = {k: v for k, v in asdict(self).items() if k != "save_every"}
         p["lr"] = self.learning_rate
         if not self.distill:  # the KD settings do not apply: a plain run records what it always did
-            for k in ("kd_temperature", "kd_weight", "teacher"):
+            from llmprune.distill import KD_OPTIONS
+
+            for k in KD_OPTIONS:
                 del p[k]
         return p
 

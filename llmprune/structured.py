@@ -121,6 +121,13 @@ def units_per_group(g: Geometry, structure: str) -> int:
     return {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers, "experts": g.experts}[structure]
 
 
+def tail_units(g: Geometry, structure: str, n: int) -> list[int]:
+    """The last ``n`` unit indices of ``structure``; for blocks, the last ones before the final block, which every
+    model needs (``--select tail``, and any ``n`` units where only their number matters)."""
+    total = units_per_group(g, structure)
+    return list(range(total - 1 - n, total - 1)) if structure == "layers" else list(range(total - n, total))
+
+
 def count_removed(g: Geometry, structure: str, ratio: float) -> int:
     """Units removed for ``ratio``; an error if none would be left."""
     if structure not in STRUCTURES:

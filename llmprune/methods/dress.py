@@ -37,7 +37,7 @@ from llmprune.errors import UserError
 from llmprune.methods.base import Method, option
 from llmprune.stats import RowNorms
 from llmprune.structured import (STRUCTURES, Plan, Slice, check_supported, count_removed, geometry, slices,
-                                 split_structures)
+                                 split_structures, tail_units, units_per_group)
 
 if TYPE_CHECKING:
     from llmprune.workdir import Transaction, Workdir
@@ -167,7 +167,7 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     g = geometry(model)
     n = count_removed(g, structure, ratio)
     per_block = structure in ("heads", "mlp", "experts")
-    size = {"hidden": g.hidden, "heads": g.kv_heads, "mlp": g.mlp, "layers": g.layers, "experts": g.experts}[structure]
+    size = units_per_group(g, structure)
     moe = [_arch.get_module(b, spec.path) is not None for b in _arch.blocks(model)] if (
         spec := _arch.arch_for(model.config.model_type).experts) else []
     meta: dict[str, Any] = {}
@@ -187,11 +187,7 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
         rows = s if per_block else s.unsqueeze(0)
         removed = [sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in rows]
     elif how == "tail":
-        if structure == "layers":
-            idx = list(range(size - 1 - n, size - 1))
-        else:
-            idx = list(range(size - n, size))
-        removed = [idx] * (g.layers if per_block else 1)
+        removed = [tail_units(g, structure, n)] * (g.layers if per_block else 1)
     elif how == "random":
         gen = torch.Generator().manual_seed(seed)
         removed = [sorted(torch.randperm(size, generator=gen)[:n].tolist())
@@ -523,7 +519,9 @@ class RegularizeOptions:
         if self.target_params is None:
             del p["target_params"]
         if not self.distill:  # the KD settings do not apply: a plain run records what it always did
-            for k in ("distill", "kd_temperature", "kd_weight", "teacher"):
+            from llmprune.distill import KD_OPTIONS
+
+            for k in ("distill", *KD_OPTIONS):
                 del p[k]
         return p
 
