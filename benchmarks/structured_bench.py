@@ -53,6 +53,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: runs/structured-bench[-MODEL]")
     ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
     ap.add_argument("--save", default="", help="results name under benchmarks/results/ (default: MODEL-structured)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a pruned workdir a previous run left (same rows) instead of regularising again")
+    ap.add_argument("--teacher-steps", type=int, default=0,
+                    help="'teacher correction' (Sreenivas et al. 2024): fine-tune a copy of the dense model on the "
+                         "calibration text for N steps (recover --full) and distil from it instead")
     args = ap.parse_args()
     recoveries = args.recoveries.split(",")
     unknown = [r for r in recoveries if r not in RECOVERIES]
@@ -70,23 +75,30 @@ def main() -> None:
     dense_params = json.loads((base / "manifest.json").read_text())["steps"][0]["metrics"]["parameters"]
     # The teacher is the model the base was calibrated from (a base made before calibrate kept teacher/ has none).
     teacher = [] if (base / "teacher").is_dir() else ["--teacher", str(paths["model"])]
+    corrected = None
+    if args.teacher_steps:
+        teacher, corrected = correct_teacher(base, args, paths, evalargs)
     rows = []
     for spec in args.rows.split(","):
         structure, ratio = spec.split("@" if "@" in spec else ":")
         size = ["--target-params" if "@" in spec else "--ratio", ratio]
         for mode in args.modes.split(","):
             pruned = args.out / f"{structure}-{ratio}-{mode}"
-            if pruned.exists():
-                shutil.rmtree(pruned)
-            shutil.copytree(base, pruned)
             sel = ["--structure", structure, *size, "--select", args.select]
-            reg, reg_s, reg_rss = {}, None, None
-            if mode == "dress":
-                reg, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
-                                               *(teacher if "--distill" in args.reg else [])])
-            res, _, _ = popen_rss([*LLMPRUNE, "prune", str(pruned), "--method", "dress",
-                                   *(sel if mode == "direct" else [])])
-            ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(pruned), *evalargs, *speed])
+            reused = _reused(pruned) if args.reuse else None
+            if reused:
+                reg, reg_s, reg_rss, res, ev = reused
+            else:
+                if pruned.exists():
+                    shutil.rmtree(pruned)
+                shutil.copytree(base, pruned)
+                reg, reg_s, reg_rss = {}, None, None
+                if mode == "dress":
+                    reg, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
+                                                   *(teacher if "--distill" in args.reg else [])])
+                res, _, _ = popen_rss([*LLMPRUNE, "prune", str(pruned), "--method", "dress",
+                                       *(sel if mode == "direct" else [])])
+                ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(pruned), *evalargs, *speed])
             sp = ev["speed"]
             budget = res.get("budget") or reg.get("budget") or {}
             shape = dict(model=args.model, structure=structure, ratio=res["ratio"], mode=mode,
@@ -96,7 +108,7 @@ def main() -> None:
                          prefill_1=sp.get("prefill_speedup"), decode_1=sp.get("decode_speedup"),
                          prefill_8=sp.get("prefill_speedup_b8"), decode_8=sp.get("decode_speedup_b8"),
                          regularize_s=reg_s, regularize_rss_mib=reg_rss, reg_options=args.reg if mode == "dress" else "",
-                         windows=ev["windows"])
+                         windows=ev["windows"], reused=bool(reused), teacher=corrected)
             for rec in recoveries:
                 row = dict(shape, recovery=rec)
                 if RECOVERIES[rec] is None:
@@ -120,10 +132,50 @@ def main() -> None:
     windows = rows[0]["windows"] if rows else 0
     caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, test perplexity over {windows} "
                f"windows of {args.seqlen}; {args.steps} recovery steps on fresh windows of the calibration text; "
-               f"regularize options: {args.reg or 'the defaults'}. Command: python benchmarks/structured_bench.py "
+               f"regularize options: {args.reg or 'the defaults'}"
+               + (f"; distilled from a teacher corrected by {args.teacher_steps} full fine-tuning steps on the "
+                  f"calibration text (test perplexity {corrected['ppl']:.2f}, {corrected['recover_s']:.0f} s)"
+                  if corrected else "")
+               + ". Command: python benchmarks/structured_bench.py "
                + " ".join(sys.argv[1:]))
     save_results(Path(__file__).parent / "results", args.save or f"{args.model}-structured", rows, caption,
                  table(rows, dense_params, DENSE_PPL[args.model]))
+
+
+def correct_teacher(base: Path, args, paths: dict, evalargs: list[str]) -> tuple[list[str], dict]:
+    """Fine-tune a copy of the dense model on the calibration text (all weights, LM loss) and return the --teacher
+    option naming it, with its test perplexity and cost. Made once per step count and reused."""
+    wd = args.out / f"teacher-{args.teacher_steps}"
+    if not (wd / "corrected.json").exists():
+        if wd.exists():
+            shutil.rmtree(wd)
+        shutil.copytree(base, wd)
+        r, wall, rss = popen_rss([*LLMPRUNE, "recover", str(wd), "--full", "--steps", str(args.teacher_steps),
+                                  "--dataset", str(paths["calib"])])
+        ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
+        info = dict(steps=args.teacher_steps, ppl=ev["perplexity"], recover_s=wall, recover_rss_mib=rss,
+                    heldout_before=r["ppl_before"], heldout_after=r["ppl_after"])
+        (wd / "corrected.json").write_text(json.dumps(info))
+    info = json.loads((wd / "corrected.json").read_text())
+    print(f"corrected teacher: {json.dumps(info)}", flush=True)
+    return ["--teacher", str(wd / "model")], info
+
+
+def _reused(pruned: Path):
+    """(regularize metrics, its seconds, None, prune metrics, eval metrics) of a pruned workdir a previous run left,
+    or None when it has no prune and speed-timed eval on record."""
+    try:
+        steps = json.loads((pruned / "manifest.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        return None
+    by = {}
+    for s in steps:
+        by[s["command"]] = s
+    if "prune" not in by or "speed" not in by.get("eval", {}).get("metrics", {}):
+        return None
+    reg = by.get("regularize")
+    res = dict(by["prune"]["metrics"], ratio=by["prune"]["params"].get("ratio"))
+    return (reg or {}).get("metrics", {}), reg and reg["duration_s"], None, res, by["eval"]["metrics"]
 
 
 def table(rows: list[dict], dense_params: int, dense_ppl: float) -> str:

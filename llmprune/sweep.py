@@ -38,6 +38,7 @@ class Config:
     structure: str | None = None
     ratio: float | None = None
     owl: float | None = None  # OWL's lambda (``prune --owl-lambda``); None: uniform sparsity
+    budget: str | None = None  # ``--target-params`` of a structured point given as STRUCTURE@BUDGET
     prune: list[str] = field(default_factory=list)
 
     @property
@@ -60,7 +61,11 @@ def _floats(spec: str | None, what: str) -> list[float]:
 def grid(methods: str | None, sparsities: str | None, patterns: str | None, structures: str | None,
          prune_args: str = "", owl: str | None = None) -> list[Config]:
     """The configurations, dense first: every method at every sparsity (and with each OWL lambda of ``owl`` at
-    each, too) and every pattern, then every structure (direct removal, ``prune --method dress``) at its ratio."""
+    each, too) and every pattern, then every structure (direct removal, ``prune --method dress``) at its ratio
+    (``STRUCTURE:RATIO``) or parameter budget (``STRUCTURE@BUDGET``, ``--target-params``; a combination such as
+    ``layers+mlp`` splits the budget by the search of ``llmprune.budget``)."""
+    from llmprune import budget as _budget
+
     import shlex
 
     from llmprune import owl as _owl
@@ -96,10 +101,20 @@ def grid(methods: str | None, sparsities: str | None, patterns: str | None, stru
         out += [Config(f"{m}-{p.replace(':', 'of')}", "pattern", m, PATTERNS_SPARSITY, p,
                        prune=["--method", m, "--pattern", p, *extra]) for p in pats]
     for spec in (s.strip() for s in (structures or "").split(",") if s.strip()):
+        if "@" in spec:
+            structure, _, target = spec.partition("@")
+            # The format is refused before anything runs; whether it is below the model is prune's to say.
+            _budget.parse_budget(target, total=2**62)
+            out.append(Config(f"{structure}@{target}", "structured", "dress", structure=structure, budget=target,
+                              prune=["--method", "dress", "--structure", structure, "--target-params", target]))
+            continue
+        if "+" in spec:
+            raise UserError(f"--structures {spec!r}: a combination splits a budget; give it as {spec.split(':')[0]}@0.8")
         structure, _, ratio = spec.partition(":")
         r = _floats(ratio, f"--structures {spec}")
         if len(r) != 1:
-            raise UserError(f"--structures {spec!r}: give STRUCTURE:RATIO, e.g. hidden:0.25")
+            raise UserError(f"--structures {spec!r}: give STRUCTURE:RATIO or STRUCTURE@BUDGET, e.g. hidden:0.25 "
+                            "or layers+mlp@0.8")
         out.append(Config(f"{structure}-{r[0]:g}", "structured", "dress", structure=structure, ratio=r[0],
                           prune=["--method", "dress", "--structure", structure, "--ratio", f"{r[0]:g}"]))
     if len(out) == 1:
@@ -122,7 +137,8 @@ def fingerprint(cfg: Config, eval_args: list[str], base_manifest: dict[str, Any]
 def _point(cfg: Config) -> dict[str, Any]:
     """The fields of a row that say which point it is."""
     return {"name": cfg.name, "kind": cfg.kind, "method": cfg.method, "series": cfg.series, "sparsity": cfg.sparsity,
-            "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio, "owl_lambda": cfg.owl}
+            "pattern": cfg.pattern, "structure": cfg.structure, "ratio": cfg.ratio, "owl_lambda": cfg.owl,
+            "budget": cfg.budget}
 
 
 def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
@@ -133,7 +149,11 @@ def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
     sp = ev.get("speed", {})
     pm = (prune or {}).get("metrics", {})
     blocks = {str(i): v for i, v in enumerate(pm.get("block_sparsity") or [])}
-    return {**_point(cfg), "status": "done",
+    split = (pm.get("budget") or {}).get("chosen", {}).get("ratios")
+    point = _point(cfg)
+    if cfg.budget is not None and split is None:  # one structure to a budget: the ratio the budget resolved to
+        point["ratio"] = (pm.get("plan") or {}).get("ratio")
+    return {**point, "split": split, "status": "done",
             "perplexity": ev.get("perplexity"), "parameters": ev.get("parameters"),
             "model_bytes": ev.get("model_bytes"), "achieved_sparsity": ev.get("sparsity", {}).get("all"), "tasks": ev.get("tasks"),
             "tasks_mean": ev.get("tasks_mean"), "prefill_speedup": sp.get("prefill_speedup"),
@@ -146,7 +166,8 @@ def save(root: Path, rows: list[dict[str, Any]]) -> None:
     from llmprune.workdir import atomic_write_text, dumps
 
     atomic_write_text(root / "results.json", dumps(rows, indent=2) + "\n")
-    cols = ["name", "kind", "method", "owl_lambda", "sparsity", "pattern", "structure", "ratio", "status", "perplexity",
+    cols = ["name", "kind", "method", "owl_lambda", "sparsity", "pattern", "structure", "ratio", "budget", "status",
+            "perplexity",
             "parameters", "model_bytes", "achieved_sparsity", "tasks_mean", "prefill_speedup", "decode_speedup", "prune_s", "error"]
     tmp = root / f".results.csv.tmp-{os.getpid()}"
     with open(tmp, "w", newline="", encoding="utf-8") as f:

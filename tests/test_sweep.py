@@ -22,10 +22,39 @@ def test_grid_names_and_bad_input():
                            (("wanda", "half", None, None), "is not a number"),
                            (("dress", "0.5", None, None), "--structures"),
                            ((None, None, None, "hidden"), "STRUCTURE:RATIO"),
+                           ((None, None, None, "layers+mlp:0.2"), "splits a budget"),
+                           ((None, None, None, "mlp@lots"), "neither a count"),
                            ((None, None, None, None), "nothing to sweep"),
                            (("wanda", "0.5,0.5", None, None), "appears twice")):
         with pytest.raises(Exception, match=expected):
             grid(*args)
+
+
+def test_grid_takes_budgets_and_combinations():
+    cfgs = {c.name: c for c in grid(None, None, None, "mlp:0.25,mlp@0.8,layers+mlp@90M")}
+    assert list(cfgs) == ["dense", "mlp-0.25", "mlp@0.8", "layers+mlp@90M"]
+    assert cfgs["layers+mlp@90M"].prune == ["--method", "dress", "--structure", "layers+mlp", "--target-params", "90M"]
+    assert cfgs["mlp@0.8"].budget == "0.8" and cfgs["mlp@0.8"].ratio is None
+
+
+def test_a_budget_point_equals_its_prune_by_hand(calibrated, tiny_root, tmp_path):
+    """A STRUCTURE@BUDGET point is `prune --method dress --target-params` typed by hand: the same parameters and
+    perplexity, the split a combination chose and the ratio a single structure resolved to in its row."""
+    wd = calibrated("llama")
+    ev = ["--dataset", tiny_root / "heldout.txt", "--seqlen", 32, "--max-windows", 3]
+    code, res = cli("sweep", wd, "--structures", "mlp@0.85,heads+mlp@0.8", "--prompt-len", 64, "--new-tokens", 8, *ev)
+    assert code == 0 and res["failed"] == []
+    rows = {r["name"]: r for r in json.loads((wd / "sweep" / "results.json").read_text())}
+    single, combo = rows["mlp@0.85"], rows["heads+mlp@0.8"]
+    assert single["budget"] == "0.85" and 0 < single["ratio"] < 1 and single["split"] is None
+    assert set(combo["split"]) == {"heads", "mlp"} and combo["ratio"] is None
+    for row, frac in ((single, 0.85), (combo, 0.8)):
+        assert row["parameters"] <= frac * rows["dense"]["parameters"]
+    hand = tmp_path / "hand"
+    shutil.copytree(wd, hand, ignore=shutil.ignore_patterns("sweep"))
+    assert cli("prune", hand, "--method", "dress", "--structure", "heads+mlp", "--target-params", "0.8")[0] == 0
+    code, m = cli("eval", hand, *ev)
+    assert (m["parameters"], m["perplexity"]) == (combo["parameters"], combo["perplexity"])
 
 
 @pytest.fixture

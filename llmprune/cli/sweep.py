@@ -17,7 +17,7 @@ def sweep(
     methods: Annotated[Optional[str], typer.Option(help="Score methods, comma-separated (wanda,sparsegpt,wandapp,...).")] = None,
     sparsities: Annotated[Optional[str], typer.Option(help="Unstructured sparsities for every method, e.g. 0.3,0.5,0.6,0.7.")] = None,
     patterns: Annotated[Optional[str], typer.Option(help="N:M patterns for every method, e.g. 2:4,4:8.")] = None,
-    structures: Annotated[Optional[str], typer.Option(help="Structured removals STRUCTURE:RATIO (direct, prune --method dress), e.g. hidden:0.1,mlp:0.25.")] = None,
+    structures: Annotated[Optional[str], typer.Option(help="Structured removals (direct, prune --method dress): STRUCTURE:RATIO or STRUCTURE@BUDGET (--target-params; A+B splits it), e.g. hidden:0.1,mlp:0.25,layers+mlp@0.8.")] = None,
     owl: Annotated[Optional[str], typer.Option(help="OWL lambdas, e.g. 0.08: every method at every --sparsities "
                                                    "again with prune --owl-lambda (a line of its own in the plots).")] = None,
     prune_args: Annotated[str, typer.Option(help="Extra options for every score-method prune, e.g. '--batch-size 8'.")] = "",

@@ -17,6 +17,9 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - ``ro_batch``: samples per RMSprop step, their losses summed (1: the paper's one step per sample). The windows
   of a step run as one batch when the block's arguments merge (``Activations.merged``), which is faster on any
   device; the gradient is the same either way.
+- ``ro_dtype``: RO's forward and backward passes in fp32 (default) or under bf16 autocast (``bf16``): the weights,
+  the optimiser state and the loss stay fp32, only the matrix products run in bf16 -- on hardware with bf16 matrix
+  units (CPUs with AMX, every recent GPU) the bulk of RO's cost, its steps, runs at bf16 speed.
 - ``ro_norms``: where the re-prunes of RO (each round after the first, and the final prune) take ``||X_j||``.
   ``pass``: a separate pass over the round's samples on the current weights, and over all samples for the final
   prune (the paper's order; 0.5 block passes a round and 1 for the final prune, a sixth of Wanda++'s prune time).
@@ -70,6 +73,8 @@ class Options:
                           choices=("absolute", "relative"))
     ro_batch: int = option(1, "Wanda++: RO samples per RMSprop step (their losses summed; run as one batch when "
                            "the block's arguments allow).", check=positive)
+    ro_dtype: str = option("fp32", "Wanda++: RO's forward and backward passes in fp32 or under bf16 autocast "
+                           "(weights, optimiser state and loss stay fp32).", choices=("fp32", "bf16"))
     ro_norms: str = option("mixed", "Wanda++: ||X_j|| of the re-prunes: the rounds' from RO's own forward passes "
                            "and the final prune's from a pass over --ro-samples samples ('mixed'), all from RO's "
                            "passes ('steps', no extra pass), or all from separate passes on the current weights "
@@ -81,7 +86,7 @@ class Options:
 
 # Yang et al. 2025 (sec. 4 and the reproduction their arXiv v3 points to): what ``--preset paper`` sets.
 PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "ro_step": "absolute",
-         "ro_batch": 1, "ro_norms": "pass"}
+         "ro_batch": 1, "ro_norms": "pass", "ro_dtype": "fp32"}
 
 
 def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
@@ -271,6 +276,7 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, tor
     scale = (n / m) ** 0.5  # a round's norms (m samples) to the scale of all n under the 'sum' convention
     seen = StepNorms(linears) if opts.ro_norms != "pass" else None
     last: dict[str, torch.Tensor] = {}
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=opts.ro_dtype == "bf16")
     try:
         for k in range(opts.ro_iters):
             idx = rng.sample(range(n), m)
@@ -283,8 +289,10 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, tor
             for start in range(0, m, opts.ro_batch):
                 opt.zero_grad(set_to_none=True)
                 for h, kw, target in _batches(acts, dense.outputs, idx[start:start + opts.ro_batch]):
-                    out = engine.block_output(block, h.to(device=device, dtype=torch.float32), kw)
-                    ((out - target.to(out.device)) ** 2).sum().backward()  # accumulates over the step's windows
+                    with autocast:
+                        out = engine.block_output(block, h.to(device=device, dtype=torch.float32), kw)
+                    # The loss in fp32 whatever the products ran in; backward accumulates over the step's windows.
+                    ((out.float() - target.to(out.device)) ** 2).sum().backward()
                 opt.step()
             if seen is not None:
                 last = seen.take(opts.act_norm)
