@@ -17,6 +17,10 @@ another method the same way (OWL's lambda and M over Wanda, for one); a pattern 
 sparsity:
 
     python benchmarks/wandapp_ablation.py --method wanda --pattern 0.6 --grid "defaults;owl_lambda=0.02;owl_m=3"
+
+A setting ``method=NAME`` runs that method instead, so a baseline is timed in the same run:
+
+    python benchmarks/wandapp_ablation.py --grid "method=wanda;defaults;ro_dtype=bf16" --save smollm2-wandapp-bf16
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def main() -> None:
     for setting in args.grid.split(";"):
         # "defaults" (or an empty setting): the method with no options, the row the others are read against
         opts = dict(kv.split("=") for kv in setting.split() if kv != "defaults")
+        # method=NAME runs that method instead (e.g. Wanda's row, timed in the same run as Wanda++'s)
+        method = opts.pop("method", args.method)
         wd = args.out / "run"
         if wd.exists():
             shutil.rmtree(wd)
@@ -81,9 +87,9 @@ def main() -> None:
         # key=true is a switch (true_sequential=true -> --true-sequential)
         flags = [x for k, v in opts.items()
                  for x in ((f"--{k.replace('_', '-')}",) if v == "true" else (f"--{k.replace('_', '-')}", v))]
-        res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", args.method, *shape, *flags])
+        res, wall, rss = popen_rss([*LLMPRUNE, "prune", str(wd), "--method", method, *shape, *flags])
         ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
-        row = dict(model=args.model, method=args.method, setting=setting, pattern=args.pattern,
+        row = dict(model=args.model, method=method, setting=setting, pattern=args.pattern,
                    tune_ppl=ev["perplexity"], windows=ev["windows"],
                    prune_s=res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0), rss_mib=rss)
         rows.append(row)
