@@ -119,7 +119,9 @@ def append_results(out: Path, rows: list[dict]) -> None:
     """Add this run's rows to ``OUT/results.json``, where a script's runs accumulate."""
     path = out / "results.json"
     old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(old + rows, indent=2))
+    tmp = path.with_suffix(".json.tmp")  # written whole, then renamed: a kill mid-write leaves the old file
+    tmp.write_text(json.dumps(old + rows, indent=2))
+    os.replace(tmp, path)
 
 
 def save_results(results: Path, name: str, rows: list[dict], caption: str, table: str) -> None:

@@ -90,13 +90,15 @@ def main() -> None:
         for mode in args.modes.split(","):
             pruned = args.out / f"{structure}-{ratio}-{mode}"
             sel = ["--structure", structure, *size, "--select", args.select]
-            reused = _reused(pruned) if args.reuse else None
+            made_by = dict(sel=sel, reg=args.reg if mode == "dress" else None, base=base.name)
+            reused = _reused(pruned, made_by) if args.reuse else None
             if reused:
                 reg, reg_s, reg_rss, res, ev = reused
             else:
                 if pruned.exists():
                     shutil.rmtree(pruned)
                 shutil.copytree(base, pruned)
+                (pruned / "bench.json").write_text(json.dumps(made_by))
                 reg, reg_s, reg_rss = {}, None, None
                 if mode == "dress":
                     reg, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
@@ -133,7 +135,7 @@ def main() -> None:
                     shutil.rmtree(wd)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    append_results(args.out, rows)
+                append_results(args.out, [row])  # each row as it is measured: a killed run keeps what it did
     windows = rows[0]["windows"] if rows else 0
     caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, test perplexity over {windows} "
                f"windows of {args.seqlen}; {args.steps} recovery steps on fresh windows of the calibration text; "
@@ -166,9 +168,10 @@ def correct_teacher(base: Path, args, paths: dict, evalargs: list[str]) -> tuple
     return ["--teacher", str(wd / "model")], info
 
 
-def _reused(pruned: Path):
-    """(regularize metrics, its seconds, None, prune metrics, eval metrics) of a pruned workdir a previous run left,
-    or None when it has no prune and speed-timed eval on record."""
+def _reused(pruned: Path, made_by: dict):
+    """(regularize metrics, its seconds, None, prune metrics, eval metrics) of a pruned workdir a previous run left
+    with the same selection, regularize options and base, or None (then it is made again): when it has no prune and
+    speed-timed eval on record, or was made otherwise."""
     try:
         steps = json.loads((pruned / "manifest.json").read_text())["steps"]
     except (OSError, ValueError, KeyError):
@@ -178,9 +181,33 @@ def _reused(pruned: Path):
         by[s["command"]] = s
     if "prune" not in by or "speed" not in by.get("eval", {}).get("metrics", {}):
         return None
+    if (pruned / "bench.json").is_file():
+        if json.loads((pruned / "bench.json").read_text()) != made_by:
+            return None
+    elif not _made_with_defaults(by.get("regularize"), made_by):
+        return None
     reg = by.get("regularize")
     res = dict(by["prune"]["metrics"], ratio=by["prune"]["params"].get("ratio"))
     return (reg or {}).get("metrics", {}), reg and reg["duration_s"], None, res, by["eval"]["metrics"]
+
+
+def _made_with_defaults(reg: dict | None, made_by: dict) -> bool:
+    """A pruned workdir from before bench.json was written: reusable when it was regularised with every default
+    (what an empty --reg asks for) and the selection asked for."""
+    from llmprune.methods.dress import RegularizeOptions
+
+    if reg is None or made_by["reg"] != "":
+        return False
+    sel = dict(zip(made_by["sel"][::2], made_by["sel"][1::2]))
+    p, defaults = reg["params"], RegularizeOptions()
+    if p.get("structure") != sel["--structure"] or p.get("select") != sel["--select"]:
+        return False
+    if "--ratio" in sel and p.get("ratio") != float(sel["--ratio"]):
+        return False
+    if "--target-params" in sel and p.get("target_params") != sel["--target-params"]:
+        return False
+    return all(p[k] == getattr(defaults, k) for k in p
+               if k not in ("ratio", "structure", "select", "device", "target_params") and hasattr(defaults, k))
 
 
 def table(rows: list[dict], dense_params: int, dense_ppl: float) -> str:

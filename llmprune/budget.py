@@ -162,14 +162,15 @@ def split_ratios(model: nn.Module, structures: list[str], target: int, share: fl
     return {s: ratios[s] for s in structures}
 
 
-def search(model: nn.Module, structure: str, target: int, select_fn, holdout: torch.Tensor) -> tuple[Plan, dict[str, Any]]:
+def search(model: nn.Module, structure: str, target: int, select_fn, holdout: torch.Tensor,
+           device: str = "cpu") -> tuple[Plan, dict[str, Any]]:
     """The best split of ``target`` between the parts of ``structure`` (``a+b``): each candidate's units selected by
-    ``select_fn(structure, ratio) -> Plan`` on the full model, removed in memory, scored by held-out perplexity.
-    Returns the chosen combined plan and the record of the search."""
+    ``select_fn(structure, ratio) -> Plan`` on the full model, removed in memory, scored by held-out perplexity on
+    ``device``. Returns the chosen combined plan and the record of the search."""
+    import time
+
     from llmprune.structured import remove
     from llmprune.train import heldout_nll
-
-    import time
 
     t0 = time.perf_counter()
     structures = split_structures(structure)
@@ -189,7 +190,7 @@ def search(model: nn.Module, structure: str, target: int, select_fn, holdout: to
                     plans[s][ratios[s]] = select_fn(s, ratios[s])
                 parts.append(plans[s][ratios[s]])
         plan = combine(structure, parts)
-        small = remove(model, plan)
+        small = remove(model, plan).to(device)
         nll = heldout_nll(small, holdout)
         tried[key] = {"share": share, "ratios": ratios, "parameters": count(small),
                       "heldout_ppl": round(math.exp(nll), 4), "plan": plan}

@@ -107,7 +107,12 @@ def keep_teacher(tx, model_dir) -> None:
         if p.is_file():
             rel = p.relative_to(model_dir)
             (teacher / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.link(p, teacher / rel)
+            try:
+                os.link(p, teacher / rel)
+            except OSError:  # a filesystem without hard links (or across devices): a copy, the space it costs
+                import shutil
+
+                shutil.copy2(p, teacher / rel)
             digest = sha256_file(p)
             tx.known[f"{model_dir.name}/{rel.as_posix()}"] = tx.known[f"{TEACHER}/{rel.as_posix()}"] = digest
 

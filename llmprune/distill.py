@@ -64,6 +64,20 @@ class Distiller:
         return total, lm, kd
 
 
+def resolve_options(distill: bool, temperature: float | None, weight: float | None,
+                    teacher: str | None = None) -> tuple[float, float]:
+    """The KD settings as given on the command line (``None``: not given): refused without ``--distill`` (they
+    would be silently ignored), checked, and defaulted to T = 1 and a weight of 1 (KD alone)."""
+    if not distill:
+        given = [n for n, v in (("--kd-temperature", temperature), ("--kd-weight", weight), ("--teacher", teacher))
+                 if v is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} apply to distillation: add --distill")
+    temperature, weight = (1.0 if temperature is None else temperature), (1.0 if weight is None else weight)
+    check_options(temperature, weight)
+    return temperature, weight
+
+
 def check_options(temperature: float, weight: float) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--kd-temperature must be positive, got {temperature}")

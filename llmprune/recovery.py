@@ -285,7 +285,7 @@ def mask_adapters(peft_model, masks: dict[str, torch.Tensor]) -> int:
         def forward(self, x, *args, _keep=keep, **kwargs):
             adapter = self.active_adapters[0]
             a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-            delta = (b @ a) * self.scaling[adapter] * _keep.to(a.dtype)
+            delta = (b @ a) * self.scaling[adapter] * _keep.to(device=a.device, dtype=a.dtype)
             base = self.base_layer
             return torch.nn.functional.linear(x, base.weight + delta.to(base.weight.dtype), base.bias)
 
@@ -300,6 +300,7 @@ def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     changed = 0
     for name, mask in masks.items():
         w = _arch.weight_of(model, name)
+        mask = mask.to(w.device)  # the masks are taken on the CPU; accelerate may have moved the model since
         changed += int((w[mask] != 0).sum())
         w.masked_fill_(mask, 0)
     return changed
@@ -309,7 +310,7 @@ def verify(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Every pruned Linear holds at least the zeros it had before recovery."""
     for name, mask in masks.items():
         w = _arch.weight_of(model, name)
-        if (w[mask] != 0).any():
+        if (w[mask.to(w.device)] != 0).any():
             raise StepFailed(f"{name} lost zeros of its pruning pattern after the merge")
 
 

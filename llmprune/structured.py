@@ -336,7 +336,7 @@ class Removal:
 
     def apply(self, name: str, t: torch.Tensor) -> torch.Tensor:
         for sl in self.cuts.get(name, ()):
-            t = t.index_select(sl.dim, _keep(t.shape[sl.dim], sl.index)).clone()
+            t = t.index_select(sl.dim, _keep(t.shape[sl.dim], sl.index).to(t.device)).clone()
         if name in self.scale:
             a, b = self.scale[name]
             t = t * a + b if b else t * a
@@ -435,6 +435,20 @@ def _hidden_rescale(model: nn.Module, d: int, d_new: int) -> dict[str, tuple[flo
     return {k: v for k, v in out.items() if v != (1.0, 0.0)}
 
 
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (its home moved in 5.x), or a no-op."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            import contextlib
+
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 @torch.no_grad()
 def remove(model: nn.Module, plan: Plan) -> nn.Module:
     """A new, physically smaller model without the plan's units, built from a standard config."""
@@ -450,8 +464,12 @@ def remove(model: nn.Module, plan: Plan) -> nn.Module:
         new_key = r.rename(key)
         if new_key is not None:
             sd[new_key] = r.apply(key, t)
-    dtype = next(model.parameters()).dtype
-    new = AutoModelForCausalLM.from_config(r.config, dtype=dtype)
+    first = next(model.parameters())
+    # Built where the model is, without the random initialisation that every tensor loaded next overwrites (the
+    # bulk of the cost of each candidate the budget search and a DReSS measurement remove); the check below
+    # proves nothing is left unloaded.
+    with torch.device(first.device), _no_init_weights():
+        new = AutoModelForCausalLM.from_config(r.config, dtype=first.dtype)
     missing, unexpected = new.load_state_dict(sd, strict=False)
     # Tied output embeddings may be absent from either side; anything else is a bug in the slicing table.
     missing = [k for k in missing if k not in _tied_names(new)]

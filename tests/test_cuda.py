@@ -59,3 +59,38 @@ def test_prune_step_on_cuda_records_peak_device_memory(calibrated):
     code, res = cli("prune", wd, "--method", "sparsegpt", "--pattern", "2:4", "--device", "cuda")
     assert code == 0 and res["sparsity"]["all"] == pytest.approx(0.5)
     assert res["peak_device_memory_mib"] > 0
+
+
+def test_full_recovery_of_a_sparse_model_on_cuda_keeps_every_zero(calibrated):
+    """The zero pattern is taken on the CPU and re-applied to weights accelerate moved to the GPU."""
+    wd = calibrated("llama", samples=20, seqlen=32)
+    assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
+    code, res = cli("recover", wd, "--full", "--steps", 3, "--eval-every", 3, "--batch-size", 4, "--holdout", 4,
+                    "--device", "cuda")
+    assert code == 0 and res["sparsity"]["all"] >= res["sparsity_before"]["all"] - 1e-9
+
+
+def test_masked_lora_recovery_on_cuda(calibrated):
+    wd = calibrated("llama", samples=20, seqlen=32)
+    assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
+    code, res = cli("recover", wd, "--steps", 3, "--eval-every", 3, "--batch-size", 4, "--holdout", 4,
+                    "--device", "cuda")
+    assert code == 0 and res["weights_remasked"] == 0
+
+
+def test_dress_for_experts_and_a_budget_search_on_cuda(calibrated):
+    """Expert removal inside regularize's measurements, and the budget search's candidates, on the GPU."""
+    wd = calibrated("qwen3_moe", samples=16, seqlen=32)
+    code, reg = cli("regularize", wd, "--structure", "experts", "--ratio", 0.5, "--steps", 4, "--eval-every", 2,
+                    "--batch-size", 4, "--holdout", 4, "--lambda", 0.3, "--device", "cuda")
+    assert code == 0 and reg["relative_norm"] == 0
+    other = calibrated("llama", samples=16, seqlen=32)
+    code, res = cli("prune", other, "--method", "dress", "--structure", "heads+mlp", "--target-params", 0.8,
+                    "--device", "cuda")
+    assert code == 0 and res["parameters"] <= 0.8 * res["parameters_before"]
+
+
+def test_wandapp_bf16_ro_on_cuda(calibrated):
+    wd = calibrated("llama")
+    code, res = cli("prune", wd, "--method", "wandapp", "--pattern", "2:4", "--ro-dtype", "bf16", "--device", "cuda")
+    assert code == 0 and res["sparsity"]["all"] == pytest.approx(0.5)

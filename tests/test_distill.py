@@ -14,6 +14,7 @@ from conftest import cli
 from llmprune.distill import kd_loss, lm_loss
 
 FAST = ["--batch-size", 4, "--holdout", 4, "--dropout", 0.0]
+FULL = ["--full", "--batch-size", 4, "--holdout", 4]  # --full refuses the LoRA options (--dropout among them)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -121,6 +122,39 @@ def test_kd_weight_mixes_in_the_lm_loss(calibrated):
     assert any(not torch.equal(out[1.0][1][k], out[0.5][1][k]) for k in out[1.0][1])
 
 
+def test_the_objective_mixes_kd_and_lm_by_the_weight(tiny_root):
+    """``Distiller.objective``: the KD term at the given temperature against the teacher's own logits, and the
+    total ``w * KD + (1 - w) * LM``."""
+    import tiny
+    from llmprune.distill import Distiller
+
+    teacher, _, _ = tiny.model_and_inputs(tiny_root, "llama", 1, 16, batch_size=1)
+    torch.manual_seed(0)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 16))
+    student = torch.randn(2, 16, teacher.config.vocab_size)
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits
+    for temp, w in ((1.0, 1.0), (2.0, 0.3)):
+        total, lm, kd = Distiller(teacher, temp, w).objective(ids, student)
+        torch.testing.assert_close(kd, kd_loss(student, t, temp))
+        torch.testing.assert_close(lm, lm_loss(student, ids))
+        torch.testing.assert_close(total, w * kd + (1 - w) * lm)
+
+
+def test_kd_temperature_reaches_the_loss_from_the_cli(calibrated):
+    """The first step's KD loss (same student, teacher and windows) differs between T = 1 and T = 2: the option is
+    not dropped on its way to the loss."""
+    first = {}
+    for temp in (1.0, 2.0):
+        wd = calibrated("llama", samples=12, seqlen=32)
+        assert cli("prune", wd, "--method", "dress", "--structure", "mlp", "--ratio", 0.5, "--select", "tail")[0] == 0
+        code, res = cli("recover", wd, "--distill", "--kd-temperature", temp, "--steps", 1, "--eval-every", 1, *FAST)
+        assert code == 0
+        first[temp] = res["kd"][0]
+        wd.rename(wd.parent / f"done-{temp}")
+    assert first[1.0] > 0 and first[2.0] > 0 and abs(first[1.0] - first[2.0]) > 1e-4 * first[1.0]
+
+
 def test_a_given_teacher_serves_a_workdir_that_keeps_none(tiny_root, tmp_path):
     wd = tmp_path / "wd"
     assert cli("calibrate", wd, "--model", tiny_root / "llama", "--dataset", tiny_root / "corpus.txt",
@@ -146,14 +180,29 @@ def test_a_teacher_with_another_vocabulary_is_refused(calibrated, tiny_root, tmp
     assert (wd / "manifest.json").read_text() == manifest
 
 
-@pytest.mark.parametrize("args", [["--teacher", "x"], ["--distill", "--kd-weight", 0], ["--distill", "--kd-weight", 1.5],
-                                  ["--distill", "--kd-temperature", 0], ["--full", "--no-merge"],
-                                  ["--full", "--targets", "q_proj"]])
-def test_bad_distillation_options_are_one_line(calibrated, capsys, args):
+@pytest.mark.parametrize("args,says", [
+    (["--teacher", "x"], "add --distill"), (["--kd-temperature", 2], "add --distill"),
+    (["--kd-weight", 0.5], "add --distill"), (["--distill", "--kd-weight", 0], "--kd-weight"),
+    (["--distill", "--kd-weight", 1.5], "--kd-weight"), (["--distill", "--kd-temperature", 0], "--kd-temperature"),
+    (["--full", "--no-merge"], "--no-merge"), (["--full", "--targets", "q_proj"], "--targets"),
+    (["--full", "--rank", 4], "--rank"), (["--full", "--dropout", 0.0], "--dropout"),
+    (["--full", "--no-masked"], "--masked")])
+def test_bad_distillation_options_are_one_line(calibrated, capsys, args, says):
+    """Options that would be silently ignored (KD settings without --distill, LoRA settings with --full) are
+    refused, as are out-of-range ones: one line naming the option, the workdir untouched."""
     wd = calibrated("llama", samples=12, seqlen=32)
+    manifest = (wd / "manifest.json").read_text()
     assert cli("recover", wd, "--steps", 1, *args)[0] == 1
     err = capsys.readouterr().err.strip()
-    assert err and "Traceback" not in err
+    assert err and "Traceback" not in err and says in err and len(err.splitlines()) <= 2
+    assert (wd / "manifest.json").read_text() == manifest
+
+
+@pytest.mark.parametrize("args", [["--kd-temperature", 2], ["--kd-weight", 0.5], ["--teacher", "x"]])
+def test_regularize_refuses_kd_settings_without_distill(calibrated, capsys, args):
+    wd = calibrated("llama", samples=12, seqlen=32)
+    assert cli("regularize", wd, "--structure", "mlp", "--ratio", 0.25, "--steps", 1, *args)[0] == 1
+    assert "add --distill" in capsys.readouterr().err
 
 
 # --- full fine-tuning ------------------------------------------------------------------------------------------
@@ -161,7 +210,7 @@ def test_full_fine_tuning_keeps_a_sparse_pattern_exactly(calibrated):
     wd = calibrated("llama", samples=20, seqlen=32)
     assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
     before = _weights(wd / "model")
-    code, res = cli("recover", wd, "--full", "--distill", "--steps", 4, "--eval-every", 4, "--lr", 1e-3, *FAST)
+    code, res = cli("recover", wd, "--distill", "--steps", 4, "--eval-every", 4, "--lr", 1e-3, *FULL)
     assert code == 0 and res["mode"] == "full" and not (wd / "adapter").exists()
     after = _weights(wd / "model")
     pruned = [k for k in before if k.startswith("model.layers.") and k.endswith("proj.weight")]
@@ -175,7 +224,7 @@ def test_full_fine_tuning_keeps_a_sparse_pattern_exactly(calibrated):
 def test_full_fine_tuning_of_a_structured_model(calibrated):
     wd = calibrated("qwen2", samples=20, seqlen=32)
     assert cli("prune", wd, "--method", "dress", "--structure", "mlp", "--ratio", 0.25, "--select", "tail")[0] == 0
-    code, res = cli("recover", wd, "--full", "--steps", 6, "--eval-every", 6, "--lr", 2e-3, *FAST)
+    code, res = cli("recover", wd, "--steps", 6, "--eval-every", 6, "--lr", 2e-3, *FULL)
     assert code == 0 and res["objective"] == "lm" and res["ppl_after"] < res["ppl_before"]
     step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
     assert step["params"]["lr"] == 2e-3 and step["params"]["full"] and "kd_weight" not in step["params"]

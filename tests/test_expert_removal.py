@@ -3,6 +3,7 @@ top-k, a plain `from_pretrained` afterwards, the analytic parameter count, REAP 
 computation, DReSS for experts, and the refusals."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -115,13 +116,21 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
     assert code == 0 and ev["perplexity"] > 0
 
 
-def test_the_lowest_scoring_experts_go(calibrated):
+@pytest.mark.parametrize("select", ["frequency", "reap"])
+def test_the_lowest_scoring_experts_go(calibrated, select):
+    """The expert of each block with the lowest score goes: the token count for ``frequency``, the REAP score (not
+    the count: the two rank differently somewhere) for ``reap``."""
     wd = calibrated("mixtral", samples=12, seqlen=32)
     code, res = cli("prune", wd, "--method", "dress", "--structure", "experts", "--ratio", 0.25, "--select",
-                    "frequency")
+                    select)
     assert code == 0
-    for tokens, removed in zip(res["plan"]["tokens"], res["plan"]["removed"]):
-        assert removed == [min(range(4), key=lambda e: (tokens[e], e))]
+    plan = res["plan"]
+    key = plan["tokens"] if select == "frequency" else plan["scores"]
+    for scores, removed in zip(key, plan["removed"]):
+        assert removed == [min(range(4), key=lambda e: (scores[e], e))]
+    if select == "reap":
+        assert any(sorted(range(4), key=lambda e: s[e]) != sorted(range(4), key=lambda e: t[e])
+                   or s != t for s, t in zip(plan["scores"], plan["tokens"]))
     assert res["geometry"]["experts"] == 3 and res["geometry_before"]["experts"] == 4
     assert res["routing_renormalised"] is True
 
@@ -136,6 +145,16 @@ def test_dress_for_experts_shrinks_them_and_measures_the_gap_by_removal(calibrat
     assert res["plan"]["removed"] == reg["plan"]["removed"]
     step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
     assert step["metrics"]["geometry"]["experts"] == 2
+    # The gap was measured with the experts removed: the pruned model scores exactly the last measurement's
+    # "zeroed" perplexity on the same held-out windows (zeroing a router row would not: logit 0 can win the top-k).
+    from safetensors.torch import load_file
+
+    from llmprune.modeling import load_model
+    from llmprune.train import heldout_nll
+
+    small, _ = load_model(wd / "model")
+    held = load_file(wd / "calib" / "windows.safetensors")["input_ids"][-4:]
+    assert math.exp(heldout_nll(small.float(), held)) == pytest.approx(reg["ppl_zeroed"], rel=1e-3)
 
 
 def test_expert_removal_refusals(calibrated, capsys):

@@ -259,7 +259,8 @@ def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path
     assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
     two = tmp_path / "two"
     shutil.copytree(wd, two)
-    opts = ["--steps", 8, "--eval-every", 8, "--lr", 1e-3, "--holdout", 4, "--dropout", 0.0, "--save-every", 0, *extra]
+    lora = [] if "--full" in extra else ["--dropout", 0.0]  # --full refuses LoRA's options
+    opts = ["--steps", 8, "--eval-every", 8, "--lr", 1e-3, "--holdout", 4, *lora, "--save-every", 0, *extra]
     code, one = cli("recover", wd, *opts, "--batch-size", 4)
     assert code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

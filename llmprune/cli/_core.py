@@ -37,8 +37,8 @@ TextFieldOpt = Annotated[str, typer.Option(help="Text field of .jsonl/.json/.par
 SeedOpt = Annotated[int, typer.Option(help="Seed of the data order (and of --select random).")]
 GradCkptOpt = Annotated[bool, typer.Option(help="Trade compute for activation memory.")]
 DistillOpt = Annotated[bool, typer.Option("--distill", help="Train on the KL divergence from the dense teacher's next-token distribution (the workdir's teacher/, or --teacher).")]
-KdTemperatureOpt = Annotated[float, typer.Option(help="--distill: softmax temperature T of both distributions (the loss is scaled by T^2).")]
-KdWeightOpt = Annotated[float, typer.Option(help="--distill: the KD share of the loss, in (0, 1]; the rest is the LM loss.")]
+KdTemperatureOpt = Annotated[Optional[float], typer.Option(help="--distill: softmax temperature T of both distributions (the loss is scaled by T^2; default 1).")]
+KdWeightOpt = Annotated[Optional[float], typer.Option(help="--distill: the KD share of the loss, in (0, 1]; the rest is the LM loss (default 1).")]
 TeacherOpt = Annotated[Optional[str], typer.Option(help="--distill: the teacher, a Hub id, safetensors folder or .gguf file (default: the workdir's teacher/, kept by calibrate).")]
 
 

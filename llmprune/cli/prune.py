@@ -56,7 +56,10 @@ def _render(res: dict[str, Any]) -> None:
     if "units_removed" in res:  # structured
         before, after = res["geometry_before"], res["geometry"]
         budget = res.get("budget")
-        size = f"to {budget['target']:,} parameters" if budget else f"{res['ratio']:.0%}"
+        plan = res.get("plan") or {}
+        split = ", ".join(f"{p['structure']} {p['ratio']:.0%}" for p in plan["removed"]) if "+" in res["structure"] \
+            and isinstance(plan.get("removed"), list) else ""
+        size = (f"to {budget['target']:,} parameters" if budget else f"{res['ratio']:.0%}") + (f" ({split})" if split else "")
         report.table(
             f"{res['method']} {res['structure']} {size} "
             f"({'regularised' if res['regularized'] else 'direct removal'}, {res['select']})",

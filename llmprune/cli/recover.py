@@ -23,17 +23,17 @@ def recover(
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default: 2e-4 for LoRA, 2e-5 with --full).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Train every weight instead of a LoRA adapter (structured models have no zeros to keep; a sparse model's pattern is re-applied after each step).")] = False,
     distill: DistillOpt = False,
-    kd_temperature: KdTemperatureOpt = 1.0,
-    kd_weight: KdWeightOpt = 1.0,
+    kd_temperature: KdTemperatureOpt = None,
+    kd_weight: KdWeightOpt = None,
     teacher: TeacherOpt = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank).")] = 16.0,
-    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 8).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (the update is scaled by alpha / rank; default 16).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout (default 0.05).")] = None,
     targets: Annotated[str, typer.Option(help="auto (the architecture's table) or a comma list: q_proj,v_proj,...")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 1,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
     merge: Annotated[bool, typer.Option(help="Fold the adapter into the weights and re-apply the zero pattern.")] = True,
-    masked: Annotated[bool, typer.Option(help="Sparse models: train the adapter through the zero pattern, so the merge loses nothing.")] = True,
+    masked: Annotated[Optional[bool], typer.Option("--masked/--no-masked", help="Sparse models: train the adapter through the zero pattern, so the merge loses nothing (default on).")] = None,
     holdout: Annotated[int, typer.Option(help="Windows kept out of training for the held-out perplexity.")] = 8,
     eval_every: Annotated[int, typer.Option(help="Held-out perplexity every this many steps.")] = 25,
     save_every: Annotated[int, typer.Option(help="Checkpoint for resuming every this many steps (0: never).")] = 25,
@@ -44,7 +44,7 @@ def recover(
 ) -> None:
     """Recovery fine-tuning (LoRA, or every weight with --full) on the LM loss or distilled from the dense teacher
     (--distill); with --merge the sparsity pattern is re-applied and verified after the merge."""
-    from llmprune.distill import check_options
+    from llmprune.distill import resolve_options
     from llmprune.recovery import RecoverOptions, Recovery
     from llmprune.train import check_launcher
 
@@ -54,13 +54,17 @@ def recover(
         raise UserError("--targets names the Linears LoRA adapts; --full trains every weight (drop one of them)")
     if full and not merge:
         raise UserError("--full trains the weights themselves: there is no adapter to keep unmerged (drop --no-merge)")
-    if teacher is not None and not distill:
-        raise UserError("--teacher names the model to distil from: add --distill")
+    lora = [n for n, v in (("--rank", rank), ("--alpha", alpha), ("--dropout", dropout), ("--masked", masked))
+            if v is not None]
+    if full and lora:
+        raise UserError(f"{', '.join(lora)} set the LoRA adapter; --full trains every weight (drop one of them)")
+    rank, alpha = 8 if rank is None else rank, 16.0 if alpha is None else alpha
+    dropout, masked = 0.05 if dropout is None else dropout, True if masked is None else masked
+    kd_temperature, kd_weight = resolve_options(distill, kd_temperature, kd_weight, teacher)
     check_launcher()
     positive(steps=steps if steps is not None else 1, rank=rank, batch_size=batch_size, grad_accum=grad_accum,
              holdout=holdout, eval_every=eval_every, lr=lr if lr is not None else 1, alpha=alpha,
              epochs=epochs if epochs is not None else 1)
-    check_options(kd_temperature, kd_weight)
     if not 0 <= dropout < 1 or save_every < 0:
         raise UserError("--dropout must be in [0, 1) and --save-every >= 0")
     opts = RecoverOptions(dataset=dataset, text_field=text_field, seqlen=seqlen, steps=steps, epochs=epochs, lr=lr,

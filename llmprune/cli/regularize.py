@@ -34,15 +34,18 @@ def regularize(
     grad_checkpointing: GradCkptOpt = False,
     device: DeviceOpt = "cpu",
     distill: DistillOpt = False,
-    kd_temperature: KdTemperatureOpt = 1.0,
-    kd_weight: KdWeightOpt = 1.0,
+    kd_temperature: KdTemperatureOpt = None,
+    kd_weight: KdWeightOpt = None,
     teacher: TeacherOpt = None,
     target_params: Annotated[Optional[str], typer.Option(help="A parameter budget instead of --ratio: a count (100M, 1.5B) or a fraction of the model (0.75).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
+    from llmprune.distill import resolve_options
     from llmprune.methods.dress import RegularizeOptions, regularize_workdir
     from llmprune.train import check_launcher
+
+    kd_temperature, kd_weight = resolve_options(distill, kd_temperature, kd_weight, teacher)
 
     if ratio is not None and target_params is not None:
         raise UserError("give --ratio or --target-params, not both")
@@ -59,7 +62,14 @@ def regularize(
     m = regularize_workdir(open_workdir(ctx, workdir).require_calibration(), opts)
     result = {"workdir": str(workdir), **m}
     finish(result, as_json, lambda: report.table(
-        f"regularized {structure} {m['plan']['ratio']:.0%} ({m['units_removed']} units, {select})", ["held-out", "before", "after"],
+        f"regularized {structure} {_size(m['plan'])} ({m['units_removed']} units, {select})", ["held-out", "before", "after"],
         [["perplexity", m["before"]["ppl"], m["ppl"]], ["perplexity, units zeroed", m["before"]["ppl_zeroed"],
           m["ppl_zeroed"]], ["relative norm of the units", m["before"]["relative_norm"], m["relative_norm"]],
          ["steps", 0, m["steps"]], ["time", "", f"{m['train_s']:.1f} s"]]))
+
+
+def _size(plan: dict) -> str:
+    """A plan's ratio, or a combination's split (its parts' ratios; the combination's own ratio is 0)."""
+    if "+" in plan["structure"]:
+        return ", ".join(f"{p['structure']} {p['ratio']:.0%}" for p in plan["removed"])
+    return f"{plan['ratio']:.0%}"

@@ -144,7 +144,7 @@ def search_combination(model: nn.Module, structure: str, text: str, how: str, wi
         part_how = how if how not in EXPERT_SELECTS or part == "experts" else "activation"
         return select(model, part, ratio, part_how, fit, device, seed)
 
-    return search(model, structure, parse_budget(text, param_count(model)), select_fn, held)
+    return search(model, structure, parse_budget(text, param_count(model)), select_fn, held, device)
 
 
 def routing_renormalised(model: nn.Module) -> bool:
@@ -410,7 +410,7 @@ class DReSS(Method):
         if planned is not None:
             for name, given, was in (("structure", options.structure, planned.structure),
                                      ("ratio", options.ratio, planned.ratio), ("select", options.select, planned.select)):
-                if given is not None and given != was:
+                if given is not None and given != was and {given, was} != {"activation", "reap"}:
                     raise UserError(f"this workdir was regularised for --{name} {was}; prune with that "
                                     f"(or regularise again for {given})")
         structure = options.structure or (planned.structure if planned else DEFAULT_STRUCTURE)
@@ -453,7 +453,7 @@ class DReSS(Method):
                 planned = select(lm, structure, ratio, select_, windows, device, options.seed, batch_size,
                                  weights=weights)
             before_params, before_geom = param_count(lm), geometry(lm)
-            exact = routing_renormalised(lm) if structure == "experts" else None
+            exact = routing_renormalised(lm) if "experts" in structure.split("+") else None
             if exact is False:
                 from llmprune import report
 
