@@ -13,6 +13,13 @@ recipe's practice: DReSS already trained on the calibration windows), never on t
 
 Recoveries: none, lora-lm, lora-kd, full-lm, full-kd (``--steps`` each; equal steps, so LM against KD is a fair
 comparison). Every run is saved under benchmarks/results/ (``--save NAME``, default ``MODEL-structured``).
+
+``--reuse`` keeps a pruned workdir an earlier run left when the same selection, regularize options and base made it
+(its regularize seconds and speed-ups are then that run's); ``--teacher-steps N`` distils from a "corrected"
+teacher (Sreenivas et al. 2024): a copy of the dense model fine-tuned N steps (``recover --full``) on the
+calibration text first, its test perplexity and cost in the caption:
+
+    python benchmarks/structured_bench.py --reuse --recoveries lora-kd --steps 100 --teacher-steps 100
 """
 
 from __future__ import annotations
