@@ -163,14 +163,21 @@ def split_ratios(model: nn.Module, structures: list[str], target: int, share: fl
 
 
 def search(model: nn.Module, structure: str, target: int, select_fn, holdout: torch.Tensor,
-           device: str = "cpu") -> tuple[Plan, dict[str, Any]]:
+           device: str = "cpu", score_fn=None, scored_by: str = "removal") -> tuple[Plan, dict[str, Any]]:
     """The best split of ``target`` between the parts of ``structure`` (``a+b``): each candidate's units selected by
     ``select_fn(structure, ratio) -> Plan`` on the full model, removed in memory, scored by held-out perplexity on
-    ``device``. Returns the chosen combined plan and the record of the search."""
+    ``device`` -- or by ``score_fn(plan) -> (held-out NLL, parameters)`` (a short regularisation of a copy first,
+    ``scored_by`` says how). Returns the chosen combined plan and the record of the search."""
     import time
 
     from llmprune.structured import remove
     from llmprune.train import heldout_nll
+
+    def by_removal(plan: Plan) -> tuple[float, int]:
+        small = remove(model, plan).to(device)
+        return heldout_nll(small, holdout), count(small)
+
+    score_fn = score_fn or by_removal
 
     t0 = time.perf_counter()
     structures = split_structures(structure)
@@ -190,17 +197,15 @@ def search(model: nn.Module, structure: str, target: int, select_fn, holdout: to
                     plans[s][ratios[s]] = select_fn(s, ratios[s])
                 parts.append(plans[s][ratios[s]])
         plan = combine(structure, parts)
-        small = remove(model, plan).to(device)
-        nll = heldout_nll(small, holdout)
-        tried[key] = {"share": share, "ratios": ratios, "parameters": count(small),
+        nll, params = score_fn(plan)
+        tried[key] = {"share": share, "ratios": ratios, "parameters": params,
                       "heldout_ppl": round(math.exp(nll), 4), "plan": plan}
         report.info(f"{structure} split {share:.2f}: " + ", ".join(f"{s} {r:.3f}" for s, r in ratios.items())
-                    + f" -> {count(small):,} parameters, held-out perplexity {math.exp(nll):.2f}")
-        del small
+                    + f" -> {params:,} parameters, held-out perplexity {math.exp(nll):.2f} ({scored_by})")
     if not tried:
         raise UserError(f"--structure {structure} cannot reach {target:,} parameters with any split")
     best = min(tried.values(), key=lambda t: (t["heldout_ppl"], -t["parameters"]))
-    record = {"target": target, "chosen": {k: v for k, v in best.items() if k != "plan"},
+    record = {"target": target, "scored_by": scored_by, "chosen": {k: v for k, v in best.items() if k != "plan"},
               "alternatives": [{k: v for k, v in t.items() if k != "plan"} for t in tried.values()],
               "search_s": round(time.perf_counter() - t0, 2)}
     return best["plan"], record

@@ -289,3 +289,42 @@ def test_a_regularised_combination_is_the_plan_the_prune_applies(calibrated):
     code, res = cli("prune", wd, "--method", "dress")
     assert code == 0 and res["regularized"] and res["structure"] == "heads+mlp"
     assert res["parameters"] == reg["budget"]["chosen"]["parameters"]
+
+
+def test_a_search_scored_after_regularizing_each_split(calibrated, capsys):
+    """``regularize --search-steps N``: every candidate split is regularised N steps on a copy before it is removed
+    and scored -- other scores than direct removal's for the same splits, the best one chosen and recorded with how
+    it was scored -- and the model the step then regularises is the untouched dense one."""
+    wd = calibrated("llama", samples=24, seqlen=32)
+    direct = wd.parent / "direct"
+    import shutil
+
+    shutil.copytree(wd, direct)
+    common = ["--structure", "hidden+mlp", "--target-params", "0.8", "--steps", 2, "--eval-every", 2,
+              "--batch-size", 4, "--holdout", 4, "--lambda", 0.3]
+    code, plain = cli("regularize", direct, *common)
+    assert code == 0 and plain["budget"]["scored_by"] == "removal"
+    code, reg = cli("regularize", wd, *common, "--search-steps", 3)
+    assert code == 0
+    b = reg["budget"]
+    assert b["scored_by"] == "regularize 3 steps"
+    assert b["chosen"]["heldout_ppl"] == min(a["heldout_ppl"] for a in b["alternatives"])
+    by_split = {json.dumps(a["ratios"], sort_keys=True): a["heldout_ppl"] for a in plain["budget"]["alternatives"]}
+    assert {json.dumps(a["ratios"], sort_keys=True) for a in b["alternatives"]} == set(by_split)
+    assert any(a["heldout_ppl"] != by_split[json.dumps(a["ratios"], sort_keys=True)] for a in b["alternatives"])
+    assert reg["before"]["ppl"] == plain["before"]["ppl"]  # the candidates trained copies, not the model
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["params"]["search_steps"] == 3
+    assert "search_steps" not in json.loads((direct / "manifest.json").read_text())["steps"][-1]["params"]
+    code, res = cli("prune", wd, "--method", "dress")
+    assert code == 0 and res["parameters"] == b["chosen"]["parameters"]
+
+
+@pytest.mark.parametrize("args,says", [(["--structure", "mlp", "--ratio", 0.25], "--search-steps"),
+                                       (["--structure", "hidden+mlp", "--target-params", 0.8, "--search-steps", -1],
+                                        "--search-steps")])
+def test_search_steps_refusals(calibrated, capsys, args, says):
+    wd = calibrated("llama", samples=24, seqlen=32)
+    extra = [] if "-1" in map(str, args) else ["--search-steps", 2]
+    assert cli("regularize", wd, *args, *extra, "--steps", 1)[0] == 1
+    assert says in capsys.readouterr().err

@@ -38,6 +38,7 @@ def regularize(
     kd_weight: KdWeightOpt = None,
     teacher: TeacherOpt = None,
     target_params: Annotated[Optional[str], typer.Option(help="A parameter budget instead of --ratio: a count (100M, 1.5B) or a fraction of the model (0.75).")] = None,
+    search_steps: Annotated[int, typer.Option(help="A combination's budget: score each candidate split after this many regularisation steps of a copy (0: by direct removal, cheaper, but it favours fine structures).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
@@ -51,7 +52,7 @@ def regularize(
         raise UserError("give --ratio or --target-params, not both")
     opts = RegularizeOptions(ratio if ratio is not None else 0.25, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
                              batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device, distill,
-                             kd_temperature, kd_weight, teacher, target_params)
+                             kd_temperature, kd_weight, teacher, target_params, search_steps)
     opts.check()
     check_launcher()
     positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,

@@ -129,9 +129,11 @@ def resolve_budget(model: nn.Module, structure: str, text: str) -> dict[str, Any
 
 
 def search_combination(model: nn.Module, structure: str, text: str, how: str, windows: torch.Tensor, device: str,
-                       seed: int, holdout: int = 8) -> tuple[Plan, dict[str, Any]]:
+                       seed: int, holdout: int = 8, regularized=None) -> tuple[Plan, dict[str, Any]]:
     """A combination's plan for ``--target-params``: ``budget.search`` over the splits, each part selected as a
-    single structure would be (on the windows before the last ``holdout``, which score the candidates)."""
+    single structure would be (on the windows before the last ``holdout``, which score the candidates).
+    ``regularized``: a ``RegularizeOptions`` whose ``search_steps`` (> 0) regularise a copy of the model toward each
+    candidate before it is removed and scored (``score_after_regularizing``); None: scored by direct removal."""
     from llmprune.budget import parse_budget, search
     from llmprune.modeling import param_count
 
@@ -144,7 +146,40 @@ def search_combination(model: nn.Module, structure: str, text: str, how: str, wi
         part_how = how if how not in EXPERT_SELECTS or part == "experts" else "activation"
         return select(model, part, ratio, part_how, fit, device, seed)
 
-    return search(model, structure, parse_budget(text, param_count(model)), select_fn, held, device)
+    score_fn, scored_by = None, "removal"
+    if regularized is not None and regularized.search_steps:
+        scored_by = f"regularize {regularized.search_steps} steps"
+
+        def score_fn(plan: Plan) -> tuple[float, int]:
+            return score_after_regularizing(model, plan, fit, held, regularized)
+
+    return search(model, structure, parse_budget(text, param_count(model)), select_fn, held, device, score_fn,
+                  scored_by)
+
+
+def search_lambda(o) -> float:
+    """The penalty of a candidate's short regularisation: the prox reaches zero within ``1 / lambda`` steps, so at
+    least ``1.5 / N`` leaves the last third of the N steps to adapt to the units being gone (``o.lam`` if larger)."""
+    return max(o.lam, 1.5 / o.search_steps) if o.shrink == "prox" else o.lam
+
+
+def score_after_regularizing(model: nn.Module, plan: Plan, fit: torch.Tensor, held: torch.Tensor, o) -> tuple[float, int]:
+    """(held-out NLL, parameters) of ``plan`` removed from a copy of ``model`` regularised ``o.search_steps`` steps
+    toward it (LM loss, the step's other settings): what regularisation leaves, not what removal alone leaves.
+    ``model`` itself is not touched."""
+    import copy
+
+    from llmprune.modeling import param_count
+    from llmprune.structured import remove
+    from llmprune.train import TrainSpec, heldout_nll
+
+    work = copy.deepcopy(model)
+    spec = TrainSpec(steps=o.search_steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
+                     grad_checkpointing=o.grad_checkpointing, eval_every=o.search_steps)
+    regularize(work, fit, held, plan, norm=o.norm, shrink=o.shrink, lam=search_lambda(o), spec=spec, device=o.device)
+    small = remove(work, plan)
+    del work
+    return heldout_nll(small.to(o.device), held), param_count(small)
 
 
 def routing_renormalised(model: nn.Module) -> bool:
@@ -511,6 +546,7 @@ class RegularizeOptions:
     kd_weight: float = 1.0
     teacher: Optional[str] = None
     target_params: Optional[str] = None  # a budget instead of the ratio (resolved in the step)
+    search_steps: int = 0  # a combination's candidates scored after this many regularisation steps (0: by removal)
 
     def params(self) -> dict[str, Any]:
         import dataclasses
@@ -518,6 +554,8 @@ class RegularizeOptions:
         p = dataclasses.asdict(self)
         if self.target_params is None:
             del p["target_params"]
+        if not self.search_steps:  # scored by removal, as before the option existed
+            del p["search_steps"]
         if not self.distill:  # the KD settings do not apply: a plain run records what it always did
             from llmprune.distill import KD_OPTIONS
 
@@ -536,6 +574,11 @@ class RegularizeOptions:
             raise UserError(f"unknown --norm '{self.norm}'; use one of: {', '.join(NORMS)}")
         if self.shrink not in SHRINKS:
             raise UserError(f"unknown --shrink '{self.shrink}'; use one of: {', '.join(SHRINKS)}")
+        if self.search_steps < 0:
+            raise UserError(f"--search-steps must be >= 0, got {self.search_steps}")
+        if self.search_steps and not ("+" in self.structure and self.target_params is not None):
+            raise UserError("--search-steps scores the splits of a combination's budget: give --structure A+B "
+                            "with --target-params")
 
 
 def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
@@ -559,7 +602,7 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
                 raise UserError(f"--structure {o.structure} splits a parameter budget between its structures: give "
                                 "--target-params (100M, or 0.75 of the model)")
             combined, budget = search_combination(lm, o.structure, o.target_params, o.select, ws.windows(), o.device,
-                                                  o.seed, o.holdout)
+                                                  o.seed, o.holdout, regularized=o)
             tx.step.params["ratio"] = 0.0
         elif o.target_params is not None:
             import dataclasses
