@@ -18,8 +18,9 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
   of a step run as one batch when the block's arguments merge (``Activations.merged``), which is faster on any
   device; the gradient is the same either way.
 - ``ro_dtype``: RO's forward and backward passes in fp32 (default) or under bf16 autocast (``bf16``): the weights,
-  the optimiser state and the loss stay fp32, only the matrix products run in bf16 -- on hardware with bf16 matrix
-  units (CPUs with AMX, every recent GPU) the bulk of RO's cost, its steps, runs at bf16 speed.
+  the optimiser state and the loss stay fp32, only the matrix products run in bf16. Meant for hardware with bf16
+  matrix units (recent GPUs, CPUs with AMX), where RO's steps are the bulk of Wanda++'s cost; a CPU without them
+  emulates bf16 and is several times slower (benchmarks/README.md, Wanda++ cost). Not yet timed on a GPU.
 - ``ro_norms``: where the re-prunes of RO (each round after the first, and the final prune) take ``||X_j||``.
   ``pass``: a separate pass over the round's samples on the current weights, and over all samples for the final
   prune (the paper's order; 0.5 block passes a round and 1 for the final prune, a sixth of Wanda++'s prune time).
