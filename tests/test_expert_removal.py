@@ -328,3 +328,13 @@ def test_search_steps_refusals(calibrated, capsys, args, says):
     extra = [] if "-1" in map(str, args) else ["--search-steps", 2]
     assert cli("regularize", wd, *args, *extra, "--steps", 1)[0] == 1
     assert says in capsys.readouterr().err
+
+
+def test_prune_select_activation_after_an_experts_regularize(calibrated):
+    """``activation`` means REAP for experts: naming it at the prune of a plan regularised as ``reap`` is the same
+    selection, not a conflicting one."""
+    wd = calibrated("qwen3_moe", samples=16, seqlen=32)
+    assert cli("regularize", wd, "--structure", "experts", "--ratio", 0.5, "--steps", 2, "--eval-every", 2,
+               "--batch-size", 4, "--holdout", 4, "--lambda", 0.5)[0] == 0
+    code, res = cli("prune", wd, "--method", "dress", "--select", "activation")
+    assert code == 0 and res["regularized"]

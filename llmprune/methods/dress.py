@@ -182,6 +182,11 @@ def score_after_regularizing(model: nn.Module, plan: Plan, fit: torch.Tensor, he
     return heldout_nll(small.to(o.device), held), param_count(small)
 
 
+def selection_of(structure: str, how: str) -> str:
+    """The selection a plan records: for experts, ``activation`` is REAP (router weight x output norm)."""
+    return "reap" if structure == "experts" and how == "activation" else how
+
+
 def routing_renormalised(model: nn.Module) -> bool:
     """Whether the router renormalises its weights over the chosen top-k (then removing an expert a token does not
     choose leaves that token's output unchanged)."""
@@ -210,7 +215,7 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
         from llmprune.reap import expert_stats
 
         assert windows is not None
-        how = "reap" if how == "activation" else how
+        how = selection_of(structure, how)
         st = expert_stats(model, windows[:SELECT_WINDOWS], device, batch_size, weights)
         s = st.reap() if how == "reap" else st.frequency()
         removed = [[] if r is None else sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in s]
@@ -445,7 +450,9 @@ class DReSS(Method):
         if planned is not None:
             for name, given, was in (("structure", options.structure, planned.structure),
                                      ("ratio", options.ratio, planned.ratio), ("select", options.select, planned.select)):
-                if given is not None and given != was and {given, was} != {"activation", "reap"}:
+                if name == "select" and given is not None:
+                    given = selection_of(planned.structure, given)
+                if given is not None and given != was:
                     raise UserError(f"this workdir was regularised for --{name} {was}; prune with that "
                                     f"(or regularise again for {given})")
         structure = options.structure or (planned.structure if planned else DEFAULT_STRUCTURE)
