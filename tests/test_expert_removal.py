@@ -281,6 +281,42 @@ def test_the_budget_split_is_searched_recorded_and_applied(calibrated, tiny_root
     assert small.config.intermediate_size == 128 - round(b["chosen"]["ratios"]["mlp"] * 128)
 
 
+def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
+    """A structure's activation scores do not depend on the ratio: the search measures them once per structure
+    (not once per candidate ratio) and still scores the same splits as before."""
+    from llmprune.methods import dress
+
+    wd = calibrated("llama", samples=24, seqlen=32)
+    calls: list[str] = []
+    real = dress.scores
+
+    def counted(model, structure, *args, **kwargs):
+        calls.append(structure)
+        return real(model, structure, *args, **kwargs)
+
+    monkeypatch.setattr(dress, "scores", counted)
+    code, res = cli("prune", wd, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
+    assert code == 0
+    ratios = {s: {a["ratios"][s] for a in res["budget"]["alternatives"] if a["ratios"][s]} for s in ("hidden", "mlp")}
+    assert len(ratios["hidden"]) >= 2 and len(ratios["mlp"]) >= 2  # several ratios of each were selected...
+    assert sorted(calls) == ["hidden", "mlp"]  # ...from one measurement each
+
+
+@pytest.mark.parametrize("arch,structure,how", [("llama", "mlp", "activation"), ("llama", "hidden", "activation"),
+                                                ("qwen3_moe", "experts", "reap"),
+                                                ("qwen3_moe", "experts", "frequency")])
+def test_a_selection_from_measured_scores_equals_a_fresh_one(tiny_root, arch, structure, how):
+    from llmprune.methods import dress
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
+    windows = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
+    measured = dress.unit_scores(model, structure, how, windows)
+    for ratio in (0.25, 0.5):
+        fresh = dress.select(model, structure, ratio, how, windows)
+        again = dress.select(model, structure, ratio, how, None, measured=measured)
+        assert again.to_json() == fresh.to_json() and fresh.n_units
+
+
 def test_a_regularised_combination_is_the_plan_the_prune_applies(calibrated):
     wd = calibrated("qwen3", samples=24, seqlen=32)
     code, reg = cli("regularize", wd, "--structure", "heads+mlp", "--target-params", "0.85", "--steps", 4,

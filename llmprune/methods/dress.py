@@ -142,9 +142,13 @@ def search_combination(model: nn.Module, structure: str, text: str, how: str, wi
                         f"{windows.shape[0]} windows in all")
     fit, held = windows[:-holdout], windows[-holdout:]
 
+    measured: dict[str, Any] = {}  # per structure: its scores do not depend on the ratio, measure them once
+
     def select_fn(part: str, ratio: float) -> Plan:
         part_how = how if how not in EXPERT_SELECTS or part == "experts" else "activation"
-        return select(model, part, ratio, part_how, fit, device, seed)
+        if measured_selection(part, part_how) and part not in measured:
+            measured[part] = unit_scores(model, part, part_how, fit, device)
+        return select(model, part, ratio, part_how, fit, device, seed, measured=measured.get(part))
 
     score_fn, scored_by = None, "removal"
     if regularized is not None and regularized.search_steps:
@@ -199,10 +203,34 @@ def _influence(a: engine.Activations, b: engine.Activations) -> float:
     return sum(vals) / len(vals)
 
 
+def measured_selection(structure: str, how: str) -> bool:
+    """Whether ``how`` ranks the units of ``structure`` by scores measured on calibration data (which then do not
+    depend on how many units are removed: ``unit_scores`` once, ``select`` at any ratio)."""
+    return how == "activation" or (structure == "experts" and how in EXPERT_SELECTS)
+
+
+def unit_scores(model: nn.Module, structure: str, how: str, windows: torch.Tensor, device: str = "cpu",
+                batch_size: int = 4, weights=None) -> tuple[list[torch.Tensor | None], dict[str, Any]]:
+    """The scores a measured selection ranks by -- one row per group (a block for per-block structures, one row
+    otherwise; ``None`` for a block with no experts) -- and what the plan records of them."""
+    if structure == "experts":
+        from llmprune.reap import expert_stats
+
+        st = expert_stats(model, windows[:SELECT_WINDOWS], device, batch_size, weights)
+        rows = st.reap() if selection_of(structure, how) == "reap" else st.frequency()
+        return list(rows), {"scores": [None if r is None else [round(float(v), 6) for v in r] for r in rows],
+                            "tokens": [None if t is None else t.tolist() for t in st.tokens]}
+    s = scores(model, structure, windows[:SELECT_WINDOWS], device, batch_size, weights)
+    return (list(s) if structure in ("heads", "mlp") else [s]), {}
+
+
 def select(model: nn.Module, structure: str, ratio: float, how: str, windows: torch.Tensor | None,
-           device: str = "cpu", seed: int = 0, batch_size: int = 4, weights=None) -> Plan:
-    """The units to remove: ``activation`` (lowest scores on calibration data), ``tail`` (the last indices; for
-    blocks, the last ones before the final block, which every model needs), or ``random`` (seeded)."""
+           device: str = "cpu", seed: int = 0, batch_size: int = 4, weights=None,
+           measured: tuple[list[torch.Tensor | None], dict[str, Any]] | None = None) -> Plan:
+    """The units to remove: ``activation`` (lowest scores on calibration data; for experts REAP, or ``frequency``),
+    ``tail`` (the last indices; for blocks, the last ones before the final block, which every model needs), or
+    ``random`` (seeded). ``measured``: ``unit_scores`` already taken for this structure and selection (a budget
+    search selects at several ratios from one measurement)."""
     check_supported(model, structure)
     g = geometry(model)
     n = count_removed(g, structure, ratio)
@@ -211,21 +239,11 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     moe = [_arch.get_module(b, spec.path) is not None for b in _arch.blocks(model)] if (
         spec := _arch.arch_for(model.config.model_type).experts) else []
     meta: dict[str, Any] = {}
-    if structure == "experts" and how in ("activation", *EXPERT_SELECTS):
-        from llmprune.reap import expert_stats
-
-        assert windows is not None
+    if measured_selection(structure, how):
+        assert windows is not None or measured is not None
         how = selection_of(structure, how)
-        st = expert_stats(model, windows[:SELECT_WINDOWS], device, batch_size, weights)
-        s = st.reap() if how == "reap" else st.frequency()
-        removed = [[] if r is None else sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in s]
-        meta = {"scores": [None if r is None else [round(float(v), 6) for v in r] for r in s],
-                "tokens": [None if t is None else t.tolist() for t in st.tokens]}
-    elif how == "activation":
-        assert windows is not None
-        s = scores(model, structure, windows[:SELECT_WINDOWS], device, batch_size, weights)
-        rows = s if per_block else s.unsqueeze(0)
-        removed = [sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in rows]
+        rows, meta = measured or unit_scores(model, structure, how, windows, device, batch_size, weights)
+        removed = [[] if r is None else sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in rows]
     elif how == "tail":
         removed = [tail_units(g, structure, n)] * (g.layers if per_block else 1)
     elif how == "random":
