@@ -120,6 +120,7 @@ def test_alpha_zero_skips_the_regional_gradients_exactly(tiny_root, monkeypatch)
 
     def with_grads(*a, **kw):
         seen.append(kw.pop("need_grads"))
+        kw["only"] = None  # gradients are the RMS over every sample
         return real_pass(*a, **kw, need_grads=True)
 
     monkeypatch.setattr(wandapp, "DensePass", with_grads)
@@ -129,6 +130,36 @@ def test_alpha_zero_skips_the_regional_gradients_exactly(tiny_root, monkeypatch)
     for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
         assert a.grad is None and a.requires_grad == flags[name], name
+
+
+@pytest.mark.parametrize("arch,norms", [("llama", "mixed"), ("gemma3_text", "mixed"), ("llama", "steps"),
+                                        ("llama", "pass")])
+def test_the_dense_pass_runs_only_the_samples_ro_draws_and_changes_nothing(tiny_root, monkeypatch, arch, norms):
+    """Without regional gradients the dense pass runs only the samples RO's rounds draw (their targets and first
+    norms): the pruned, optimised block is the one a dense pass over every sample gives, bit for bit."""
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 16, 32, batch_size=1)
+    dense = _arch.blocks(model)[0]
+    opts = wandapp.Options(alpha=0.0, ro_iters=2, ro_samples=4, ro_lr=1e-2, ro_norms=norms)
+    draws = wandapp.ro_draws(opts, acts.n_samples, 0)
+    union = {i for d in draws for i in d}
+    assert len(union) < acts.n_samples
+    real_pass = wandapp.DensePass
+    ran: list[int] = []
+
+    def counted(*a, only=None, force_all=False, **kw):
+        p = real_pass(*a, **kw, only=None if force_all else only)
+        ran.append(sum(o is not None for o in p.outputs))
+        return p
+
+    blocks = []
+    for force_all in (False, True):
+        monkeypatch.setattr(wandapp, "DensePass", lambda *a, f=force_all, **kw: counted(*a, force_all=f, **kw))
+        block = copy.deepcopy(dense)
+        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+        blocks.append(block)
+    assert ran == [len(union), acts.n_samples]
+    for (name, a), b in zip(blocks[0].named_parameters(), blocks[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_preset_paper_sets_the_papers_values_and_given_options_win():

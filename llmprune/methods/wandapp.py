@@ -38,10 +38,11 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3, ``mixed``
 norms. They were chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M
 (benchmarks/README.md, Wanda++ ablation), where the gradient term made the masks worse at every weight tried and the
-paper's 3e-7 absolute step barely moved the weights. In block passes over the 64 windows: the dense pass 1, RO's
-64 forward + backward steps about 3.4, the final prune's statistics 0.5, the propagation 1 -- 3.2x Wanda's prune
-time at 64 windows on CPU, measured on both real models (the paper's five rounds would be about 7x); the first
-round's mask reuses the dense pass's norms, since its weights are still dense.
+paper's 3e-7 absolute step barely moved the weights. In block passes over the 64 windows: the dense pass about 0.75
+(it runs only the windows RO's rounds draw -- two draws of 32 reach about 48 -- since without the gradient term
+nothing reads the others), RO's 64 forward + backward steps about 3.4, the final prune's statistics 0.5, the
+propagation 1, against Wanda's 2 (benchmarks/README.md, Wanda++ cost, for the measured ratios); the first round's
+mask reuses the dense pass's norms, since its weights are still dense.
 """
 
 from __future__ import annotations
@@ -113,18 +114,24 @@ class DensePass:
     With ``need_grads=False`` (``alpha = 0``: the score does not use ``G``) the pass is forward-only; the backward
     pass is two thirds of its cost, and ``grads`` is ``None`` for every Linear."""
 
-    def __init__(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool = True):
+    def __init__(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool = True,
+                 only: list[int] | None = None):
         with experts.routed_block(block):  # each expert's norms and gradients from the tokens routed to it
-            self._run(block, acts, device, keep_outputs, need_grads)
+            self._run(block, acts, device, keep_outputs, need_grads, only)
 
-    def _run(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool) -> None:
+    def _run(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool,
+             only: list[int] | None) -> None:
         linears = engine.block_linears(block)
         self.names = list(linears)
         weights = [lin.weight for lin in linears.values()]
         sq = [torch.zeros_like(w, dtype=torch.float32) if need_grads else None for w in weights]
         # sample index -> that sample's sums of squares; an expert no token of a sample was routed to has no entry
         self.sample_sq: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.names}
-        self.outputs: list[torch.Tensor] = []
+        # ``only``: the samples RO will use (the others' outputs and norms would be computed and never read);
+        # the regional gradients' RMS is over every sample, so a pass that computes them runs them all.
+        assert only is None or not need_grads
+        run = range(acts.n_samples) if only is None else sorted(set(only))
+        self.outputs: list[torch.Tensor | None] = [None] * acts.n_samples
         current = [0]
 
         def make_hook(name):
@@ -141,11 +148,12 @@ class DensePass:
             w.requires_grad_(need_grads)
         try:
             with torch.set_grad_enabled(need_grads):
-                for i, (h, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
+                for i in run:
+                    h, kw = acts.hidden[i], acts.kwargs[i]
                     current[0] = i
                     out = engine.block_output(block, h.to(device=device, dtype=dtype), kw)
                     if keep_outputs:
-                        self.outputs.append(out.detach().float().to(h.device))  # where the activations live
+                        self.outputs[i] = out.detach().float().to(h.device)  # where the activations live
                     if need_grads:
                         # allow_unused: an expert no token of this sample was routed to takes no part in it
                         grads = torch.autograd.grad(out.float().norm(), weights, allow_unused=True)
@@ -161,8 +169,9 @@ class DensePass:
         self.grads = {name: (s_ / n).sqrt() if need_grads else None for name, s_ in zip(self.names, sq)}
 
     def norms(self, idx: list[int], convention: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """``||X_j||`` of each Linear's input over the samples ``idx``, on the dense weights (absent for an expert
-        none of those samples was routed to). The ``mean`` convention divides by the samples that reached it."""
+        """``||X_j||`` of each Linear's input over the samples ``idx`` the pass ran, on the dense weights (absent for
+        an expert none of those samples was routed to). The ``mean`` convention divides by the samples that reached
+        it."""
         out = {}
         for name in self.names if names is None else names:
             seen = [self.sample_sq[name][i] for i in idx if i in self.sample_sq[name]]
@@ -215,14 +224,21 @@ def _prune_rgs(ctx: BlockContext, acts: engine.Activations, grads, scale: float,
     _apply_rgs(ctx, grads, {n: s.norms(convention) for n, s in stats.items()}, scale, final)
 
 
-def regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, torch.Tensor] | None:
-    """Optimise the block's Linears towards the dense block's outputs (``ro_iters`` rounds, each pruned first).
+def ro_draws(opts: Options, n: int, index: int) -> list[list[int]]:
+    """The samples of each RO round: ``ro_samples`` of the ``n`` drawn afresh each round, seeded by the block."""
+    rng = random.Random(opts.seed * 100_003 + index)
+    m = min(opts.ro_samples, n)
+    return [rng.sample(range(n), m) for _ in range(opts.ro_iters)]
+
+
+def regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list[int]]) -> dict[str, torch.Tensor] | None:
+    """Optimise the block's Linears towards the dense block's outputs (one round per draw, each pruned first).
 
     Returns, unless ``ro_norms='pass'`` (then ``None``), the last round's ``||X_j||`` as its forward passes saw
     them, scaled to all samples: the final prune's norms under ``'steps'``."""
     # One routed session for the whole optimisation: the optimiser holds the experts' views from start to end.
     with experts.routed_block(ctx.block):
-        return _regional_optimisation(ctx, dense)
+        return _regional_optimisation(ctx, dense, draws)
 
 
 class StepNorms:
@@ -254,7 +270,7 @@ class StepNorms:
             handle.remove()
 
 
-def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, torch.Tensor] | None:
+def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list[int]]) -> dict[str, torch.Tensor] | None:
     opts: Options = ctx.spec.options
     block, acts, device = ctx.block, ctx.acts, ctx.device
     orig_dtype = next(block.parameters()).dtype
@@ -271,7 +287,6 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, tor
     # Rates from the dense weights: the block is not pruned yet (the first round prunes it below).
     opt = torch.optim.RMSprop([{"params": [w], "lr": r} for w, r in zip(weights, ro_rates(weights, opts.ro_lr,
                                                                                           opts.ro_step))])
-    rng = random.Random(opts.seed * 100_003 + ctx.index)
     n = acts.n_samples
     m = min(opts.ro_samples, n)
     scale = (n / m) ** 0.5  # a round's norms (m samples) to the scale of all n under the 'sum' convention
@@ -279,8 +294,7 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass) -> dict[str, tor
     last: dict[str, torch.Tensor] = {}
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=opts.ro_dtype == "bf16")
     try:
-        for k in range(opts.ro_iters):
-            idx = rng.sample(range(n), m)
+        for k, idx in enumerate(draws):
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
                 _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale, final=False)
             elif seen is not None:  # the norms the previous round's steps saw
@@ -373,9 +387,14 @@ class WandaPP(Method):
 
     def prune_block(self, ctx: BlockContext) -> None:
         opts: Options = ctx.spec.options
+        draws = ro_draws(opts, ctx.acts.n_samples, ctx.index)
+        # With RO and no gradients, the dense pass runs only the samples the rounds draw (two rounds of 32 of 64
+        # reach about 48): the rest of the pass's outputs and norms would never be read. Every later prune takes
+        # its norms from RO's steps or its own pass.
+        only = sorted({i for d in draws for i in d}) if draws and opts.alpha == 0 else None
         dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts.ro_iters > 0,
-                          need_grads=opts.alpha != 0)
-        seen = regional_optimisation(ctx, dense) if opts.ro_iters > 0 else None
+                          need_grads=opts.alpha != 0, only=only)
+        seen = regional_optimisation(ctx, dense, draws) if opts.ro_iters > 0 else None
         everyone = list(range(ctx.acts.n_samples))
         if ctx.spec.true_sequential:
             _prune_rgs_sequential(ctx, dense.grads)
