@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-windows", type=int, default=None, help="default: the whole test split (105 windows)")
     ap.add_argument("--out", type=Path, default=None, help="default: runs/bench (SmolLM2), runs/bench-MODEL (others)")
+    ap.add_argument("--owl-lambda", type=float, default=0.08,
+                    help="the lambda of every -owl variant (default the paper's 0.08; recorded in each row)")
     ap.add_argument("--extra", default="", help="extra options for prune, e.g. '--act-dtype bfloat16'")
     ap.add_argument("--model", choices=assets.MODELS, default=assets.MODELS[0])
     ap.add_argument("--lastword", type=int, default=200,
@@ -194,7 +196,11 @@ def main() -> None:
             shutil.rmtree(wd)
         shutil.copytree(base, wd)
         shape = ["--sparsity", pattern] if pattern[:1].isdigit() and ":" not in pattern else ["--pattern", pattern]
-        cmd = [*LLMPRUNE, "prune", str(wd), *VARIANTS.get(method, ["--method", method]), *shape,
+        variant = VARIANTS.get(method, ["--method", method])
+        owl = "--owl-lambda" in variant
+        if owl:
+            variant = [str(args.owl_lambda) if a == "0.08" else a for a in variant]
+        cmd = [*LLMPRUNE, "prune", str(wd), *variant, *shape,
                "--batch-size", str(args.batch_size), *args.extra.split()]
         res, wall, rss = popen_rss(cmd)
         prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0)
@@ -203,7 +209,8 @@ def main() -> None:
         row = dict(model=args.model, method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
                    step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
                    sparsity=res["sparsity"]["all"], windows=ev["windows"],
-                   lastword=ev.get("tasks", {}).get(task, {}).get("acc"))
+                   lastword=ev.get("tasks", {}).get(task, {}).get("acc"),
+                   **({"owl_lambda": args.owl_lambda} if owl else {}))
         rows.append(row)
         print(json.dumps(row), flush=True)
     fwd_end = forward_seconds(base, args.batch_size)

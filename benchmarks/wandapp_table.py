@@ -43,8 +43,9 @@ def _of(name: str, model: str) -> bool:
     return model == "smollm2-135m" and not any(name.startswith(p) for p in MODELS.values())
 
 
-def load(model: str, files: list[Path]) -> dict[tuple[str, str], dict]:
-    """(method, pattern) -> the latest row of ``model`` among the saved prune_bench runs."""
+def load(model: str, files: list[Path], owl_lambda: float = 0.08) -> dict[tuple[str, str], dict]:
+    """(method, pattern) -> the latest row of ``model`` among the saved prune_bench runs; an OWL variant's only
+    from runs at ``owl_lambda`` (rows from before prune_bench recorded it ran the paper's 0.08)."""
     cells: dict[tuple[str, str], dict] = {}
     dated = [(re.search(r"\d{4}-\d{2}-\d{2}", f.name), f) for f in files]
     for day, f in sorted((d.group(0), f) for d, f in dated if d):
@@ -56,6 +57,8 @@ def load(model: str, files: list[Path]) -> dict[tuple[str, str], dict]:
                 continue
             if day < SINCE.get(r["method"], ""):
                 continue  # measured with what the variant meant then
+            if r["method"].endswith("-owl") and r.get("owl_lambda", 0.08) != owl_lambda:
+                continue
             cells[r["method"], pattern_key(r["pattern"])] = dict(r, source=f.name)
     return cells
 
@@ -74,13 +77,13 @@ def cell(cells: dict, method: str, pattern: str) -> str:
     return text
 
 
-def table(model: str, cells: dict) -> str:
+def table(model: str, cells: dict, owl_lambda: float = 0.08) -> str:
     lines = [f"| {model} | " + " | ".join("50%" if p == "0.5" else (f"{float(p):.0%}" if "." in p else p)
                                         for p in PATTERNS) + " |",
              "|---" * (len(PATTERNS) + 1) + "|"]
     for m in METHODS:
         base = m.removesuffix("-owl")
-        label = LABEL[base] + (" + OWL" if m.endswith("-owl") else "")
+        label = LABEL[base] + (f" + OWL (lambda {owl_lambda:g})" if m.endswith("-owl") else "")
         lines.append(f"| {label} | " + " | ".join("n/a" if m.endswith("-owl") and ":" in p else cell(cells, m, p)
                                                   for p in PATTERNS) + " |")
     return "\n".join(lines)
@@ -90,14 +93,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", type=Path, help="default: every benchmarks/results/*.json")
     ap.add_argument("--save", default="", help="also write benchmarks/results/NAME-DATE.md")
+    ap.add_argument("--owl-lambda", type=float, default=0.08, help="the OWL rows' lambda (prune_bench --owl-lambda)")
     args = ap.parse_args()
     files = args.files or sorted(RESULTS.glob("*.json"))
     out = ["Perplexity on the test split (x Wanda's perplexity, x Wanda's prune seconds at the same pattern, each "
            "run's seconds divided by its own forward pass); Wanda's cells give prune seconds in forward passes. "
            "Composed by `python benchmarks/wandapp_table.py` from saved `prune_bench.py` runs."]
     for model in MODELS:
-        cells = load(model, files)
-        out += ["", table(model, cells), "", "Sources: " + ", ".join(sorted({r["source"] for r in cells.values()
+        cells = load(model, files, args.owl_lambda)
+        out += ["", table(model, cells, args.owl_lambda), "", "Sources: " + ", ".join(sorted({r["source"] for r in cells.values()
                                                                           if r["method"] in METHODS}))]
     text = "\n".join(out)
     print(text)
