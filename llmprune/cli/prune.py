@@ -32,7 +32,8 @@ def prune(
     owl_lambda: Annotated[Optional[float], typer.Option(
         help="OWL (Yin et al. 2024): one sparsity per block at the same overall --sparsity, blocks with more "
         "outlier Wanda scores keeping more weights; the spread of the block sparsities (the paper: 0.08). "
-        "Unstructured sparsity, any method that zeroes weights.", show_default=False)] = None,
+        "Unstructured sparsity, any method that zeroes weights. Measured on 135M-270M models it can lose to "
+        "uniform sparsity (benchmarks/README.md, OWL): compare both on held-out text.", show_default=False)] = None,
     owl_m: Annotated[Optional[float], typer.Option(
         help="OWL's outlier threshold: a score above this many times its block's mean is an outlier (default 5).",
         show_default=False)] = None,
