@@ -145,8 +145,10 @@ def main() -> None:
                 append_results(args.out, [row])  # each row as it is measured: a killed run keeps what it did
     windows = rows[0]["windows"] if rows else 0
     caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, test perplexity over {windows} "
-               f"windows of {args.seqlen}; {args.steps} recovery steps on fresh windows of the calibration text; "
-               f"regularize options: {args.reg or 'the defaults'}"
+               f"windows of {args.seqlen}; "
+               + (f"{args.steps} recovery steps on fresh windows of the calibration text; "
+                  if any(r != "none" for r in recoveries) else "no recovery; ")
+               + f"regularize options: {args.reg or 'the defaults'}"
                + (f"; distilled from a teacher corrected by {args.teacher_steps} full fine-tuning steps on the "
                   f"calibration text (test perplexity {corrected['ppl']:.2f}, {corrected['recover_s']:.0f} s)"
                   if corrected else "")
