@@ -125,6 +125,13 @@ def routed(block: nn.Module, spec: Experts | None) -> Iterator[None]:
                 mod.forward = saved
 
 
+def has_experts(block: nn.Module) -> bool:
+    """Whether ``block`` has a mixture of experts (not every block of an MoE model does: Qwen3-MoE's
+    ``mlp_only_layers``)."""
+    spec = _arch_of(block).experts
+    return spec is not None and get_module(block, spec.path) is not None
+
+
 def routed_block(block: nn.Module):
     """``routed`` with the block's own table row (a no-op for a block without experts)."""
     return routed(block, _arch_of(block).experts)

@@ -294,12 +294,24 @@ def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
         calls.append(structure)
         return real(model, structure, *args, **kwargs)
 
+    import shutil
+
+    again = wd.parent / "uncached"
+    shutil.copytree(wd, again)
     monkeypatch.setattr(dress, "scores", counted)
     code, res = cli("prune", wd, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
     assert code == 0
     ratios = {s: {a["ratios"][s] for a in res["budget"]["alternatives"] if a["ratios"][s]} for s in ("hidden", "mlp")}
     assert len(ratios["hidden"]) >= 2 and len(ratios["mlp"]) >= 2  # several ratios of each were selected...
     assert sorted(calls) == ["hidden", "mlp"]  # ...from one measurement each
+    # ...and the search is the one that measures for every candidate: the same scores, the same choice
+    real_select = dress.select
+    monkeypatch.setattr(dress, "select", lambda *a, measured=None, **kw: real_select(*a, **kw))
+    calls.clear()
+    code, fresh = cli("prune", again, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
+    assert code == 0 and len(calls) > 2
+    strip = lambda b: {k: v for k, v in b.items() if k != "search_s"}  # noqa: E731
+    assert strip(fresh["budget"]) == strip(res["budget"])
 
 
 @pytest.mark.parametrize("arch,structure,how", [("llama", "mlp", "activation"), ("llama", "hidden", "activation"),
@@ -315,6 +327,10 @@ def test_a_selection_from_measured_scores_equals_a_fresh_one(tiny_root, arch, st
         fresh = dress.select(model, structure, ratio, how, windows)
         again = dress.select(model, structure, ratio, how, None, measured=measured)
         assert again.to_json() == fresh.to_json() and fresh.n_units
+    other = "frequency" if how == "reap" else "reap" if structure == "experts" else None
+    if other:  # scores measured for another selection are refused, not ranked by
+        with pytest.raises(ValueError, match="given for"):
+            dress.select(model, structure, 0.25, other, None, measured=measured)
 
 
 def test_a_regularised_combination_is_the_plan_the_prune_applies(calibrated):

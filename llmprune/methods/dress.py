@@ -142,7 +142,7 @@ def search_combination(model: nn.Module, structure: str, text: str, how: str, wi
                         f"{windows.shape[0]} windows in all")
     fit, held = windows[:-holdout], windows[-holdout:]
 
-    measured: dict[str, Any] = {}  # per structure: its scores do not depend on the ratio, measure them once
+    measured: dict[str, Measured] = {}  # per structure: its scores do not depend on the ratio, measure them once
 
     def select_fn(part: str, ratio: float) -> Plan:
         part_how = how if how not in EXPERT_SELECTS or part == "experts" else "activation"
@@ -209,24 +209,35 @@ def measured_selection(structure: str, how: str) -> bool:
     return how == "activation" or (structure == "experts" and how in EXPERT_SELECTS)
 
 
+@dataclass(frozen=True)
+class Measured:
+    """The scores a measured selection ranks by, for one structure and selection: one row per group (a block for
+    per-block structures, one row otherwise; ``None`` for a block with no experts), and what the plan records."""
+    structure: str
+    selection: str
+    rows: list[torch.Tensor | None]
+    meta: dict[str, Any]
+
+
 def unit_scores(model: nn.Module, structure: str, how: str, windows: torch.Tensor, device: str = "cpu",
-                batch_size: int = 4, weights=None) -> tuple[list[torch.Tensor | None], dict[str, Any]]:
-    """The scores a measured selection ranks by -- one row per group (a block for per-block structures, one row
-    otherwise; ``None`` for a block with no experts) -- and what the plan records of them."""
+                batch_size: int = 4, weights=None) -> Measured:
+    """Measure what ``select`` ranks the units of ``structure`` by under selection ``how``."""
+    how = selection_of(structure, how)
     if structure == "experts":
         from llmprune.reap import expert_stats
 
         st = expert_stats(model, windows[:SELECT_WINDOWS], device, batch_size, weights)
-        rows = st.reap() if selection_of(structure, how) == "reap" else st.frequency()
-        return list(rows), {"scores": [None if r is None else [round(float(v), 6) for v in r] for r in rows],
-                            "tokens": [None if t is None else t.tolist() for t in st.tokens]}
+        rows = st.reap() if how == "reap" else st.frequency()
+        return Measured(structure, how, list(rows),
+                        {"scores": [None if r is None else [round(float(v), 6) for v in r] for r in rows],
+                         "tokens": [None if t is None else t.tolist() for t in st.tokens]})
     s = scores(model, structure, windows[:SELECT_WINDOWS], device, batch_size, weights)
-    return (list(s) if structure in ("heads", "mlp") else [s]), {}
+    return Measured(structure, how, list(s) if structure in ("heads", "mlp") else [s], {})
 
 
 def select(model: nn.Module, structure: str, ratio: float, how: str, windows: torch.Tensor | None,
            device: str = "cpu", seed: int = 0, batch_size: int = 4, weights=None,
-           measured: tuple[list[torch.Tensor | None], dict[str, Any]] | None = None) -> Plan:
+           measured: Measured | None = None) -> Plan:
     """The units to remove: ``activation`` (lowest scores on calibration data; for experts REAP, or ``frequency``),
     ``tail`` (the last indices; for blocks, the last ones before the final block, which every model needs), or
     ``random`` (seeded). ``measured``: ``unit_scores`` already taken for this structure and selection (a budget
@@ -242,7 +253,10 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     if measured_selection(structure, how):
         assert windows is not None or measured is not None
         how = selection_of(structure, how)
-        rows, meta = measured or unit_scores(model, structure, how, windows, device, batch_size, weights)
+        if measured is not None and (measured.structure, measured.selection) != (structure, how):
+            raise ValueError(f"scores of {measured.structure}/{measured.selection} given for {structure}/{how}")
+        m = measured or unit_scores(model, structure, how, windows, device, batch_size, weights)
+        rows, meta = m.rows, m.meta
         removed = [[] if r is None else sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in rows]
     elif how == "tail":
         removed = [tail_units(g, structure, n)] * (g.layers if per_block else 1)

@@ -389,9 +389,11 @@ class WandaPP(Method):
         opts: Options = ctx.spec.options
         draws = ro_draws(opts, ctx.acts.n_samples, ctx.index)
         # With RO and no gradients, the dense pass runs only the samples the rounds draw (two rounds of 32 of 64
-        # reach about 48): the rest of the pass's outputs and norms would never be read. Every later prune takes
-        # its norms from RO's steps or its own pass.
-        only = sorted({i for d in draws for i in d}) if draws and opts.alpha == 0 else None
+        # reach about 48): the rest of the pass's outputs and norms would never be read -- every later prune takes
+        # its norms from RO's steps or its own pass. Except for experts under 'steps' or 'mixed': one those norms
+        # never reached takes the dense pass's norms over every sample (``dense.fill``), so that pass runs them all.
+        skip = opts.alpha == 0 and (opts.ro_norms == "pass" or not experts.has_experts(ctx.block))
+        only = sorted({i for d in draws for i in d}) if draws and skip else None
         dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts.ro_iters > 0,
                           need_grads=opts.alpha != 0, only=only)
         seen = regional_optimisation(ctx, dense, draws) if opts.ro_iters > 0 else None
