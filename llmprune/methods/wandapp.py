@@ -40,7 +40,7 @@ norms. They were chosen by the 2:4 ablation on calibration slices of SmolLM2-135
 (benchmarks/README.md, Wanda++ ablation), where the gradient term made the masks worse at every weight tried and the
 paper's 3e-7 absolute step barely moved the weights. In block passes over the 64 windows: the dense pass about 0.75
 (it runs only the windows RO's rounds draw -- two draws of 32 reach about 48 -- since without the gradient term
-nothing reads the others), RO's 64 forward + backward steps about 3.4, the final prune's statistics 0.5, the
+nothing reads the others; blocks with experts run them all), RO's 64 forward + backward steps about 3.4, the final prune's statistics 0.5, the
 propagation 1, against Wanda's 2 (benchmarks/README.md, Wanda++ cost, for the measured ratios); the first round's
 mask reuses the dense pass's norms, since its weights are still dense.
 """
