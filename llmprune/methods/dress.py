@@ -50,10 +50,16 @@ SELECT_WINDOWS = 16  # windows the activation scores are measured on: channel RM
 DEFAULT_STRUCTURE, DEFAULT_RATIO, DEFAULT_SELECT = "hidden", 0.25, "activation"
 
 
+def part_selection(part: str, select: str) -> str:
+    """A combination's selection for one of its parts: an experts-only selection (reap, frequency) means
+    ``activation`` for the parts that are not experts."""
+    return select if select not in EXPERT_SELECTS or part == "experts" else "activation"
+
+
 def check_choice(structure: str, select: str) -> None:
     if "+" in structure:
         for part in split_structures(structure):
-            check_choice(part, select if select not in EXPERT_SELECTS or part == "experts" else "activation")
+            check_choice(part, part_selection(part, select))
         return
     if structure not in STRUCTURES:
         raise UserError(f"unknown structure '{structure}'; use one of: {', '.join(STRUCTURES)}, or several joined "
@@ -145,7 +151,7 @@ def search_combination(model: nn.Module, structure: str, text: str, how: str, wi
     measured: dict[str, Measured] = {}  # per structure: its scores do not depend on the ratio, measure them once
 
     def select_fn(part: str, ratio: float) -> Plan:
-        part_how = how if how not in EXPERT_SELECTS or part == "experts" else "activation"
+        part_how = part_selection(part, how)
         if measured_selection(part, part_how) and part not in measured:
             measured[part] = unit_scores(model, part, part_how, fit, device)
         return select(model, part, ratio, part_how, fit, device, seed, measured=measured.get(part))
