@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,22 @@ def calibrated(_calibrated_cache, tmp_path):
     return make
 
 
-def pytest_collection_modifyitems(items):
-    """The real-model tier is slow by definition: it is marked so, wherever a test sits under tests/real/."""
+# Free space the session needs under pytest's temporary directory (passed tests' directories are removed as they
+# pass, pyproject.toml): the real tier's largest test writes ~3 GB beside the session's shared real-model workdirs
+# (~2 GB); the fast tier stays under 1 GB.
+NEED_GB = {"real": 8.0, "fast": 1.0}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model tier is slow by definition: it is marked so, wherever a test sits under tests/real/. A disk
+    too full for the selected tiers stops the session here with one line, instead of 200 errors written mid-run."""
     for item in items:
         if "real" in item.keywords:
             item.add_marker(pytest.mark.slow)
+    tier = "real" if any("real" in item.keywords for item in items) else "fast"
+    where = Path(config.option.basetemp or tempfile.gettempdir())
+    where = where if where.exists() else where.parent
+    free = shutil.disk_usage(where).free / 2**30
+    if free < NEED_GB[tier]:
+        pytest.exit(f"only {free:.1f} GB free under {where}; the {tier} tier needs about {NEED_GB[tier]:.0f} GB "
+                    f"(free space, or point --basetemp elsewhere)", returncode=3)
