@@ -56,6 +56,7 @@ class RecoverOptions:
     kd_temperature: float = 1.0
     kd_weight: float = 1.0  # the KD share of the loss; the rest is the LM loss
     teacher: str | None = None  # None: the workdir's teacher/
+    teacher_steps: int = 0  # teacher correction: steps of full fine-tuning of the teacher first (0: none)
     save_every: int = 25  # not a parameter of the result: a resumed run with another value is the same run
 
     @property
@@ -71,6 +72,8 @@ class RecoverOptions:
 
             for k in KD_OPTIONS:
                 del p[k]
+        if not self.teacher_steps:  # recorded only when the teacher was corrected: older records stay as they were
+            del p["teacher_steps"]
         return p
 
 
@@ -141,8 +144,10 @@ class Recovery:
         if o.distill:
             if o.teacher is None:
                 self.ws.record_inputs(tx, distill.TEACHER)
-            self.distiller = distill.Distiller(distill.load_teacher(self.ws, o.teacher, lm), o.kd_temperature,
-                                               o.kd_weight)
+            teacher = distill.load_teacher(self.ws, o.teacher, lm)
+            if o.teacher_steps:
+                teacher = self._corrected(teacher, hold)
+            self.distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         passes = self.n_steps * o.batch_size * o.grad_accum / self.train_w.shape[0]
         if o.dataset is None and passes > 1 and o.epochs is None:
             # Fresh windows of the calibration text are what generalises after DReSS, which already trained on these
@@ -155,6 +160,30 @@ class Recovery:
         model = add_lora(lm, self.names, o.rank, o.alpha, o.dropout, o.seed)
         self.masked_layers = mask_adapters(model, masks) if o.masked else 0
         return model, hold, masks
+
+    def _corrected(self, teacher, hold: torch.Tensor):
+        """The teacher after ``--teacher-steps`` of correction on this run's training windows; kept beside the
+        resume checkpoint, so an interrupted run resumes with the same teacher instead of correcting it again."""
+        from llmprune import distill
+        from llmprune.modeling import load_model, save_model
+
+        o, kept = self.opts, self.resume_dir / "teacher"
+        record = kept / "correction.json"
+        if record.is_file():
+            self.correction = {**json.loads(record.read_text()), "reused": True}
+            del teacher
+            return load_model(kept, "float32")[0].eval().requires_grad_(False)
+        self.correction = distill.correct_teacher(
+            teacher, self.train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
+            grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
+        if o.save_every:
+            tmp = self.resume_dir / "teacher.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            save_model(teacher.to("cpu"), self.tok, tmp, self.ws.shard_size)
+            (tmp / "correction.json").write_text(json.dumps(self.correction))
+            tmp.rename(kept)  # whole or absent: a kill mid-save leaves only teacher.tmp, redone next time
+        return teacher
 
     def _train(self, model, hold: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
         from llmprune.train import TrainSpec, heldout_nll, train
@@ -188,6 +217,8 @@ class Recovery:
         if o.distill:
             m.update(kd=hist["kd"], final_kd=hist["final_kd"],
                      teacher_parameters=sum(p.numel() for p in self.distiller.teacher.parameters()))
+            if o.teacher_steps:
+                m["teacher_correction"] = self.correction
         if o.full:
             verify(model, masks)  # re-applied after every step: a failure here is a bug, not a merge cost
             m["ppl_after"] = hist["evals"][-1]["ppl"]

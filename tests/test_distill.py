@@ -186,7 +186,8 @@ def test_a_teacher_with_another_vocabulary_is_refused(calibrated, tiny_root, tmp
     (["--distill", "--kd-weight", 1.5], "--kd-weight"), (["--distill", "--kd-temperature", 0], "--kd-temperature"),
     (["--full", "--no-merge"], "--no-merge"), (["--full", "--targets", "q_proj"], "--targets"),
     (["--full", "--rank", 4], "--rank"), (["--full", "--dropout", 0.0], "--dropout"),
-    (["--full", "--no-masked"], "--masked")])
+    (["--full", "--no-masked"], "--masked"), (["--teacher-steps", 2], "add --distill"),
+    (["--distill", "--teacher-steps", -1], "--teacher-steps")])
 def test_bad_distillation_options_are_one_line(calibrated, capsys, args, says):
     """Options that would be silently ignored (KD settings without --distill, LoRA settings with --full) are
     refused, as are out-of-range ones: one line naming the option, the workdir untouched."""
@@ -203,6 +204,94 @@ def test_regularize_refuses_kd_settings_without_distill(calibrated, capsys, args
     wd = calibrated("llama", samples=12, seqlen=32)
     assert cli("regularize", wd, "--structure", "mlp", "--ratio", 0.25, "--steps", 1, *args)[0] == 1
     assert "add --distill" in capsys.readouterr().err
+
+
+# --- teacher correction ----------------------------------------------------------------------------------------
+def _structured_pair(calibrated, tmp_path):
+    """A calibrated llama workdir with 25% of its MLP channels removed, and an unpruned copy of it."""
+    import shutil
+
+    wd = calibrated("llama", samples=20, seqlen=32)
+    dense = tmp_path / "dense"
+    shutil.copytree(wd, dense)
+    assert cli("prune", wd, "--method", "dress", "--structure", "mlp", "--ratio", 0.25, "--select", "tail")[0] == 0
+    return wd, dense
+
+
+def test_teacher_correction_equals_distilling_from_a_fully_fine_tuned_copy(calibrated, tmp_path):
+    """`--teacher-steps N` is the two-step recipe in one: `recover --full --steps N` on the dense model, then
+    `--distill --teacher` that model. Same windows, same seed: the same student, bit for bit -- and not the student
+    an uncorrected teacher gives."""
+    import shutil
+
+    wd, dense = _structured_pair(calibrated, tmp_path)
+    plain, manual = tmp_path / "plain", tmp_path / "manual"
+    shutil.copytree(wd, plain)
+    shutil.copytree(wd, manual)
+    code, fitted = cli("recover", dense, "--steps", 3, "--eval-every", 3, "--lr", 1e-3, *FULL)
+    assert code == 0
+    student = ["--distill", "--steps", 3, "--eval-every", 3, "--lr", 2e-3, *FAST]
+    assert cli("recover", manual, *student, "--teacher", dense / "model")[0] == 0
+    assert cli("recover", plain, *student)[0] == 0
+    # --teacher-steps uses the lr of `recover --full` (2e-5); the manual copy above used 1e-3 so that three
+    # steps visibly move the tiny teacher: the correction's rate is patched to match for this comparison.
+    import llmprune.distill as distill_mod
+
+    rate, distill_mod.TEACHER_LR = distill_mod.TEACHER_LR, 1e-3
+    try:
+        code, res = cli("recover", wd, *student, "--teacher-steps", 3)
+    finally:
+        distill_mod.TEACHER_LR = rate
+    assert code == 0
+    c = res["teacher_correction"]
+    assert c["steps"] == 3 and c["ppl_after"] == fitted["ppl_after"] and c["ppl_before"] == fitted["ppl_before"]
+    a, b, p = _weights(wd / "model"), _weights(manual / "model"), _weights(plain / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], p[k]) for k in a)  # the correction changed what the student learned
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["params"]["teacher_steps"] == 3
+    assert "teacher_steps" not in json.loads((plain / "manifest.json").read_text())["steps"][-1]["params"]
+
+
+def test_an_interrupted_run_keeps_its_corrected_teacher(calibrated, tmp_path, monkeypatch):
+    """Killed after the correction and a student checkpoint, the rerun takes the corrected teacher it kept (no second
+    correction) and ends where an uninterrupted run ends; nothing of it is left after the commit."""
+    import shutil
+
+    import llmprune.distill as distill_mod
+    import llmprune.train as train_mod
+    from llmprune.cli import run
+
+    wd, _ = _structured_pair(calibrated, tmp_path)
+    ref = tmp_path / "ref"
+    shutil.copytree(wd, ref)
+    opts = ["--distill", "--teacher-steps", 2, "--steps", 4, "--eval-every", 4, "--save-every", 2, "--lr", 2e-3, *FAST]
+    assert cli("recover", ref, *opts)[0] == 0  # uninterrupted
+    real = train_mod.save_checkpoint
+
+    def dying(*a, **k):  # the student's first checkpoint is written, then the run is killed
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", dying)
+    manifest = (wd / "manifest.json").read_text()
+    assert run(["recover", str(wd), *map(str, opts)]) == 130
+    assert (wd / "manifest.json").read_text() == manifest
+    assert list((wd / ".resume").glob("recover-*/teacher/correction.json"))
+    monkeypatch.undo()
+
+    def again(*a, **k):
+        raise AssertionError("the teacher was corrected a second time")
+
+    monkeypatch.setattr(distill_mod, "correct_teacher", again)
+    code, res = cli("recover", wd, *opts)
+    assert code == 0 and res["resumed_from"] == 2 and res["teacher_correction"]["reused"]
+    a, b = _weights(wd / "model"), _weights(ref / "model")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not list((wd / ".resume").glob("recover-*"))
 
 
 # --- full fine-tuning ------------------------------------------------------------------------------------------
