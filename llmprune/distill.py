@@ -81,7 +81,8 @@ def resolve_options(distill: bool, temperature: float | None, weight: float | No
         given = [n for n, v in (("--kd-temperature", temperature), ("--kd-weight", weight), ("--teacher", teacher),
                                 ("--teacher-steps", teacher_steps or None)) if v is not None]
         if given:
-            raise UserError(f"{' and '.join(given)} apply to distillation: add --distill")
+            verb = "apply" if len(given) > 1 else "applies"
+            raise UserError(f"{' and '.join(given)} {verb} to distillation: add --distill")
     temperature, weight = (1.0 if temperature is None else temperature), (1.0 if weight is None else weight)
     check_options(temperature, weight)
     return temperature, weight

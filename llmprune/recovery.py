@@ -98,7 +98,9 @@ class Recovery:
         self.ws, self.opts = ws, opts
         self.manifest = ws.manifest()
         # A checkpoint belongs to one set of parameters on one model: a changed recipe never resumes a stale run.
-        model_files = {k: v for k, v in self.manifest["files"].items() if k.startswith("model/")}
+        # With a teacher correction the kept teacher belongs to the teacher's files too (a recalibrated teacher/).
+        prefixes = ("model/", "teacher/") if opts.distill and opts.teacher_steps else ("model/",)
+        model_files = {k: v for k, v in self.manifest["files"].items() if k.startswith(prefixes)}
         key = hashlib.sha256(json.dumps([opts.params(), model_files], sort_keys=True).encode()).hexdigest()
         self.resume_dir = ws.path / ".resume" / f"recover-{key[:16]}"
 
@@ -144,9 +146,11 @@ class Recovery:
         if o.distill:
             if o.teacher is None:
                 self.ws.record_inputs(tx, distill.TEACHER)
-            teacher = distill.load_teacher(self.ws, o.teacher, lm)
-            if o.teacher_steps:
-                teacher = self._corrected(teacher, hold)
+            teacher = self._kept_teacher() if o.teacher_steps else None
+            if teacher is None:
+                teacher = distill.load_teacher(self.ws, o.teacher, lm)
+                if o.teacher_steps:
+                    teacher = self._correct(teacher, hold)
             self.distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         passes = self.n_steps * o.batch_size * o.grad_accum / self.train_w.shape[0]
         if o.dataset is None and passes > 1 and o.epochs is None:
@@ -161,27 +165,45 @@ class Recovery:
         self.masked_layers = mask_adapters(model, masks) if o.masked else 0
         return model, hold, masks
 
-    def _corrected(self, teacher, hold: torch.Tensor):
-        """The teacher after ``--teacher-steps`` of correction on this run's training windows; kept beside the
-        resume checkpoint, so an interrupted run resumes with the same teacher instead of correcting it again."""
+    def _kept_teacher(self):
+        """The teacher an interrupted run corrected and kept beside its checkpoint (``_correct``), or None. One that
+        does not load (a damaged shard) is discarded with a warning and corrected again."""
+        from llmprune.modeling import load_model
+
+        kept = self.resume_dir / "teacher"
+        record = kept / "correction.json"
+        if not record.is_file():
+            return None
+        try:
+            teacher = load_model(kept, "float32")[0]
+            self.correction = {**json.loads(record.read_text()), "reused": True}
+        except Exception as e:  # noqa: BLE001 -- whatever broke it, the cure is the same: correct it again
+            report.warn(f"discarding the kept corrected teacher ({type(e).__name__}: {e}); correcting it again")
+            shutil.rmtree(kept, ignore_errors=True)
+            return None
+        return teacher.eval().requires_grad_(False)
+
+    def _correct(self, teacher, hold: torch.Tensor):
+        """The teacher after ``--teacher-steps`` of correction on this run's training windows, kept beside the
+        resume checkpoint (one fp32 copy on disk until the step commits), so an interrupted run resumes with the same
+        teacher instead of correcting it again. Under ``accelerate launch`` every process corrects its own copy (DDP
+        keeps them equal) and only the main one keeps it."""
+        import os
+
         from llmprune import distill
-        from llmprune.modeling import load_model, save_model
+        from llmprune.modeling import save_model
 
         o, kept = self.opts, self.resume_dir / "teacher"
-        record = kept / "correction.json"
-        if record.is_file():
-            self.correction = {**json.loads(record.read_text()), "reused": True}
-            del teacher
-            return load_model(kept, "float32")[0].eval().requires_grad_(False)
         self.correction = distill.correct_teacher(
             teacher, self.train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
             grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
-        if o.save_every:
+        if o.save_every and int(os.environ.get("RANK", "0")) == 0:
             tmp = self.resume_dir / "teacher.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
             save_model(teacher.to("cpu"), self.tok, tmp, self.ws.shard_size)
             (tmp / "correction.json").write_text(json.dumps(self.correction))
+            shutil.rmtree(kept, ignore_errors=True)  # one without its record (never renamed whole) is not trusted
             tmp.rename(kept)  # whole or absent: a kill mid-save leaves only teacher.tmp, redone next time
         return teacher
 

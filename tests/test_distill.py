@@ -255,7 +255,8 @@ def test_teacher_correction_equals_distilling_from_a_fully_fine_tuned_copy(calib
     assert "teacher_steps" not in json.loads((plain / "manifest.json").read_text())["steps"][-1]["params"]
 
 
-def test_an_interrupted_run_keeps_its_corrected_teacher(calibrated, tmp_path, monkeypatch):
+@pytest.mark.parametrize("damaged", [False, True], ids=["kept", "damaged"])
+def test_an_interrupted_run_keeps_its_corrected_teacher(calibrated, tmp_path, monkeypatch, capsys, damaged):
     """Killed after the correction and a student checkpoint, the rerun takes the corrected teacher it kept (no second
     correction) and ends where an uninterrupted run ends; nothing of it is left after the commit."""
     import shutil
@@ -281,13 +282,19 @@ def test_an_interrupted_run_keeps_its_corrected_teacher(calibrated, tmp_path, mo
     assert (wd / "manifest.json").read_text() == manifest
     assert list((wd / ".resume").glob("recover-*/teacher/correction.json"))
     monkeypatch.undo()
+    if damaged:  # a truncated shard: discarded with a warning and corrected again, to the same teacher
+        shard = next((wd / ".resume").glob("recover-*/teacher/*.safetensors"))
+        shard.write_bytes(shard.read_bytes()[:1000])
+    else:
+        def again(*a, **k):
+            raise AssertionError("the teacher was corrected a second time")
 
-    def again(*a, **k):
-        raise AssertionError("the teacher was corrected a second time")
-
-    monkeypatch.setattr(distill_mod, "correct_teacher", again)
+        monkeypatch.setattr(distill_mod, "correct_teacher", again)
+    capsys.readouterr()
     code, res = cli("recover", wd, *opts)
-    assert code == 0 and res["resumed_from"] == 2 and res["teacher_correction"]["reused"]
+    assert code == 0 and res["resumed_from"] == 2
+    assert res["teacher_correction"].get("reused", False) is not damaged
+    assert ("discarding the kept corrected teacher" in capsys.readouterr().err) is damaged
     a, b = _weights(wd / "model"), _weights(ref / "model")
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -249,10 +249,12 @@ def test_a_damaged_checkpoint_is_discarded_and_the_step_starts_afresh(calibrated
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--full", "--distill"]], ids=["lora", "full-distill"])
+@pytest.mark.parametrize("extra", [[], ["--full", "--distill"], ["--full", "--distill", "--teacher-steps", 2]],
+                         ids=["lora", "full-distill", "corrected-teacher"])
 def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path, extra):
     """`accelerate launch --num_processes 2 --cpu` (gloo): each process takes half of every batch (and, distilling,
-    holds its own teacher)."""
+    holds its own teacher; correcting it, each process corrects its copy and only the main one keeps it beside the
+    checkpoints)."""
     import shutil
 
     wd = calibrated("llama", samples=36, seqlen=64)
@@ -260,7 +262,8 @@ def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path
     two = tmp_path / "two"
     shutil.copytree(wd, two)
     lora = [] if "--full" in extra else ["--dropout", 0.0]  # --full refuses LoRA's options
-    opts = ["--steps", 8, "--eval-every", 8, "--lr", 1e-3, "--holdout", 4, *lora, "--save-every", 0, *extra]
+    keep = 4 if "--teacher-steps" in extra else 0  # checkpoints (and the kept teacher) written by one process
+    opts = ["--steps", 8, "--eval-every", 8, "--lr", 1e-3, "--holdout", 4, *lora, "--save-every", keep, *extra]
     code, one = cli("recover", wd, *opts, "--batch-size", 4)
     assert code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -276,6 +279,9 @@ def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path
     # The same windows per step, split across two processes: the curves agree within noise.
     for a, b in zip(one["loss"], multi):
         assert abs(a - b) < 0.05 * a, (one["loss"], multi)
+    if "--teacher-steps" in extra:
+        assert one["teacher_correction"]["steps"] == steps[0]["metrics"]["teacher_correction"]["steps"] == 2
+        assert not list((two / ".resume").glob("recover-*"))  # committed: nothing kept
     if extra:  # the KD curve too: the pruned student against its dense teacher
         kd = steps[0]["metrics"]["kd"]
         assert len(kd) == 8 and kd[0] > 0

@@ -26,7 +26,7 @@ def recover(
     kd_temperature: KdTemperatureOpt = None,
     kd_weight: KdWeightOpt = None,
     teacher: TeacherOpt = None,
-    teacher_steps: Annotated[int, typer.Option(help="--distill: teacher correction (Sreenivas et al. 2024) -- first fine-tune every weight of the teacher this many steps on the training windows (LM loss, lr 2e-5); on both benchmark models distillation beat the LM loss only after it. 0: distil from the teacher as it is.")] = 0,
+    teacher_steps: Annotated[int, typer.Option(help="--distill: teacher correction (Sreenivas et al. 2024) -- first fine-tune every weight of the teacher this many steps on the training windows (LM loss, lr 2e-5); on both benchmark models distillation beat the LM loss only after it. Kept as one fp32 copy beside the resume checkpoint until the step commits. 0: distil from the teacher as it is.")] = 0,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 8).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (the update is scaled by alpha / rank; default 16).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout (default 0.05).")] = None,
