@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="recovery steps, the same for every recovery")
     ap.add_argument("--select", default="activation")
     ap.add_argument("--reg", default="", help="extra options for `llmprune regularize`")
+    ap.add_argument("--reg-fresh", action="store_true",
+                    help="regularise on fresh windows of the calibration text (regularize --dataset CALIB), not on "
+                         "the 56 calibration windows")
     ap.add_argument("--recover", default="", help="extra options for every `llmprune recover`")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -97,7 +100,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             pruned = args.out / f"{structure}-{ratio}-{mode}"
             sel = ["--structure", structure, *size, "--select", args.select]
-            made_by = dict(sel=sel, reg=args.reg if mode == "dress" else None, base=base.name)
+            reg_args = [*args.reg.split(), *(["--dataset", str(paths["calib"])] if args.reg_fresh else [])]
+            made_by = dict(sel=sel, reg=" ".join(reg_args) if mode == "dress" else None, base=base.name)
             reused = _reused(pruned, made_by) if args.reuse else None
             if reused:
                 reg, reg_s, reg_rss, res, ev = reused
@@ -108,7 +112,7 @@ def main() -> None:
                 (pruned / "bench.json").write_text(json.dumps(made_by))
                 reg, reg_s, reg_rss = {}, None, None
                 if mode == "dress":
-                    reg, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *args.reg.split(),
+                    reg, reg_s, reg_rss = popen_rss([*LLMPRUNE, "regularize", str(pruned), *sel, *reg_args,
                                                    *(teacher if "--distill" in args.reg else [])])
                 res, _, _ = popen_rss([*LLMPRUNE, "prune", str(pruned), "--method", "dress",
                                        *(sel if mode == "direct" else [])])
@@ -121,7 +125,8 @@ def main() -> None:
                          removed=1 - res["parameters"] / dense_params, model_mib=ev["model_bytes"] / 2**20,
                          prefill_1=sp.get("prefill_speedup"), decode_1=sp.get("decode_speedup"),
                          prefill_8=sp.get("prefill_speedup_b8"), decode_8=sp.get("decode_speedup_b8"),
-                         regularize_s=reg_s, regularize_rss_mib=reg_rss, reg_options=args.reg if mode == "dress" else "",
+                         regularize_s=reg_s, regularize_rss_mib=reg_rss, reg_options=(args.reg + (" --dataset CALIB" if args.reg_fresh else "")).strip()
+                         if mode == "dress" else "",
                          windows=ev["windows"], dense_ppl=dense_ppl, reused=bool(reused), teacher=corrected)
             for rec in recoveries:
                 row = dict(shape, recovery=rec)

@@ -334,3 +334,38 @@ def test_regularize_distils_from_the_teacher(calibrated):
     step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
     assert step["params"]["distill"] is True
     assert cli("prune", wd, "--method", "dress")[0] == 0
+
+
+def test_regularize_with_teacher_correction_equals_the_two_step_recipe(calibrated, tmp_path):
+    """`regularize --distill --teacher-steps N` is `recover --full --steps N` on a dense copy, then `regularize
+    --distill --teacher` that copy: the same regularised model, bit for bit, and not the one the uncorrected teacher
+    gives; the correction is recorded and only when asked."""
+    import shutil
+
+    import llmprune.distill as distill_mod
+
+    wd = calibrated("llama", samples=20, seqlen=32)
+    dense, manual, plain = tmp_path / "dense", tmp_path / "manual", tmp_path / "plain"
+    for w in (dense, manual, plain):
+        shutil.copytree(wd, w)
+    code, fitted = cli("recover", dense, "--steps", 3, "--eval-every", 3, "--lr", 1e-3, *FULL)
+    assert code == 0
+    reg = ["regularize", "--structure", "mlp", "--ratio", 0.25, "--select", "tail", "--steps", 3, "--eval-every", 3,
+           "--batch-size", 4, "--holdout", 4, "--lr", 2e-3, "--distill"]
+    assert cli(reg[0], manual, *reg[1:], "--teacher", dense / "model")[0] == 0
+    assert cli(reg[0], plain, *reg[1:])[0] == 0
+    rate, distill_mod.TEACHER_LR = distill_mod.TEACHER_LR, 1e-3  # the manual copy's rate, as in the recover test
+    try:
+        code, res = cli(reg[0], wd, *reg[1:], "--teacher-steps", 3)
+    finally:
+        distill_mod.TEACHER_LR = rate
+    assert code == 0
+    c = res["teacher_correction"]
+    assert c["steps"] == 3 and c["ppl_before"] == fitted["ppl_before"] and c["ppl_after"] == fitted["ppl_after"]
+    a, b, p = _weights(wd / "model"), _weights(manual / "model"), _weights(plain / "model")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], p[k]) for k in a)
+    params = [json.loads((w / "manifest.json").read_text())["steps"][-1]["params"] for w in (wd, plain)]
+    assert params[0]["teacher_steps"] == 3 and "teacher_steps" not in params[1]
+    assert cli("regularize", plain, "--steps", 1, "--teacher-steps", 2)[0] == 1  # without --distill: refused

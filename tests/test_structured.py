@@ -190,6 +190,53 @@ def test_regularize_until_converged_stops_early(calibrated):
     assert code == 0 and reg["stopped_early"] and reg["steps"] < 200 and reg["gap"] <= 0.01
 
 
+def test_regularize_on_fresh_windows_of_a_dataset(calibrated, tiny_root):
+    """``--dataset``: training (and the held-out gap) on that text's windows, every one of them, while the units
+    are chosen on the calibration windows as without it -- the same plan, different weights; the record names the
+    text and a plain run's record is unchanged."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    wd = calibrated("llama", samples=12, seqlen=32)
+    plain = wd.parent / "plain"
+    shutil.copytree(wd, plain)
+    common = ["--structure", "mlp", "--ratio", 0.25, "--steps", 6, "--lr", 1e-3, "--holdout", 3, "--eval-every", 3]
+    code, fresh = cli("regularize", wd, *common, "--dataset", tiny_root / "heldout.txt", "--seqlen", 16)
+    assert code == 0
+    tok = AutoTokenizer.from_pretrained(wd / "model")
+    n_tokens = len(tok((tiny_root / "heldout.txt").read_text(encoding="utf-8"))["input_ids"])
+    assert fresh["train_windows"] == n_tokens // 16 - 3 > 9  # more windows than the calibration's 9
+    assert fresh["passes"] == pytest.approx(6 / fresh["train_windows"], abs=1e-3)
+    code, base = cli("regularize", plain, *common)
+    assert code == 0 and base["train_windows"] == 9 and base["passes"] == pytest.approx(6 / 9, abs=1e-3)
+    assert fresh["plan"] == base["plan"]  # chosen on the calibration windows either way
+    assert fresh["before"]["ppl"] != base["before"]["ppl"]  # measured on other held-out windows
+
+    def weights(w):
+        return {k: v for f in sorted((w / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = weights(wd), weights(plain)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    steps = {w: json.loads((w / "manifest.json").read_text())["steps"][-1]["params"] for w in (wd, plain)}
+    assert steps[wd]["dataset"] == str(tiny_root / "heldout.txt") and steps[wd]["seqlen"] == 16
+    assert not {"dataset", "text_field", "seqlen"} & steps[plain].keys()
+
+
+@pytest.mark.parametrize("args,says", [(["--seqlen", 16], "--dataset"), (["--dataset", "nope.txt"], "does not exist"),
+                                       (["--dataset", "corpus.txt", "--seqlen", 1], ">= 2")])
+def test_regularize_dataset_refusals_leave_the_workdir_alone(calibrated, tiny_root, capsys, args, says):
+    wd = calibrated("llama", samples=12, seqlen=32)
+    manifest = (wd / "manifest.json").read_text()
+    args = [str(tiny_root / a) if a == "corpus.txt" else a for a in args]
+    assert cli("regularize", wd, "--structure", "mlp", "--ratio", 0.25, "--steps", 1, *args)[0] == 1
+    err = capsys.readouterr().err.strip()
+    assert says in err and "Traceback" not in err and len(err.splitlines()) <= 2
+    assert (wd / "manifest.json").read_text() == manifest
+
+
 def test_loss_mode_trains_and_lowers_the_penalty(calibrated):
     wd = calibrated("mistral", samples=12, seqlen=32)
     code, reg = cli("regularize", wd, "--shrink", "loss", "--lambda", 5, "--steps", 10, "--lr", 1e-3,

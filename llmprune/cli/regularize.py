@@ -9,7 +9,7 @@ import typer
 
 from llmprune import report
 from llmprune.cli._core import (DeviceOpt, DistillOpt, GradCkptOpt, JsonOpt, KdTemperatureOpt, KdWeightOpt, SeedOpt,
-                                TeacherOpt, WorkdirArg, check_device, finish, open_workdir, positive)
+                                TeacherOpt, TextFieldOpt, WorkdirArg, check_device, finish, open_workdir, positive)
 from llmprune.errors import UserError
 
 
@@ -37,8 +37,12 @@ def regularize(
     kd_temperature: KdTemperatureOpt = None,
     kd_weight: KdWeightOpt = None,
     teacher: TeacherOpt = None,
+    teacher_steps: Annotated[int, typer.Option(help="--distill: teacher correction (Sreenivas et al. 2024) -- first fine-tune every weight of the teacher this many steps on the training windows (LM loss, lr 2e-5), in memory. 0: distil from the teacher as it is.")] = 0,
     target_params: Annotated[Optional[str], typer.Option(help="A parameter budget instead of --ratio: a count (100M, 1.5B) or a fraction of the model (0.75).")] = None,
     search_steps: Annotated[int, typer.Option(help="A combination's budget: score each candidate split after this many regularisation steps of a copy (0: by direct removal, cheaper, but it favours fine structures).")] = 0,
+    dataset: Annotated[Optional[str], typer.Option(help="Training text, in fresh windows (default: the calibration windows; the units are chosen on those either way).")] = None,
+    text_field: TextFieldOpt = "text",
+    seqlen: Annotated[Optional[int], typer.Option(help="Tokens per window of --dataset (default: the calibration's).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
@@ -46,13 +50,14 @@ def regularize(
     from llmprune.methods.dress import RegularizeOptions, regularize_workdir
     from llmprune.train import check_launcher
 
-    kd_temperature, kd_weight = resolve_options(distill, kd_temperature, kd_weight, teacher)
+    kd_temperature, kd_weight = resolve_options(distill, kd_temperature, kd_weight, teacher, teacher_steps)
 
     if ratio is not None and target_params is not None:
         raise UserError("give --ratio or --target-params, not both")
     opts = RegularizeOptions(ratio if ratio is not None else 0.25, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
                              batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device, distill,
-                             kd_temperature, kd_weight, teacher, target_params, search_steps)
+                             kd_temperature, kd_weight, teacher, target_params, search_steps, dataset,
+                             text_field, seqlen, teacher_steps)
     opts.check()
     check_launcher()
     positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,
@@ -66,7 +71,9 @@ def regularize(
         f"regularized {structure} {_size(m['plan'])} ({m['units_removed']} units, {select})", ["held-out", "before", "after"],
         [["perplexity", m["before"]["ppl"], m["ppl"]], ["perplexity, units zeroed", m["before"]["ppl_zeroed"],
           m["ppl_zeroed"]], ["relative norm of the units", m["before"]["relative_norm"], m["relative_norm"]],
-         ["steps", 0, m["steps"]], ["time", "", f"{m['train_s']:.1f} s"]]))
+         *([[f"teacher, corrected {c['steps']} steps", c["ppl_before"], c["ppl_after"]]]
+           if (c := m.get("teacher_correction")) else []),
+         ["steps", 0, f"{m['steps']} ({m['passes']:g} passes over {m['train_windows']} windows)"], ["time", "", f"{m['train_s']:.1f} s"]]))
 
 
 def _size(plan: dict) -> str:

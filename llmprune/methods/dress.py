@@ -592,6 +592,10 @@ class RegularizeOptions:
     teacher: Optional[str] = None
     target_params: Optional[str] = None  # a budget instead of the ratio (resolved in the step)
     search_steps: int = 0  # a combination's candidates scored after this many regularisation steps (0: by removal)
+    dataset: Optional[str] = None  # training text (None: the calibration windows, which also choose the units)
+    text_field: str = "text"
+    seqlen: Optional[int] = None  # windows of ``dataset`` (None: the calibration's)
+    teacher_steps: int = 0  # teacher correction before distilling (0: none)
 
     def params(self) -> dict[str, Any]:
         import dataclasses
@@ -601,11 +605,16 @@ class RegularizeOptions:
             del p["target_params"]
         if not self.search_steps:  # scored by removal, as before the option existed
             del p["search_steps"]
+        if self.dataset is None:  # trained on the calibration windows: recorded as before the option existed
+            for k in ("dataset", "text_field", "seqlen"):
+                del p[k]
         if not self.distill:  # the KD settings do not apply: a plain run records what it always did
             from llmprune.distill import KD_OPTIONS
 
             for k in ("distill", *KD_OPTIONS):
                 del p[k]
+        if not self.teacher_steps:  # recorded only when the teacher was corrected: older records stay as they were
+            del p["teacher_steps"]
         return p
 
     def check(self) -> None:
@@ -621,6 +630,10 @@ class RegularizeOptions:
             raise UserError(f"unknown --shrink '{self.shrink}'; use one of: {', '.join(SHRINKS)}")
         if self.search_steps < 0:
             raise UserError(f"--search-steps must be >= 0, got {self.search_steps}")
+        if self.seqlen is not None and self.dataset is None:
+            raise UserError("--seqlen sets the windows of --dataset; without it the calibration windows are used")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise UserError(f"--seqlen must be >= 2, got {self.seqlen}")
         if self.search_steps and not ("+" in self.structure and self.target_params is not None):
             raise UserError("--search-steps scores the splits of a combination's budget: give --structure A+B "
                             "with --target-params")
@@ -631,10 +644,11 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     the plan as regularised and pending (``prune --method dress`` applies it)."""
     import resource
 
-    from llmprune import distill
-    from llmprune.modeling import load_current, save_model
+    from llmprune import data, distill
+    from llmprune.modeling import check_context, load_current, save_model
     from llmprune.train import TrainSpec, split_holdout
 
+    text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None  # fail fast
     with ws.step("regularize", o.params()) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
@@ -655,14 +669,27 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             budget = resolve_budget(lm, o.structure, o.target_params)
             o = dataclasses.replace(o, ratio=budget["ratio"])
             tx.step.params["ratio"] = o.ratio
-        distiller = None
+        windows = ws.windows()
+        if text is None:
+            train_w, hold = split_holdout(windows, o.holdout)
+        else:
+            # Fresh windows: the 56 calibration windows are passed over ~1.8 times by the default 100 steps, and
+            # longer runs overfit them (benchmarks/README.md, the reg200 run). The units are still chosen on the
+            # calibration windows, which is what a plan's selection means everywhere else.
+            seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
+            check_context(lm, seqlen)
+            train_w, hold = split_holdout(data.eval_windows(data.tokenize(tok, text), seqlen, None), o.holdout)
+        plan = combined or select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
+        distiller, correction = None, None
         if o.distill:
             if o.teacher is None:
                 ws.record_inputs(tx, distill.TEACHER)
-            distiller = distill.Distiller(distill.load_teacher(ws, o.teacher, lm), o.kd_temperature, o.kd_weight)
-        windows = ws.windows()
-        train_w, hold = split_holdout(windows, o.holdout)
-        plan = combined or select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
+            teacher = distill.load_teacher(ws, o.teacher, lm)
+            if o.teacher_steps:  # no checkpoint to resume here (regularize has none): corrected in memory
+                correction = distill.correct_teacher(
+                    teacher, train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
+                    grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
+            distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
@@ -671,9 +698,11 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
             "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
-            "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "peak_rss_mib": round(peak, 1),
+            "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "train_windows": train_w.shape[0],
+            "passes": round(hist["steps"] * o.batch_size * o.grad_accum / train_w.shape[0], 3), "peak_rss_mib": round(peak, 1),
             "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
-                                                             if o.distill else {})}
+                                                             if o.distill else {}),
+            **({"teacher_correction": correction} if correction else {})}
         PlanRecord(plan, regularized=True, applied=False).write(tx)
         save_model(lm, tok, tx.stage("model"), ws.shard_size)
     return tx.step.metrics
