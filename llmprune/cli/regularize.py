@@ -40,7 +40,7 @@ def regularize(
     teacher_steps: Annotated[int, typer.Option(help="--distill: teacher correction (Sreenivas et al. 2024) -- first fine-tune every weight of the teacher this many steps on the training windows (LM loss, lr 2e-5), in memory. 0: distil from the teacher as it is.")] = 0,
     target_params: Annotated[Optional[str], typer.Option(help="A parameter budget instead of --ratio: a count (100M, 1.5B) or a fraction of the model (0.75).")] = None,
     search_steps: Annotated[int, typer.Option(help="A combination's budget: score each candidate split after this many regularisation steps of a copy (0: by direct removal, cheaper, but it favours fine structures).")] = 0,
-    dataset: Annotated[Optional[str], typer.Option(help="Training text, in fresh windows (default: the calibration windows; the units are chosen on those either way).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Training text, in fresh windows (default: the calibration windows; the units, and a combination's split, are chosen on those either way).")] = None,
     text_field: TextFieldOpt = "text",
     seqlen: Annotated[Optional[int], typer.Option(help="Tokens per window of --dataset (default: the calibration's).")] = None,
     as_json: JsonOpt = False,
