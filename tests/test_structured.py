@@ -209,9 +209,10 @@ def test_regularize_on_fresh_windows_of_a_dataset(calibrated, tiny_root):
     tok = AutoTokenizer.from_pretrained(wd / "model")
     n_tokens = len(tok((tiny_root / "heldout.txt").read_text(encoding="utf-8"))["input_ids"])
     assert fresh["train_windows"] == n_tokens // 16 - 3 > 9  # more windows than the calibration's 9
-    assert fresh["passes"] == pytest.approx(6 / fresh["train_windows"], abs=1e-3)
+    assert fresh["passes"] == pytest.approx(6 / fresh["train_windows"], abs=1e-3) and fresh["seqlen"] == 16
     code, base = cli("regularize", plain, *common)
     assert code == 0 and base["train_windows"] == 9 and base["passes"] == pytest.approx(6 / 9, abs=1e-3)
+    assert "seqlen" not in base
     assert fresh["plan"] == base["plan"]  # chosen on the calibration windows either way
     assert fresh["before"]["ppl"] != base["before"]["ppl"]  # measured on other held-out windows
 
@@ -225,8 +226,18 @@ def test_regularize_on_fresh_windows_of_a_dataset(calibrated, tiny_root):
     assert not {"dataset", "text_field", "seqlen"} & steps[plain].keys()
 
 
+def test_regularize_warns_past_one_pass_over_the_calibration_windows(calibrated, capsys):
+    wd = calibrated("llama", samples=12, seqlen=32)
+    code, reg = cli("regularize", wd, "--structure", "mlp", "--ratio", 0.25, "--steps", 10, "--lr", 1e-3,
+                    "--holdout", 3, "--eval-every", 10)
+    assert code == 0 and reg["passes"] == pytest.approx(10 / 9, abs=1e-3)
+    assert "10 steps are 1.1 passes over the 9 calibration windows" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,says", [(["--seqlen", 16], "--dataset"), (["--dataset", "nope.txt"], "does not exist"),
-                                       (["--dataset", "corpus.txt", "--seqlen", 1], ">= 2")])
+                                       (["--dataset", "corpus.txt", "--seqlen", 1], ">= 2"),
+                                       (["--text-field", "body"], "--dataset"),
+                                       (["--dataset", "corpus.txt", "--seqlen", 100000], "context")])
 def test_regularize_dataset_refusals_leave_the_workdir_alone(calibrated, tiny_root, capsys, args, says):
     wd = calibrated("llama", samples=12, seqlen=32)
     manifest = (wd / "manifest.json").read_text()

@@ -630,6 +630,8 @@ class RegularizeOptions:
             raise UserError(f"unknown --shrink '{self.shrink}'; use one of: {', '.join(SHRINKS)}")
         if self.search_steps < 0:
             raise UserError(f"--search-steps must be >= 0, got {self.search_steps}")
+        if self.text_field != "text" and self.dataset is None:
+            raise UserError("--text-field names the field of --dataset's records; give --dataset")
         if self.seqlen is not None and self.dataset is None:
             raise UserError("--seqlen sets the windows of --dataset; without it the calibration windows are used")
         if self.seqlen is not None and self.seqlen < 2:
@@ -642,18 +644,36 @@ class RegularizeOptions:
 def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     """The ``regularize`` step: choose the units, train the whole model while they are driven to zero, and record
     the plan as regularised and pending (``prune --method dress`` applies it)."""
+    import os
     import resource
 
-    from llmprune import data, distill
+    from llmprune import data, distill, report
     from llmprune.modeling import check_context, load_current, save_model
     from llmprune.train import TrainSpec, split_holdout
 
     text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None  # fail fast
+    text_given = text is not None
     with ws.step("regularize", o.params()) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
         lm, tok = load_current(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
         check_supported(lm, o.structure)
+        windows = ws.windows()
+        if text is None:
+            train_w, hold = split_holdout(windows, o.holdout)
+        else:
+            # Fresh windows, made before any search so bad input fails first: 100 steps pass 1.8 times over the
+            # benchmark's 56 training windows (64 samples), and longer runs overfit them (benchmarks/README.md, the
+            # reg200 run). The units are still chosen on the calibration windows, as a plan's selection is everywhere.
+            seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
+            check_context(lm, seqlen)
+            train_w, hold = split_holdout(data.eval_windows(data.tokenize(tok, text), seqlen, None).clone(), o.holdout)
+            del text  # the windows are a copy: the text and its tokens are not kept through training
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # under accelerate launch each step takes every process's batch
+        passes = o.steps * o.batch_size * o.grad_accum * world / train_w.shape[0]
+        if not text_given and passes > 1:
+            report.warn(f"{o.steps} steps are {passes:.1f} passes over the {train_w.shape[0]} calibration windows, which "
+                        "can overfit; --dataset with the calibration text trains on fresh windows")
         budget = None
         combined = None
         if "+" in o.structure:
@@ -669,16 +689,6 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             budget = resolve_budget(lm, o.structure, o.target_params)
             o = dataclasses.replace(o, ratio=budget["ratio"])
             tx.step.params["ratio"] = o.ratio
-        windows = ws.windows()
-        if text is None:
-            train_w, hold = split_holdout(windows, o.holdout)
-        else:
-            # Fresh windows: the 56 calibration windows are passed over ~1.8 times by the default 100 steps, and
-            # longer runs overfit them (benchmarks/README.md, the reg200 run). The units are still chosen on the
-            # calibration windows, which is what a plan's selection means everywhere else.
-            seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
-            check_context(lm, seqlen)
-            train_w, hold = split_holdout(data.eval_windows(data.tokenize(tok, text), seqlen, None), o.holdout)
         plan = combined or select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
         distiller, correction = None, None
         if o.distill:
@@ -699,7 +709,7 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
             "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
             "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "train_windows": train_w.shape[0],
-            "passes": round(hist["steps"] * o.batch_size * o.grad_accum / train_w.shape[0], 3), "peak_rss_mib": round(peak, 1),
+            "passes": round(passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if text_given else {}), "peak_rss_mib": round(peak, 1),
             "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
                                                              if o.distill else {}),
             **({"teacher_correction": correction} if correction else {})}
