@@ -218,7 +218,27 @@ def _structured_pair(calibrated, tmp_path):
     return wd, dense
 
 
-def test_teacher_correction_equals_distilling_from_a_fully_fine_tuned_copy(calibrated, tmp_path):
+def _corrected_is_the_manual_recipe(monkeypatch, command, fitted, wd, manual, plain):
+    """Run ``command --teacher-steps 3`` on ``wd``: its correction is ``fitted``'s (``recover --full --steps 3`` of
+    the dense copy), its model the ``manual`` two-step one bit for bit, and not the ``plain`` (uncorrected) one.
+    --teacher-steps uses the lr of `recover --full` (2e-5); the manual copy used 1e-3 so that three steps visibly
+    move the tiny teacher: the correction's rate is patched to match for this comparison."""
+    import llmprune.distill as distill_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(distill_mod, "TEACHER_LR", 1e-3)
+        code, res = cli(*command, "--teacher-steps", 3)
+    assert code == 0
+    c = res["teacher_correction"]
+    assert c["steps"] == 3 and c["ppl_after"] == fitted["ppl_after"] and c["ppl_before"] == fitted["ppl_before"]
+    a, b, p = _weights(wd / "model"), _weights(manual / "model"), _weights(plain / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], p[k]) for k in a)  # the correction changed what the student learned
+
+
+def test_teacher_correction_equals_distilling_from_a_fully_fine_tuned_copy(calibrated, tmp_path, monkeypatch):
     """`--teacher-steps N` is the two-step recipe in one: `recover --full --steps N` on the dense model, then
     `--distill --teacher` that model. Same windows, same seed: the same student, bit for bit -- and not the student
     an uncorrected teacher gives."""
@@ -233,23 +253,7 @@ def test_teacher_correction_equals_distilling_from_a_fully_fine_tuned_copy(calib
     student = ["--distill", "--steps", 3, "--eval-every", 3, "--lr", 2e-3, *FAST]
     assert cli("recover", manual, *student, "--teacher", dense / "model")[0] == 0
     assert cli("recover", plain, *student)[0] == 0
-    # --teacher-steps uses the lr of `recover --full` (2e-5); the manual copy above used 1e-3 so that three
-    # steps visibly move the tiny teacher: the correction's rate is patched to match for this comparison.
-    import llmprune.distill as distill_mod
-
-    rate, distill_mod.TEACHER_LR = distill_mod.TEACHER_LR, 1e-3
-    try:
-        code, res = cli("recover", wd, *student, "--teacher-steps", 3)
-    finally:
-        distill_mod.TEACHER_LR = rate
-    assert code == 0
-    c = res["teacher_correction"]
-    assert c["steps"] == 3 and c["ppl_after"] == fitted["ppl_after"] and c["ppl_before"] == fitted["ppl_before"]
-    a, b, p = _weights(wd / "model"), _weights(manual / "model"), _weights(plain / "model")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert any(not torch.equal(a[k], p[k]) for k in a)  # the correction changed what the student learned
+    _corrected_is_the_manual_recipe(monkeypatch, ["recover", wd, *student], fitted, wd, manual, plain)
     step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
     assert step["params"]["teacher_steps"] == 3
     assert "teacher_steps" not in json.loads((plain / "manifest.json").read_text())["steps"][-1]["params"]
@@ -336,13 +340,11 @@ def test_regularize_distils_from_the_teacher(calibrated):
     assert cli("prune", wd, "--method", "dress")[0] == 0
 
 
-def test_regularize_with_teacher_correction_equals_the_two_step_recipe(calibrated, tmp_path):
+def test_regularize_with_teacher_correction_equals_the_two_step_recipe(calibrated, tmp_path, monkeypatch):
     """`regularize --distill --teacher-steps N` is `recover --full --steps N` on a dense copy, then `regularize
     --distill --teacher` that copy: the same regularised model, bit for bit, and not the one the uncorrected teacher
     gives; the correction is recorded and only when asked."""
     import shutil
-
-    import llmprune.distill as distill_mod
 
     wd = calibrated("llama", samples=20, seqlen=32)
     dense, manual, plain = tmp_path / "dense", tmp_path / "manual", tmp_path / "plain"
@@ -354,18 +356,7 @@ def test_regularize_with_teacher_correction_equals_the_two_step_recipe(calibrate
            "--batch-size", 4, "--holdout", 4, "--lr", 2e-3, "--distill"]
     assert cli(reg[0], manual, *reg[1:], "--teacher", dense / "model")[0] == 0
     assert cli(reg[0], plain, *reg[1:])[0] == 0
-    rate, distill_mod.TEACHER_LR = distill_mod.TEACHER_LR, 1e-3  # the manual copy's rate, as in the recover test
-    try:
-        code, res = cli(reg[0], wd, *reg[1:], "--teacher-steps", 3)
-    finally:
-        distill_mod.TEACHER_LR = rate
-    assert code == 0
-    c = res["teacher_correction"]
-    assert c["steps"] == 3 and c["ppl_before"] == fitted["ppl_before"] and c["ppl_after"] == fitted["ppl_after"]
-    a, b, p = _weights(wd / "model"), _weights(manual / "model"), _weights(plain / "model")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert any(not torch.equal(a[k], p[k]) for k in a)
+    _corrected_is_the_manual_recipe(monkeypatch, [reg[0], wd, *reg[1:]], fitted, wd, manual, plain)
     params = [json.loads((w / "manifest.json").read_text())["steps"][-1]["params"] for w in (wd, plain)]
     assert params[0]["teacher_steps"] == 3 and "teacher_steps" not in params[1]
     assert cli("regularize", plain, "--steps", 1, "--teacher-steps", 2)[0] == 1  # without --distill: refused
