@@ -671,9 +671,6 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             del text  # the windows are a copy: the text and its tokens are not kept through training
         world = int(os.environ.get("WORLD_SIZE", "1"))  # under accelerate launch each step takes every process's batch
         passes = o.steps * o.batch_size * o.grad_accum * world / train_w.shape[0]
-        if not text_given and passes > 1:
-            report.warn(f"{o.steps} steps are {passes:.1f} passes over the {train_w.shape[0]} calibration windows, which "
-                        "can overfit; --dataset with the calibration text trains on fresh windows")
         budget = None
         combined = None
         if "+" in o.structure:
@@ -700,6 +697,9 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
                     teacher, train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
                     grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
             distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
+        if not text_given and passes > 1:  # only once the plan holds: a refused one needs no warning before it
+            report.warn(f"{o.steps} steps are {passes:.1f} passes over the {train_w.shape[0]} calibration windows, which "
+                        "can overfit; --dataset with the calibration text trains on fresh windows")
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
