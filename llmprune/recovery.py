@@ -120,9 +120,9 @@ class Recovery:
         return m
 
     def _setup(self, tx, text: str | None, windows: torch.Tensor | None):
-        from llmprune import data, distill, evaluate
-        from llmprune.modeling import check_context, load_current, save_model
-        from llmprune.train import split_holdout
+        from llmprune import distill, evaluate
+        from llmprune.modeling import load_current, save_model
+        from llmprune.train import passes, split_holdout, text_windows, warn_repeated_windows
 
         o = self.opts
         lm, self.tok = load_current(self.ws, "float32")
@@ -130,9 +130,7 @@ class Recovery:
             # The new adapter's base is the model with the previous adapter folded in: that model becomes model/.
             save_model(lm, self.tok, tx.stage("model"), self.ws.shard_size)
         if text is not None:
-            seqlen = o.seqlen or self.manifest["calibration"]["seqlen"]
-            check_context(lm, seqlen)
-            windows = data.eval_windows(data.tokenize(self.tok, text), seqlen, None)
+            windows = text_windows(lm, self.tok, text, o.seqlen or self.manifest["calibration"]["seqlen"])
         else:
             self.ws.record_inputs(tx, "calib")
         self.train_w, hold = split_holdout(windows, o.holdout)
@@ -152,12 +150,11 @@ class Recovery:
                 if o.teacher_steps:
                     teacher = self._correct(teacher, hold)
             self.distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
-        passes = self.n_steps * o.batch_size * o.grad_accum / self.train_w.shape[0]
-        if o.dataset is None and passes > 1 and o.epochs is None:
+        if o.dataset is None and o.epochs is None:
             # Fresh windows of the calibration text are what generalises after DReSS, which already trained on these
             # windows (benchmarks/README.md has the measurement).
-            report.warn(f"{self.n_steps} steps are {passes:.1f} passes over the {self.train_w.shape[0]} calibration "
-                        "windows, which can overfit; --dataset with the calibration text trains on fresh windows")
+            n = self.train_w.shape[0]
+            warn_repeated_windows(self.n_steps, passes(self.n_steps, o.batch_size, o.grad_accum, n), n)
         if o.full:
             self.masked_layers = 0
             return lm.requires_grad_(True), hold, masks

@@ -261,6 +261,33 @@ def _mean_tail(xs: list[float], n: int = 10) -> float:
     return round(sum(tail) / len(tail), 5) if tail else math.nan
 
 
+def text_windows(model: nn.Module, tok, text: str, seqlen: int) -> torch.Tensor:
+    """Fresh training windows of ``seqlen`` tokens cut from ``text`` (``--dataset`` of recover and regularize), a
+    copy: the text and its tokens need not outlive them."""
+    from llmprune import data
+    from llmprune.modeling import check_context
+
+    check_context(model, seqlen)
+    return data.eval_windows(data.tokenize(tok, text), seqlen, None).clone()
+
+
+def passes(steps: int, batch_size: int, grad_accum: int, windows: int) -> float:
+    """Passes over ``windows`` that ``steps`` optimiser steps make; under ``accelerate launch`` each step takes
+    every process's batch."""
+    import os
+
+    return steps * batch_size * grad_accum * int(os.environ.get("WORLD_SIZE", "1")) / windows
+
+
+def warn_repeated_windows(steps: int, n_passes: float, windows: int) -> None:
+    """More than one pass over the calibration windows can overfit them (benchmarks/README.md: DReSS at 200 steps)."""
+    if n_passes > 1:
+        from llmprune import report
+
+        report.warn(f"{steps} steps are {n_passes:.1f} passes over the {windows} calibration windows, which can "
+                    "overfit; --dataset with the calibration text trains on fresh windows")
+
+
 def split_holdout(windows: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows, held-out windows): the last ``holdout`` windows are never trained on."""
     from llmprune.errors import UserError

@@ -644,15 +644,13 @@ class RegularizeOptions:
 def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     """The ``regularize`` step: choose the units, train the whole model while they are driven to zero, and record
     the plan as regularised and pending (``prune --method dress`` applies it)."""
-    import os
     import resource
 
-    from llmprune import data, distill, report
-    from llmprune.modeling import check_context, load_current, save_model
-    from llmprune.train import TrainSpec, split_holdout
+    from llmprune import data, distill
+    from llmprune.modeling import load_current, save_model
+    from llmprune.train import TrainSpec, passes, split_holdout, text_windows, warn_repeated_windows
 
     text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None  # fail fast
-    text_given = text is not None
     with ws.step("regularize", o.params()) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
@@ -666,11 +664,9 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             # benchmark's 56 training windows (64 samples), and longer runs overfit them (benchmarks/README.md, the
             # reg200 run). The units are still chosen on the calibration windows, as a plan's selection is everywhere.
             seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
-            check_context(lm, seqlen)
-            train_w, hold = split_holdout(data.eval_windows(data.tokenize(tok, text), seqlen, None).clone(), o.holdout)
+            train_w, hold = split_holdout(text_windows(lm, tok, text, seqlen), o.holdout)
             del text  # the windows are a copy: the text and its tokens are not kept through training
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # under accelerate launch each step takes every process's batch
-        passes = o.steps * o.batch_size * o.grad_accum * world / train_w.shape[0]
+        n_passes = passes(o.steps, o.batch_size, o.grad_accum, train_w.shape[0])
         budget = None
         combined = None
         if "+" in o.structure:
@@ -697,9 +693,8 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
                     teacher, train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
                     grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
             distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
-        if not text_given and passes > 1:  # only once the plan holds: a refused one needs no warning before it
-            report.warn(f"{o.steps} steps are {passes:.1f} passes over the {train_w.shape[0]} calibration windows, which "
-                        "can overfit; --dataset with the calibration text trains on fresh windows")
+        if o.dataset is None:  # only once the plan holds: a refused one needs no warning before it
+            warn_repeated_windows(o.steps, n_passes, train_w.shape[0])
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
@@ -709,7 +704,7 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
             "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
             "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "train_windows": train_w.shape[0],
-            "passes": round(passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if text_given else {}), "peak_rss_mib": round(peak, 1),
+            "passes": round(n_passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if o.dataset else {}), "peak_rss_mib": round(peak, 1),
             "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
                                                              if o.distill else {}),
             **({"teacher_correction": correction} if correction else {})}
