@@ -77,6 +77,19 @@ class RecoverOptions:
         return p
 
 
+def path_stamp(source: str) -> list | None:
+    """What identifies a local file or folder's contents cheaply: each file's relative path, size and modification
+    time (hashing a 7B teacher's shards would cost a minute per run). ``None`` for a Hub id, which names itself."""
+    path = Path(source)
+    if path.is_file():
+        st = path.stat()
+        return [[path.name, st.st_size, st.st_mtime_ns]]
+    if path.is_dir():
+        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
+                for f in sorted(path.rglob("*")) if f.is_file()]
+    return None
+
+
 def is_sparse(manifest: dict[str, Any]) -> bool:
     """Whether a step pruned the model with a method that leaves a zero pattern to keep (not a structured one)."""
     from llmprune.methods import METHODS
@@ -97,18 +110,26 @@ class Recovery:
     def __init__(self, ws: Workdir, opts: RecoverOptions):
         self.ws, self.opts = ws, opts
         self.manifest = ws.manifest()
-        # A checkpoint belongs to one set of parameters on one model: a changed recipe never resumes a stale run.
+
+    def _resume_dir(self, text: str | None) -> Path:
+        """Where this run's checkpoint lives. A checkpoint belongs to one set of parameters on one model and one
+        training text, and when distilling to one teacher: a changed recipe, an edited ``--dataset`` file or a
+        replaced ``--teacher`` folder never resumes a stale run (the parameters name them only by path)."""
+        o = self.opts
         # With a teacher correction the kept teacher belongs to the teacher's files too (a recalibrated teacher/).
-        prefixes = ("model/", "teacher/") if opts.distill and opts.teacher_steps else ("model/",)
+        prefixes = ("model/", "teacher/") if o.distill and o.teacher_steps else ("model/",)
         model_files = {k: v for k, v in self.manifest["files"].items() if k.startswith(prefixes)}
-        key = hashlib.sha256(json.dumps([opts.params(), model_files], sort_keys=True).encode()).hexdigest()
-        self.resume_dir = ws.path / ".resume" / f"recover-{key[:16]}"
+        inputs = {"text": hashlib.sha256(text.encode()).hexdigest() if text is not None else None,
+                  "teacher": path_stamp(o.teacher) if o.distill and o.teacher else None}
+        key = hashlib.sha256(json.dumps([o.params(), model_files, inputs], sort_keys=True).encode()).hexdigest()
+        return self.ws.path / ".resume" / f"recover-{key[:16]}"
 
     def run(self) -> dict[str, Any]:
         from llmprune import data
 
         o = self.opts
         text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None
+        self.resume_dir = self._resume_dir(text)
         windows = self.ws.windows() if o.dataset is None else None  # before the step: fail fast on bad input
         with self.ws.step("recover", o.params()) as tx:
             self.ws.record_inputs(tx, "model")
@@ -116,7 +137,11 @@ class Recovery:
             hist = self._train(model, hold, masks)
             m = self._save(tx, model, hold, masks, hist)
             tx.step.metrics = m
-        shutil.rmtree(self.resume_dir, ignore_errors=True)  # the step committed: nothing left to resume
+        # The step committed, so model/ changed: no checkpoint of this workdir can resume any more -- this run's,
+        # nor one left by a run of other parameters or on another text (keyed on the old model/, it would only
+        # hold the disk).
+        for stale in (self.ws.path / ".resume").glob("recover-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         return m
 
     def _setup(self, tx, text: str | None, windows: torch.Tensor | None):

@@ -139,6 +139,8 @@ def _bad_inputs(tiny_root, tmp_path):
         "push without token": (["export", "{wd}", "--out", tmp_path / "o", "--push-to-hub", "me/x"], "no Hugging Face token"),
         "recover without targets": (["recover", "{wd}", "--targets", "wq,wk"], "no Linear named wq, wk"),
         "recover steps and epochs": (["recover", "{wd}", "--steps", "3", "--epochs", "1"], "not both"),
+        "recover seqlen without text": (["recover", "{wd}", "--seqlen", "32"], "--seqlen sets the windows of --dataset"),
+        "recover field without text": (["recover", "{wd}", "--text-field", "body"], "give --dataset"),
         "speed baseline without speed": (["eval", "{wd}", "--dataset", d, "--speed-baseline", m], "needs --speed"),
         "bad speed batches": (["eval", "{wd}", "--dataset", d, "--speed", "--speed-batches", "1,0"],
                               "--speed-batches takes positive batch sizes"),

@@ -197,6 +197,34 @@ def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, mon
     assert not list((wd / ".resume").glob("recover-*"))  # cleaned up after the commit
 
 
+def test_a_changed_training_text_never_resumes_the_old_run(calibrated, tmp_path, monkeypatch):
+    """The checkpoint is keyed on the text's contents, not only its path: editing the ``--dataset`` file between an
+    interrupted run and its rerun starts afresh (on the new text), and the commit leaves no checkpoint behind."""
+    import llmprune.train as train_mod
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(f"word{i % 97} and text number {i}." for i in range(3000)), encoding="utf-8")
+    opts = ["--dataset", text, "--steps", 8, "--eval-every", 8, "--save-every", 3, *FAST]
+    real = train_mod.heldout_nll
+    calls = {"n": 0}
+
+    def dying(*a, **k):  # killed at the evaluation of step 8, after the checkpoint at step 6
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "heldout_nll", dying)
+    assert run(["recover", str(wd), *map(str, opts)]) == 130
+    monkeypatch.undo()
+    assert len(list((wd / ".resume").glob("recover-*/state.json"))) == 1
+    text.write_text(text.read_text(encoding="utf-8").replace("word", "token"), encoding="utf-8")  # same path
+    code, res = cli("recover", wd, *opts)
+    assert code == 0 and res["resumed_from"] is None and res["steps"] == 8
+    assert not list((wd / ".resume").glob("recover-*"))  # the stale checkpoint too
+
+
 @pytest.mark.parametrize("damage", ["truncated json", "edited step", "step beyond the run", "edited tensors"])
 def test_a_damaged_checkpoint_is_discarded_and_the_step_starts_afresh(calibrated, tmp_path, monkeypatch, capsys,
                                                                       damage):

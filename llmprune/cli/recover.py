@@ -51,6 +51,10 @@ def recover(
 
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
+    if dataset is None and seqlen is not None:
+        raise UserError("--seqlen sets the windows of --dataset; without it the calibration windows are used")
+    if dataset is None and text_field != "text":
+        raise UserError("--text-field names the field of --dataset's records; give --dataset")
     if full and targets != "auto":
         raise UserError("--targets names the Linears LoRA adapts; --full trains every weight (drop one of them)")
     if full and not merge:
