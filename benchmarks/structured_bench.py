@@ -54,8 +54,9 @@ def main() -> None:
     ap.add_argument("--select", default="activation")
     ap.add_argument("--reg", default="", help="extra options for `llmprune regularize`")
     ap.add_argument("--reg-fresh", action="store_true",
-                    help="regularise on fresh windows of the calibration text (regularize --dataset CALIB), not on "
-                         "the 56 calibration windows")
+                    help="regularise on fresh windows of the calibration text, named (regularize --dataset CALIB); "
+                         "regularize's default since 2026-12-06 reads the same text again. The rows of earlier days "
+                         "trained on the 56 calibration windows: --reg=--calibration-windows")
     ap.add_argument("--recover", default="", help="extra options for every `llmprune recover`")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -127,7 +128,10 @@ def main() -> None:
                          prefill_8=sp.get("prefill_speedup_b8"), decode_8=sp.get("decode_speedup_b8"),
                          regularize_s=reg_s, regularize_rss_mib=reg_rss, reg_options=(args.reg + (" --dataset CALIB" if args.reg_fresh else "")).strip()
                          if mode == "dress" else "",
-                         windows=ev["windows"], dense_ppl=dense_ppl, reused=bool(reused), teacher=corrected)
+                         windows=ev["windows"], dense_ppl=dense_ppl, reused=bool(reused), teacher=corrected,
+                         # what regularize trained on (its record; since 12-06 fresh windows of the calibration
+                         # text unless told otherwise), the benchmark's paths named as in reg_options
+                         reg_trained_on={str(paths["calib"]): "CALIB"}.get(reg.get("trained_on"), reg.get("trained_on")))
             for rec in recoveries:
                 row = dict(shape, recovery=rec)
                 if RECOVERIES[rec] is None:

@@ -261,14 +261,15 @@ def _mean_tail(xs: list[float], n: int = 10) -> float:
     return round(sum(tail) / len(tail), 5) if tail else math.nan
 
 
-def text_windows(model: nn.Module, tok, text: str, seqlen: int) -> torch.Tensor:
-    """Fresh training windows of ``seqlen`` tokens cut from ``text`` (``--dataset`` of recover and regularize), a
-    copy: the text and its tokens need not outlive them."""
+def text_windows(model: nn.Module, tok, text: str | torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Fresh training windows of ``seqlen`` tokens cut from ``text`` (``--dataset`` of recover and regularize; or
+    its token ids, already tokenized), a copy: the text and its tokens need not outlive them."""
     from llmprune import data
     from llmprune.modeling import check_context
 
     check_context(model, seqlen)
-    return data.eval_windows(data.tokenize(tok, text), seqlen, None).clone()
+    ids = data.tokenize(tok, text) if isinstance(text, str) else text
+    return data.eval_windows(ids, seqlen, None).clone()
 
 
 def passes(steps: int, batch_size: int, grad_accum: int, windows: int) -> float:

@@ -353,7 +353,7 @@ def test_regularize_with_teacher_correction_equals_the_two_step_recipe(calibrate
     code, fitted = cli("recover", dense, "--steps", 3, "--eval-every", 3, "--lr", 1e-3, *FULL)
     assert code == 0
     reg = ["regularize", "--structure", "mlp", "--ratio", 0.25, "--select", "tail", "--steps", 3, "--eval-every", 3,
-           "--batch-size", 4, "--holdout", 4, "--lr", 2e-3, "--distill"]
+           "--batch-size", 4, "--holdout", 4, "--lr", 2e-3, "--distill", "--calibration-windows"]
     assert cli(reg[0], manual, *reg[1:], "--teacher", dense / "model")[0] == 0
     assert cli(reg[0], plain, *reg[1:])[0] == 0
     _corrected_is_the_manual_recipe(monkeypatch, [reg[0], wd, *reg[1:]], fitted, wd, manual, plain)

@@ -315,3 +315,33 @@ def test_ro_norms_steps_and_pass_both_keep_exact_sparsity_and_differ(tiny_root, 
     assert all(errors[k, 3] < errors["steps", 0] for k in ("steps", "pass", "mixed")), errors
     for a, b in (("steps", "pass"), ("steps", "mixed"), ("mixed", "pass")):
         assert any(not torch.equal(x, y) for x, y in zip(blocks[a, 3].parameters(), blocks[b, 3].parameters())), (a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_a_fixed_ro_mask_keeps_the_first_rounds_zeros_and_still_lowers_the_error(tiny_root, monkeypatch, arch):
+    """``ro_mask='fixed'``: the weights the first round prunes stay exactly zero through every step, so the saved mask
+    is that round's; RO still lowers the block error against no RO. ``free`` (the paper's) moves the pruned
+    weights too, so its final mask differs from its first round's."""
+    model, _, acts = tiny.model_and_inputs(tiny_root, arch, 16, 32, batch_size=1)
+    dense = _arch.blocks(model)[0]
+    real = wandapp._apply_rgs
+    errors, changed = {}, {}
+    for mode, iters in (("fixed", 3), ("free", 3), ("free", 0)):
+        first: dict[str, torch.Tensor] = {}
+
+        def spy(ctx, *a, _first=first, **kw):
+            real(ctx, *a, **kw)
+            if not _first:  # the first round's mask, just after its prune
+                _first.update({n: lin.weight.detach() == 0 for n, lin in ctx.linears.items()})
+
+        monkeypatch.setattr(wandapp, "_apply_rgs", spy)
+        block = copy.deepcopy(dense)
+        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_mask=mode)
+        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+        final = {n: lin.weight.detach() == 0 for n, lin in _arch.block_linears(block).items()}
+        for n in final:
+            assert (final[n].reshape(-1, 4).sum(1) >= 2).all(), n
+        changed[mode, iters] = sum(int((final[n] != first[n]).sum()) for n in first)
+        errors[mode, iters] = _block_error(block, dense, acts)
+    assert changed["fixed", 3] == 0 and changed["free", 3] > 0, changed
+    assert errors["fixed", 3] < 0.9 * errors["free", 0], errors

@@ -40,9 +40,10 @@ def regularize(
     teacher_steps: Annotated[int, typer.Option(help="--distill: teacher correction (Sreenivas et al. 2024) -- first fine-tune every weight of the teacher this many steps on the training windows (LM loss, lr 2e-5), in memory. 0: distil from the teacher as it is.")] = 0,
     target_params: Annotated[Optional[str], typer.Option(help="A parameter budget instead of --ratio: a count (100M, 1.5B) or a fraction of the model (0.75).")] = None,
     search_steps: Annotated[int, typer.Option(help="A combination's budget: score each candidate split after this many regularisation steps of a copy (0: by direct removal, cheaper, but it favours fine structures).")] = 0,
-    dataset: Annotated[Optional[str], typer.Option(help="Training text, in fresh windows (default: the calibration windows; the units, and a combination's split, are chosen on those either way).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Training text, in fresh windows (default: the calibration text, read again; the units, and a combination's split, are chosen on the calibration windows either way).")] = None,
+    calibration_windows: Annotated[bool, typer.Option("--calibration-windows", help="Train on the calibration windows themselves instead of fresh windows of the calibration text (the earlier default; more than one pass over them can overfit).")] = False,
     text_field: TextFieldOpt = "text",
-    seqlen: Annotated[Optional[int], typer.Option(help="Tokens per window of --dataset (default: the calibration's).")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="Tokens per window of the training text (default: the calibration's).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
@@ -57,7 +58,7 @@ def regularize(
     opts = RegularizeOptions(ratio if ratio is not None else 0.25, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
                              batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device, distill,
                              kd_temperature, kd_weight, teacher, target_params, search_steps, dataset,
-                             text_field, seqlen, teacher_steps)
+                             text_field, seqlen, teacher_steps, calibration_windows=calibration_windows)
     opts.check()
     check_launcher()
     positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,
@@ -73,7 +74,8 @@ def regularize(
           m["ppl_zeroed"]], ["relative norm of the units", m["before"]["relative_norm"], m["relative_norm"]],
          *([[f"teacher, corrected {c['steps']} steps", c["ppl_before"], c["ppl_after"]]]
            if (c := m.get("teacher_correction")) else []),
-         ["steps", 0, f"{m['steps']} ({m['passes']:g} passes over {m['train_windows']} windows)"], ["time", "", f"{m['train_s']:.1f} s"]]))
+         ["steps", 0, f"{m['steps']} ({m['passes']:g} passes over {m['train_windows']} windows" + (
+             f" of {m['trained_on']})" if m["trained_on"] != "calibration windows" else " of the calibration)")], ["time", "", f"{m['train_s']:.1f} s"]]))
 
 
 def _size(plan: dict) -> str:

@@ -33,6 +33,10 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - ``--true-sequential``: the final prune (the only one, with ``ro_iters=0``) is one pass over all samples that
   prunes each Linear as its input arrives -- the order of the reproduction the paper points to -- and its output
   is the pruned block's, which saves the engine's propagation pass.
+- ``ro_mask``: the paper's RO steps move every weight of the Linears, the ones the round's prune zeroed too (so do
+  the reproduction's), and the next prune may choose another mask; the final prune then zeroes weights RO had
+  been compensating with, with no step after it. ``fixed`` masks the pruned weights' gradients instead: RO
+  reconstructs under the first round's mask, and every later prune keeps it (its zeros score lowest).
 - ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 
 The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3, ``mixed``
@@ -81,6 +85,10 @@ class Options:
                            "and the final prune's from a pass over --ro-samples samples ('mixed'), all from RO's "
                            "passes ('steps', no extra pass), or all from separate passes on the current weights "
                            "('pass', the paper's order).", choices=("mixed", "steps", "pass"))
+    ro_mask: str = option("free", "Wanda++: RO's steps move every weight, the pruned ones too, so a later prune may "
+                          "choose another mask ('free', the paper's), or only the weights the round's mask keeps "
+                          "('fixed': RO reconstructs under the first round's mask, which every later prune keeps).",
+                          choices=("free", "fixed"))
     seed: int = option(0, "Wanda++: seed of the RO sample draws.")
     preset: str = option("none", "Wanda++: 'paper' takes the paper's settings for every Wanda++ option not given.",
                          choices=("none", "paper"))
@@ -88,7 +96,7 @@ class Options:
 
 # Yang et al. 2025 (sec. 4 and the reproduction their arXiv v3 points to): what ``--preset paper`` sets.
 PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "ro_step": "absolute",
-         "ro_batch": 1, "ro_norms": "pass", "ro_dtype": "fp32"}
+         "ro_batch": 1, "ro_norms": "pass", "ro_dtype": "fp32", "ro_mask": "free"}
 
 
 def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
@@ -301,6 +309,10 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list
                 _apply_rgs(ctx, dense.grads, last, scale, final=False)
             else:
                 _prune_rgs(ctx, acts.subset(idx), dense.grads, scale, final=False)
+            # 'fixed': the pruned weights stay at zero through the steps (RMSprop, without momentum or decay, moves
+            # a weight whose gradient is zero not at all), so the zeros keep the lowest score in every later prune
+            # and the mask of the first round is the one saved.
+            keep = [w.detach() != 0 for w in weights] if opts.ro_mask == "fixed" else None
             for start in range(0, m, opts.ro_batch):
                 opt.zero_grad(set_to_none=True)
                 for h, kw, target in _batches(acts, dense.outputs, idx[start:start + opts.ro_batch]):
@@ -308,6 +320,10 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list
                         out = engine.block_output(block, h.to(device=device, dtype=torch.float32), kw)
                     # The loss in fp32 whatever the products ran in; backward accumulates over the step's windows.
                     ((out.float() - target.to(out.device)) ** 2).sum().backward()
+                if keep is not None:
+                    for w, k in zip(weights, keep):
+                        if w.grad is not None:
+                            w.grad.mul_(k)
                 opt.step()
             if seen is not None:
                 last = seen.take(opts.act_norm)
