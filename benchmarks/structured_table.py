@@ -48,7 +48,7 @@ def size(row: dict) -> str:
 
 def regularize_options(row: dict) -> str:
     opts = re.sub(r"\s*--dataset CALIB", "", row.get("reg_options") or "").strip()
-    return opts or "defaults" if row["mode"] == "dress" else "–"
+    return (opts or "defaults") if row["mode"] == "dress" else "–"
 
 
 def recovery(row: dict) -> str:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class Recovery:
         from llmprune import data
 
         o = self.opts
+        started = time.time()
         text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None
         self.resume_dir = self._resume_dir(text)
         windows = self.ws.windows() if o.dataset is None else None  # before the step: fail fast on bad input
@@ -138,10 +140,12 @@ class Recovery:
             m = self._save(tx, model, hold, masks, hist)
             tx.step.metrics = m
         # The step committed, so model/ changed: no checkpoint of this workdir can resume any more -- this run's,
-        # nor one left by a run of other parameters or on another text (keyed on the old model/, it would only
-        # hold the disk).
+        # nor one left by an earlier run of other parameters or on another text (keyed on the old model/, it
+        # would only hold the disk). One written since this run began belongs to a run started after it: left.
+        shutil.rmtree(self.resume_dir, ignore_errors=True)
         for stale in (self.ws.path / ".resume").glob("recover-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.stat().st_mtime < started:
+                shutil.rmtree(stale, ignore_errors=True)
         return m
 
     def _setup(self, tx, text: str | None, windows: torch.Tensor | None):

@@ -280,13 +280,15 @@ def passes(steps: int, batch_size: int, grad_accum: int, windows: int) -> float:
     return steps * batch_size * grad_accum * int(os.environ.get("WORLD_SIZE", "1")) / windows
 
 
-def warn_repeated_windows(steps: int, n_passes: float, windows: int) -> None:
-    """More than one pass over the calibration windows can overfit them (benchmarks/README.md: DReSS at 200 steps)."""
+def warn_repeated_windows(steps: int, n_passes: float, windows: int, hint: str | None = None) -> None:
+    """More than one pass over the calibration windows can overfit them (benchmarks/README.md: DReSS at 200 steps).
+    ``hint``: what to do instead (default: name the calibration text with --dataset)."""
     if n_passes > 1:
         from llmprune import report
 
+        hint = "; --dataset with the calibration text trains on fresh windows" if hint is None else hint
         report.warn(f"{steps} steps are {n_passes:.1f} passes over the {windows} calibration windows, which can "
-                    "overfit; --dataset with the calibration text trains on fresh windows")
+                    f"overfit{hint}")
 
 
 def split_holdout(windows: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:

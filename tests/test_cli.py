@@ -114,7 +114,7 @@ def _bad_inputs(tiny_root, tmp_path):
         "unknown norm": (["regularize", "{wd}", "--norm", "l3"], "unknown --norm"),
         "sparsity with dress": (["prune", "{wd}", "--method", "dress", "--sparsity", "0.5"], "whole units"),
         "structure without dress": (["prune", "{wd}", "--method", "wanda", "--ratio", "0.5"], "to --method dress"),
-        "holdout eats the data": (["regularize", "{wd}", "--holdout", "16"], "leaves no training windows"),
+        "holdout eats the data": (["regularize", "{wd}", "--holdout", "16", "--calibration-windows"], "leaves no training windows"),
         "OPT hidden channels": (["prune", "{opt}", "--method", "dress", "--structure", "hidden"],
                                 "ties the attention width to hidden_size"),
         "unknown pattern": (["prune", "{wd}", "--pattern", "blocky"], "unknown pattern"),

@@ -138,7 +138,7 @@ def test_the_lowest_scoring_experts_go(calibrated, select):
 def test_dress_for_experts_shrinks_them_and_measures_the_gap_by_removal(calibrated):
     wd = calibrated("qwen3_moe", samples=16, seqlen=32)
     code, reg = cli("regularize", wd, "--structure", "experts", "--ratio", 0.5, "--select", "reap", "--steps", 12,
-                    "--eval-every", 6, "--batch-size", 4, "--holdout", 4, "--lambda", 0.1)
+                    "--eval-every", 6, "--batch-size", 4, "--holdout", 4, "--lambda", 0.1, "--calibration-windows")
     assert code == 0 and reg["relative_norm"] == 0  # lambda 0.1: zero within 10 steps
     code, res = cli("prune", wd, "--method", "dress")
     assert code == 0 and res["regularized"] and res["structure"] == "experts"

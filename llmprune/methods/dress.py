@@ -664,9 +664,28 @@ def calibration_text(ws: Workdir, o: RegularizeOptions) -> tuple[str | None, Reg
     field = (calibrate or {}).get("params", {}).get("text_field", "text")
     try:
         text = data.load_text(source, "calibration", field)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        if o.seqlen is not None:
+            raise UserError(f"--seqlen sets the windows of the calibration text, which cannot be read again ({e}); "
+                            "give --dataset") from None
         return None, o, f"the calibration text cannot be read again ({e})"
     return text, dataclasses.replace(o, dataset=source, text_field=field), None
+
+
+def stale_calibration_text(ws: Workdir, ids: torch.Tensor, windows: torch.Tensor) -> str | None:
+    """Why the text read again is not the one ``calibrate`` cut its windows from (``None`` when it is): its windows
+    are drawn again as calibrate drew them and compared token for token -- a changed file, or a relative path that
+    now names another file, cannot pass."""
+    from llmprune import data
+
+    cal = ws.manifest()["calibration"]
+    if ids.numel() != cal.get("source_tokens"):
+        return f"the calibration text {cal['source']} has {ids.numel():,} tokens now, {cal.get('source_tokens'):,} " \
+               "when calibrate read it"
+    again = data.random_windows(ids, cal["samples"], cal["seqlen"], cal["seed"])
+    if not torch.equal(again.to(windows.dtype), windows):
+        return f"the calibration text {cal['source']} is not the text calibrate read"
+    return None
 
 
 def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
@@ -696,20 +715,23 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
             ids = data.tokenize(tok, text)
             del text
-            expected = ws.manifest()["calibration"].get("source_tokens")
-            if default_text and expected is not None and ids.numel() != expected:  # changed since calibrate
-                fallback = (f"the calibration text {o.dataset} has {ids.numel():,} tokens now, {expected:,} when "
-                            "calibrate read it")
+            fallback = stale_calibration_text(ws, ids, windows) if default_text else None
+            fresh = None if fallback else text_windows(lm, tok, ids, seqlen)
+            del ids  # the windows are a copy: the text's tokens are not kept through training
+            if default_text and fresh is not None and o.seqlen is None and fresh.shape[0] <= windows.shape[0]:
+                # A short text cut into non-overlapping windows gives fewer than calibrate's overlapping ones.
+                fallback = (f"the calibration text gives {fresh.shape[0]} fresh windows of {seqlen} tokens, no more "
+                            f"than the {windows.shape[0]} calibration windows")
+            if fallback and o.seqlen is not None:
+                raise UserError(f"--seqlen sets the windows of the calibration text, but {fallback}; give --dataset")
+            if fallback:
                 o = dataclasses.replace(o, dataset=None, text_field="text")
                 tx.step.params = o.params()
             else:
-                train_w, hold = split_holdout(text_windows(lm, tok, ids, seqlen), o.holdout)
-            del ids  # the windows are a copy: the text's tokens are not kept through training
+                train_w, hold = split_holdout(fresh, o.holdout)
+            del fresh
         if o.dataset is None:
             train_w, hold = split_holdout(windows, o.holdout)
-        if fallback is not None:
-            report.warn(f"training on the {train_w.shape[0]} calibration windows: {fallback}; give --dataset to "
-                        "train on fresh windows of a text, or --calibration-windows to say so")
         n_passes = passes(o.steps, o.batch_size, o.grad_accum, train_w.shape[0])
         budget = None
         combined = None
@@ -735,8 +757,13 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
                     teacher, train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
                     grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
             distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
-        if o.dataset is None and fallback is None:  # only once the plan holds: a refused one needs no warning
-            warn_repeated_windows(o.steps, n_passes, train_w.shape[0])
+        if fallback is not None:  # only once the plan holds: a refused one needs no warning before it
+            report.warn(f"training on the {train_w.shape[0]} calibration windows: {fallback}; give --dataset to "
+                        "train on fresh windows of a text, or --calibration-windows to say so")
+        if o.dataset is None:
+            warn_repeated_windows(o.steps, n_passes, train_w.shape[0], "" if fallback else
+                                  "; without --calibration-windows regularize trains on fresh windows of the "
+                                  "calibration text")
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,

@@ -36,7 +36,8 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - ``ro_mask``: the paper's RO steps move every weight of the Linears, the ones the round's prune zeroed too (so do
   the reproduction's), and the next prune may choose another mask; the final prune then zeroes weights RO had
   been compensating with, with no step after it. ``fixed`` masks the pruned weights' gradients instead: RO
-  reconstructs under the first round's mask, and every later prune keeps it (its zeros score lowest).
+  reconstructs under the first round's mask, and every later prune keeps it (its zeros score lowest). That first
+  prune reaches every Linear: an expert the round's draw missed takes the dense pass's norms over all samples.
 - ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 
 The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3, ``mixed``
@@ -304,7 +305,14 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list
     try:
         for k, idx in enumerate(draws):
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
-                _apply_rgs(ctx, dense.grads, dense.norms(idx, opts.act_norm), scale, final=False)
+                norms = dense.norms(idx, opts.act_norm)
+                if opts.ro_mask == "fixed":
+                    # Every Linear takes its mask now, for good: an expert this draw never reached takes the dense
+                    # pass's norms over every sample (divided by the round's scale, which _apply_rgs multiplies
+                    # in), one no sample reached the final prune's fallback.
+                    filled = dense.fill(norms, list(range(n)), opts.act_norm)
+                    norms = {name: v if name in norms else v / scale for name, v in filled.items()}
+                _apply_rgs(ctx, dense.grads, norms, scale, final=opts.ro_mask == "fixed")
             elif seen is not None:  # the norms the previous round's steps saw
                 _apply_rgs(ctx, dense.grads, last, scale, final=False)
             else:
@@ -321,9 +329,9 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list
                     # The loss in fp32 whatever the products ran in; backward accumulates over the step's windows.
                     ((out.float() - target.to(out.device)) ** 2).sum().backward()
                 if keep is not None:
-                    for w, k in zip(weights, keep):
+                    for w, kept in zip(weights, keep):
                         if w.grad is not None:
-                            w.grad.mul_(k)
+                            w.grad.masked_fill_(~kept, 0)
                 opt.step()
             if seen is not None:
                 last = seen.take(opts.act_norm)
