@@ -197,27 +197,33 @@ def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, mon
     assert not list((wd / ".resume").glob("recover-*"))  # cleaned up after the commit
 
 
-def test_a_changed_training_text_never_resumes_the_old_run(calibrated, tmp_path, monkeypatch):
-    """The checkpoint is keyed on the text's contents, not only its path: editing the ``--dataset`` file between an
-    interrupted run and its rerun starts afresh (on the new text), and the commit leaves no checkpoint behind."""
+def _killed_at_the_last_evaluation(monkeypatch, wd, opts) -> None:
+    """Run ``recover wd opts`` (8 steps, evaluated at step 8 only) and kill it at that evaluation -- after the
+    checkpoint of step 6 -- as Ctrl-C would: exit 130, nothing committed."""
     import llmprune.train as train_mod
 
-    wd = calibrated("llama", samples=20, seqlen=64)
-    text = tmp_path / "train.txt"
-    text.write_text(" ".join(f"word{i % 97} and text number {i}." for i in range(3000)), encoding="utf-8")
-    opts = ["--dataset", text, "--steps", 8, "--eval-every", 8, "--save-every", 3, *FAST]
     real = train_mod.heldout_nll
     calls = {"n": 0}
 
-    def dying(*a, **k):  # killed at the evaluation of step 8, after the checkpoint at step 6
+    def dying(*a, **k):  # the first call is the evaluation before training
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "heldout_nll", dying)
-    assert run(["recover", str(wd), *map(str, opts)]) == 130
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "heldout_nll", dying)
+        assert run(["recover", str(wd), *map(str, opts)]) == 130
+
+
+def test_a_changed_training_text_never_resumes_the_old_run(calibrated, tmp_path, monkeypatch):
+    """The checkpoint is keyed on the text's contents, not only its path: editing the ``--dataset`` file between an
+    interrupted run and its rerun starts afresh (on the new text), and the commit leaves no checkpoint behind."""
+    wd = calibrated("llama", samples=20, seqlen=64)
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(f"word{i % 97} and text number {i}." for i in range(3000)), encoding="utf-8")
+    opts = ["--dataset", text, "--steps", 8, "--eval-every", 8, "--save-every", 3, *FAST]
+    _killed_at_the_last_evaluation(monkeypatch, wd, opts)
     assert len(list((wd / ".resume").glob("recover-*/state.json"))) == 1
     text.write_text(text.read_text(encoding="utf-8").replace("word", "token"), encoding="utf-8")  # same path
     code, res = cli("recover", wd, *opts)
@@ -239,18 +245,7 @@ def test_a_damaged_checkpoint_is_discarded_and_the_step_starts_afresh(calibrated
     shutil.copytree(wd, ref)
     opts = ["--steps", 8, "--eval-every", 8, "--save-every", 3, *FAST]
     assert cli("recover", ref, *opts)[0] == 0
-    real = train_mod.heldout_nll
-    calls = {"n": 0}
-
-    def dying(*a, **k):  # killed at the evaluation of step 8, after the checkpoint at step 6
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "heldout_nll", dying)
-    assert run(["recover", str(wd), *map(str, opts)]) == 130
-    monkeypatch.undo()
+    _killed_at_the_last_evaluation(monkeypatch, wd, opts)
     (state,) = (wd / ".resume").glob("recover-*/state.json")
     text = state.read_text()
     if damage == "truncated json":
