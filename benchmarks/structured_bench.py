@@ -103,6 +103,10 @@ def main() -> None:
             sel = ["--structure", structure, *size, "--select", args.select]
             reg_args = [*args.reg.split(), *(["--dataset", str(paths["calib"])] if args.reg_fresh else [])]
             made_by = dict(sel=sel, reg=" ".join(reg_args) if mode == "dress" else None, base=base.name)
+            if mode == "dress" and not {"--dataset", "--calibration-windows"} & set(reg_args):
+                # regularize's default text changed on 2026-12-06 (the calibration windows -> fresh windows of the
+                # calibration text): a workdir made with the old default is not reused as the new one
+                made_by["reg_text"] = "calibration text, fresh windows"
             reused = _reused(pruned, made_by) if args.reuse else None
             if reused:
                 reg, reg_s, reg_rss, res, ev = reused
@@ -215,6 +219,8 @@ def _made_with_defaults(reg: dict | None, made_by: dict) -> bool:
     from llmprune.methods.dress import RegularizeOptions
 
     if reg is None or made_by["reg"] != "":
+        return False
+    if made_by.get("reg_text") and "dataset" not in reg["params"]:  # trained on the calibration windows
         return False
     sel = dict(zip(made_by["sel"][::2], made_by["sel"][1::2]))
     p, defaults = reg["params"], RegularizeOptions()
