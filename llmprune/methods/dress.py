@@ -602,8 +602,6 @@ class RegularizeOptions:
     calibration_windows: bool = False
 
     def params(self) -> dict[str, Any]:
-        import dataclasses
-
         p = dataclasses.asdict(self)
         del p["calibration_windows"]  # a record without a dataset trained on the calibration windows, as always
         if self.target_params is None:
@@ -688,6 +686,33 @@ def stale_calibration_text(ws: Workdir, ids: torch.Tensor, windows: torch.Tensor
     return None
 
 
+def training_windows(ws: Workdir, lm: nn.Module, tok, text: str | None, windows: torch.Tensor,
+                     o: RegularizeOptions, default_text: bool, fallback: str | None):
+    """(training windows, held-out windows, the options as trained, why the calibration windows were used instead of
+    the default text, or None). Fresh windows of ``text`` when there is one -- made before any search, so bad input
+    fails first -- else the calibration ``windows``. The default text (``default_text``: the calibration text read
+    again) falls back to the calibration windows when it is not the text calibrate read, or, cut into
+    non-overlapping windows, gives no more of them than calibrate's overlapping ones; an explicit ``--seqlen`` is
+    refused there instead of being ignored."""
+    from llmprune import data
+    from llmprune.train import split_holdout, text_windows
+
+    if text is not None:
+        seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
+        ids = data.tokenize(tok, text)
+        fallback = stale_calibration_text(ws, ids, windows) if default_text else None
+        fresh = None if fallback else text_windows(lm, tok, ids, seqlen)  # a copy: the tokens are not kept
+        if default_text and fresh is not None and o.seqlen is None and fresh.shape[0] <= windows.shape[0]:
+            fallback = (f"the calibration text gives {fresh.shape[0]} fresh windows of {seqlen} tokens, no more than "
+                        f"the {windows.shape[0]} calibration windows")
+        if fallback and o.seqlen is not None:
+            raise UserError(f"--seqlen sets the windows of the calibration text, but {fallback}; give --dataset")
+        if not fallback:
+            return (*split_holdout(fresh, o.holdout), o, None)
+        o = dataclasses.replace(o, dataset=None, text_field="text")
+    return (*split_holdout(windows, o.holdout), o, fallback)
+
+
 def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     """The ``regularize`` step: choose the units, train the whole model while they are driven to zero, and record
     the plan as regularised and pending (``prune --method dress`` applies it)."""
@@ -695,7 +720,7 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
 
     from llmprune import data, distill
     from llmprune.modeling import load_current, save_model
-    from llmprune.train import TrainSpec, passes, split_holdout, text_windows, warn_repeated_windows
+    from llmprune.train import TrainSpec, passes, warn_repeated_windows
 
     text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None  # fail fast
     fallback = None
@@ -708,30 +733,9 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         lm, tok = load_current(ws, "float32")  # trained in fp32: AdamW on half-precision weights drifts
         check_supported(lm, o.structure)
         windows = ws.windows()
-        if text is not None:
-            # Fresh windows, made before any search so bad input fails first: 100 steps pass 1.8 times over the
-            # benchmark's 56 training windows (64 samples), and longer runs overfit them (benchmarks/README.md, the
-            # reg200 run). The units are still chosen on the calibration windows, as a plan's selection is everywhere.
-            seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
-            ids = data.tokenize(tok, text)
-            del text
-            fallback = stale_calibration_text(ws, ids, windows) if default_text else None
-            fresh = None if fallback else text_windows(lm, tok, ids, seqlen)
-            del ids  # the windows are a copy: the text's tokens are not kept through training
-            if default_text and fresh is not None and o.seqlen is None and fresh.shape[0] <= windows.shape[0]:
-                # A short text cut into non-overlapping windows gives fewer than calibrate's overlapping ones.
-                fallback = (f"the calibration text gives {fresh.shape[0]} fresh windows of {seqlen} tokens, no more "
-                            f"than the {windows.shape[0]} calibration windows")
-            if fallback and o.seqlen is not None:
-                raise UserError(f"--seqlen sets the windows of the calibration text, but {fallback}; give --dataset")
-            if fallback:
-                o = dataclasses.replace(o, dataset=None, text_field="text")
-                tx.step.params = o.params()
-            else:
-                train_w, hold = split_holdout(fresh, o.holdout)
-            del fresh
-        if o.dataset is None:
-            train_w, hold = split_holdout(windows, o.holdout)
+        train_w, hold, o, fallback = training_windows(ws, lm, tok, text, windows, o, default_text, fallback)
+        del text
+        tx.step.params = o.params()  # a fallback trained on the calibration windows: recorded without the text
         n_passes = passes(o.steps, o.batch_size, o.grad_accum, train_w.shape[0])
         budget = None
         combined = None
