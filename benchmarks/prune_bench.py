@@ -62,6 +62,9 @@ VARIANTS = {
     "wandapp-mixed": ["--method", "wandapp", "--ro-norms", "mixed"],
     "wandapp-pass": ["--method", "wandapp", "--ro-norms", "pass"],
     "wandapp-rgs": ["--method", "wandapp", "--alpha", "100", "--ro-iters", "0"],  # the RGS score alone, no RO
+    # RO reconstructing under the first round's mask (pruned weights' gradients masked) instead of moving them.
+    "wandapp-fixed": ["--method", "wandapp", "--ro-mask", "fixed"],
+    "wandapp-free": ["--method", "wandapp", "--ro-mask", "free"],
     # The 11-26 setting chosen on SmolLM2 alone (an absolute RMSprop step), kept for comparison.
     "wandapp-tuned": ["--method", "wandapp", "--alpha", "0", "--ro-lr", "1e-4", "--ro-step", "absolute",
                       "--ro-iters", "5"],

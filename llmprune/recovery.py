@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
-from llmprune import report
+from llmprune import resume
 from llmprune.errors import StepFailed, UserError
 from llmprune.workdir import Workdir
 
@@ -78,19 +77,6 @@ class RecoverOptions:
         return p
 
 
-def path_stamp(source: str) -> list | None:
-    """What identifies a local file or folder's contents cheaply: each file's relative path, size and modification
-    time (hashing a 7B teacher's shards would cost a minute per run). ``None`` for a Hub id, which names itself."""
-    path = Path(source)
-    if path.is_file():
-        st = path.stat()
-        return [[path.name, st.st_size, st.st_mtime_ns]]
-    if path.is_dir():
-        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
-                for f in sorted(path.rglob("*")) if f.is_file()]
-    return None
-
-
 def is_sparse(manifest: dict[str, Any]) -> bool:
     """Whether a step pruned the model with a method that leaves a zero pattern to keep (not a structured one)."""
     from llmprune.methods import METHODS
@@ -113,17 +99,15 @@ class Recovery:
         self.manifest = ws.manifest()
 
     def _resume_dir(self, text: str | None) -> Path:
-        """Where this run's checkpoint lives. A checkpoint belongs to one set of parameters on one model and one
-        training text, and when distilling to one teacher: a changed recipe, an edited ``--dataset`` file or a
-        replaced ``--teacher`` folder never resumes a stale run (the parameters name them only by path)."""
+        """Where this run's checkpoint lives (``llmprune.resume``): keyed on the parameters, the model's files, the
+        training text's contents and, when distilling, the teacher (with a teacher correction the kept teacher
+        belongs to the teacher's files too: a recalibrated teacher/)."""
         o = self.opts
-        # With a teacher correction the kept teacher belongs to the teacher's files too (a recalibrated teacher/).
-        prefixes = ("model/", "teacher/") if o.distill and o.teacher_steps else ("model/",)
-        model_files = {k: v for k, v in self.manifest["files"].items() if k.startswith(prefixes)}
+        folders = ("model", "teacher") if o.distill and o.teacher_steps else ("model",)
         inputs = {"text": hashlib.sha256(text.encode()).hexdigest() if text is not None else None,
-                  "teacher": path_stamp(o.teacher) if o.distill and o.teacher else None}
-        key = hashlib.sha256(json.dumps([o.params(), model_files, inputs], sort_keys=True).encode()).hexdigest()
-        return self.ws.path / ".resume" / f"recover-{key[:16]}"
+                  "teacher": resume.path_stamp(o.teacher) if o.distill and o.teacher else None}
+        return resume.checkpoint_dir(self.ws.path, "recover", [o.params(), resume.files_under(self.manifest, *folders),
+                                                               inputs])
 
     def run(self) -> dict[str, Any]:
         from llmprune import data
@@ -139,13 +123,7 @@ class Recovery:
             hist = self._train(model, hold, masks)
             m = self._save(tx, model, hold, masks, hist)
             tx.step.metrics = m
-        # The step committed, so model/ changed: no checkpoint of this workdir can resume any more -- this run's,
-        # nor one left by an earlier run of other parameters or on another text (keyed on the old model/, it
-        # would only hold the disk). One written since this run began belongs to a run started after it: left.
-        shutil.rmtree(self.resume_dir, ignore_errors=True)
-        for stale in (self.ws.path / ".resume").glob("recover-*"):
-            if stale.stat().st_mtime < started:
-                shutil.rmtree(stale, ignore_errors=True)
+        resume.clear(self.ws.path, "recover", self.resume_dir, started)
         return m
 
     def _setup(self, tx, text: str | None, windows: torch.Tensor | None):
@@ -173,11 +151,17 @@ class Recovery:
         if o.distill:
             if o.teacher is None:
                 self.ws.record_inputs(tx, distill.TEACHER)
-            teacher = self._kept_teacher() if o.teacher_steps else None
-            if teacher is None:
+            kept = resume.kept_teacher(self.resume_dir) if o.teacher_steps else None
+            if kept is not None:
+                teacher, self.correction = kept
+            else:
                 teacher = distill.load_teacher(self.ws, o.teacher, lm)
                 if o.teacher_steps:
-                    teacher = self._correct(teacher, hold)
+                    self.correction = distill.correct_teacher(
+                        teacher, self.train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
+                        grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
+                    if o.save_every:
+                        resume.keep_teacher(teacher, self.tok, self.resume_dir, self.correction, self.ws.shard_size)
             self.distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         if o.dataset is None and o.epochs is None:
             # Fresh windows of the calibration text are what generalises after DReSS, which already trained on these
@@ -190,48 +174,6 @@ class Recovery:
         model = add_lora(lm, self.names, o.rank, o.alpha, o.dropout, o.seed)
         self.masked_layers = mask_adapters(model, masks) if o.masked else 0
         return model, hold, masks
-
-    def _kept_teacher(self):
-        """The teacher an interrupted run corrected and kept beside its checkpoint (``_correct``), or None. One that
-        does not load (a damaged shard) is discarded with a warning and corrected again."""
-        from llmprune.modeling import load_model
-
-        kept = self.resume_dir / "teacher"
-        record = kept / "correction.json"
-        if not record.is_file():
-            return None
-        try:
-            teacher = load_model(kept, "float32")[0]
-            self.correction = {**json.loads(record.read_text()), "reused": True}
-        except Exception as e:  # noqa: BLE001 -- whatever broke it, the cure is the same: correct it again
-            report.warn(f"discarding the kept corrected teacher ({type(e).__name__}: {e}); correcting it again")
-            shutil.rmtree(kept, ignore_errors=True)
-            return None
-        return teacher.eval().requires_grad_(False)
-
-    def _correct(self, teacher, hold: torch.Tensor):
-        """The teacher after ``--teacher-steps`` of correction on this run's training windows, kept beside the
-        resume checkpoint (one fp32 copy on disk until the step commits), so an interrupted run resumes with the same
-        teacher instead of correcting it again. Under ``accelerate launch`` every process corrects its own copy (DDP
-        keeps them equal) and only the main one keeps it."""
-        import os
-
-        from llmprune import distill
-        from llmprune.modeling import save_model
-
-        o, kept = self.opts, self.resume_dir / "teacher"
-        self.correction = distill.correct_teacher(
-            teacher, self.train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
-            grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
-        if o.save_every and int(os.environ.get("RANK", "0")) == 0:
-            tmp = self.resume_dir / "teacher.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            save_model(teacher.to("cpu"), self.tok, tmp, self.ws.shard_size)
-            (tmp / "correction.json").write_text(json.dumps(self.correction))
-            shutil.rmtree(kept, ignore_errors=True)  # one without its record (never renamed whole) is not trusted
-            tmp.rename(kept)  # whole or absent: a kill mid-save leaves only teacher.tmp, redone next time
-        return teacher
 
     def _train(self, model, hold: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
         from llmprune.train import TrainSpec, heldout_nll, train

@@ -253,6 +253,7 @@ def load_checkpoint(where: Path, params: list[nn.Parameter], opt, max_step: int)
                      if k.endswith(f".{i}") and not k.startswith("param.")}
             if state:
                 opt.state[p] = state
+    report.info(f"resuming from the checkpoint of step {meta['step']} of {max_step} ({where})")
     return meta["step"], meta["history"]
 
 

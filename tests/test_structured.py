@@ -286,6 +286,70 @@ def test_regularize_trains_on_fresh_windows_of_the_calibration_text_by_default(c
         assert "dataset" not in json.loads((work[name] / "manifest.json").read_text())["steps"][-1]["params"]
 
 
+@pytest.mark.parametrize("extra", [[], ["--distill", "--teacher-steps", 2]], ids=["lm", "corrected-teacher"])
+def test_an_interrupted_regularize_resumes_where_it_stopped(calibrated, tmp_path, monkeypatch, capsys, extra):
+    """regularize checkpoints every --save-every steps: killed at the evaluation of step 8 (after the checkpoint of
+    step 5), nothing is committed, and the rerun continues from step 5 -- with the teacher it corrected and kept, not
+    a second correction -- to the weights an uninterrupted run gives; the commit leaves no checkpoint behind."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import llmprune.train as train_mod
+    from llmprune.cli import run
+
+    def weights(w):
+        return {k: v for f in sorted((w / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    ref = tmp_path / "ref"
+    shutil.copytree(wd, ref)
+    opts = ["--structure", "mlp", "--ratio", 0.25, "--steps", 12, "--eval-every", 8, "--save-every", 5,
+            "--lr", 1e-3, "--holdout", 4, *extra]
+    code, whole = cli("regularize", ref, *opts)
+    assert code == 0 and whole["resumed_from"] is None
+
+    real = train_mod.heldout_nll
+    calls = {"n": 0}
+
+    # The teacher's correction evaluates twice first; then two calls before training (with and without the units),
+    # then step 8's evaluation.
+    fatal = 3 + (2 if extra else 0)
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == fatal:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    manifest = (wd / "manifest.json").read_text()
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "heldout_nll", dying)
+        assert run(["regularize", str(wd), *map(str, opts)]) == 130
+    assert (wd / "manifest.json").read_text() == manifest  # nothing committed
+    (state,) = (wd / ".resume").glob("regularize-*/state.json")
+    assert json.loads(state.read_text())["step"] == 5
+    assert (state.parent / "teacher" / "correction.json").is_file() == bool(extra)
+    code, st = cli("status", wd)  # what the kill left, where, and how big
+    (left,) = st["checkpoints"]
+    assert code == 0 and left["command"] == "regularize" and left["step"] == 5 and left["teacher"] == bool(extra)
+    assert left["path"] == str(state.parent) and left["bytes"] > state.with_name("state.safetensors").stat().st_size
+    capsys.readouterr()
+    code, res = cli("regularize", wd, *opts)
+    assert code == 0 and res["resumed_from"] == 5 and res["steps"] == 12
+    assert "resuming from the checkpoint of step 5 of 12" in " ".join(capsys.readouterr().err.split())
+    if extra:
+        assert res["teacher_correction"]["reused"] and not whole["teacher_correction"].get("reused")
+        assert res["teacher_correction"]["ppl_after"] == whole["teacher_correction"]["ppl_after"]
+    a, b = weights(wd), weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert res["ppl_zeroed"] == pytest.approx(whole["ppl_zeroed"], rel=1e-4)
+    assert not list((wd / ".resume").glob("regularize-*"))  # cleaned up after the commit
+    assert cli("status", wd)[1]["checkpoints"] == []
+
+
 @pytest.mark.parametrize("args,says", [(["--seqlen", 16, "--calibration-windows"], "--calibration-windows trains"),
                                        (["--dataset", "corpus.txt", "--calibration-windows"], "give one of them"),
                                        (["--dataset", "nope.txt"], "does not exist"),

@@ -44,6 +44,7 @@ def regularize(
     calibration_windows: Annotated[bool, typer.Option("--calibration-windows", help="Train on the calibration windows themselves instead of fresh windows of the calibration text (the earlier default; more than one pass over them can overfit).")] = False,
     text_field: TextFieldOpt = "text",
     seqlen: Annotated[Optional[int], typer.Option(help="Tokens per window of the training text (default: the calibration's).")] = None,
+    save_every: Annotated[int, typer.Option(help="Checkpoint for resuming every this many steps (0: never): every weight and AdamW's two moments, about three fp32 copies of the model on disk until the step commits.")] = 25,
     as_json: JsonOpt = False,
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
@@ -58,11 +59,14 @@ def regularize(
     opts = RegularizeOptions(ratio if ratio is not None else 0.25, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,
                              batch_size, grad_accum, holdout, eval_every, seed, grad_checkpointing, device, distill,
                              kd_temperature, kd_weight, teacher, target_params, search_steps, dataset,
-                             text_field, seqlen, teacher_steps, calibration_windows=calibration_windows)
+                             text_field, seqlen, teacher_steps, calibration_windows=calibration_windows,
+                             save_every=save_every)
     opts.check()
     check_launcher()
     positive(steps=steps, batch_size=batch_size, grad_accum=grad_accum, holdout=holdout, eval_every=eval_every,
              **{"lambda": lam}, lr=lr)
+    if save_every < 0:
+        raise UserError(f"--save-every must be >= 0, got {save_every}")
     if not (math.isfinite(gap_tol) and gap_tol >= 0):
         raise UserError(f"--gap-tol must be >= 0, got {gap_tol}")
     check_device(device)

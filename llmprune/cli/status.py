@@ -34,7 +34,7 @@ def _outcome(m: dict[str, Any]) -> str:
 
 def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
     """The steps of a workdir, its size, parameter count and sparsity."""
-    from llmprune import recovery
+    from llmprune import recovery, resume
 
     ws = open_workdir(ctx, workdir)
     manifest = ws.manifest()
@@ -54,7 +54,8 @@ def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) ->
     result = {"workdir": str(workdir), "format_version": manifest["format_version"],
               "base_model": manifest.get("base_model"), "model_type": manifest.get("model_type"),
               "bytes": size, "parameters": last_metrics.get("parameters"),
-              "sparsity": last_metrics.get("sparsity", {}), "adapter": adapter, "teacher": teacher, "steps": steps}
+              "sparsity": last_metrics.get("sparsity", {}), "adapter": adapter, "teacher": teacher, "steps": steps,
+              "checkpoints": resume.pending(ws.path)}
 
     def render() -> None:
         rows = []
@@ -65,5 +66,10 @@ def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) ->
                      f"{last_metrics.get('parameters', 0):,} parameters"
                      + (f", LoRA adapter {adapter}" if adapter else "") + (", teacher kept" if teacher else "") + ")",
                      ["#", "step", "parameters", "duration", "result", "started"], rows)
+        for c in result["checkpoints"]:
+            at = f"step {c['step']}" if c["step"] is not None else "an unreadable state"
+            report.info(f"an interrupted {c['command']} left a checkpoint at {at} ({c['bytes'] / 2**20:,.1f} MiB"
+                        + (", with its corrected teacher" if c["teacher"] else "") + f", {c['path']}): the same "
+                        f"command with the same options resumes from it; any {c['command']} that commits removes it")
 
     finish(result, as_json, render)

@@ -383,10 +383,13 @@ class Penalty:
 
 def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Tensor, plan: Plan, *, norm: str,
                shrink: str, lam: float, spec, device: str = "cpu", until_converged: bool = False,
-               gap_tol: float = 0.01, norm_tol: float = 1e-3, distiller=None) -> dict[str, Any]:
+               gap_tol: float = 0.01, norm_tol: float = 1e-3, distiller=None, resume_dir=None,
+               save_every: int = 0) -> dict[str, Any]:
     """Train the whole model with the LM loss (or, with ``distiller``, distilled from the dense teacher) while the
     plan's slices go to zero; returns the history with, at every evaluation, the held-out perplexity with and without
-    the slices zeroed and their relative norm."""
+    the slices zeroed and their relative norm. With ``resume_dir`` it checkpoints every ``save_every`` steps and
+    continues from a checkpoint found there (``train.train``); the penalty's reference norms are the model's as given,
+    so a resumed run shrinks exactly as an uninterrupted one."""
     from llmprune.train import heldout_nll, train
 
     pen = Penalty(model, plan, norm)
@@ -412,7 +415,8 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
         after_step=(lambda m, step, lr: pen.shrink(lam)) if shrink == "prox" else None,
         evaluate=measure,
         stop=(lambda m: m["gap"] <= gap_tol and m["relative_norm"] <= norm_tol) if until_converged else None,
-        description=f"regularizing {plan.structure}", distiller=distiller,
+        description=f"regularizing {plan.structure}", distiller=distiller, resume_dir=resume_dir,
+        save_every=save_every,
     )
     hist["evals"].insert(0, before)
     return hist
@@ -600,10 +604,12 @@ class RegularizeOptions:
     # Train on the calibration windows themselves. Default: fresh windows of the calibration text (as if it were
     # given as --dataset), which is what the record then names.
     calibration_windows: bool = False
+    save_every: int = 25  # not a parameter of the result: a resumed run with another value is the same run
 
     def params(self) -> dict[str, Any]:
         p = dataclasses.asdict(self)
         del p["calibration_windows"]  # a record without a dataset trained on the calibration windows, as always
+        del p["save_every"]
         if self.target_params is None:
             del p["target_params"]
         if not self.search_steps:  # scored by removal, as before the option existed
@@ -718,10 +724,11 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     the plan as regularised and pending (``prune --method dress`` applies it)."""
     import resource
 
-    from llmprune import data, distill
+    from llmprune import data, distill, resume
     from llmprune.modeling import load_current, save_model
     from llmprune.train import TrainSpec, passes, warn_repeated_windows
 
+    started = time.time()
     text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None  # fail fast
     fallback = None
     default_text = o.dataset is None and not o.calibration_windows
@@ -751,15 +758,22 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             o = dataclasses.replace(o, ratio=budget["ratio"])
             tx.step.params["ratio"] = o.ratio
         plan = combined or select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
+        where = resume_dir(ws, o, tx.step.params, plan, train_w, hold) if o.save_every else None
         distiller, correction = None, None
         if o.distill:
             if o.teacher is None:
                 ws.record_inputs(tx, distill.TEACHER)
-            teacher = distill.load_teacher(ws, o.teacher, lm)
-            if o.teacher_steps:  # no checkpoint to resume here (regularize has none): corrected in memory
-                correction = distill.correct_teacher(
-                    teacher, train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
-                    grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
+            kept = resume.kept_teacher(where) if where is not None and o.teacher_steps else None
+            if kept is not None:
+                teacher, correction = kept
+            else:
+                teacher = distill.load_teacher(ws, o.teacher, lm)
+                if o.teacher_steps:
+                    correction = distill.correct_teacher(
+                        teacher, train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
+                        grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
+                    if where is not None:
+                        resume.keep_teacher(teacher, tok, where, correction, ws.shard_size)
             distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         if fallback is not None:  # only once the plan holds: a refused one needs no warning before it
             report.warn(f"training on the {train_w.shape[0]} calibration windows: {fallback}; give --dataset to "
@@ -771,12 +785,14 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
-                          device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol, distiller=distiller)
+                          device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol, distiller=distiller,
+                          resume_dir=where, save_every=o.save_every)
         last = hist["evals"][-1]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
             "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
-            "stopped_early": hist["stopped_early"], "train_s": hist["seconds"], "train_windows": train_w.shape[0],
+            "stopped_early": hist["stopped_early"], "resumed_from": hist.get("resumed_from"),
+            "train_s": hist["seconds"], "train_windows": train_w.shape[0],
             "trained_on": o.dataset if o.dataset is not None else "calibration windows",
             "passes": round(n_passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if o.dataset else {}), "peak_rss_mib": round(peak, 1),
             "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
@@ -784,4 +800,20 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             **({"teacher_correction": correction} if correction else {})}
         PlanRecord(plan, regularized=True, applied=False).write(tx)
         save_model(lm, tok, tx.stage("model"), ws.shard_size)
+    if where is not None:
+        resume.clear(ws.path, "regularize", where, started)
     return tx.step.metrics
+
+
+def resume_dir(ws: Workdir, o: RegularizeOptions, params: dict[str, Any], plan: Plan, train_w: torch.Tensor,
+               hold: torch.Tensor):
+    """Where this run's checkpoint lives (``llmprune.resume``): keyed on the parameters as recorded, the model's and
+    the calibration's files, the units chosen, the training and held-out windows themselves (whatever text made
+    them) and the teacher -- a checkpoint resumes only the run that wrote it."""
+    from llmprune import distill, resume
+
+    folders = ("model", "calib", *((distill.TEACHER,) if o.distill and o.teacher is None else ()))
+    teacher = resume.path_stamp(o.teacher) if o.distill and o.teacher else None
+    return resume.checkpoint_dir(ws.path, "regularize", [
+        params, resume.files_under(ws.manifest(), *folders), plan.to_json(), resume.tensor_digest(train_w),
+        resume.tensor_digest(hold), teacher])
