@@ -345,3 +345,42 @@ def test_a_fixed_ro_mask_keeps_the_first_rounds_zeros_and_still_lowers_the_error
         errors[mode, iters] = _block_error(block, dense, acts)
     assert changed["fixed", 3] == 0 and changed["free", 3] > 0, changed
     assert errors["fixed", 3] < 0.9 * errors["free", 0], errors
+
+
+def test_a_fixed_ro_mask_prunes_an_expert_the_first_draw_missed_from_every_sample(tiny_root, monkeypatch):
+    """Under ``ro_mask='fixed'`` the first round's mask is final, so it must reach every Linear: an expert the first
+    draw routed no token to is pruned there from the dense pass's norms over all samples (Wanda's mask on them) and
+    keeps that mask to the end -- not left dense for RO to move and a later prune to cut. The tiny MoE's draws reach
+    every expert, so the test hides one expert from the first draw's norms."""
+    from llmprune.masks import select
+
+    model, _, acts = tiny.model_and_inputs(tiny_root, "qwen3_moe", 16, 32, batch_size=1)
+    block = _arch.blocks(model)[0]
+    dense = {n: lin.weight.detach().clone() for n, lin in _arch.block_linears(block).items()}
+    opts = wandapp.Options(alpha=0.0, ro_iters=3, ro_samples=8, ro_lr=1e-2, ro_mask="fixed")
+    real_norms, real_apply = wandapp.DensePass.norms, wandapp._apply_rgs
+    seen: dict = {}
+
+    def norms(self, idx, convention, names=None):
+        out = real_norms(self, idx, convention, names)
+        if names is None and "missed" not in seen:  # the first round's draw: expert 1 received no token
+            seen["pass"], seen["missed"] = self, [n for n in out if n.endswith("[1]")]
+            for n in seen["missed"]:
+                del out[n]
+        return out
+
+    def spy(ctx, *a, **kw):
+        real_apply(ctx, *a, **kw)
+        seen.setdefault("first", {n: lin.weight.detach() == 0 for n, lin in ctx.linears.items()})
+
+    monkeypatch.setattr(wandapp.DensePass, "norms", norms)
+    monkeypatch.setattr(wandapp, "_apply_rgs", spy)
+    wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+    final = {n: lin.weight.detach() == 0 for n, lin in _arch.block_linears(block).items()}
+    assert len(seen["missed"]) == 2  # its gate_up and down projections
+    everything = list(range(acts.n_samples))
+    for name in seen["missed"]:
+        norm = real_norms(seen["pass"], everything, opts.act_norm, [name])[name]
+        wanda = select(wandapp.rgs_score(dense[name], None, norm, 0.0), Pattern(2, 4), 0.5)
+        assert torch.equal(seen["first"][name], wanda), name
+    assert all(torch.equal(final[n], seen["first"][n]) for n in final)
