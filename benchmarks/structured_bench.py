@@ -133,6 +133,7 @@ def main() -> None:
                          regularize_s=reg_s, regularize_rss_mib=reg_rss, reg_options=(args.reg + (" --dataset CALIB" if args.reg_fresh else "")).strip()
                          if mode == "dress" else "",
                          windows=ev["windows"], dense_ppl=dense_ppl, reused=bool(reused), teacher=corrected,
+                         select=args.select, samples=args.samples, seqlen=args.seqlen,
                          # what regularize trained on (its record; since 12-06 fresh windows of the calibration
                          # text unless told otherwise), the benchmark's paths named as in reg_options
                          reg_trained_on={str(paths["calib"]): "CALIB"}.get(reg.get("trained_on"), reg.get("trained_on")))

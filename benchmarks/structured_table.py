@@ -60,6 +60,20 @@ def recovery(row: dict) -> str:
     return label
 
 
+def calibration(row: dict) -> tuple:
+    """The unit selection and calibration windows. Rows saved before they recorded them (2026-12-06) used the
+    benchmark's defaults."""
+    return row.get("select", "activation"), row.get("samples", 64), row.get("seqlen", 512)
+
+
+def removal(row: dict) -> str:
+    """DReSS or direct, with the selection and calibration where they are not the defaults."""
+    select, samples, seqlen = calibration(row)
+    notes = ([f"--select {select}"] if select != "activation" else []) + (
+        [f"{samples} x {seqlen} calibration"] if (samples, seqlen) != (64, 512) else [])
+    return ("DReSS" if row["mode"] == "dress" else "direct") + (f" ({', '.join(notes)})" if notes else "")
+
+
 def fmt(v, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -73,7 +87,8 @@ def collect(model: str) -> tuple[list[dict], list[str]]:
         for r in json.loads(f.read_text()):
             if r.get("model") != model or "structure" not in r:
                 continue
-            key = (size(r), r["mode"], trained_on(r), regularize_options(r), recovery(r), r.get("windows"))
+            key = (size(r), r["mode"], trained_on(r), regularize_options(r), recovery(r), r.get("windows"),
+                   *calibration(r))
             rows[key] = {**r, "source": f.stem}
             used = True
         if used:
@@ -94,7 +109,7 @@ def table(model: str) -> str:
     for r in rows:
         dense = r.get("dense_ppl") or DENSE.get((model, r.get("windows")))
         out.append("| " + " | ".join([
-            size(r), "DReSS" if r["mode"] == "dress" else "direct", trained_on(r), regularize_options(r),
+            size(r), removal(r), trained_on(r), regularize_options(r),
             f"{r['parameters']:,} ({r['removed']:.1%})", f"{r['model_mib']:.0f}", recovery(r),
             f"{r['ppl']:.2f} ({r['windows']})", f"{r['ppl'] / dense:.2f}" if dense else "–",
             f"{fmt(r.get('prefill_1'))} / {fmt(r.get('prefill_8'))}", f"{fmt(r.get('decode_1'))} / {fmt(r.get('decode_8'))}",
