@@ -57,12 +57,14 @@ VARIANTS = {
     # term in the score, two RO rounds of 32 windows with a step relative to each weight's RMS.
     "wandapp": ["--method", "wandapp"],
     "wandapp-paper": ["--method", "wandapp", "--preset", "paper"],  # the paper's settings exactly
-    # Where RO's re-prunes take their norms (--ro-norms): the defaults but for that one option.
-    "wandapp-steps": ["--method", "wandapp", "--ro-norms", "steps"],
-    "wandapp-mixed": ["--method", "wandapp", "--ro-norms", "mixed"],
-    "wandapp-pass": ["--method", "wandapp", "--ro-norms", "pass"],
+    # Where RO's re-prunes take their norms (--ro-norms, under the free mask, which re-prunes): the defaults until
+    # 2026-12-06 but for that one option.
+    "wandapp-steps": ["--method", "wandapp", "--ro-mask", "free", "--ro-norms", "steps"],
+    "wandapp-mixed": ["--method", "wandapp", "--ro-mask", "free", "--ro-norms", "mixed"],
+    "wandapp-pass": ["--method", "wandapp", "--ro-mask", "free", "--ro-norms", "pass"],
     "wandapp-rgs": ["--method", "wandapp", "--alpha", "100", "--ro-iters", "0"],  # the RGS score alone, no RO
-    # RO reconstructing under the first round's mask (pruned weights' gradients masked) instead of moving them.
+    # The RO mask (--ro-mask): fixed (the default since 2026-12-06: RO reconstructs under the first round's mask, the
+    # pruned weights' gradients masked) or free (the paper's, the default until then: RO moves them, prunes again).
     "wandapp-fixed": ["--method", "wandapp", "--ro-mask", "fixed"],
     "wandapp-free": ["--method", "wandapp", "--ro-mask", "free"],
     # The 11-26 setting chosen on SmolLM2 alone (an absolute RMSprop step), kept for comparison.
@@ -208,12 +210,15 @@ def main() -> None:
         res, wall, rss = popen_rss(cmd)
         prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0)
         ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
+        # The options the step ran with, defaults resolved, as its record has them: what a variant meant that day.
+        params = json.loads((wd / "manifest.json").read_text())["steps"][-1]["params"]
         ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
         row = dict(model=args.model, method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
                    step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
                    sparsity=res["sparsity"]["all"], windows=ev["windows"],
                    lastword=ev.get("tasks", {}).get(task, {}).get("acc"),
-                   **({"owl_lambda": args.owl_lambda} if owl else {}))
+                   **({"owl_lambda": args.owl_lambda} if owl else {}),
+                   options={k: v for k, v in params.items() if k not in ("device", "batch_size")})
         rows.append(row)
         print(json.dumps(row), flush=True)
     fwd_end = forward_seconds(base, args.batch_size)

@@ -28,6 +28,9 @@ PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
 # ``prune --method wandapp`` with no options, whose defaults changed on these days (the paper's settings until
 # 2026-12-03; the relative step from 12-04; --ro-norms mixed from 12-05).
 SINCE = {"wandapp": "2026-12-05", "wandapp-owl": "2026-12-05"}
+# ... and on 2026-12-06 the fixed RO mask, within the day: those cells count only from rows that recorded the options
+# their step ran with (prune_bench.py's ``options``, since then) and show these.
+REQUIRES = {"wandapp": {"ro_mask": "fixed"}, "wandapp-owl": {"ro_mask": "fixed"}}
 LABEL = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "wandapp": "Wanda++ defaults", "wandapp-paper": "Wanda++ paper"}
 
 
@@ -57,6 +60,8 @@ def load(model: str, files: list[Path], owl_lambda: float = 0.08) -> dict[tuple[
                 continue
             if day < SINCE.get(r["method"], ""):
                 continue  # measured with what the variant meant then
+            if any((r.get("options") or {}).get(k) != v for k, v in REQUIRES.get(r["method"], {}).items()):
+                continue
             if r["method"].endswith("-owl") and r.get("owl_lambda", 0.08) != owl_lambda:
                 continue
             cells[r["method"], pattern_key(r["pattern"])] = dict(r, source=f.name)

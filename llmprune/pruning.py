@@ -78,6 +78,7 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
     pat, s = parse_pattern(req.pattern, req.sparsity)
     owl_m = _check_owl(req, pat, s)
     opts = method.options(req.options)
+    method.check_request(opts, req.true_sequential)
     if req.act_dtype not in DTYPES:
         raise UserError(f"unknown --act-dtype '{req.act_dtype}'; use {', '.join(DTYPES)}")
     ws.require_calibration()

@@ -132,17 +132,20 @@ def test_alpha_zero_skips_the_regional_gradients_exactly(tiny_root, monkeypatch)
         assert a.grad is None and a.requires_grad == flags[name], name
 
 
-@pytest.mark.parametrize("arch,norms", [("llama", "mixed"), ("gemma3_text", "mixed"), ("llama", "steps"),
+@pytest.mark.parametrize("arch,norms", [("llama", "fixed"), ("gemma3_text", "fixed"), ("qwen3_moe", "fixed"),
+                                        ("llama", "mixed"), ("gemma3_text", "mixed"), ("llama", "steps"),
                                         ("llama", "pass"), ("qwen3_moe", "pass"), ("qwen3_moe", "mixed"),
                                         ("qwen3_moe", "steps")])
 def test_the_dense_pass_runs_only_the_samples_ro_draws_and_changes_nothing(tiny_root, monkeypatch, arch, norms):
     """Without regional gradients the dense pass runs only the samples RO's rounds draw (their targets and first
     norms): the pruned, optimised block is the one a dense pass over every sample gives, bit for bit. Experts under
-    'mixed' or 'steps' are the exception: one the later norms never reached takes the dense norms over every
-    sample, so that pass runs them all."""
+    the fixed mask, 'mixed' or 'steps' are the exception: one the draw's (or the later) norms never reached takes
+    the dense norms over every sample, so that pass runs them all. ``norms``: the free mask's ro_norms, or the
+    fixed mask (the default)."""
     model, _, acts = tiny.model_and_inputs(tiny_root, arch, 16, 32, batch_size=1)
     dense = _arch.blocks(model)[0]
-    opts = wandapp.Options(alpha=0.0, ro_iters=2, ro_samples=4, ro_lr=1e-2, ro_norms=norms)
+    mask = {"ro_mask": "fixed"} if norms == "fixed" else {"ro_mask": "free", "ro_norms": norms}
+    opts = wandapp.Options(alpha=0.0, ro_iters=2, ro_samples=4, ro_lr=1e-2, **mask)
     draws = wandapp.ro_draws(opts, acts.n_samples, 0)
     union = {i for d in draws for i in d}
     assert len(union) < acts.n_samples
@@ -258,7 +261,8 @@ def test_true_sequential_rgs_at_alpha_zero_equals_true_sequential_wanda(calibrat
 def test_true_sequential_wandapp_with_ro_keeps_exact_sparsity(calibrated):
     wd = calibrated("qwen3")
     code, out = cli("prune", wd, "--method", "wandapp", "--pattern", "2:4", "--true-sequential", "--ro-iters", 2,
-                    "--ro-samples", 4, "--ro-batch", 2, "--ro-lr", 1e-3, "--ro-step", "relative", "--json")
+                    "--ro-samples", 4, "--ro-batch", 2, "--ro-lr", 1e-3, "--ro-step", "relative", "--ro-mask", "free",
+                    "--json")
     assert code == 0, out
     for k, w in _weights(wd).items():
         if k.endswith("proj.weight") and ".layers." in k:
@@ -269,10 +273,11 @@ def test_the_defaults_are_the_ablations_and_differ_from_the_paper():
     """What nobody types is what the calibration-slice ablation chose on both real models (benchmarks/README.md);
     the paper's settings are one option away."""
     d = wandapp.METHOD.options({})
-    assert (d.alpha, d.ro_iters, d.ro_samples, d.ro_lr, d.ro_step, d.ro_batch, d.ro_norms) == (
-        0.0, 2, 32, 1e-3, "relative", 1, "mixed")
+    assert (d.alpha, d.ro_iters, d.ro_samples, d.ro_lr, d.ro_step, d.ro_batch, d.ro_mask, d.ro_norms) == (
+        0.0, 2, 32, 1e-3, "relative", 1, "fixed", "mixed")
     paper = wandapp.METHOD.options({"preset": "paper"})
-    assert all(getattr(paper, k) != getattr(d, k) for k in ("alpha", "ro_iters", "ro_lr", "ro_step", "ro_norms"))
+    assert all(getattr(paper, k) != getattr(d, k)
+               for k in ("alpha", "ro_iters", "ro_lr", "ro_step", "ro_mask", "ro_norms"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
@@ -307,7 +312,7 @@ def test_ro_norms_steps_and_pass_both_keep_exact_sparsity_and_differ(tiny_root, 
     blocks, errors = {}, {}
     for norms, iters in (("steps", 3), ("pass", 3), ("mixed", 3), ("steps", 0)):
         block = copy.deepcopy(dense)
-        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_norms=norms)
+        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_norms=norms, ro_mask="free")
         wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
         for name, lin in _arch.block_linears(block).items():
             assert (lin.weight.reshape(-1, 4) == 0).sum(1).ge(2).all(), name
@@ -330,9 +335,10 @@ def test_a_fixed_ro_mask_keeps_the_first_rounds_zeros_and_still_lowers_the_error
         first: dict[str, torch.Tensor] = {}
 
         def spy(ctx, *a, _first=first, **kw):
-            real(ctx, *a, **kw)
+            masks = real(ctx, *a, **kw)
             if not _first:  # the first round's mask, just after its prune
                 _first.update({n: lin.weight.detach() == 0 for n, lin in ctx.linears.items()})
+            return masks
 
         monkeypatch.setattr(wandapp, "_apply_rgs", spy)
         block = copy.deepcopy(dense)
@@ -370,8 +376,9 @@ def test_a_fixed_ro_mask_prunes_an_expert_the_first_draw_missed_from_every_sampl
         return out
 
     def spy(ctx, *a, **kw):
-        real_apply(ctx, *a, **kw)
+        masks = real_apply(ctx, *a, **kw)
         seen.setdefault("first", {n: lin.weight.detach() == 0 for n, lin in ctx.linears.items()})
+        return masks
 
     monkeypatch.setattr(wandapp.DensePass, "norms", norms)
     monkeypatch.setattr(wandapp, "_apply_rgs", spy)
@@ -384,3 +391,36 @@ def test_a_fixed_ro_mask_prunes_an_expert_the_first_draw_missed_from_every_sampl
         wanda = select(wandapp.rgs_score(dense[name], None, norm, 0.0), Pattern(2, 4), 0.5)
         assert torch.equal(seen["first"][name], wanda), name
     assert all(torch.equal(final[n], seen["first"][n]) for n in final)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--true-sequential"], "--true-sequential orders Wanda++'s final prune"),
+    (["--ro-norms", "pass"], "--ro-norms chooses the norms of RO's re-prunes"),
+    (["--true-sequential", "--ro-mask", "fixed", "--ro-iters", 1], "add --ro-mask free, or --ro-iters 0")])
+def test_options_the_fixed_mask_leaves_nothing_to_do_for_are_refused(calibrated, capsys, args, says):
+    """Under the fixed mask (the default) nothing is pruned after the first round: a re-prune schedule or the norms of
+    re-prunes would be silently ignored, so they are one line and exit 1, the workdir unchanged. With the free mask,
+    with no RO, or with the paper's preset (its ro_norms are the preset's, not the user's) they run."""
+    wd = calibrated("llama", samples=8, seqlen=32)
+    manifest = (wd / "manifest.json").read_text()
+    assert cli("prune", wd, "--method", "wandapp", "--pattern", "2:4", *args)[0] == 1
+    assert says in " ".join(capsys.readouterr().err.split())
+    assert (wd / "manifest.json").read_text() == manifest
+    for given, true_sequential in (({"ro_norms": "pass", "ro_mask": "free"}, False), ({"ro_iters": 0}, True),
+                                   ({"ro_mask": "free"}, True), ({"preset": "paper", "ro_mask": "fixed"}, False)):
+        wandapp.METHOD.check_request(wandapp.METHOD.options(given), true_sequential)  # raises nothing
+
+
+def test_a_fixed_ro_mask_trains_a_kept_weight_that_happens_to_be_zero(tiny_root):
+    """The fixed mask is the first prune's selection, not "whatever is zero": a 2:4 group of three exact zeros (a
+    dequantized checkpoint holds some) loses two to the prune, and RO trains the third like any kept weight, so the
+    group ends with exactly two zeros."""
+    model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 16, 32, batch_size=1)
+    block = _arch.blocks(model)[0]
+    lin = _arch.block_linears(block)["mlp.down_proj"]
+    with torch.no_grad():
+        lin.weight[0, :3] = 0
+    opts = wandapp.Options(alpha=0.0, ro_iters=2, ro_samples=8, ro_lr=1e-2, ro_mask="fixed")
+    wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+    group = lin.weight[0, :4].detach()
+    assert int((group == 0).sum()) == 2, group

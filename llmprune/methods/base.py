@@ -104,6 +104,9 @@ class Method:
             values[o.name] = v
         return self.Options(**values)
 
+    def check_request(self, options: Any, true_sequential: bool) -> None:
+        """Refuse (``UserError``) a schedule these options leave nothing to do for."""
+
     def warnings(self, options: Any, calibration_samples: int) -> list[str]:
         """What to warn the user about before a run with these options (e.g. too few samples)."""
         return []

@@ -10,7 +10,8 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - Regional optimisation (RO): a frozen dense copy of the block is the teacher. ``ro_iters`` rounds of: draw
   ``ro_samples`` samples, prune with RGS (activation norms on the current weights, see ``ro_norms``), then one RMSprop
   step per sample (``ro_lr``, fp32) on the Linear weights, minimising ``sum((f_dense(X) - f(X))^2)``. A final prune
-  with all samples leaves the saved block exactly sparse. ``ro_iters=0`` is the RGS-only ablation.
+  with all samples leaves the saved block exactly sparse (under ``ro_mask='free'``; see ``ro_mask`` for the
+  default). ``ro_iters=0`` is the RGS-only ablation.
 - RO step: RMSprop moves each weight by about ``ro_lr`` per step whatever the weight's size, so the paper's 3e-7
   (set for 7B models) barely moves a small model's larger weights. ``ro_step='relative'`` makes the rate of each
   Linear ``ro_lr`` times the RMS of its dense weights: one setting then moves weights of any scale alike.
@@ -21,7 +22,8 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
   the optimiser state and the loss stay fp32, only the matrix products run in bf16. Meant for hardware with bf16
   matrix units (recent GPUs, CPUs with AMX), where RO's steps are the bulk of Wanda++'s cost; a CPU without them
   emulates bf16 and is several times slower (benchmarks/README.md, Wanda++ cost). Not yet timed on a GPU.
-- ``ro_norms``: where the re-prunes of RO (each round after the first, and the final prune) take ``||X_j||``.
+- ``ro_norms`` (``ro_mask='free'`` only): where the re-prunes of RO (each round after the first, and the final
+  prune) take ``||X_j||``.
   ``pass``: a separate pass over the round's samples on the current weights, and over all samples for the final
   prune (the paper's order; 0.5 block passes a round and 1 for the final prune, a sixth of Wanda++'s prune time).
   ``steps``: from RO's own forward passes of the round before, gathered as they run -- each Linear's inputs on the
@@ -35,19 +37,23 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
   is the pruned block's, which saves the engine's propagation pass.
 - ``ro_mask``: the paper's RO steps move every weight of the Linears, the ones the round's prune zeroed too (so do
   the reproduction's), and the next prune may choose another mask; the final prune then zeroes weights RO had
-  been compensating with, with no step after it. ``fixed`` masks the pruned weights' gradients instead: RO
-  reconstructs under the first round's mask, and every later prune keeps it (its zeros score lowest). That first
-  prune reaches every Linear: an expert the round's draw missed takes the dense pass's norms over all samples.
+  been compensating with, with no step after it (``free``). ``fixed`` (default) masks the pruned weights' gradients
+  instead: RO reconstructs under the first round's mask, which is the one saved, so neither the later rounds'
+  re-prunes nor the final prune run (they would only choose it again; ``ro_norms`` and ``--true-sequential`` have
+  nothing to order, and are refused). That first prune reaches every Linear: an expert the round's draw missed takes
+  the dense pass's norms over all samples, one no sample reached magnitude's mask. On the 2:4 test split it gives
+  44.60 against 46.16 on SmolLM2-135M and 129.57 against 139.88 on Gemma-3-270M (benchmarks/README.md).
 - ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 
-The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3, ``mixed``
-norms. They were chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M
+The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3, the
+``fixed`` mask (``mixed`` norms under ``free``). They were chosen by the 2:4 ablation on calibration slices of SmolLM2-135M and Gemma-3-270M
 (benchmarks/README.md, Wanda++ ablation), where the gradient term made the masks worse at every weight tried and the
 paper's 3e-7 absolute step barely moved the weights. In block passes over the 64 windows: the dense pass about 0.75
 (it runs only the windows RO's rounds draw -- two draws of 32 reach about 48 -- since without the gradient term
-nothing reads the others; blocks with experts run them all), RO's 64 forward + backward steps about 3.4, the final prune's statistics 0.5, the
-propagation 1, against Wanda's 2 (benchmarks/README.md, Wanda++ cost, for the measured ratios); the first round's
-mask reuses the dense pass's norms, since its weights are still dense.
+nothing reads the others; blocks with experts run them all), RO's 64 forward + backward steps about 3.4, the
+propagation 1 (under ``free``, the final prune's statistics 0.5 more), against Wanda's 2 (benchmarks/README.md,
+Wanda++ cost, for the measured ratios); the first round's mask reuses the dense pass's norms, since its weights are
+still dense.
 """
 
 from __future__ import annotations
@@ -86,10 +92,10 @@ class Options:
                            "and the final prune's from a pass over --ro-samples samples ('mixed'), all from RO's "
                            "passes ('steps', no extra pass), or all from separate passes on the current weights "
                            "('pass', the paper's order).", choices=("mixed", "steps", "pass"))
-    ro_mask: str = option("free", "Wanda++: RO's steps move every weight, the pruned ones too, so a later prune may "
-                          "choose another mask ('free', the paper's), or only the weights the round's mask keeps "
-                          "('fixed': RO reconstructs under the first round's mask, which every later prune keeps).",
-                          choices=("free", "fixed"))
+    ro_mask: str = option("fixed", "Wanda++: RO's steps move only the weights the first round's mask keeps, and that "
+                          "mask is final ('fixed': RO reconstructs under the mask that is saved, with no re-prune "
+                          "after it), or every weight, the pruned ones too, each later round and a final prune "
+                          "choosing the mask again ('free', the paper's).", choices=("fixed", "free"))
     seed: int = option(0, "Wanda++: seed of the RO sample draws.")
     preset: str = option("none", "Wanda++: 'paper' takes the paper's settings for every Wanda++ option not given.",
                          choices=("none", "paper"))
@@ -206,23 +212,29 @@ def regional_gradients(block, acts: engine.Activations, device: str) -> dict[str
 
 @torch.no_grad()
 def _apply_rgs(ctx: BlockContext, grads, norms: dict[str, torch.Tensor], scale: float = 1.0,
-               final: bool = True) -> None:
-    """Prune with RGS. Norms from a subset of ``1/scale**2`` of the samples are scaled by ``scale`` under the
-    ``sum`` convention, to estimate the norm over all samples, so ``alpha`` keeps its weight.
+               final: bool = True) -> dict[str, torch.Tensor]:
+    """Prune with RGS; returns the mask each Linear was pruned with (True: pruned). Norms from a subset of
+    ``1/scale**2`` of the samples are scaled by ``scale`` under the ``sum`` convention, to estimate the norm over all
+    samples, so ``alpha`` keeps its weight.
 
-    An expert without norms received no token: the final prune falls back to magnitude for it; an intermediate
-    prune of regional optimisation (a subset of the samples) leaves it for the final one."""
+    An expert without norms received no token: the final prune falls back to magnitude for it (its mask: its zeros
+    after that); an intermediate prune of regional optimisation (a subset of the samples) leaves it for the final
+    one."""
     opts: Options = ctx.spec.options
     if opts.act_norm != "sum":
         scale = 1.0
+    masks = {}
     for name, lin in ctx.linears.items():
         if name not in norms:
             if final:
                 ctx.fallback(name, lin)
+                masks[name] = lin.weight.detach() == 0
             continue
         w = lin.weight.data
-        score = rgs_score(w, grads[name], norms[name] * scale, opts.alpha)
-        w.masked_fill_(select(score, ctx.spec.pattern, ctx.spec.sparsity), 0)
+        masks[name] = select(rgs_score(w, grads[name], norms[name] * scale, opts.alpha), ctx.spec.pattern,
+                             ctx.spec.sparsity)
+        w.masked_fill_(masks[name], 0)
+    return masks
 
 
 @torch.no_grad()
@@ -299,28 +311,33 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list
     n = acts.n_samples
     m = min(opts.ro_samples, n)
     scale = (n / m) ** 0.5  # a round's norms (m samples) to the scale of all n under the 'sum' convention
-    seen = StepNorms(linears) if opts.ro_norms != "pass" else None
+    fixed = opts.ro_mask == "fixed"
+    seen = StepNorms(linears) if opts.ro_norms != "pass" and not fixed else None
     last: dict[str, torch.Tensor] = {}
+    pruned: list[torch.Tensor] | None = None
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=opts.ro_dtype == "bf16")
     try:
         for k, idx in enumerate(draws):
             if k == 0:  # the weights are still dense: the dense pass already has these samples' norms
                 norms = dense.norms(idx, opts.act_norm)
-                if opts.ro_mask == "fixed":
+                if fixed:
                     # Every Linear takes its mask now, for good: an expert this draw never reached takes the dense
                     # pass's norms over every sample (divided by the round's scale, which _apply_rgs multiplies
-                    # in), one no sample reached the final prune's fallback.
+                    # in), one no sample reached the magnitude fallback.
                     filled = dense.fill(norms, list(range(n)), opts.act_norm)
                     norms = {name: v if name in norms else v / scale for name, v in filled.items()}
-                _apply_rgs(ctx, dense.grads, norms, scale, final=opts.ro_mask == "fixed")
+                masks = _apply_rgs(ctx, dense.grads, norms, scale, final=fixed)
+                # 'fixed': the pruned weights stay at zero through every step (their gradients are masked, and
+                # RMSprop, without momentum or decay, moves a weight whose gradient is zero not at all). The mask is
+                # the prune's own: a kept weight that happens to be exactly zero (dequantized checkpoints hold some)
+                # is trained like any other.
+                pruned = [masks[name] for name in linears] if fixed else None
+            elif fixed:  # the first round's mask is final: a re-prune would only choose it again
+                pass
             elif seen is not None:  # the norms the previous round's steps saw
                 _apply_rgs(ctx, dense.grads, last, scale, final=False)
             else:
                 _prune_rgs(ctx, acts.subset(idx), dense.grads, scale, final=False)
-            # 'fixed': the pruned weights stay at zero through the steps (RMSprop, without momentum or decay, moves
-            # a weight whose gradient is zero not at all), so the zeros keep the lowest score in every later prune
-            # and the mask of the first round is the one saved.
-            keep = [w.detach() != 0 for w in weights] if opts.ro_mask == "fixed" else None
             for start in range(0, m, opts.ro_batch):
                 opt.zero_grad(set_to_none=True)
                 for h, kw, target in _batches(acts, dense.outputs, idx[start:start + opts.ro_batch]):
@@ -328,10 +345,10 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list
                         out = engine.block_output(block, h.to(device=device, dtype=torch.float32), kw)
                     # The loss in fp32 whatever the products ran in; backward accumulates over the step's windows.
                     ((out.float() - target.to(out.device)) ** 2).sum().backward()
-                if keep is not None:
-                    for w, kept in zip(weights, keep):
+                if pruned is not None:
+                    for w, zero in zip(weights, pruned):
                         if w.grad is not None:
-                            w.grad.masked_fill_(~kept, 0)
+                            w.grad.masked_fill_(zero, 0)
                 opt.step()
             if seen is not None:
                 last = seen.take(opts.act_norm)
@@ -399,9 +416,19 @@ class WandaPP(Method):
     true_sequential = True  # the final prune (or the RGS-only one) as one pass over all samples
 
     def options(self, given):
+        norms_given = given.get("ro_norms") is not None  # by the user, not by the preset
         if given.get("preset") == "paper":
             given = {**PAPER, **{k: v for k, v in given.items() if v is not None}}
-        return super().options(given)
+        opts = super().options(given)
+        if norms_given and opts.ro_mask == "fixed" and opts.ro_iters > 0:
+            raise UserError("--ro-norms chooses the norms of RO's re-prunes, and under --ro-mask fixed (the default) "
+                            "nothing is re-pruned: the first round's mask is final; add --ro-mask free")
+        return opts
+
+    def check_request(self, options: Options, true_sequential: bool) -> None:
+        if true_sequential and options.ro_mask == "fixed" and options.ro_iters > 0:
+            raise UserError("--true-sequential orders Wanda++'s final prune, and under --ro-mask fixed (the default) "
+                            "there is none: the first round's mask is final; add --ro-mask free, or --ro-iters 0")
 
     def warnings(self, options: Options, calibration_samples: int) -> list[str]:
         if options.ro_iters > 0 and calibration_samples < 64:
@@ -414,14 +441,18 @@ class WandaPP(Method):
         draws = ro_draws(opts, ctx.acts.n_samples, ctx.index)
         # With RO and no gradients, the dense pass runs only the samples the rounds draw (two rounds of 32 of 64
         # reach about 48): the rest of the pass's outputs and norms would never be read -- every later prune takes
-        # its norms from RO's steps or its own pass. Except for experts under 'steps' or 'mixed': one those norms
-        # never reached takes the dense pass's norms over every sample (``dense.fill``), so that pass runs them all.
-        skip = opts.alpha == 0 and (opts.ro_norms == "pass" or not experts.has_experts(ctx.block))
+        # its norms from RO's steps or its own pass. Except for experts under 'fixed', 'steps' or 'mixed': one those
+        # norms never reached takes the dense pass's norms over every sample (``dense.fill``), so that pass runs
+        # them all.
+        skip = opts.alpha == 0 and (not experts.has_experts(ctx.block) or (opts.ro_norms == "pass"
+                                                                            and opts.ro_mask == "free"))
         only = sorted({i for d in draws for i in d}) if draws and skip else None
         dense = DensePass(ctx.block, ctx.acts, ctx.device, keep_outputs=opts.ro_iters > 0,
                           need_grads=opts.alpha != 0, only=only)
         seen = regional_optimisation(ctx, dense, draws) if opts.ro_iters > 0 else None
         everyone = list(range(ctx.acts.n_samples))
+        if opts.ro_iters > 0 and opts.ro_mask == "fixed":
+            return  # RO kept the first round's mask on every Linear: a final prune would only choose it again
         if ctx.spec.true_sequential:
             _prune_rgs_sequential(ctx, dense.grads)
         elif opts.ro_iters > 0 and opts.ro_norms == "steps":  # the last round's norms; exact sparsity
