@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from llmprune import report
 from llmprune.report import progress
 
 
@@ -165,7 +166,11 @@ def train(
             advance(note=f"loss {lm:.3f}" + (f", kd {history['kd'][-1]:.3f}" if distiller is not None else ""))
             if resume_dir is not None and save_every and step % save_every == 0 and not (last or stopped):
                 if acc.is_main_process:
-                    save_checkpoint(resume_dir, step, history, trainable, opt)
+                    try:
+                        save_checkpoint(resume_dir, step, history, trainable, opt)
+                    except OSError as e:  # a full disk costs the checkpoint, never the run
+                        report.warn(f"could not write the checkpoint of step {step} ({e}); training goes on, and an "
+                                    "interrupted run resumes from an earlier checkpoint, if any")
                 acc.wait_for_everyone()
             if last or stopped:
                 break

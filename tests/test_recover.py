@@ -327,3 +327,22 @@ def test_an_fsdp_launch_is_refused_before_any_work(calibrated, monkeypatch, caps
     err = capsys.readouterr().err
     assert code == 1 and "FSDP is not supported" in err and "Traceback" not in err
     assert (wd / "manifest.json").read_text() == before
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_run(calibrated, monkeypatch, capsys):
+    """A full disk while checkpointing: the step warns and trains on to the end and commits, as a run without
+    checkpoints would."""
+    import llmprune.train as train_mod
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", full)
+    capsys.readouterr()
+    code, res = cli("recover", wd, "--steps", 6, "--eval-every", 6, "--save-every", 2, *FAST)
+    assert code == 0 and res["steps"] == 6
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("could not write the checkpoint of step") == 2 and "No space left on device" in err
