@@ -28,9 +28,13 @@ PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
 # ``prune --method wandapp`` with no options, whose defaults changed on these days (the paper's settings until
 # 2026-12-03; the relative step from 12-04; --ro-norms mixed from 12-05).
 SINCE = {"wandapp": "2026-12-05", "wandapp-owl": "2026-12-05"}
-# ... and on 2026-12-06 the fixed RO mask, within the day: those cells count only from rows that recorded the options
-# their step ran with (prune_bench.py's ``options``, since then) and show these.
+# ... and on 2026-12-06 the fixed RO mask, within the day: those cells count from rows that recorded the options
+# their step ran with (prune_bench.py's ``options``, since then) and show these. Until such a row exists, the cell
+# shows the latest earlier row, marked with STALE.
 REQUIRES = {"wandapp": {"ro_mask": "fixed"}, "wandapp-owl": {"ro_mask": "fixed"}}
+STALE = "†"
+STALE_NOTE = (f"{STALE} measured with the Wanda++ defaults before 2026-12-06 (`--ro-mask free`), not yet with "
+              "today's (`--ro-mask fixed`).")
 LABEL = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "wandapp": "Wanda++ defaults", "wandapp-paper": "Wanda++ paper"}
 
 
@@ -50,6 +54,7 @@ def load(model: str, files: list[Path], owl_lambda: float = 0.08) -> dict[tuple[
     """(method, pattern) -> the latest row of ``model`` among the saved prune_bench runs; an OWL variant's only
     from runs at ``owl_lambda`` (rows from before prune_bench recorded it ran the paper's 0.08)."""
     cells: dict[tuple[str, str], dict] = {}
+    stale: dict[tuple[str, str], dict] = {}
     dated = [(re.search(r"\d{4}-\d{2}-\d{2}", f.name), f) for f in files]
     for day, f in sorted((d.group(0), f) for d, f in dated if d):
         rows = json.loads(f.read_text())
@@ -60,12 +65,12 @@ def load(model: str, files: list[Path], owl_lambda: float = 0.08) -> dict[tuple[
                 continue
             if day < SINCE.get(r["method"], ""):
                 continue  # measured with what the variant meant then
-            if any((r.get("options") or {}).get(k) != v for k, v in REQUIRES.get(r["method"], {}).items()):
-                continue
             if r["method"].endswith("-owl") and r.get("owl_lambda", 0.08) != owl_lambda:
                 continue
-            cells[r["method"], pattern_key(r["pattern"])] = dict(r, source=f.name)
-    return cells
+            current = all((r.get("options") or {}).get(k) == v for k, v in REQUIRES.get(r["method"], {}).items())
+            (cells if current else stale)[r["method"], pattern_key(r["pattern"])] = dict(
+                r, source=f.name, stale=not current)
+    return {**stale, **cells}
 
 
 def cell(cells: dict, method: str, pattern: str) -> str:
@@ -79,7 +84,7 @@ def cell(cells: dict, method: str, pattern: str) -> str:
         text += f" ({r['ppl'] / w['ppl']:.2f}x, {pace:.1f}x s)"
     elif method == "wanda":
         text += f" ({r['prune_s'] / r['forward_s']:.2f} fwd)"
-    return text
+    return text + (f" {STALE}" if r.get("stale") else "")
 
 
 def table(model: str, cells: dict, owl_lambda: float = 0.08) -> str:
@@ -108,6 +113,8 @@ def main() -> None:
         cells = load(model, files, args.owl_lambda)
         out += ["", table(model, cells, args.owl_lambda), "", "Sources: " + ", ".join(sorted({r["source"] for r in cells.values()
                                                                           if r["method"] in METHODS}))]
+    if any(STALE in line for line in out):
+        out += ["", STALE_NOTE]
     text = "\n".join(out)
     print(text)
     if args.save:

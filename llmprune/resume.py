@@ -57,12 +57,13 @@ def checkpoint_dir(workdir: Path, command: str, key: Any) -> Path:
     return workdir / RESUME / f"{command}-{digest[:16]}"
 
 
-def clear(workdir: Path, command: str, this: Path, started: float) -> None:
+def clear(workdir: Path, command: str, this: Path | None, started: float) -> None:
     """After the step committed: its model/ changed, so no checkpoint of ``command`` in this workdir can resume any
-    more -- this run's, nor one an earlier run of other parameters or data left (keyed on the old model, it would
-    only hold the disk). One written since this run began (``started``, a ``time.time()``) belongs to a run started
-    after it, and is left."""
-    shutil.rmtree(this, ignore_errors=True)
+    more -- this run's (``this``; None when it kept none), nor one an earlier run of other parameters or data left
+    (keyed on the old model, it would only hold the disk). One written since this run began (``started``, a
+    ``time.time()``) belongs to a run started after it, and is left."""
+    if this is not None:
+        shutil.rmtree(this, ignore_errors=True)
     for stale in (workdir / RESUME).glob(f"{command}-*"):
         if stale.stat().st_mtime < started:
             shutil.rmtree(stale, ignore_errors=True)

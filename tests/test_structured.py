@@ -350,6 +350,31 @@ def test_an_interrupted_regularize_resumes_where_it_stopped(calibrated, tmp_path
     assert cli("status", wd)[1]["checkpoints"] == []
 
 
+def test_a_regularize_without_checkpoints_still_clears_a_stale_one(calibrated, monkeypatch):
+    """A run with --save-every 0 neither resumes nor writes a checkpoint, and once it commits the checkpoint an
+    interrupted run left (keyed on the model it replaced) is gone."""
+    import llmprune.train as train_mod
+    from llmprune.cli import run
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    opts = ["--structure", "mlp", "--ratio", 0.25, "--steps", 6, "--eval-every", 6, "--lr", 1e-3, "--holdout", 4]
+    real, calls = train_mod.heldout_nll, {"n": 0}
+
+    def dying(*a, **k):  # two calls before training, the third at step 6 (after the checkpoint of step 4)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "heldout_nll", dying)
+        assert run(["regularize", str(wd), *map(str, opts), "--save-every", "2"]) == 130
+    assert len(list((wd / ".resume").glob("regularize-*/state.json"))) == 1
+    code, res = cli("regularize", wd, *opts, "--save-every", 0)
+    assert code == 0 and res["resumed_from"] is None and res["steps"] == 6
+    assert not list((wd / ".resume").glob("regularize-*"))
+
+
 @pytest.mark.parametrize("args,says", [(["--seqlen", 16, "--calibration-windows"], "--calibration-windows trains"),
                                        (["--dataset", "corpus.txt", "--calibration-windows"], "give one of them"),
                                        (["--dataset", "nope.txt"], "does not exist"),

@@ -800,8 +800,7 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             **({"teacher_correction": correction} if correction else {})}
         PlanRecord(plan, regularized=True, applied=False).write(tx)
         save_model(lm, tok, tx.stage("model"), ws.shard_size)
-    if where is not None:
-        resume.clear(ws.path, "regularize", where, started)
+    resume.clear(ws.path, "regularize", where, started)  # with --save-every 0 too: older runs' are stale now
     return tx.step.metrics
 
 
