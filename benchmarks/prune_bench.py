@@ -211,7 +211,7 @@ def main() -> None:
         prune_s = res["capture_s"] + res["prune_s"] + res["propagate_s"] + res.get("owl_s", 0.0)
         ev, _, _ = popen_rss([*LLMPRUNE, "eval", str(wd), *evalargs])
         # The options the step ran with, defaults resolved, as its record has them: what a variant meant that day.
-        params = json.loads((wd / "manifest.json").read_text())["steps"][-1]["params"]
+        params = step_params(wd, "prune")
         ref = reference.get((method.removesuffix("-seq"), pattern), (float("nan"),) * 3)
         row = dict(model=args.model, method=method, pattern=pattern, ppl=ev["perplexity"], ref_ppl=ref[0], prune_s=prune_s,
                    step_s=wall, forward_s=fwd, ref_s=ref[1], rss_mib=rss, ref_rss_mib=ref[2],
@@ -232,6 +232,12 @@ def main() -> None:
                + " ".join(sys.argv[1:]))
     save_results(Path(__file__).parent / "results", args.save or f"{args.model}-prune", rows, caption,
                  table(rows, fwd, reference, DENSE_PPL[args.model]))
+
+
+def step_params(wd: Path, command: str) -> dict:
+    """The parameters the workdir's last ``command`` step recorded (its options, defaults resolved)."""
+    steps = json.loads((wd / "manifest.json").read_text())["steps"]
+    return next(s["params"] for s in reversed(steps) if s["command"] == command)
 
 
 def table(rows: list[dict], fwd: float, reference: dict, dense: float) -> str:
