@@ -14,6 +14,24 @@ import tiny  # noqa: E402
 from llmprune.cli import run  # noqa: E402
 
 
+def killed_at_evaluation(monkeypatch, args, n: int) -> None:
+    """Run the CLI with ``args`` and interrupt it, as Ctrl-C would, at its ``n``-th held-out evaluation
+    (``train.heldout_nll``, the first ones being those before training): exit 130, nothing committed."""
+    import llmprune.train as train_mod
+
+    real, calls = train_mod.heldout_nll, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "heldout_nll", dying)
+        assert run([*map(str, args)]) == 130
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")

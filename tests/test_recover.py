@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from conftest import cli
-from llmprune.cli import run
+from conftest import cli, killed_at_evaluation
 from llmprune.masks import nm_valid
 
 FAST = ["--lr", 2e-3, "--batch-size", 4, "--holdout", 4, "--dropout", 0.0]
@@ -165,8 +164,6 @@ def test_structured_models_merge_plainly(calibrated):
 def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import llmprune.train as train_mod
-
     wd = calibrated("llama", samples=20, seqlen=64)
     assert cli("prune", wd, "--method", "wanda", "--sparsity", 0.5)[0] == 0
     ref = tmp_path / "ref"
@@ -174,21 +171,11 @@ def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, mon
     opts = ["--steps", 16, "--eval-every", 12, "--save-every", 5, *FAST]
     assert cli("recover", ref, *opts)[0] == 0  # uninterrupted
 
-    real = train_mod.heldout_nll
-    calls = {"n": 0}
-
-    def dying(*a, **k):  # the evaluation at step 12 is killed (after checkpoints at steps 5 and 10)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "heldout_nll", dying)
     manifest = (wd / "manifest.json").read_text()
-    assert run(["recover", str(wd), *map(str, opts)]) == 130
+    # The evaluation at step 12 is killed (after checkpoints at steps 5 and 10); the first is before training.
+    killed_at_evaluation(monkeypatch, ["recover", wd, *opts], 2)
     assert (wd / "manifest.json").read_text() == manifest  # nothing committed
     assert list((wd / ".resume").glob("recover-*/state.json"))
-    monkeypatch.undo()
     code, res = cli("recover", wd, *opts)
     assert code == 0 and res["resumed_from"] == 10 and res["steps"] == 16
     a, b = _weights(wd), _weights(ref)
@@ -199,21 +186,9 @@ def test_interrupted_recovery_resumes_where_it_stopped(calibrated, tmp_path, mon
 
 def _killed_at_the_last_evaluation(monkeypatch, wd, opts) -> None:
     """Run ``recover wd opts`` (8 steps, evaluated at step 8 only) and kill it at that evaluation -- after the
-    checkpoint of step 6 -- as Ctrl-C would: exit 130, nothing committed."""
-    import llmprune.train as train_mod
-
-    real = train_mod.heldout_nll
-    calls = {"n": 0}
-
-    def dying(*a, **k):  # the first call is the evaluation before training
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(train_mod, "heldout_nll", dying)
-        assert run(["recover", str(wd), *map(str, opts)]) == 130
+    checkpoint of step 6 -- as Ctrl-C would: exit 130, nothing committed. (The first call is the evaluation
+    before training.)"""
+    killed_at_evaluation(monkeypatch, ["recover", wd, *opts], 2)
 
 
 def test_a_changed_training_text_never_resumes_the_old_run(calibrated, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tiny
-from conftest import cli
+from conftest import cli, killed_at_evaluation
 from llmprune import structured as S
 from llmprune.arch import arch_for
 from llmprune.methods import dress
@@ -296,9 +296,6 @@ def test_an_interrupted_regularize_resumes_where_it_stopped(calibrated, tmp_path
 
     from safetensors.torch import load_file
 
-    import llmprune.train as train_mod
-    from llmprune.cli import run
-
     def weights(w):
         return {k: v for f in sorted((w / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
 
@@ -310,23 +307,10 @@ def test_an_interrupted_regularize_resumes_where_it_stopped(calibrated, tmp_path
     code, whole = cli("regularize", ref, *opts)
     assert code == 0 and whole["resumed_from"] is None
 
-    real = train_mod.heldout_nll
-    calls = {"n": 0}
-
+    manifest = (wd / "manifest.json").read_text()
     # The teacher's correction evaluates twice first; then two calls before training (with and without the units),
     # then step 8's evaluation.
-    fatal = 3 + (2 if extra else 0)
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == fatal:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    manifest = (wd / "manifest.json").read_text()
-    with monkeypatch.context() as m:
-        m.setattr(train_mod, "heldout_nll", dying)
-        assert run(["regularize", str(wd), *map(str, opts)]) == 130
+    killed_at_evaluation(monkeypatch, ["regularize", wd, *opts], 3 + (2 if extra else 0))
     assert (wd / "manifest.json").read_text() == manifest  # nothing committed
     (state,) = (wd / ".resume").glob("regularize-*/state.json")
     assert json.loads(state.read_text())["step"] == 5
@@ -353,22 +337,10 @@ def test_an_interrupted_regularize_resumes_where_it_stopped(calibrated, tmp_path
 def test_a_regularize_without_checkpoints_still_clears_a_stale_one(calibrated, monkeypatch):
     """A run with --save-every 0 neither resumes nor writes a checkpoint, and once it commits the checkpoint an
     interrupted run left (keyed on the model it replaced) is gone."""
-    import llmprune.train as train_mod
-    from llmprune.cli import run
-
     wd = calibrated("llama", samples=20, seqlen=64)
     opts = ["--structure", "mlp", "--ratio", 0.25, "--steps", 6, "--eval-every", 6, "--lr", 1e-3, "--holdout", 4]
-    real, calls = train_mod.heldout_nll, {"n": 0}
-
-    def dying(*a, **k):  # two calls before training, the third at step 6 (after the checkpoint of step 4)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(train_mod, "heldout_nll", dying)
-        assert run(["regularize", str(wd), *map(str, opts), "--save-every", "2"]) == 130
+    # Two evaluations before training, the third at step 6 (after the checkpoint of step 4).
+    killed_at_evaluation(monkeypatch, ["regularize", wd, *opts, "--save-every", 2], 3)
     assert len(list((wd / ".resume").glob("regularize-*/state.json"))) == 1
     code, res = cli("regularize", wd, *opts, "--save-every", 0)
     assert code == 0 and res["resumed_from"] is None and res["steps"] == 6
