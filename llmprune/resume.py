@@ -61,7 +61,11 @@ def clear(workdir: Path, command: str, this: Path | None, started: float) -> Non
     """After the step committed: its model/ changed, so no checkpoint of ``command`` in this workdir can resume any
     more -- this run's (``this``; None when it kept none), nor one an earlier run of other parameters or data left
     (keyed on the old model, it would only hold the disk). One written since this run began (``started``, a
-    ``time.time()``) belongs to a run started after it, and is left."""
+    ``time.time()``) belongs to a run started after it, and is left. Under ``accelerate launch`` only the main
+    process, the one that writes checkpoints and commits, clears them: another may finish before the commit, and a
+    commit that then fails must still find the checkpoint."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if this is not None:
         shutil.rmtree(this, ignore_errors=True)
     for stale in (workdir / RESUME).glob(f"{command}-*"):
