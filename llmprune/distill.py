@@ -118,6 +118,27 @@ def load_teacher(ws, given: str | None, student: nn.Module, dtype: str = "float3
     return teacher.eval().requires_grad_(False)
 
 
+def prepare_teacher(ws, given: str | None, student: nn.Module, tok, windows: torch.Tensor, hold: torch.Tensor,
+                    steps: int, *, where, keep: bool, seed: int, batch_size: int, grad_accum: int,
+                    grad_checkpointing: bool, device: str) -> tuple[nn.Module, dict | None]:
+    """The teacher a training step distils from, and its correction record (None with ``steps`` 0): the corrected
+    teacher an interrupted run kept in ``where`` (its resume folder) if there is one, else ``load_teacher``'s,
+    corrected ``steps`` steps on ``windows`` and, with ``keep``, kept in ``where`` for a rerun."""
+    from llmprune import resume
+
+    kept = resume.kept_teacher(where) if where is not None and steps else None
+    if kept is not None:
+        return kept
+    teacher = load_teacher(ws, given, student)
+    if not steps:
+        return teacher, None
+    correction = correct_teacher(teacher, windows, hold, steps, seed=seed, batch_size=batch_size,
+                                 grad_accum=grad_accum, grad_checkpointing=grad_checkpointing, device=device)
+    if keep and where is not None:
+        resume.keep_teacher(teacher, tok, where, correction, ws.shard_size)
+    return teacher, correction
+
+
 def correct_teacher(teacher: nn.Module, windows: torch.Tensor, hold: torch.Tensor, steps: int, *, seed: int = 0,
                     batch_size: int = 1, grad_accum: int = 1, grad_checkpointing: bool = False,
                     device: str = "cpu") -> dict:

@@ -151,17 +151,10 @@ class Recovery:
         if o.distill:
             if o.teacher is None:
                 self.ws.record_inputs(tx, distill.TEACHER)
-            kept = resume.kept_teacher(self.resume_dir) if o.teacher_steps else None
-            if kept is not None:
-                teacher, self.correction = kept
-            else:
-                teacher = distill.load_teacher(self.ws, o.teacher, lm)
-                if o.teacher_steps:
-                    self.correction = distill.correct_teacher(
-                        teacher, self.train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
-                        grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
-                    if o.save_every:
-                        resume.keep_teacher(teacher, self.tok, self.resume_dir, self.correction, self.ws.shard_size)
+            teacher, self.correction = distill.prepare_teacher(
+                self.ws, o.teacher, lm, self.tok, self.train_w, hold, o.teacher_steps, where=self.resume_dir,
+                keep=bool(o.save_every), seed=o.seed, batch_size=o.batch_size, grad_accum=o.grad_accum,
+                grad_checkpointing=o.grad_checkpointing, device=o.device)
             self.distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         if o.dataset is None and o.epochs is None:
             # Fresh windows of the calibration text are what generalises after DReSS, which already trained on these

@@ -763,17 +763,10 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         if o.distill:
             if o.teacher is None:
                 ws.record_inputs(tx, distill.TEACHER)
-            kept = resume.kept_teacher(where) if where is not None and o.teacher_steps else None
-            if kept is not None:
-                teacher, correction = kept
-            else:
-                teacher = distill.load_teacher(ws, o.teacher, lm)
-                if o.teacher_steps:
-                    correction = distill.correct_teacher(
-                        teacher, train_w, hold, o.teacher_steps, seed=o.seed, batch_size=o.batch_size,
-                        grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing, device=o.device)
-                    if where is not None:
-                        resume.keep_teacher(teacher, tok, where, correction, ws.shard_size)
+            teacher, correction = distill.prepare_teacher(
+                ws, o.teacher, lm, tok, train_w, hold, o.teacher_steps, where=where, keep=True, seed=o.seed,
+                batch_size=o.batch_size, grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing,
+                device=o.device)
             distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         if fallback is not None:  # only once the plan holds: a refused one needs no warning before it
             report.warn(f"training on the {train_w.shape[0]} calibration windows: {fallback}; give --dataset to "
