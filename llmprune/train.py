@@ -187,7 +187,10 @@ def train(
 
 
 STATE_JSON = "state.json"
-STATE_TENSORS = "state.safetensors"
+# Each checkpoint's tensors go to a file named for its step, and state.json, written last, names the file it
+# completes: a kill after the tensors and before the JSON leaves the previous checkpoint whole (its JSON still
+# names its own file), instead of its tensors replaced and the pair discarded as damaged.
+STATE_TENSORS = "state-{step:08d}.safetensors"
 
 
 def _state_digest(meta: dict[str, Any]) -> str:
@@ -211,11 +214,16 @@ def save_checkpoint(where: Path, step: int, history: dict[str, Any], params: lis
         for k, v in opt.state.get(p, {}).items():
             tensors[f"{k}.{i}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
     tensors["rng.cpu"] = torch.get_rng_state()  # LoRA dropout draws continue where they stopped
-    tmp = where / (STATE_TENSORS + ".tmp")
+    name = STATE_TENSORS.format(step=step)
+    tmp = where / (name + ".tmp")
     save_file(tensors, tmp)
-    tmp.replace(where / STATE_TENSORS)
-    meta = {"step": step, "history": history, "params": len(params), "tensors_sha256": sha256_file(where / STATE_TENSORS)}
+    tmp.replace(where / name)
+    meta = {"step": step, "history": history, "params": len(params), "tensors": name,
+            "tensors_sha256": sha256_file(where / name)}
     atomic_write_text(where / STATE_JSON, json.dumps({**meta, "sha256": _state_digest(meta)}))
+    for old in where.glob("state*.safetensors*"):  # the previous checkpoint's, now superseded
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(where: Path, params: list[nn.Parameter], opt, max_step: int) -> tuple[int, dict[str, Any]] | None:
@@ -236,13 +244,14 @@ def load_checkpoint(where: Path, params: list[nn.Parameter], opt, max_step: int)
         digest = meta.pop("sha256", None) if isinstance(meta, dict) else None
         if digest is None or digest != _state_digest(meta):
             raise ValueError("its state.json was changed or truncated")
-        if sha256_file(where / STATE_TENSORS) != meta["tensors_sha256"]:
+        tensors_file = where / str(meta["tensors"])
+        if tensors_file.parent != where or sha256_file(tensors_file) != meta["tensors_sha256"]:
             raise ValueError("its tensors were changed or truncated")
         if meta["params"] != len(params):
             raise ValueError("it is for another set of trainable parameters")
         if not isinstance(meta["step"], int) or not 0 < meta["step"] < max_step:
             raise ValueError(f"its step {meta['step']!r} is outside this run's 1..{max_step - 1}")
-        tensors = load_file(where / STATE_TENSORS)
+        tensors = load_file(tensors_file)
         for i, p in enumerate(params):
             if tensors[f"param.{i}"].shape != p.shape:
                 raise ValueError("its parameters have other shapes")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import tiny
 from conftest import cli, killed_at_evaluation
+from llmprune.cli import run
 from llmprune.masks import nm_valid
 
 FAST = ["--lr", 2e-3, "--batch-size", 4, "--holdout", 4, "--dropout", 0.0]
@@ -233,7 +234,7 @@ def test_a_damaged_checkpoint_is_discarded_and_the_step_starts_afresh(calibrated
         meta["step"] = 10**9
         state.write_text(json.dumps({**meta, "sha256": train_mod._state_digest(meta)}))
     else:
-        tensors = state.with_name("state.safetensors")
+        tensors = state.with_name(json.loads(text)["tensors"])
         raw = bytearray(tensors.read_bytes())
         raw[-1] ^= 0xFF  # one flipped byte in the tensor data
         tensors.write_bytes(bytes(raw))
@@ -241,6 +242,39 @@ def test_a_damaged_checkpoint_is_discarded_and_the_step_starts_afresh(calibrated
     code, res = cli("recover", wd, *opts)
     assert code == 0 and res["resumed_from"] is None and res["steps"] == 8
     assert "discarding the checkpoint" in capsys.readouterr().err
+    a, b = _weights(wd), _weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(calibrated, tmp_path, monkeypatch):
+    """Killed after step 6's tensors are written and before its state.json names them, the run still has step 3's
+    checkpoint whole (each checkpoint's tensors are a file of their own), resumes from it and ends at the weights
+    an uninterrupted run gives."""
+    import shutil
+
+    import llmprune.workdir as workdir_mod
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    ref = tmp_path / "ref"
+    shutil.copytree(wd, ref)
+    opts = ["--steps", 8, "--eval-every", 8, "--save-every", 3, *FAST]
+    assert cli("recover", ref, *opts)[0] == 0
+    real = workdir_mod.atomic_write_text
+
+    def dying(path, text, *a, **k):
+        if Path(path).name == "state.json" and json.loads(text)["step"] == 6:
+            raise KeyboardInterrupt
+        return real(path, text, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(workdir_mod, "atomic_write_text", dying)
+        assert run(["recover", str(wd), *map(str, opts)]) == 130
+    (state,) = (wd / ".resume").glob("recover-*/state.json")
+    assert json.loads(state.read_text())["step"] == 3
+    assert len(list(state.parent.glob("state-*.safetensors"))) == 2  # step 3's, and step 6's that nothing names
+    code, res = cli("recover", wd, *opts)
+    assert code == 0 and res["resumed_from"] == 3 and res["steps"] == 8
     a, b = _weights(wd), _weights(ref)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
