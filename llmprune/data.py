@@ -161,10 +161,47 @@ def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:
     return _texts(list(ds[field]), f"dataset {describe(source)}", field)
 
 
+# Above ONE_CALL_CHARS characters a text is tokenized in pieces of about PIECE_CHARS. One call on a whole corpus
+# -- the first C4 shard is about 800 MB of text, 170 M tokens -- makes the fast tokenizer hold every token's string,
+# offsets and masks at once (tens of bytes a token: several GB) where the ids alone are 8 bytes. Below it
+# (WikiText-2's training split is 11 M characters, every benchmark text less) one call, exactly as before.
+ONE_CALL_CHARS = 1 << 25
+PIECE_CHARS = 1 << 22
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` cut into consecutive pieces of about ``size`` characters, each ending at a document boundary (the
+    blank line documents are joined with) where there is one, so only the tokens at a boundary can differ from a
+    single call's. Joined again, the pieces are ``text``."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.find("\n\n", start + size)
+        if cut < 0:
+            break
+        out.append(text[start : cut + 2])
+        start = cut + 2
+    out.append(text[start:])
+    return out
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The token ids of the whole text, shape [n] (int64)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
-    return ids.to(torch.long)
+    """The token ids of the whole text, shape [n] (int64); a large text in pieces (``PIECE_CHARS``), a few at a time,
+    so memory follows the ids, not the tokenizer's full encodings of every token."""
+    from llmprune import report
+
+    if len(text) <= ONE_CALL_CHARS:
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0].to(torch.long)
+
+    def ids_of(batch: list[str]) -> list[torch.Tensor]:
+        enc = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        return [torch.tensor(e, dtype=torch.long) for e in enc]
+
+    parts, out, batch = pieces(text), [], 4  # a batch of pieces is encoded in parallel by the fast tokenizers
+    with report.progress(f"tokenizing {len(text) / 1e6:,.0f} M characters", len(parts)) as advance:
+        for i in range(0, len(parts), batch):
+            out += ids_of(parts[i : i + batch])
+            advance(len(parts[i : i + batch]))
+    return torch.cat(out)
 
 
 def random_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:

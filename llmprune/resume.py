@@ -119,7 +119,9 @@ def pending(workdir: Path) -> list[dict[str, Any]]:
         if not d.is_dir():
             continue
         try:
-            step = json.loads((d / "state.json").read_text(encoding="utf-8"))["step"]
+            state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+            # A state that names no tensors file is of an earlier version's layout: the rerun discards it.
+            step = state["step"] if (d / str(state["tensors"])).is_file() else None
         except (OSError, ValueError, KeyError, TypeError):
             step = None
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Set up .venv for llmprune on a fresh machine: the CPU build of torch first (an unpinned torch would pull a
 # multi-GB CUDA build), then llmprune itself with its test and eval (lm-eval) extras. Safe to re-run.
-#   TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh   # where no local CPU wheel exists
+# torch comes from a wheel pip finds without the network (a --find-links folder) when there is one, else from
+# PyTorch's CPU index; TORCH_INDEX=URL names another index (a CUDA one, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -z "${TORCH_INDEX:-}" ] && ! .venv/bin/pip install --quiet --dry-run --no-deps --no-index "torch==2.13.0" \
+      >/dev/null 2>&1; then
+    TORCH_INDEX=https://download.pytorch.org/whl/cpu  # PyPI's Linux torch is the CUDA build
+  fi
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,eval]"

@@ -20,3 +20,28 @@ def test_recovery_trains_on_the_train_split_and_eval_reads_the_test_split(monkey
     train, test = seen[0], seen[2]
     assert seen[1] == train != test and "test" in test
     assert texts["training"] == texts["calibration"] != texts["evaluation"]
+
+
+def test_a_large_text_is_tokenized_in_pieces_at_document_boundaries(monkeypatch):
+    """Past ``ONE_CALL_CHARS`` the text is tokenized a few pieces at a time, each ending at the blank line between
+    documents: the pieces join to the text, the ids decode to it, and they differ from one call's only at the
+    boundaries (at most a few tokens each)."""
+    import tiny
+
+    tok = tiny.tokenizer()
+    docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 53}" for j in range(40 + i % 17)) for i in range(300)]
+    text = "\n\n".join(docs)
+    whole = data.tokenize(tok, text)  # below the threshold: one call
+    monkeypatch.setattr(data, "ONE_CALL_CHARS", 1000)
+    monkeypatch.setattr(data, "PIECE_CHARS", 2000)
+    parts = data.pieces(text, 2000)
+    assert "".join(parts) == text and len(parts) > 20
+    assert all(p.endswith("\n\n") for p in parts[:-1]) and all(len(p) >= 2000 for p in parts[:-1])
+    cut = data.tokenize(tok, text)
+    assert tok.decode(cut.tolist()) == text
+    assert cut.dtype == whole.dtype == __import__("torch").long
+    assert abs(cut.numel() - whole.numel()) <= 2 * len(parts)
+
+
+def test_a_text_without_document_boundaries_stays_one_piece():
+    assert data.pieces("x" * 5000, 1000) == ["x" * 5000]

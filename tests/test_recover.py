@@ -355,3 +355,19 @@ def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_run(ca
     assert code == 0 and res["steps"] == 6
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("could not write the checkpoint of step") == 2 and "No space left on device" in err
+
+
+def test_status_does_not_offer_a_checkpoint_of_the_earlier_layout(tmp_path):
+    """A checkpoint whose state.json names no tensors file (written before they were per-step files) is discarded
+    by the rerun, so ``status`` shows no step to resume from; one that names its file does."""
+    from llmprune import resume
+
+    old, new = tmp_path / ".resume" / "recover-aaaa", tmp_path / ".resume" / "recover-bbbb"
+    old.mkdir(parents=True)
+    new.mkdir()
+    (old / "state.json").write_text(json.dumps({"step": 6}))
+    (old / "state.safetensors").write_bytes(b"x")
+    (new / "state.json").write_text(json.dumps({"step": 6, "tensors": "state-00000006.safetensors"}))
+    (new / "state-00000006.safetensors").write_bytes(b"x")
+    steps = {p["path"].rsplit("-", 1)[1]: p["step"] for p in resume.pending(tmp_path)}
+    assert steps == {"aaaa": None, "bbbb": 6}

@@ -24,7 +24,7 @@ def eval_(
     prompt_len: Annotated[int, typer.Option(help="With --speed: prompt tokens of the prefill.")] = 512,
     new_tokens: Annotated[int, typer.Option(help="With --speed: tokens decoded through the KV cache.")] = 64,
     speed_batches: Annotated[str, typer.Option(help="With --speed: batch sizes to time, comma-separated (1,8); batch 1's figures keep their plain names, batch b's end in _bB.")] = "1",
-    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: lastword:SRC (built in: the final word of each paragraph of SRC), lm-eval task names or task YAML files (needs llmprune[eval]), or the suites wanda-suite, llm-pruner-suite.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated: lastword:SRC (built in: the final word of each paragraph of SRC), lm-eval task names or task YAML files (needs llmprune\\[eval]), or the suites wanda-suite, llm-pruner-suite.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="With --tasks: at most this many examples per task (lastword default: 500).")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option(help="With --tasks: few-shot examples for lm-eval tasks (default: each task's own).")] = None,
     device: DeviceOpt = "cpu",

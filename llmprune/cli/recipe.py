@@ -35,7 +35,7 @@ def command_options() -> dict[str, dict[str, tuple[str, str]]]:
 def run_recipe(
     ctx: typer.Context,
     workdir: WorkdirArg,
-    recipe: Annotated[Path, typer.Option(help="TOML file: [[step]] tables, each a command and its options.")],
+    recipe: Annotated[Path, typer.Option(help="TOML file: \\[\\[step]] tables, each a command and its options.")],
     from_step: Annotated[Optional[str], typer.Option("--from", help="Restart at this step: its number (1-based) or command name.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan (what runs, what is skipped and why); change nothing.")] = False,
     as_json: JsonOpt = False,

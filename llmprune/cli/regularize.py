@@ -28,7 +28,7 @@ def regularize(
     lr: Annotated[float, typer.Option(help="AdamW learning rate (all parameters are trained).")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Windows per micro-batch.")] = 1,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
-    holdout: Annotated[int, typer.Option(help="Windows kept out of training to measure the gap (of --dataset's when given); a combination's split is scored on as many calibration windows.")] = 8,
+    holdout: Annotated[int, typer.Option(help="Windows kept out of training to measure the gap (of the training text's fresh windows, or of the calibration windows with --calibration-windows); a combination's split is scored on as many calibration windows.")] = 8,
     eval_every: Annotated[int, typer.Option(help="Measure the held-out gap every this many steps.")] = 25,
     seed: SeedOpt = 0,
     grad_checkpointing: GradCkptOpt = False,

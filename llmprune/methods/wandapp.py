@@ -88,7 +88,7 @@ class Options:
                            "the block's arguments allow).", check=positive)
     ro_dtype: str = option("fp32", "Wanda++: RO's forward and backward passes in fp32 or under bf16 autocast "
                            "(weights, optimiser state and loss stay fp32).", choices=("fp32", "bf16"))
-    ro_norms: str = option("mixed", "Wanda++: ||X_j|| of the re-prunes: the rounds' from RO's own forward passes "
+    ro_norms: str = option("mixed", "Wanda++, with --ro-mask free: ||X_j|| of the re-prunes: the rounds' from RO's own forward passes "
                            "and the final prune's from a pass over --ro-samples samples ('mixed'), all from RO's "
                            "passes ('steps', no extra pass), or all from separate passes on the current weights "
                            "('pass', the paper's order).", choices=("mixed", "steps", "pass"))
