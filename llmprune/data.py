@@ -165,11 +165,12 @@ def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:
 # -- the first C4 shard is about 800 MB of text, 170 M tokens -- makes the fast tokenizer hold every token's string,
 # offsets and masks at once (tens of bytes a token: several GB) where the ids alone are 8 bytes. Below it
 # (WikiText-2's training split is 11 M characters, every benchmark text less) one call, exactly as before.
-ONE_CALL_CHARS = 1 << 25
-PIECE_CHARS = 1 << 22
+# benchmarks/tokenize_bench.py: 40 M characters take 5.5 GB in one call.
+ONE_CALL_CHARS = 1 << 24
+PIECE_CHARS = 1 << 20
 
 
-def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+def pieces(text: str, size: int) -> list[str]:
     """``text`` cut into consecutive pieces of about ``size`` characters, each ending at a document boundary (the
     blank line documents are joined with) where there is one, so only the tokens at a boundary can differ from a
     single call's. Joined again, the pieces are ``text``."""
@@ -196,7 +197,7 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
         enc = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         return [torch.tensor(e, dtype=torch.long) for e in enc]
 
-    parts, out, batch = pieces(text), [], 4  # a batch of pieces is encoded in parallel by the fast tokenizers
+    parts, out, batch = pieces(text, PIECE_CHARS), [], 4  # a batch of pieces is encoded in parallel by the fast tokenizers
     with report.progress(f"tokenizing {len(text) / 1e6:,.0f} M characters", len(parts)) as advance:
         for i in range(0, len(parts), batch):
             out += ids_of(parts[i : i + batch])

@@ -37,7 +37,14 @@ def test_a_large_text_is_tokenized_in_pieces_at_document_boundaries(monkeypatch)
     parts = data.pieces(text, 2000)
     assert "".join(parts) == text and len(parts) > 20
     assert all(p.endswith("\n\n") for p in parts[:-1]) and all(len(p) >= 2000 for p in parts[:-1])
-    cut = data.tokenize(tok, text)
+    calls = []
+
+    def counting(texts, **kw):
+        calls.append(len(texts))
+        return tok(texts, **kw)
+
+    cut = data.tokenize(counting, text)
+    assert sum(calls) == len(parts) and max(calls) <= 4  # every piece, a few per call
     assert tok.decode(cut.tolist()) == text
     assert cut.dtype == whole.dtype == __import__("torch").long
     assert abs(cut.numel() - whole.numel()) <= 2 * len(parts)
