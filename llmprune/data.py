@@ -163,9 +163,9 @@ def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:
 
 # Above ONE_CALL_CHARS characters a text is tokenized in pieces of about PIECE_CHARS. One call on a whole corpus
 # -- the first C4 shard is about 800 MB of text, 170 M tokens -- makes the fast tokenizer hold every token's string,
-# offsets and masks at once (tens of bytes a token: several GB) where the ids alone are 8 bytes. Below it
-# (WikiText-2's training split is 11 M characters, every benchmark text less) one call, exactly as before.
-# benchmarks/tokenize_bench.py: 40 M characters take 5.5 GB in one call.
+# offsets and masks at once (over 500 bytes a token by benchmarks/tokenize_bench.py: 5.5 GB for 40 M characters)
+# where the ids alone are 8 bytes. Below it (WikiText-2's training split is 11 M characters, every benchmark text
+# less) one call, exactly as before.
 ONE_CALL_CHARS = 1 << 24
 PIECE_CHARS = 1 << 20
 
@@ -200,8 +200,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     parts, out, batch = pieces(text, PIECE_CHARS), [], 4  # a batch of pieces is encoded in parallel by the fast tokenizers
     with report.progress(f"tokenizing {len(text) / 1e6:,.0f} M characters", len(parts)) as advance:
         for i in range(0, len(parts), batch):
-            out += ids_of(parts[i : i + batch])
-            advance(len(parts[i : i + batch]))
+            chunk = parts[i : i + batch]
+            out += ids_of(chunk)
+            advance(len(chunk))
     return torch.cat(out)
 
 
