@@ -353,6 +353,27 @@ def test_a_fixed_ro_mask_keeps_the_first_rounds_zeros_and_still_lowers_the_error
     assert errors["fixed", 3] < 0.9 * errors["free", 0], errors
 
 
+def test_adam_keeps_the_fixed_mask_and_lowers_the_error_its_own_way(tiny_root):
+    """``ro_optim='adam'``: a pruned weight's gradient is always zero under the fixed mask, so its moments are zero
+    and Adam leaves it at zero as RMSprop does; RO with Adam lowers the block error against no RO, by steps of its
+    own (its weights are not RMSprop's)."""
+    model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 16, 32, batch_size=1)
+    dense = _arch.blocks(model)[0]
+    blocks, errors = {}, {}
+    for optim, iters in (("rmsprop", 0), ("rmsprop", 3), ("adam", 3)):
+        block = copy.deepcopy(dense)
+        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_optim=optim)
+        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+        blocks[optim, iters], errors[optim, iters] = block, _block_error(block, dense, acts)
+    # Both start from the same first round (same draw, same dense norms); RMSprop keeps its mask (the test above)
+    kept = {n: lin.weight.detach() == 0 for n, lin in _arch.block_linears(blocks["rmsprop", 3]).items()}
+    for n, lin in _arch.block_linears(blocks["adam", 3]).items():
+        assert torch.equal(lin.weight.detach() == 0, kept[n]), n
+    assert errors["adam", 3] < 0.9 * errors["rmsprop", 0], errors
+    assert any(not torch.equal(a, b) for a, b in zip(blocks["adam", 3].parameters(),
+                                                      blocks["rmsprop", 3].parameters()))
+
+
 def test_a_fixed_ro_mask_prunes_an_expert_the_first_draw_missed_from_every_sample(tiny_root, monkeypatch):
     """Under ``ro_mask='fixed'`` the first round's mask is final, so it must reach every Linear: an expert the first
     draw routed no token to is pruned there from the dense pass's norms over all samples (Wanda's mask on them) and

@@ -86,6 +86,9 @@ class Options:
                           choices=("absolute", "relative"))
     ro_batch: int = option(1, "Wanda++: RO samples per RMSprop step (their losses summed; run as one batch when "
                            "the block's arguments allow).", check=positive)
+    ro_optim: str = option("rmsprop", "Wanda++: RO's optimiser: RMSprop (the paper's) or Adam (momentum over RMSprop's "
+                           "scaling, bias-corrected: at one --ro-lr its early steps are smaller).",
+                           choices=("rmsprop", "adam"))
     ro_dtype: str = option("fp32", "Wanda++: RO's forward and backward passes in fp32 or under bf16 autocast "
                            "(weights, optimiser state and loss stay fp32).", choices=("fp32", "bf16"))
     ro_norms: str = option("mixed", "Wanda++, with --ro-mask free: ||X_j|| of the re-prunes: the rounds' from RO's own forward passes "
@@ -103,7 +106,7 @@ class Options:
 
 # Yang et al. 2025 (sec. 4 and the reproduction their arXiv v3 points to): what ``--preset paper`` sets.
 PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro_lr": 3e-7, "ro_step": "absolute",
-         "ro_batch": 1, "ro_norms": "pass", "ro_dtype": "fp32", "ro_mask": "free"}
+         "ro_batch": 1, "ro_optim": "rmsprop", "ro_norms": "pass", "ro_dtype": "fp32", "ro_mask": "free"}
 
 
 def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
@@ -111,6 +114,15 @@ def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
     if step == "absolute":
         return [lr] * len(weights)
     return [lr * float(w.detach().float().pow(2).mean().sqrt()) for w in weights]
+
+
+def ro_optimiser(kind: str, weights: list[torch.Tensor], rates: list[float]) -> torch.optim.Optimizer:
+    """RO's optimiser over the Linear weights, one parameter group (rate) per weight. Neither decays a weight, and
+    a weight whose gradient has always been zero (pruned, under ``ro_mask='fixed'``) has zero moments, so neither
+    moves it. Adam adds momentum to RMSprop's per-weight normalisation (Kingma & Ba 2015): RO's gradients come
+    from one window a step, and averaging them over steps is what momentum does."""
+    groups = [{"params": [w], "lr": r} for w, r in zip(weights, rates)]
+    return torch.optim.Adam(groups) if kind == "adam" else torch.optim.RMSprop(groups)
 
 
 def rgs_score(weight: torch.Tensor, grad_rms: torch.Tensor | None, norms: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -306,8 +318,7 @@ def _regional_optimisation(ctx: BlockContext, dense: DensePass, draws: list[list
     for p in params:
         p.requires_grad_(id(p) in ids)
     # Rates from the dense weights: the block is not pruned yet (the first round prunes it below).
-    opt = torch.optim.RMSprop([{"params": [w], "lr": r} for w, r in zip(weights, ro_rates(weights, opts.ro_lr,
-                                                                                          opts.ro_step))])
+    opt = ro_optimiser(opts.ro_optim, weights, ro_rates(weights, opts.ro_lr, opts.ro_step))
     n = acts.n_samples
     m = min(opts.ro_samples, n)
     scale = (n / m) ** 0.5  # a round's norms (m samples) to the scale of all n under the 'sum' convention
