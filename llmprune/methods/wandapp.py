@@ -18,6 +18,9 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - ``ro_batch``: samples per RMSprop step, their losses summed (1: the paper's one step per sample). The windows
   of a step run as one batch when the block's arguments merge (``Activations.merged``), which is faster on any
   device; the gradient is the same either way.
+- ``ro_optim``: RMSprop (the paper's, the default) or Adam. torch's RMSprop keeps no bias correction, so its
+  first steps are up to 10x ``ro_lr`` (the squared-gradient average starts at zero) and it settles to about 1.5x by
+  step 64; Adam's bias-corrected steps stay at or under ``ro_lr`` and carry momentum across the steps' windows.
 - ``ro_dtype``: RO's forward and backward passes in fp32 (default) or under bf16 autocast (``bf16``): the weights,
   the optimiser state and the loss stay fp32, only the matrix products run in bf16. Meant for hardware with bf16
   matrix units (recent GPUs, CPUs with AMX), where RO's steps are the bulk of Wanda++'s cost; a CPU without them
