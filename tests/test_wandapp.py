@@ -58,6 +58,18 @@ def _block_error(block, dense, acts):
                    for h, kw in zip(acts.hidden, acts.kwargs))
 
 
+def _ro_variants(dense, acts, option: str, variants):
+    """2:4 Wanda++ on copies of ``dense``, one per ``(value of option, RO rounds)``: the blocks and their errors
+    against the dense block, by that pair."""
+    blocks, errors = {}, {}
+    for value, iters in variants:
+        block = copy.deepcopy(dense)
+        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, **{option: value})
+        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+        blocks[value, iters], errors[value, iters] = block, _block_error(block, dense, acts)
+    return blocks, errors
+
+
 def test_regional_optimisation_lowers_the_block_error_and_keeps_exact_sparsity(tiny_root):
     model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 16, 32, batch_size=1)
     dense = _arch.blocks(model)[0]
@@ -82,15 +94,11 @@ def test_bf16_ro_lowers_the_block_error_like_fp32_and_keeps_dtype_and_sparsity(t
     differ from fp32's (the autocast is really on)."""
     model, _, acts = tiny.model_and_inputs(tiny_root, arch, 16, 32, batch_size=1)
     dense = _arch.blocks(model)[0]
-    blocks, errors = {}, {}
-    for dtype, iters in (("fp32", 0), ("fp32", 4), ("bf16", 4)):
-        block = copy.deepcopy(dense)
-        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_dtype=dtype)
-        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
+    blocks, errors = _ro_variants(dense, acts, "ro_dtype", (("fp32", 0), ("fp32", 4), ("bf16", 4)))
+    for block in blocks.values():
         for lin in _arch.block_linears(block).values():
             assert (lin.weight == 0).float().mean().item() == 0.5
             assert lin.weight.dtype == dense.mlp.down_proj.weight.dtype and lin.weight.grad is None
-        blocks[dtype, iters], errors[dtype, iters] = block, _block_error(block, dense, acts)
     assert errors["fp32", 4] < 0.9 * errors["fp32", 0], errors
     assert errors["bf16", 4] < 0.9 * errors["fp32", 0], errors
     assert abs(errors["bf16", 4] - errors["fp32", 4]) < 0.1 * errors["fp32", 4], errors
@@ -359,12 +367,7 @@ def test_adam_keeps_the_fixed_mask_and_lowers_the_error_its_own_way(tiny_root):
     own (its weights are not RMSprop's)."""
     model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 16, 32, batch_size=1)
     dense = _arch.blocks(model)[0]
-    blocks, errors = {}, {}
-    for optim, iters in (("rmsprop", 0), ("rmsprop", 3), ("adam", 3)):
-        block = copy.deepcopy(dense)
-        opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_optim=optim)
-        wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
-        blocks[optim, iters], errors[optim, iters] = block, _block_error(block, dense, acts)
+    blocks, errors = _ro_variants(dense, acts, "ro_optim", (("rmsprop", 0), ("rmsprop", 3), ("adam", 3)))
     # Both start from the same first round (same draw, same dense norms); RMSprop keeps its mask (the test above)
     kept = {n: lin.weight.detach() == 0 for n, lin in _arch.block_linears(blocks["rmsprop", 3]).items()}
     for n, lin in _arch.block_linears(blocks["adam", 3]).items():
