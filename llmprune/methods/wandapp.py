@@ -15,7 +15,7 @@ No official code exists; this follows ../shared/METHODS.md, and every uncertain 
 - RO step: RMSprop moves each weight by about ``ro_lr`` per step whatever the weight's size, so the paper's 3e-7
   (set for 7B models) barely moves a small model's larger weights. ``ro_step='relative'`` makes the rate of each
   Linear ``ro_lr`` times the RMS of its dense weights: one setting then moves weights of any scale alike.
-- ``ro_batch``: samples per RMSprop step, their losses summed (1: the paper's one step per sample). The windows
+- ``ro_batch``: samples per optimiser step, their losses summed (1: the paper's one step per sample). The windows
   of a step run as one batch when the block's arguments merge (``Activations.merged``), which is faster on any
   device; the gradient is the same either way.
 - ``ro_optim``: RMSprop (the paper's, the default) or Adam. torch's RMSprop keeps no bias correction, so its
@@ -87,7 +87,7 @@ class Options:
     ro_step: str = option("relative", "Wanda++: --ro-lr as RMSprop's own rate ('absolute', the paper) or times each "
                           "Linear's weight RMS ('relative': the same for weights of any scale).",
                           choices=("absolute", "relative"))
-    ro_batch: int = option(1, "Wanda++: RO samples per RMSprop step (their losses summed; run as one batch when "
+    ro_batch: int = option(1, "Wanda++: RO samples per optimiser step (their losses summed; run as one batch when "
                            "the block's arguments allow).", check=positive)
     ro_optim: str = option("rmsprop", "Wanda++: RO's optimiser: RMSprop (the paper's) or Adam (momentum over RMSprop's "
                            "scaling, bias-corrected: at one --ro-lr its early steps are smaller).",
@@ -113,7 +113,7 @@ PAPER = {"alpha": 100.0, "act_norm": "sum", "ro_iters": 5, "ro_samples": 32, "ro
 
 
 def ro_rates(weights: list[torch.Tensor], lr: float, step: str) -> list[float]:
-    """The RMSprop rate of each weight: ``lr``, or ``lr * RMS(W)`` (``relative``), from the weights as given."""
+    """The optimiser rate of each weight: ``lr``, or ``lr * RMS(W)`` (``relative``), from the weights as given."""
     if step == "absolute":
         return [lr] * len(weights)
     return [lr * float(w.detach().float().pow(2).mean().sqrt()) for w in weights]
