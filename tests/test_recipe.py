@@ -101,7 +101,7 @@ def _argv(wd: Path, r: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_at_random_points_loses_nothing(tiny_root, tmp_path):
-    """kill -9 a recipe run at 24 points spread over its duration, re-run it, and compare with an uninterrupted run:
+    """kill -9 a recipe run at 12 points spread over its duration, re-run it, and compare with an uninterrupted run:
     the same files (hashes) and the same metrics every time."""
     r = recipe(tiny_root, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -111,7 +111,9 @@ def test_kill_at_random_points_loses_nothing(tiny_root, tmp_path):
     total = time.perf_counter() - t0
     expected = state(ref)
     rng = random.Random(0)
-    points = 24
+    # 12 points still fall in every phase of the run (load, each step's blocks, the commits); 24 made this the slow
+    # tier's longest test (678 s on a slow day of the CI machine).
+    points = 12
     outcomes = []
     for k in range(points):
         # The reference run sets the time scale; if the machine is faster now (the reference ran while it was
@@ -136,7 +138,7 @@ def test_kill_at_random_points_loses_nothing(tiny_root, tmp_path):
             if outcome == "killed":
                 break
         outcomes.append(outcome)
-    assert outcomes.count("killed") >= 20, outcomes
+    assert outcomes.count("killed") >= 10, outcomes
 
 
 def test_full_disk_mid_save_leaves_the_previous_state(calibrated, monkeypatch, capsys):

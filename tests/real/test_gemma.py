@@ -21,7 +21,9 @@ import assets  # noqa: E402
 pytestmark = pytest.mark.real
 SEQLEN = 512
 EVAL_WINDOWS = 8  # of the 101 test windows
-LASTWORD_LIMIT = 200
+# At 100 examples the dense / SparseGPT / magnitude accuracies (0.27 / 0.145 / 0.005 at 200, benchmarks/results)
+# stay apart; each example set costs as much as 25 test windows.
+LASTWORD_LIMIT = 100
 PARAMETERS = 268_098_176
 LINEARS = 18 * 7
 
@@ -37,7 +39,9 @@ def gemma(tmp_path_factory):
     # the layer types this model mixes: the per-block keyword arguments must follow them
     assert set(config["layer_types"]) == {"sliding_attention", "full_attention"}
     assert config["num_key_value_heads"] == 1 and config["head_dim"] == 256
-    return wd, paths
+    dense: dict[str, float] = {}  # the dense model's figures, measured once for the tests that compare with them
+    dense["ppl"] = _eval(wd, paths, dense, "acc")
+    return wd, paths, dense
 
 
 def _eval(run: Path, paths: dict, acc: dict | None = None, key: str = "") -> float:
@@ -61,9 +65,9 @@ def _weights(run: Path) -> dict:
 
 
 def test_gemma_baselines_order_and_exact_sparsity(gemma, tmp_path):
-    wd, paths = gemma
-    acc: dict[str, float] = {}
-    ppl = {"dense": _eval(wd, paths, acc, "dense")}
+    wd, paths, dense = gemma
+    acc = {"dense": dense["acc"]}
+    ppl = {"dense": dense["ppl"]}
     for method in ("magnitude", "wanda", "sparsegpt"):
         run = tmp_path / method
         shutil.copytree(wd, run)
@@ -71,7 +75,8 @@ def test_gemma_baselines_order_and_exact_sparsity(gemma, tmp_path):
         layers = json.loads((run / "manifest.json").read_text())["steps"][-1]["metrics"]["layer_sparsity"]
         assert len(layers) == LINEARS
         assert all(s == 0.5 for s in layers.values()), {k: s for k, s in layers.items() if s != 0.5}
-        ppl[method] = _eval(run, paths, acc, method)
+        # the accuracy only where the last check reads it
+        ppl[method] = _eval(run, paths, acc if method != "wanda" else None, method)
         shutil.rmtree(run / "model")  # keep the temporary disk small
     print(ppl, acc)
     # benchmarks/results/gemma3-270m-prune-2026-12-03.md (64 windows, whole test split): magnitude 22296,
@@ -86,7 +91,7 @@ def test_gemma_two_four_holds_on_every_weight(gemma, tmp_path):
     embedding, the norms (Gemma's 1 + w scales) and the q/k norms bit for bit."""
     from llmprune.masks import nm_valid
 
-    wd, paths = gemma
+    wd, paths, dense = gemma
     run = tmp_path / "wanda24"
     shutil.copytree(wd, run)
     assert cli("prune", run, "--method", "wanda", "--pattern", "2:4")[0] == 0
@@ -96,7 +101,7 @@ def test_gemma_two_four_holds_on_every_weight(gemma, tmp_path):
     rest = [k for k in weights if k not in linear]
     assert any("q_norm" in k for k in rest) and any("pre_feedforward_layernorm" in k for k in rest)
     assert all(torch.equal(weights[k], base[k]) for k in rest)
-    assert _eval(run, paths) < 20 * _eval(wd, paths)  # 2:4 Wanda: 313 on the whole split, dense 30.5
+    assert _eval(run, paths) < 20 * dense["ppl"]  # 2:4 Wanda: 313 on the whole split, dense 30.5
 
 
 def test_gemma_hidden_removal_is_a_smaller_standard_model(gemma, tmp_path):
@@ -105,7 +110,7 @@ def test_gemma_hidden_removal_is_a_smaller_standard_model(gemma, tmp_path):
     config transformers loads with plain from_pretrained, and a finite perplexity."""
     from transformers import AutoModelForCausalLM
 
-    wd, paths = gemma
+    wd, paths, _ = gemma
     run = tmp_path / "hidden"
     shutil.copytree(wd, run)
     code, res = cli("prune", run, "--method", "dress", "--structure", "hidden", "--ratio", 0.1)

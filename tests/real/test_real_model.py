@@ -19,7 +19,9 @@ import assets  # noqa: E402
 pytestmark = pytest.mark.real
 SEQLEN = 512
 EVAL_WINDOWS = 20  # of the 105 test windows
-LASTWORD_LIMIT = 200  # last-word examples (of the test split's paragraphs)
+# Last-word examples (of the test split's paragraphs). 100 keep the checks' three models apart: dense 0.465 at 200
+# (benchmarks/results/smollm2-owl-2026-12-03.md), SparseGPT at 2x the dense perplexity, magnitude at 25x (BENCHMARK.md).
+LASTWORD_LIMIT = 100
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +54,14 @@ def test_baselines_order_and_exact_sparsity(real, tmp_path):
             layers = json.loads((run / "manifest.json").read_text())["steps"][-1]["metrics"]["layer_sparsity"]
             assert len(layers) == 30 * 7
             assert all(s == 0.5 for s in layers.values()), {k: s for k, s in layers.items() if s != 0.5}
+        # the accuracy only where the checks below read it: each costs as much as 25 test windows
+        tasks = ["--tasks", f"lastword:{paths['test']}", "--limit", LASTWORD_LIMIT] if method != "wanda" else []
         code, res = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", EVAL_WINDOWS,
-                        "--tasks", f"lastword:{paths['test']}", "--limit", LASTWORD_LIMIT)
+                        *tasks)
         assert code == 0
         ppl[method] = res["perplexity"]
-        acc[method] = res["tasks"][f"lastword:{paths['test']}"]["acc"]
+        if tasks:
+            acc[method] = res["tasks"][f"lastword:{paths['test']}"]["acc"]
         shutil.rmtree(run / "model")  # keep the temporary disk small
     print(ppl, acc)
     assert ppl["magnitude"] > ppl["wanda"] > ppl["sparsegpt"] > ppl["dense"]
