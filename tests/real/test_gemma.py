@@ -39,20 +39,21 @@ def gemma(tmp_path_factory):
     # the layer types this model mixes: the per-block keyword arguments must follow them
     assert set(config["layer_types"]) == {"sliding_attention", "full_attention"}
     assert config["num_key_value_heads"] == 1 and config["head_dim"] == 256
-    dense: dict[str, float] = {}  # the dense model's figures, measured once for the tests that compare with them
-    dense["ppl"] = _eval(wd, paths, dense, "acc")
-    return wd, paths, dense
+    # the dense model's figures, measured once for the tests that compare with them
+    return wd, paths, _eval(wd, paths, lastword=True)
 
 
-def _eval(run: Path, paths: dict, acc: dict | None = None, key: str = "") -> float:
-    """Perplexity on a few test windows; with ``acc``, also the last-word accuracy, stored under ``key``."""
-    tasks = ["--tasks", f"lastword:{paths['test']}", "--limit", LASTWORD_LIMIT] if acc is not None else []
+def _eval(run: Path, paths: dict, lastword: bool = False) -> dict[str, float]:
+    """``{"ppl": ...}`` on a few test windows; with ``lastword``, also ``"acc"``, the last-word accuracy."""
+    task = f"lastword:{paths['test']}"
+    tasks = ["--tasks", task, "--limit", LASTWORD_LIMIT] if lastword else []
     code, res = cli("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", EVAL_WINDOWS,
                     *tasks)
     assert code == 0 and res["windows"] == EVAL_WINDOWS
-    if acc is not None:
-        acc[key] = res["tasks"][f"lastword:{paths['test']}"]["acc"]
-    return res["perplexity"]
+    out = {"ppl": res["perplexity"]}
+    if lastword:
+        out["acc"] = res["tasks"][task]["acc"]
+    return out
 
 
 def _weights(run: Path) -> dict:
@@ -66,8 +67,7 @@ def _weights(run: Path) -> dict:
 
 def test_gemma_baselines_order_and_exact_sparsity(gemma, tmp_path):
     wd, paths, dense = gemma
-    acc = {"dense": dense["acc"]}
-    ppl = {"dense": dense["ppl"]}
+    measured = {"dense": dense}
     for method in ("magnitude", "wanda", "sparsegpt"):
         run = tmp_path / method
         shutil.copytree(wd, run)
@@ -76,8 +76,10 @@ def test_gemma_baselines_order_and_exact_sparsity(gemma, tmp_path):
         assert len(layers) == LINEARS
         assert all(s == 0.5 for s in layers.values()), {k: s for k, s in layers.items() if s != 0.5}
         # the accuracy only where the last check reads it
-        ppl[method] = _eval(run, paths, acc if method != "wanda" else None, method)
+        measured[method] = _eval(run, paths, lastword=method != "wanda")
         shutil.rmtree(run / "model")  # keep the temporary disk small
+    ppl = {name: m["ppl"] for name, m in measured.items()}
+    acc = {name: m["acc"] for name, m in measured.items() if "acc" in m}
     print(ppl, acc)
     # benchmarks/results/gemma3-270m-prune-2026-12-03.md (64 windows, whole test split): magnitude 22296,
     # Wanda 90.25, SparseGPT 66.14, dense 30.48.
@@ -101,7 +103,7 @@ def test_gemma_two_four_holds_on_every_weight(gemma, tmp_path):
     rest = [k for k in weights if k not in linear]
     assert any("q_norm" in k for k in rest) and any("pre_feedforward_layernorm" in k for k in rest)
     assert all(torch.equal(weights[k], base[k]) for k in rest)
-    assert _eval(run, paths) < 20 * dense["ppl"]  # 2:4 Wanda: 313 on the whole split, dense 30.5
+    assert _eval(run, paths)["ppl"] < 20 * dense["ppl"]  # 2:4 Wanda: 313 on the whole split, dense 30.5
 
 
 def test_gemma_hidden_removal_is_a_smaller_standard_model(gemma, tmp_path):
@@ -123,4 +125,4 @@ def test_gemma_hidden_removal_is_a_smaller_standard_model(gemma, tmp_path):
     assert res["parameters"] == PARAMETERS - removed
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.hidden_size == 576 and model.num_parameters() == res["parameters"]
-    assert torch.isfinite(torch.tensor(_eval(run, paths)))
+    assert torch.isfinite(torch.tensor(_eval(run, paths)["ppl"]))
