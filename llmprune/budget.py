@@ -22,8 +22,17 @@ from torch import nn
 
 from llmprune import report
 from llmprune.errors import UserError
-from llmprune.structured import (Plan, check_supported, count_removed_or_none, geometry, removal, split_structures,
-                                 tail_units, units_per_group)
+from llmprune.stats import exp_nll
+from llmprune.structured import (
+    Plan,
+    check_supported,
+    count_removed_or_none,
+    geometry,
+    removal,
+    split_structures,
+    tail_units,
+    units_per_group,
+)
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # a combination's candidate splits: the coarsest structure's share of the cut
 
@@ -199,9 +208,9 @@ def search(model: nn.Module, structure: str, target: int, select_fn, holdout: to
         plan = combine(structure, parts)
         nll, params = score_fn(plan)
         tried[key] = {"share": share, "ratios": ratios, "parameters": params,
-                      "heldout_ppl": round(math.exp(nll), 4), "plan": plan}
+                      "heldout_ppl": round(exp_nll(nll), 4), "plan": plan}
         report.info(f"{structure} split {share:.2f}: " + ", ".join(f"{s} {r:.3f}" for s, r in ratios.items())
-                    + f" -> {params:,} parameters, held-out perplexity {math.exp(nll):.2f} ({scored_by})")
+                    + f" -> {params:,} parameters, held-out perplexity {exp_nll(nll):.2f} ({scored_by})")
     if not tried:
         raise UserError(f"--structure {structure} cannot reach {target:,} parameters with any split")
     best = min(tried.values(), key=lambda t: (t["heldout_ppl"], -t["parameters"]))

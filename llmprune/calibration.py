@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from llmprune.workdir import Workdir, check_fresh
+from llmprune.workdir import Workdir, check_fresh, remove_scaffolding
 
 
 @dataclass(frozen=True)
@@ -42,20 +42,10 @@ def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str
         raise
 
 
-def remove_scaffolding(path) -> None:
-    """Remove a folder that holds nothing but a workdir's scaffolding (lock, staging), as a failed first step leaves."""
-    import shutil
-
-    from llmprune.workdir import SCAFFOLDING
-
-    if path.is_dir() and all(p.name in SCAFFOLDING for p in path.iterdir()):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from llmprune import data
+    from llmprune import data, validate
     from llmprune.errors import UserError
     from llmprune.modeling import check_context, param_count, resolve_source
 
@@ -65,6 +55,7 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
         # A safetensors source (a folder, a Hub snapshot) is copied tensor by tensor, never held whole; a GGUF
         # file is dequantized by transformers, which loads it whole.
         lm, tok, base, write = (_load_gguf if src.kind == "gguf" else _open_safetensors)(src, o, out)
+        validate.check_vocabulary(len(tok), lm.get_input_embeddings().weight.shape[0], f"model {o.model}", UserError)
         check_context(lm, o.seqlen)
         ids = data.tokenize(tok, text)
         starts = ids.numel() - o.seqlen

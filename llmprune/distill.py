@@ -21,11 +21,13 @@ from the released model and beat it from a teacher corrected for 100 steps (benc
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmprune.errors import UserError
+from llmprune.stats import exp_nll
 
 TEACHER = "teacher"  # the workdir folder that keeps the calibrated model
 KD_OPTIONS = ("kd_temperature", "kd_weight", "teacher")  # recorded only by a step that distils
@@ -147,12 +149,12 @@ def correct_teacher(teacher: nn.Module, windows: torch.Tensor, hold: torch.Tenso
     Returns its record: the held-out perplexity on ``hold`` before and after, the steps, the time."""
     from llmprune.train import TrainSpec, heldout_nll, train
 
-    before = math.exp(heldout_nll(teacher, hold))
+    before = exp_nll(heldout_nll(teacher, hold))
     teacher.requires_grad_(True)
     spec = TrainSpec(steps=steps, lr=TEACHER_LR, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                      grad_checkpointing=grad_checkpointing, eval_every=0)
     hist = train(teacher, windows, spec, device=device, description="correcting the teacher",
-                 evaluate=lambda m, step: {"ppl": round(math.exp(heldout_nll(m, hold)), 4)})
+                 evaluate=lambda m, step: {"ppl": round(exp_nll(heldout_nll(m, hold)), 4)})
     teacher.eval().requires_grad_(False)
     return {"steps": hist["steps"], "lr": TEACHER_LR, "ppl_before": round(before, 4),
             "ppl_after": hist["evals"][-1]["ppl"], "seconds": hist["seconds"], "final_loss": hist["final_loss"]}

@@ -29,3 +29,10 @@ class IntegrityError(LlmpruneError):
     """A file in the workdir does not match the hash recorded in the manifest. Exit code 4."""
 
     exit_code = 4
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to ``limit``: how a
+    library's error is quoted inside llmprune's one-line messages."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

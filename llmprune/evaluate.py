@@ -16,6 +16,7 @@ from llmprune import arch as _arch
 from llmprune import engine
 from llmprune.errors import UserError
 from llmprune.modeling import param_count
+from llmprune.stats import exp_nll
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def perplexity(
                 count += target.numel()
             start += h.shape[0]
     mean = nll / count
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "windows": int(windows.shape[0])}
+    return {"perplexity": exp_nll(mean), "nll": mean, "tokens": count, "windows": int(windows.shape[0])}
 
 
 def block_zeros(index: int, block: nn.Module) -> dict[str, tuple[int, int]]:
@@ -178,6 +179,38 @@ def parse_batches(text: str) -> tuple[int, ...]:
     return batches
 
 
+def speed_memory(config: dict[str, Any], batch: int, prompt_len: int, new_tokens: int) -> int:
+    """Bytes the timing of one batch holds beside the weights, from the config (fp32, the widest it runs in): the
+    prefill's logits over the whole prompt, the KV cache, and the widest activation of one block."""
+    def size(key: str, default: int = 0) -> int:
+        v = config.get(key, default)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+
+    hidden, vocab = size("hidden_size", 1), size("vocab_size", 1)
+    heads = size("num_attention_heads", 1)
+    kv = size("num_key_value_heads", heads) * size("head_dim", hidden // heads)
+    tokens = batch * (prompt_len + new_tokens)
+    logits = batch * prompt_len * vocab
+    cache = 2 * size("num_hidden_layers", 1) * tokens * kv
+    act = batch * prompt_len * (max(size("intermediate_size"), hidden) * 3 + heads * prompt_len)
+    return 4 * (logits + cache + act)
+
+
+def available_memory(device: str) -> int | None:
+    """Free memory on ``device`` in bytes: the GPU's free memory, or the host's available memory (Linux); None
+    where it cannot be read."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def model_bytes(model_dir: Path) -> int:
     """The model's size on disk: its safetensors shards (what a release ships and a server loads)."""
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
@@ -219,10 +252,17 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
     if o.speed:
         import json
 
-        ctx = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+        config = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8"))
+        ctx = config.get("max_position_embeddings")
         if ctx is not None and o.prompt_len + o.new_tokens > ctx:
             raise UserError(f"--prompt-len {o.prompt_len} + --new-tokens {o.new_tokens} is longer than the model's "
                             f"context ({ctx} tokens)")
+        need = speed_memory(config, max(batches), o.prompt_len, o.new_tokens)
+        have = available_memory(o.device)
+        if have is not None and need + 2 * model_bytes(ws.model_dir) > have:
+            raise UserError(f"--speed-batches {max(batches)} with --prompt-len {o.prompt_len}: the timing needs about "
+                            f"{(need + 2 * model_bytes(ws.model_dir)) / 2**30:,.1f} GiB (logits, KV cache, the model "
+                            f"and its baseline) and {o.device} has {have / 2**30:,.1f} GiB free; time smaller batches")
     base_dir = None
     if o.speed_baseline is not None:
         if not o.speed:

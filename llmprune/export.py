@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,8 +10,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmprune.errors import UserError
+from llmprune.paths import links_under, printable
+from llmprune.report import number as num
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
 _SKIP_PARAMS = {"json"}
 
 
@@ -38,7 +41,7 @@ def _loading(fmt: str, base_id: str | None, repo: str | None = None) -> list[str
 
 
 def _is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not Path(source).exists() and not source.endswith(".gguf")
+    return bool(_HUB_ID.fullmatch(source)) and not Path(source).exists() and not source.endswith(".gguf")
 
 
 DATASETS_HUB = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4", "ptb": "ptb-text-only/ptb_text_only"}
@@ -162,8 +165,8 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str 
             m = s["metrics"]
             lines.append(
                 f"| {prev} | {public_name(s['params'].get('dataset'), digests)} | {s['params'].get('seqlen')} | "
-                f"{m.get('windows')} | {m.get('perplexity', float('nan')):.3f} | {m.get('parameters', 0):,} | "
-                f"{m.get('sparsity', {}).get('all', 0.0):.2%} |"
+                f"{m.get('windows')} | {num(m.get('perplexity'))} | {num(m.get('parameters'), ',')} | "
+                f"{num((m.get('sparsity') or {}).get('all'), '.2%')} |"
             )
     lines += _task_table(steps, digests)
     if sweep:
@@ -193,7 +196,7 @@ def _task_table(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[st
                         + ("–" if value is None else f"{value:.4f}") + " | "
                         + ("–" if err is None else f"{err:.4f}") + " |")
         if s["metrics"].get("tasks_mean") is not None and len(s["metrics"].get("tasks") or {}) > 1:
-            rows.append(f"| {prev} | mean | | {s['metrics']['tasks_mean']:.4f} | |")
+            rows.append(f"| {prev} | mean | | {num(s['metrics']['tasks_mean'], '.4f')} | |")
     if not rows:
         return []
     return ["", "## Zero-shot tasks", "",
@@ -210,18 +213,16 @@ def _sweep_section(rows: list[dict[str, Any]], plots: list[str]) -> list[str]:
     for r in rows:
         if r.get("status") != "done":
             continue
-        sp = "–" if r.get("achieved_sparsity") is None else f"{r['achieved_sparsity']:.2%}"
-        tm = "–" if r.get("tasks_mean") is None else f"{r['tasks_mean']:.4f}"
-        out.append(f"| {r['name']} | {r['perplexity']:.3f} | {r['parameters']:,} | {sp} | {tm} | "
+        sp, tm = num(r.get("achieved_sparsity"), ".2%"), num(r.get("tasks_mean"), ".4f")
+        out.append(f"| {r.get('name')} | {num(r.get('perplexity'))} | {num(r.get('parameters'), ',')} | {sp} | {tm} | "
                    f"{r.get('prefill_speedup') or '–'} |")
     out += [""] + [f"![{Path(p).stem.replace('_', ' ')}](plots/{Path(p).name})" for p in plots]
     return out
 
 
 def sweep_of(workdir: Path) -> tuple[list[dict[str, Any]], list[Path]] | None:
-    """The rows and plots of the sweep in ``WORK/sweep``, if there is one that can be read."""
-    import json
-
+    """The rows and plots of the sweep in ``WORK/sweep``, if there is one that can be read (its plots: plain files,
+    never links)."""
     from llmprune.workdir import SWEEP
 
     root = workdir / SWEEP
@@ -231,14 +232,12 @@ def sweep_of(workdir: Path) -> tuple[list[dict[str, Any]], list[Path]] | None:
         return None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         return None
-    return rows, sorted(root.glob("*.png"))
+    return rows, sorted(p for p in root.glob("*.png") if p.is_file() and not p.is_symlink())
 
 
 def set_adapter_base(adapter_dir: Path, base_id: str | None) -> None:
     """peft finds the base model of an adapter through ``base_model_name_or_path``: the Hub id the user names (never
     this machine's path)."""
-    import json
-
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = base_id
@@ -249,17 +248,33 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def is_earlier_export(folder: Path) -> bool:
-    """Whether ``folder`` is what an earlier ``export`` wrote: llmprune's model card on top, and no workdir inside."""
+_FILES_NOTE = re.compile(r"^<!-- llmprune export files: (\[.*\]) -->$", re.M)
+
+
+def files_note(files: list[str]) -> str:
+    """The line the card ends with: every file the export wrote (an HTML comment, unseen on the Hub), so a later
+    ``--overwrite`` can tell an export it may replace from a folder the user has since put files into."""
+    return f"<!-- llmprune export files: {json.dumps(sorted(files))} -->\n"
+
+
+def foreign_files(folder: Path) -> list[str] | None:
+    """What in ``folder`` an earlier ``export`` did not write, by the file list its card ends with (links count as
+    foreign: never followed, never deleted through); None if ``folder`` is not an llmprune export at all."""
     card = folder / "README.md"
     try:
-        text = card.read_text(encoding="utf-8")
+        text = card.read_text(encoding="utf-8") if not card.is_symlink() else ""
     except (OSError, UnicodeDecodeError):
-        return False
+        return None
     front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
-    if not re.search(r"^\s*-\s*llmprune\s*$", front, re.M):
-        return False
-    return not any(p.name == "manifest.json" for p in folder.rglob("manifest.json"))
+    note = _FILES_NOTE.search(text)
+    if not re.search(r"^\s*-\s*llmprune\s*$", front, re.M) or not note:
+        return None
+    try:
+        listed = set(json.loads(note.group(1))) | {"README.md"}
+    except ValueError:
+        return None
+    return sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_symlink() or p.is_file()} - listed | {str(p.relative_to(folder)) for p in links_under(folder)})
 
 
 def check_out(out: Path, workdir: Path, overwrite: bool) -> None:
@@ -276,21 +291,27 @@ def check_out(out: Path, workdir: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} exists and is not empty; choose an empty or new --out (or pass --overwrite)")
-        if not is_earlier_export(out):
+        foreign = foreign_files(out)
+        if foreign is None:
             raise UserError(f"--overwrite replaces only an earlier llmprune export, and {out} is not one (no llmprune "
-                            "model card on top, or a workdir inside); choose another --out")
+                            "model card with its file list on top); choose another --out")
+        if foreign:
+            raise UserError(f"--overwrite replaces only an earlier llmprune export, and {out} also holds "
+                            f"{', '.join(map(printable, foreign[:3]))}" + (f" and {len(foreign) - 3} more" if
+                                                                          len(foreign) > 3 else "")
+                            + ", which no export wrote: move them away or choose another --out")
 
 
 def build_folder(fill: Callable[[Path], None], card: str, out: Path) -> list[Path]:
     """Write the export folder: ``fill`` populates a temporary sibling, the card is added, then one rename puts it in
     place. Returns the files written. ``out`` must have passed ``check_out`` (what an existing folder may be)."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    clear_leftovers(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         fill(tmp)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        written = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+        (tmp / "README.md").write_text(card.rstrip("\n") + "\n\n" + files_note(written), encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -303,6 +324,29 @@ def build_folder(fill: Callable[[Path], None], card: str, out: Path) -> list[Pat
     else:
         os.replace(tmp, out)
     return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+_LEFTOVER = re.compile(r"\.(tmp|old)-(\d+)$")
+
+
+def clear_leftovers(out: Path) -> None:
+    """Remove what a killed export left beside ``out`` (``.OUT.tmp-PID``, ``.OUT.old-PID``, names only an export
+    makes) when the process that made it is gone."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = _LEFTOVER.search(p.name)
+        if not (m and p.name == f".{out.name}.{m.group(1)}-{m.group(2)}"):
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+            if int(m.group(2)) != os.getpid():
+                continue  # still running: another export's work in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def planned_files(parts: dict[str, Path]) -> list[tuple[str, int]]:
@@ -335,15 +379,39 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
                    dry_run: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
     optionally its upload. With ``dry_run``, only the list of what would be written."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    for flag, value in (("--push-to-hub", push_to_hub), ("--base-model", base_model),
+                        ("--adapter-base", adapter_base)):
+        if value is not None:
+            check_repo_id(value, flag)
+    ws.manifest()  # a missing or foreign folder is refused before the lock would create anything in it
+    with ws.locked():  # a step committing meanwhile would mix its weights with the card of the state before
+        return _export(ws, out, fmt, base_model=base_model, adapter_base=adapter_base, push_to_hub=push_to_hub,
+                       private=private, dry_run=dry_run, overwrite=overwrite)
+
+
+def check_repo_id(value: str, flag: str) -> None:
+    """A Hub repo id as the Hub accepts it (``huggingface_hub``'s own rules: ASCII letters, digits, ``-_.``, no
+    ``--`` or ``..``), with its owner: refused before anything is written."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if not _HUB_ID.fullmatch(value) or not value.isascii():
+            raise HFValidationError("use OWNER/NAME")
+        validate_repo_id(value)
+    except HFValidationError as e:
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else "use OWNER/NAME"
+        raise UserError(f"{flag} {printable(value)} is not a Hub repo id ({why})") from None
+
+
+def _export(ws, out: Path, fmt: str, *, base_model: str | None, adapter_base: str | None, push_to_hub: str | None,
+            private: bool, dry_run: bool, overwrite: bool) -> dict[str, Any]:
     from llmprune import recovery, report
     from llmprune.modeling import load_current, save_model
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     manifest = ws.manifest()
     check_out(out, ws.path, overwrite)
-    if push_to_hub and not _HUB_ID.match(push_to_hub):
-        raise UserError(f"--push-to-hub {push_to_hub!r} is not a Hub repo id; use OWNER/NAME")
     ws.verify("model")
     pending = recovery.pending_adapter(manifest)
     adapter = ws.path / "adapter"
@@ -359,9 +427,6 @@ def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None
             raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
                             "plain peft would apply it densely, another model; export --format merged, or recover "
                             "with --no-masked")
-    for flag, value in (("--base-model", base_model), ("--adapter-base", adapter_base)):
-        if value and not _HUB_ID.match(value):
-            raise UserError(f"{flag} {value!r} is not a Hub repo id; use OWNER/NAME")
     base_id = adapter_base or (push_to_hub if fmt == "peft" else None)
     parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
              "adapter": {".": adapter}}[fmt]

@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from llmprune.errors import IntegrityError
+from llmprune import validate
+from llmprune.errors import IntegrityError, first_line
 from llmprune.shards import ShardSet
 
 
@@ -89,14 +90,19 @@ class Lazy:
 
         self.folder = Path(folder)
         self.shards = ShardSet(self.folder, error)
+        what = f"the model in {self.folder}"
         try:
             config = AutoConfig.from_pretrained(self.folder)
-        except (OSError, ValueError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise error(f"cannot read the config of the model in {self.folder}: {msg[:300]}") from None
+        except Exception as e:  # anything a config file can make the parser raise is a config that cannot be read
+            raise error(f"cannot read the config of {what}: {first_line(e)}") from None
         row = arch_for(config.model_type)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
+        validate.check_config(config, what, error)
+        validate.check_block_count(config, self.shards.names(), what, error)
+        try:
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config)
+        except Exception as e:  # a value the config checks above do not know (a family's own field) that is wrong
+            raise error(f"cannot build {what} from its config: {first_line(e)}") from None
         model.tie_weights()  # under init_empty_weights the tie is only declared; make it the same Parameter
         model.eval()
         self.model = model
@@ -152,6 +158,10 @@ class Lazy:
                                          (extra, "not in the model")) if names]
         if problems:
             raise error(f"the model in {self.folder} does not match its config.json: {'; '.join(problems)}")
+        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        validate.check_dtypes({**{k: self.shards.entries[k].dtype for n, k in self.key.items() if n in params},
+                               **{k: self.shards.entries[k].dtype for sources in self.parts.values()
+                                  for e in sources for k in e}}, what, error)
         self._shapes = shapes  # the skeleton's shapes: what a tensor is unloaded to, whatever was loaded
         self._names = {id(m): name for name, m in model.named_modules()}
         # The (module, attribute) pairs holding each parameter: a tied head and embedding must stay one Parameter

@@ -31,8 +31,8 @@ def parse_pattern(text: str, sparsity: float | None) -> tuple[Pattern, float]:
     """The pattern and the sparsity it implies; a conflicting ``--sparsity`` is an error."""
     if text == "unstructured":
         s = 0.5 if sparsity is None else sparsity
-        if not 0 <= s < 1:
-            raise UserError(f"--sparsity must be in [0, 1), got {s}")
+        if not 0 < s < 1:  # 0 would prune nothing yet record a prune step
+            raise UserError(f"--sparsity must be in (0, 1), got {s}")
         return Pattern(), s
     try:
         n, m = (int(x) for x in text.split(":"))

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from llmprune import validate
 from llmprune.arch import arch_for
-from llmprune.errors import UserError
+from llmprune.errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,11 +95,10 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
         model = checked_from_pretrained(where, f"model {source}", UserError, dtype=torch_dtype, **kwargs)
-    except UserError:
+    except (UserError, MemoryError):
         raise
-    except (OSError, ValueError, EnvironmentError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {source}: {msg[:300]}") from None
+    except Exception as e:  # whatever reading the user's files raises: the source is refused, exit 1
+        raise UserError(f"cannot load model {source}: {first_line(e)}") from None
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         # The weights are dequantized; the GGUF quantization config would make save_pretrained refuse or lie.
         del model.config.quantization_config
@@ -126,10 +126,10 @@ def check_gguf(path: Path, source: str) -> None:
                         "transformers; use the model's safetensors release (Hub id or folder) instead")
     try:
         config = AutoConfig.from_pretrained(str(path.parent.resolve()), gguf_file=path.name)
-    except (OSError, ValueError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read the config of {source}: {msg[:300]}") from None
+    except Exception as e:  # the GGUF parser on a file that lies about its counts raises anything
+        raise UserError(f"cannot read the config of {source}: {first_line(e)}") from None
     arch_for(config.model_type)
+    validate.check_config(config, source, UserError)
 
 
 # What a Hub snapshot needs for llmprune: weights as safetensors, the config, the tokenizer (never pickles).

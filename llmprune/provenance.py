@@ -27,8 +27,11 @@ def gguf_metadata(path: Path, prefix: str = "general.") -> dict[str, Any]:
         return UserError(f"{path} is not a readable GGUF file ({why})")
 
     out: dict[str, Any] = {}
+    size = path.stat().st_size
     with open(path, "rb") as f:
         def take(n: int) -> bytes:
+            if n > size - f.tell():  # a count that lies: never ask for more bytes than the file has
+                raise fail("truncated header")
             b = f.read(n)
             if len(b) != n:
                 raise fail("truncated header")

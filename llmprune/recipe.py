@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -58,9 +59,7 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
     """Parse and check a recipe. ``command_options`` maps each command to {option key: (kind, option string)}, kind
     'flag' or 'value', read from the CLI itself, so a recipe accepts exactly what the subcommand accepts."""
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"recipe {path} does not exist") from None
+        doc = tomllib.loads(read_recipe(path))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"recipe {path} is not valid TOML: {e}") from None
     extra = sorted(set(doc) - {"step"})
@@ -86,6 +85,9 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
                 raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' is a flag; use true or false")
             if isinstance(value, (dict, list)):
                 raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' must be a single value")
+            if isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) >= 2**63:
+                raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' = {value!r} is not a finite number that an "
+                                "option can take")
             if isinstance(value, str):
                 value = _expand(value, f"recipe step {i + 1} ({cmd}), '{key}'")
             opts[name] = value
@@ -95,6 +97,28 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
         if e.command == "prune":
             _check_method_options(e)
     return entries
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines; anything this large is not one
+
+
+def read_recipe(path: Path) -> str:
+    """A recipe's text: a regular file (not a FIFO, a device such as /dev/zero, a folder) under a size bound, so
+    reading it can neither block forever nor exhaust memory."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"recipe {path} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"recipe {path} is not a regular file")
+    if st.st_size > MAX_RECIPE_BYTES:
+        raise UserError(f"recipe {path} is {st.st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}")
+    with open(path, "rb") as f:
+        return f.read(MAX_RECIPE_BYTES + 1).decode("utf-8")
 
 
 def _check_method_options(e: Entry) -> None:

@@ -24,7 +24,8 @@ from torch import nn
 
 from llmprune import arch as _arch
 from llmprune import resume
-from llmprune.errors import StepFailed, UserError
+from llmprune.errors import IntegrityError, StepFailed, UserError
+from llmprune.stats import exp_nll
 from llmprune.workdir import Workdir
 
 
@@ -129,7 +130,12 @@ class Recovery:
     def _setup(self, tx, text: str | None, windows: torch.Tensor | None):
         from llmprune import distill, evaluate
         from llmprune.modeling import load_current, save_model
-        from llmprune.train import passes, split_holdout, text_windows, warn_repeated_windows
+        from llmprune.train import (
+            passes,
+            split_holdout,
+            text_windows,
+            warn_repeated_windows,
+        )
 
         o = self.opts
         lm, self.tok = load_current(self.ws, "float32")
@@ -172,14 +178,14 @@ class Recovery:
         from llmprune.train import TrainSpec, heldout_nll, train
 
         o = self.opts
-        self.ppl_before = math.exp(heldout_nll(model, hold))
+        self.ppl_before = exp_nll(heldout_nll(model, hold))
         spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, batch_size=o.batch_size, grad_accum=o.grad_accum,
                          seed=o.seed, grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
         # All weights trained on a sparse model: the pattern comes back after each step, so it holds throughout.
         keep = (lambda m, step, lr: reapply(m, masks)) if o.full and masks else None
         return train(model, self.train_w, spec, device=o.device,
                      params=[p for p in model.parameters() if p.requires_grad], after_step=keep,
-                     evaluate=lambda m, step: {"ppl": round(math.exp(heldout_nll(m, hold)), 4)},
+                     evaluate=lambda m, step: {"ppl": round(exp_nll(heldout_nll(m, hold)), 4)},
                      description="distilling" if o.distill else "recovering", resume_dir=self.resume_dir,
                      save_every=o.save_every, distiller=self.distiller)
 
@@ -212,10 +218,10 @@ class Recovery:
             m["ppl_adapter"] = m["ppl_after"] = hist["evals"][-1]["ppl"]
         if o.merge and not o.full:
             merged = model.merge_and_unload()
-            m["ppl_merged"] = round(math.exp(heldout_nll(merged, hold)), 4)
+            m["ppl_merged"] = round(exp_nll(heldout_nll(merged, hold)), 4)
             m["weights_remasked"] = reapply(merged, masks)
             verify(merged, masks)
-            m["ppl_remasked"] = m["ppl_after"] = round(math.exp(heldout_nll(merged, hold)), 4)
+            m["ppl_remasked"] = m["ppl_after"] = round(exp_nll(heldout_nll(merged, hold)), 4)
             m.update(evaluate.summary(merged), sparsity_before=self.sparsity_before)
             save_model(merged, self.tok, tx.stage("model"), self.ws.shard_size)
         m["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -353,6 +359,11 @@ def merge_pending(model: nn.Module, adapter_dir, step: dict[str, Any]) -> nn.Mod
     model re-applied. For an adapter trained through the mask this is exactly the trained model."""
     from peft import PeftModel
 
+    # peft falls back to torch.load (a pickle) when the safetensors file is missing: never let it
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file() or any(
+            p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") for p in Path(adapter_dir).iterdir()):
+        raise IntegrityError(f"{adapter_dir} holds no adapter_model.safetensors, or a pickle file; llmprune never "
+                             "loads pickles: the workdir is refused")
     masks = zero_masks(model) if step["metrics"].get("pruned_layers") else {}
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     reapply(merged, masks)

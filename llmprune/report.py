@@ -109,6 +109,14 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def number(v: Any, spec: str = ".3f") -> str:
+    """A metric read back from a manifest or a results file, formatted with ``spec``: "–" where it is not a number
+    (strict JSON writes a NaN or infinite value as null)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "–"
+    return format(v, spec)
+
+
 def emit_json(doc: dict[str, Any]) -> None:
     from llmprune.workdir import dumps
 

@@ -25,15 +25,14 @@ RESUME = ".resume"
 
 
 def path_stamp(source: str) -> list | None:
-    """What identifies a local file or folder's contents cheaply: each file's relative path, size and modification
+    """What identifies a local file or model folder's contents cheaply: each file's name, size and modification
     time (hashing a 7B teacher's shards would cost a minute per run). ``None`` for a Hub id, which names itself."""
     path = Path(source)
     if path.is_file():
         st = path.stat()
         return [[path.name, st.st_size, st.st_mtime_ns]]
-    if path.is_dir():
-        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
-                for f in sorted(path.rglob("*")) if f.is_file()]
+    if path.is_dir():  # a model folder's files are at its top (a teacher of "/" must not walk the whole disk)
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()]
     return None
 
 

@@ -25,7 +25,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -59,12 +59,27 @@ class Entry:
         return self.end - self.begin
 
 
-def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
-    """The tensors of one ``.safetensors`` file and its metadata, checked: offsets contiguous and inside the file,
-    sizes matching dtype x shape. A damaged file is an integrity error, not a crash when a tensor is read."""
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct (``json`` keeps the last of two, hiding a tensor named twice)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"it names {twice!r} twice")
+    return out
 
-    def bad(why: str) -> IntegrityError:
-        return IntegrityError(f"{path} is not a valid safetensors file ({why}); the model cannot be read")
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def read_header(path: Path, error: type[Exception] = IntegrityError) -> tuple[dict[str, Entry], dict[str, str]]:
+    """The tensors of one ``.safetensors`` file and its metadata, checked: names unique, shapes and offsets whole
+    numbers, offsets contiguous and inside the file, sizes matching dtype x shape. A damaged file is refused
+    (``error``: an integrity error in a workdir, a user error for a source), not a crash when a tensor is read."""
+
+    def bad(why: str) -> Exception:
+        return error(f"{path} is not a valid safetensors file ({why}); the model cannot be read")
 
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -75,9 +90,11 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
         if n > size - 8 or n > 100 << 20:
             raise bad("its header length is wrong")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_unique)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad("its header is not JSON") from None
+        except ValueError as e:
+            raise bad(str(e)) from None
     if not isinstance(header, dict):
         raise bad("its header is not a mapping")
     meta = header.pop("__metadata__", None) or {}
@@ -86,9 +103,11 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     spans = []
     for name, info in header.items():
         try:
-            dtype, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise bad(f"the entry of {name!r} is malformed") from None
+        if not all(map(_whole, (*shape, b, e))) or not isinstance(dtype, str):
+            raise bad(f"the entry of {name!r} has a shape or offsets that are not whole numbers")
         if dtype not in DTYPES:
             raise bad(f"{name!r} has the unsupported dtype {dtype}")
         if e - b != math.prod(shape) * DTYPES[dtype].itemsize:
@@ -132,7 +151,7 @@ class ShardSet:
             path = self.folder / name
             if "/" in name or name in ("", ".", "..") or not path.is_file():
                 raise error(f"{index} names the shard {name!r}, which is not in {self.folder}: the model is incomplete")
-            entries, meta = read_header(path)
+            entries, meta = read_header(path, error)
             self.metadata[name] = meta
             for key, entry in entries.items():
                 if key in self.entries:

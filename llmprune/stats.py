@@ -5,10 +5,17 @@ Kept apart from the weight math so that one pass of the engine can feed any meth
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 from torch import nn
+
+
+def exp_nll(nll: float) -> float:
+    """Perplexity from a mean next-token NLL: ``exp(nll)``, infinite where it overflows a float (an NLL past ~709,
+    a model whose weights were destroyed) rather than raising, and NaN kept as NaN."""
+    return math.exp(nll) if nll < 709.0 else (math.inf if nll == nll else nll)
 
 
 class Stat(Protocol):

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from llmprune import report
 from llmprune.errors import UserError
+from llmprune.paths import component, refuse_links_under
 from llmprune.workdir import SWEEP
 
 PATTERNS_SPARSITY = 0.5  # where an N:M row sits on a sparsity axis is N/M; 2:4 and 4:8 are both 0.5
@@ -121,6 +122,8 @@ def grid(methods: str | None, sparsities: str | None, patterns: str | None, stru
         raise UserError("nothing to sweep: give --methods with --sparsities/--patterns, or --structures")
     seen = set()
     for c in out:
+        # each name is a folder under WORK/sweep/runs: one plain name, never a way out of it
+        component(c.name, "the sweep point (a folder named from --methods/--patterns/--structures)")
         if c.name in seen:
             raise UserError(f"configuration {c.name} appears twice")
         seen.add(c.name)
@@ -188,6 +191,7 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
     root = base / SWEEP
     runs = root / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    refuse_links_under(root)  # results, plots and runs are written and deleted in there
     old = {}
     if (root / "results.json").is_file():
         try:

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 from llmprune import __version__
 from llmprune.errors import IntegrityError, UserError, WorkdirBusy
+from llmprune.paths import printable, refuse_links, refuse_links_under
 
 FORMAT_VERSION = 1
 SNAPSHOTS = ".recipe"  # hard-linked states between the steps of a recipe (see Workdir.snapshot)
@@ -44,7 +45,11 @@ TRASH = ".trash"
 LOCK = ".lock"
 SWEEP = "sweep"  # llmprune sweep's results and runs (llmprune/sweep.py)
 REMOVE = ".remove"
+RESUME = ".resume"  # the training steps' resume checkpoints (llmprune/resume.py)
 SCAFFOLDING = (LOCK, STAGING, TRASH)  # what a step that died before its commit may leave in a new folder
+# What a workdir holds besides the folders its manifest records: the only other names `calibrate --force` removes.
+OWN = {MANIFEST, LOCK, STAGING, COMMIT, TRASH, SNAPSHOTS, SWEEP, RESUME}
+_HELD: set[str] = set()  # workdirs whose lock `Workdir.hold` keeps for this process across steps (real paths)
 
 
 def json_safe(obj: Any) -> Any:
@@ -124,6 +129,26 @@ def check_files(manifest: Any, where: Path) -> None:
         for key, typ in _CALIBRATION_FIELDS.items():
             if not isinstance(cal.get(key), typ) or isinstance(cal.get(key), bool):
                 raise bad(f"no valid calibration '{key}'")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """An llmprune manifest read and checked (format version, ``check_files``): a file that is not one is refused."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not {"format_version", "files", "steps"} & set(data):
+        # another program's manifest.json (a web app's, say): this folder is not a workdir at all
+        raise UserError(f"{path.parent} is not an llmprune workdir ({path.name} is another program's)")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise IntegrityError(f"{path} is not an llmprune manifest (no format version): it was damaged or replaced, "
+                             "so the workdir is refused")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path} has format version {version}; this llmprune ({__version__}) reads version "
+                        f"{FORMAT_VERSION}")
+    check_files(data, path)
+    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -259,7 +284,7 @@ class Workdir:
 
     def exists(self) -> bool:
         """A manifest, or a committed one whose move into place a killed step did not finish."""
-        return self.manifest_path.is_file() or (self.path / COMMIT / MANIFEST).is_file()
+        return self.manifest_path.is_file() or self._pending_is_ours()
 
     @property
     def shard_size(self) -> str:
@@ -285,25 +310,35 @@ class Workdir:
             raise UserError(f"workdir {self.path} does not exist; create it with `llmprune calibrate {self.path} ...`")
         if not self.path.is_dir():
             raise UserError(f"{self.path} is a file, not a workdir")
-        if (self.path / COMMIT).exists():
+        self.check_links()
+        if (self.path / COMMIT).exists() and self._pending_is_ours():
             self._settle()
-        if not self.exists():
+        if not self.manifest_path.is_file():
             raise UserError(f"{self.path} is not an llmprune workdir (no {MANIFEST})")
-        try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {self.manifest_path}: {e}") from None
-        version = data.get("format_version") if isinstance(data, dict) else None
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise IntegrityError(f"{self.manifest_path} is not an llmprune manifest (no format version): it was "
-                                 "damaged or replaced, so the workdir is refused")
-        if data["format_version"] != FORMAT_VERSION:
-            raise UserError(
-                f"{self.manifest_path} has format version {data['format_version']}; "
-                f"this llmprune ({__version__}) reads version {FORMAT_VERSION}"
-            )
-        check_files(data, self.manifest_path)
+        data = read_manifest(self.manifest_path)
+        if (self.path / COMMIT).exists() and not self._pending_is_ours():
+            raise IntegrityError(f"{self.path / COMMIT} is not a commit llmprune made (no valid manifest in it); "
+                                 "the workdir is refused: move it away")
         return data
+
+    def check_links(self) -> None:
+        """Refuse (exit 4) a workdir holding a symbolic link among its own entries: a step would write, delete or
+        ship through it, outside the workdir."""
+        parts = ("model", "calib", "teacher", "adapter", "dress")  # what steps record (see Transaction.stage)
+        refuse_links(self.path, *sorted(OWN | set(parts)))
+        for name in (COMMIT, STAGING, TRASH, SNAPSHOTS, RESUME, SWEEP, *parts):
+            if (self.path / name).is_dir():
+                refuse_links_under(self.path / name)
+
+    def _pending_is_ours(self) -> bool:
+        """Whether ``.commit`` is one a step of ours made: it always holds a manifest with a format version (a
+        foreign folder's ``.commit`` is the user's, and must never be moved into place). One whose manifest is
+        damaged is still ours: ``_apply`` refuses it whole."""
+        try:
+            data = json.loads((self.path / COMMIT / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and bool({"format_version", "files", "steps"} & set(data))
 
     def steps(self, command: str | None = None) -> list[dict[str, Any]]:
         return [s for s in self.manifest()["steps"] if command is None or s["command"] == command]
@@ -314,6 +349,7 @@ class Workdir:
         if not files:
             raise UserError(f"{self.path} has no {prefix}/ yet")
         root = self.path.resolve()
+        only_recorded(self.path, prefix, files)
         for rel, digest in files.items():
             p = self.path / rel
             if root not in p.resolve().parents:  # a symbolic link out of the workdir
@@ -329,18 +365,30 @@ class Workdir:
     # --- locking and recovery -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the workdir's write lock; a second writer gets a clear error naming the holder."""
+        """Hold the workdir's write lock; a second writer gets a clear error naming the holder. Inside ``hold``
+        (``run`` holds the lock across all its steps) each step's own ``locked`` is already held."""
         self.path.mkdir(parents=True, exist_ok=True)
+        if os.path.realpath(self.path) in _HELD:
+            yield
+            return
         lock_path = self.path / LOCK
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.check_links()
+        try:  # never through a link: a .lock that points at a user's file would be truncated
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise IntegrityError(f"{lock_path} is a symbolic link; llmprune never follows links inside a workdir: "
+                                 "remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = lock_path.read_text(encoding="utf-8").strip() or "another process"
+            holder = os.pread(fd, 500, 0).decode("utf-8", "replace").strip()
             os.close(fd)
-            raise WorkdirBusy(f"workdir {self.path} is in use by {holder}") from None
+            raise WorkdirBusy(f"workdir {self.path} is in use by "
+                              + (printable(holder) if holder else "another process")) from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {platform.node()} since {now_iso()}".encode())
@@ -351,6 +399,18 @@ class Workdir:
                 os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """The lock held across several steps of this process (``run``): each step's ``locked`` passes through,
+        while any other process -- or a command the user types meanwhile -- gets ``WorkdirBusy``."""
+        with self.locked():
+            key = os.path.realpath(self.path)
+            _HELD.add(key)
+            try:
+                yield
+            finally:
+                _HELD.discard(key)
 
     def _settle(self) -> None:
         """Finish a step that passed its commit point but died before its files were all moved into place.
@@ -368,7 +428,7 @@ class Workdir:
         staging, commit, trash = (self.path / n for n in (STAGING, COMMIT, TRASH))
         if staging.exists():
             shutil.rmtree(staging)
-        if commit.exists():
+        if commit.exists() and self._pending_is_ours():
             self._apply(commit)
         if trash.exists():
             shutil.rmtree(trash)
@@ -423,8 +483,13 @@ class Workdir:
                 tx.manifest = dict(create) if create is not None else self.manifest()
                 yield tx
             return
+        if create is None:
+            self.manifest()  # a missing or foreign folder is refused before the lock would create anything there
         with self.locked():
             manifest = dict(create) if create is not None else self.manifest()
+            # the top-level folders of the workdir this step replaces (calibrate --force), before anything moves
+            old_tops = ({rel.split("/", 1)[0] for rel in read_manifest(self.manifest_path)["files"]}
+                        if create is not None and self.manifest_path.is_file() else set())
             if create is not None:
                 manifest.setdefault("format_version", FORMAT_VERSION)
                 manifest.setdefault("steps", [])
@@ -459,11 +524,12 @@ class Workdir:
                 fsync_dir(self.path)
                 self._apply(self.path / COMMIT)
                 if create is not None:
-                    # A new workdir over an old one (--force): what the old one had beyond this step goes.
+                    # A new workdir over an old one (--force): what the old one had beyond this step goes -- only
+                    # names a workdir owns (check_fresh refused a folder holding anything else).
                     keep = {MANIFEST, LOCK, *tx.replaced}
                     for child in self.path.iterdir():
-                        if child.name not in keep:
-                            shutil.rmtree(child) if child.is_dir() else child.unlink()
+                        if child.name not in keep and child.name in OWN | set(old_tops):
+                            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
@@ -512,9 +578,8 @@ class Workdir:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.link(snap / rel, dst)
                 tops = {rel.split("/", 1)[0] for rel in manifest["files"]}
-                # WORK/sweep holds a sweep's results and runs, which start from the workdir but are not in it
-                gone = sorted({p.name for p in self.path.iterdir() if not p.name.startswith(".")} - tops
-                              - {MANIFEST, SWEEP})
+                # only what the current state records goes (WORK/sweep, a user's notes: not the state's to remove)
+                gone = sorted({rel.split("/", 1)[0] for rel in self.manifest()["files"]} - tops)
                 (staging / REMOVE).write_text("\n".join(gone), encoding="utf-8")
                 atomic_write_text(staging / MANIFEST, dumps(manifest, indent=2) + "\n")
                 fsync_dir(staging)
@@ -539,13 +604,52 @@ class Workdir:
         )
 
 
+def remove_scaffolding(path: Path) -> None:
+    """Remove a folder that holds nothing but a workdir's scaffolding (lock, staging), as a failed first step leaves."""
+    if path.is_dir() and not path.is_symlink() and all(p.name in SCAFFOLDING for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def check_fresh(path: Path, force: bool) -> None:
-    """Refuse to start a workdir over an existing folder unless ``force`` (and never over a foreign folder)."""
+    """Refuse to start a workdir over an existing folder unless ``force``, and even then only over a workdir: a
+    folder whose manifest is an llmprune manifest and which holds nothing but what llmprune writes there. A folder
+    with a ``manifest.json`` of another program, or with the user's files beside a workdir, is never replaced."""
     # A first step killed before its commit leaves only our own scaffolding (lock, staging): still a fresh folder.
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} is a link to nothing; choose another path")
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; a workdir is a folder: choose another path")
-    if path.exists() and any(p.name not in SCAFFOLDING for p in path.iterdir()):
-        if not (path / MANIFEST).exists() and not (path / COMMIT).exists():
-            raise UserError(f"{path} exists and is not an llmprune workdir; choose another path")
-        if not force:
-            raise UserError(f"{path} is already a workdir; pass --force to overwrite it")
+    if not path.exists() or all(p.name in SCAFFOLDING and not p.is_symlink() for p in path.iterdir()):
+        return
+    ws = Workdir(path)
+    if not (path / MANIFEST).is_file() and not ((path / COMMIT).is_dir() and ws._pending_is_ours()):
+        raise UserError(f"{path} exists and is not an llmprune workdir; choose another path")
+    files = ws.manifest()["files"]  # a workdir that does not match its own records is refused (exit 4)
+    if not force:
+        raise UserError(f"{path} is already a workdir; pass --force to overwrite it")
+    recorded = {rel.split("/", 1)[0] for rel in files}
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN | recorded)
+    if foreign:
+        raise UserError(f"{path} holds {', '.join(map(printable, foreign[:3]))}"
+                        + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                        + ", which llmprune did not write; --force replaces only a workdir's own files: move them "
+                        "away or choose another path")
+    for top in sorted(recorded):  # inside a recorded folder, too: only what the manifest lists
+        try:
+            only_recorded(path, top, files)
+        except IntegrityError as e:  # the user's file in the workdir: not ours to delete, theirs to move
+            raise UserError(f"--force replaces only a workdir's own files: {e}") from None
+
+
+def only_recorded(root: Path, prefix: str, files: dict[str, str]) -> None:
+    """Refuse (exit 4) a link, or a file the manifest does not record, under ``root/prefix``: a step would adopt it
+    into its output, and ``export`` would ship it."""
+    if not (root / prefix).is_dir():
+        return
+    refuse_links_under(root / prefix)
+    unrecorded = sorted(rel for p in (root / prefix).rglob("*")
+                        if not p.is_dir() and (rel := p.relative_to(root).as_posix()) not in files)
+    if unrecorded:
+        raise IntegrityError(f"{root / unrecorded[0]} is not recorded in the manifest"
+                             + (f" (nor {len(unrecorded) - 1} other file(s))" if len(unrecorded) > 1 else "")
+                             + f"; a workdir's {prefix}/ holds only what llmprune wrote: move it away")

@@ -96,9 +96,15 @@ def test_overwrite_never_replaces_the_workdir_or_a_foreign_folder(pruned, tmp_pa
     # what --overwrite is for: replacing an earlier export
     out = tmp_path / "export"
     assert cli("export", pruned, "--out", out)[0] == 0
-    (out / "stale.txt").write_text("from an older export")
+    (out / "stale.txt").write_text("the user's, added since")  # not in the card's list: never deleted
+    assert cli("export", pruned, "--out", out, "--overwrite")[0] == 1 and (out / "stale.txt").is_file()
+    (out / "stale.txt").unlink()
+    # a file an older export wrote (the card lists it) but this one does not: replaced with the rest
+    card = (out / "README.md").read_text()
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"older shard")
+    (out / "README.md").write_text(card.replace('"config.json"', '"config.json", "model-00002-of-00002.safetensors"'))
     assert cli("export", pruned, "--out", out, "--overwrite")[0] == 0
-    assert not (out / "stale.txt").exists() and (out / "README.md").is_file()
+    assert not (out / "model-00002-of-00002.safetensors").exists() and (out / "README.md").is_file()
 
 
 def _front(card: str) -> dict:

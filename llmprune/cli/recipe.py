@@ -9,6 +9,7 @@ import typer
 
 from llmprune import report
 from llmprune.cli._core import JsonOpt, Settings, WorkdirArg, finish, open_workdir
+from llmprune.workdir import check_fresh, remove_scaffolding
 
 
 def command_options() -> dict[str, dict[str, tuple[str, str]]]:
@@ -51,8 +52,8 @@ def run_recipe(
     def argv_of(e: _recipe.Entry) -> list[str]:
         return _recipe.argv(e, workdir, options)
 
-    plan = _recipe.plan(entries, ws, from_step, argv_of)
     if dry_run:
+        plan = _recipe.plan(entries, ws, from_step, argv_of)
         result = {"workdir": str(workdir), "recipe": str(recipe), "dry_run": True,
                   "restore_to_step": plan.restore_to_step if plan.restore else None, "plan": plan.rows}
         finish(result, as_json, lambda: report.table(
@@ -60,8 +61,17 @@ def run_recipe(
             [[p["step"], p["command"], p["why"], " ".join(p["argv"])] for p in plan.rows]))
         return
     settings = ctx.find_object(Settings) or Settings()
-    ran = _recipe.execute(plan, ws, argv_of,
-                          lambda args, tag: invoke(args, Settings(verify=settings.verify, recipe=tag)))
+    if ws.path.exists():
+        ws.manifest() if ws.exists() else check_fresh(ws.path, force=False)
+    created = not ws.path.exists()
+    try:
+        with ws.hold():  # held across every step: no other command slips in between two of them
+            plan = _recipe.plan(entries, ws, from_step, argv_of)
+            ran = _recipe.execute(plan, ws, argv_of,
+                                  lambda args, tag: invoke(args, Settings(verify=settings.verify, recipe=tag)))
+    finally:
+        if created:
+            remove_scaffolding(ws.path)  # a first step that failed leaves no folder behind
     steps = ws.manifest()["steps"]
     last_eval = next((s["metrics"] for s in reversed(steps) if s["command"] == "eval"), {})
     result = {"workdir": str(workdir), "recipe": str(recipe), "plan": plan.rows, "ran": ran,

@@ -54,6 +54,8 @@ def regularize(
 
     kd_temperature, kd_weight = resolve_options(distill, kd_temperature, kd_weight, teacher, teacher_steps)
 
+    if ratio is not None and not 0 < ratio < 1:  # 0 would regularise nothing
+        raise UserError(f"--ratio must be in (0, 1), got {ratio}")
     if ratio is not None and target_params is not None:
         raise UserError("give --ratio or --target-params, not both")
     opts = RegularizeOptions(ratio if ratio is not None else 0.25, structure, select, norm, shrink, lam, steps, until_converged, gap_tol, lr,

@@ -15,21 +15,23 @@ _BRIEF = ("model", "dataset", "samples", "seqlen", "method", "pattern", "sparsit
 
 
 def _outcome(m: dict[str, Any]) -> str:
+    # Every number is read back as written: strict JSON records a NaN or infinite value as null.
+    num = report.number
     if "perplexity" in m:
-        tasks = f", tasks mean {m['tasks_mean']:.4f}" if m.get("tasks_mean") is not None else ""
-        return f"ppl {m['perplexity']:.3f}{tasks}"
+        tasks = f", tasks mean {num(m['tasks_mean'], '.4f')}" if m.get("tasks_mean") is not None else ""
+        return f"ppl {num(m['perplexity'])}{tasks}"
     if "units_removed" in m and "parameters" in m:
-        return f"{m['parameters']:,} parameters"
+        return f"{num(m['parameters'], ',')} parameters"
     if "ppl_adapter" in m:
-        return f"held-out ppl {m['ppl_before']:.2f} → {m.get('ppl_remasked', m['ppl_adapter']):.2f}"
+        return f"held-out ppl {num(m.get('ppl_before'), '.2f')} → {num(m.get('ppl_remasked', m['ppl_adapter']), '.2f')}"
     if "gap" in m:
-        return f"zeroing gap {m['gap']:.2%}"
-    if "sparsity" not in m:
+        return f"zeroing gap {num(m['gap'], '.2%')}"
+    if not isinstance(m.get("sparsity"), dict):
         return ""
-    blocks = m.get("block_sparsity") or []
+    blocks = [b for b in m.get("block_sparsity") or [] if isinstance(b, (int, float))]
     spread = (f", blocks {min(blocks):.1%}–{max(blocks):.1%}"
               if blocks and max(blocks) - min(blocks) > 1e-3 else "")  # OWL: one sparsity per block
-    return f"sparsity {m['sparsity']['all']:.2%}{spread}"
+    return f"sparsity {num(m['sparsity'].get('all'), '.2%')}{spread}"
 
 
 def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
@@ -50,7 +52,7 @@ def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) ->
             inodes[(st.st_dev, st.st_ino)] = st.st_size
     size = sum(inodes.values())
     teacher = any(k.startswith("teacher/") for k in manifest["files"])
-    last_metrics = next((s["metrics"] for s in reversed(steps) if "parameters" in s["metrics"]), {})
+    last_metrics = next((s["metrics"] for s in reversed(steps) if isinstance(s["metrics"].get("parameters"), int)), {})
     result = {"workdir": str(workdir), "format_version": manifest["format_version"],
               "base_model": manifest.get("base_model"), "model_type": manifest.get("model_type"),
               "bytes": size, "parameters": last_metrics.get("parameters"),
@@ -63,7 +65,7 @@ def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) ->
             brief = ", ".join(f"{k}={v}" for k, v in s["params"].items() if v is not None and k in _BRIEF)
             rows.append([i, s["command"], brief, f"{s['duration_s']:.1f} s", _outcome(s["metrics"]), s["started"]])
         report.table(f"{workdir} ({manifest.get('model_type')}, {size / 2**20:,.1f} MiB, "
-                     f"{last_metrics.get('parameters', 0):,} parameters"
+                     f"{report.number(last_metrics.get('parameters'), ',')} parameters"
                      + (f", LoRA adapter {adapter}" if adapter else "") + (", teacher kept" if teacher else "") + ")",
                      ["#", "step", "parameters", "duration", "result", "started"], rows)
         for c in result["checkpoints"]:

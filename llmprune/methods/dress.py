@@ -36,9 +36,19 @@ from llmprune import arch as _arch
 from llmprune import engine, report
 from llmprune.errors import UserError
 from llmprune.methods.base import Method, option
-from llmprune.stats import RowNorms
-from llmprune.structured import (STRUCTURES, Plan, Slice, check_supported, count_removed, geometry, slices,
-                                 split_structures, tail_units, units_per_group)
+from llmprune.stats import RowNorms, exp_nll
+from llmprune.structured import (
+    STRUCTURES,
+    Plan,
+    Slice,
+    check_supported,
+    count_removed,
+    geometry,
+    slices,
+    split_structures,
+    tail_units,
+    units_per_group,
+)
 
 if TYPE_CHECKING:
     from llmprune.workdir import Transaction, Workdir
@@ -405,8 +415,8 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
         else:
             with pen.zeroed():
                 nll0 = heldout_nll(m, holdout)
-        return {"relative_norm": round(pen.relative_norm(), 6), "ppl": round(math.exp(nll), 4),
-                "ppl_zeroed": round(math.exp(nll0), 4), "gap": round(math.exp(nll0 - nll) - 1, 6)}
+        return {"relative_norm": round(pen.relative_norm(), 6), "ppl": round(exp_nll(nll), 4),
+                "ppl_zeroed": round(exp_nll(nll0), 4), "gap": round(exp_nll(nll0 - nll) - 1, 6)}
 
     before = {"step": 0, **measure(model, 0)}
     hist = train(
@@ -482,9 +492,9 @@ class DReSS(Method):
     def prune_workdir(self, ws: Workdir, options: Options, *, device: str, batch_size: int) -> dict[str, Any]:
         """Remove the units. After ``regularize`` they are the regularised ones; on a workdir never regularised
         they are selected the same way and removed directly (the key control of DReSS)."""
-        from llmprune import evaluate
         import shutil
 
+        from llmprune import evaluate
         from llmprune.modeling import open_current, param_count, save_model
         from llmprune.structured import remove, remove_streamed
 
@@ -500,6 +510,8 @@ class DReSS(Method):
                                     f"(or regularise again for {given})")
         structure = options.structure or (planned.structure if planned else DEFAULT_STRUCTURE)
         select_ = options.select or (planned.select if planned else DEFAULT_SELECT)
+        if options.ratio is not None and not 0 < options.ratio < 1:  # 0 would remove nothing yet record a step
+            raise UserError(f"--ratio must be in (0, 1), got {options.ratio}")
         ratio = options.ratio if options.ratio is not None else (planned.ratio if planned else DEFAULT_RATIO)
         check_choice(structure, select_)
         if options.target_params is not None and (options.ratio is not None or planned is not None):
