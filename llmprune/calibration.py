@@ -31,7 +31,7 @@ def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str
     the model type."""
     from llmprune import data
 
-    check_fresh(ws.path, force)
+    check_fresh(ws.path, force, asdict(o))
     text = data.load_text(o.dataset, "calibration", o.text_field)  # before the model: fail fast on bad data
     new = not ws.path.exists()
     try:

@@ -69,11 +69,19 @@ def _texts(values: list, where: str, field: str) -> list[str]:
     return values
 
 
+def check_local(source: str) -> None:
+    """A source that names a local path is a readable file: checked up front where the text is read later (a
+    sweep reads its evaluation text once per point, after each point's prune)."""
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise UserError(f"dataset {path} is a folder; give a .txt, .jsonl, .json or .parquet file")
+        if not path.is_file():
+            raise UserError(f"dataset file {path} does not exist")
+
+
 def _texts_from_local(path: Path, text_field: str) -> list[str]:
-    if path.is_dir():
-        raise UserError(f"dataset {path} is a folder; give a .txt, .jsonl, .json or .parquet file")
-    if not path.is_file():
-        raise UserError(f"dataset file {path} does not exist")
+    check_local(str(path))
     suffix = path.suffix.lower()
     if suffix == ".txt":
         text = _read_utf8(path)

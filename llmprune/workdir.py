@@ -610,7 +610,7 @@ def remove_scaffolding(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def check_fresh(path: Path, force: bool) -> None:
+def check_fresh(path: Path, force: bool, params: dict[str, Any] | None = None) -> None:
     """Refuse to start a workdir over an existing folder unless ``force``, and even then only over a workdir: a
     folder whose manifest is an llmprune manifest and which holds nothing but what llmprune writes there. A folder
     with a ``manifest.json`` of another program, or with the user's files beside a workdir, is never replaced."""
@@ -624,8 +624,14 @@ def check_fresh(path: Path, force: bool) -> None:
     ws = Workdir(path)
     if not (path / MANIFEST).is_file() and not ((path / COMMIT).is_dir() and ws._pending_is_ours()):
         raise UserError(f"{path} exists and is not an llmprune workdir; choose another path")
-    files = ws.manifest()["files"]  # a workdir that does not match its own records is refused (exit 4)
+    manifest = ws.manifest()  # a workdir that does not match its own records is refused (exit 4)
+    files = manifest["files"]
     if not force:
+        steps = manifest["steps"]
+        if params is not None and len(steps) == 1 and json.loads(dumps(params)) == steps[0]["params"]:
+            # a calibrate stopped after its commit point (killed while exiting, say) did finish: say so
+            raise UserError(f"{path} is already calibrated with these options (that run finished before it was "
+                            f"stopped; `llmprune status {path}` shows it); pass --force to calibrate it again")
         raise UserError(f"{path} is already a workdir; pass --force to overwrite it")
     recorded = {rel.split("/", 1)[0] for rel in files}
     foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN | recorded)

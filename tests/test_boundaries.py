@@ -400,12 +400,21 @@ def test_fuzz_names_and_links_never_reach_outside(calibrated, tiny_root, user, c
     base = calibrated()
     rng = random.Random(46)
     outcomes: dict[str, list[int]] = {}
-    for case in range(40):
+    for case in range(60):
         wd = tmp_path / f"case{case}"
         shutil.copytree(base, wd, symlinks=True)
         out = tmp_path / f"out{case}"
-        kind = rng.choice(["sweep", "push", "link", "link"])
-        if kind == "sweep":
+        kind = rng.choice(["sweep", "push", "recipe", "link", "link"])
+        if kind == "recipe":  # recipe values that a step may turn into names: methods, patterns, structures, data
+            key, value = rng.choice([("method", None), ("pattern", None), ("structure", None), ("dataset", None)])
+            value = _fuzz_name(rng).replace("\x00", "")
+            step = {"method": f'command = "prune"\nmethod = {json.dumps(value)}',
+                    "pattern": f'command = "prune"\nmethod = "magnitude"\npattern = {json.dumps(value)}',
+                    "structure": f'command = "prune"\nmethod = "dress"\nstructure = {json.dumps(value)}',
+                    "dataset": f'command = "eval"\ndataset = {json.dumps(value)}\nseqlen = 32'}[key]
+            (tmp_path / f"r{case}.toml").write_text(f"[[step]]\n{step}\n")
+            args = ["run", wd, "--recipe", tmp_path / f"r{case}.toml"]
+        elif kind == "sweep":
             flag = rng.choice(["--methods", "--patterns", "--structures"])
             name = _fuzz_name(rng).replace("\x00", "")  # argv cannot carry NUL
             args = ["sweep", wd, "--max-windows", 1, "--seqlen", 32, "--no-speed", "--dataset", tiny_root / "heldout.txt",
@@ -440,5 +449,11 @@ def test_fuzz_names_and_links_never_reach_outside(calibrated, tiny_root, user, c
             assert code == 4, f"case {case} {kind}: a link inside the workdir was not refused: exit {code} {err}"
         if kind == "push":
             assert code == 1 or not out.exists()
+        ours = {f"{prefix}{i}{suffix}" for i in range(case + 1) for prefix, suffix in
+                (("case", ""), ("out", ""), ("r", ".toml"))}
+        made = {p.name for p in tmp_path.iterdir()} - {"user", base.name} - ours
+        assert not made, f"case {case} {kind}: made {made} beside the workdir"
+    for kind, codes in sorted(outcomes.items()):  # shown with -s: the cases tried and their exit codes
+        print(f"fuzz {kind}: {len(codes)} cases, exit codes {dict(sorted((c, codes.count(c)) for c in set(codes)))}")
     assert any(c == 4 for codes in outcomes.values() for c in codes) and any(
         c == 1 for codes in outcomes.values() for c in codes)

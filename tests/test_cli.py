@@ -155,6 +155,12 @@ def _bad_inputs(tiny_root, tmp_path):
         "NaN recover lr": (["recover", "{wd}", "--lr", "nan"], "--lr must be positive"),
         "infinite lambda": (["regularize", "{wd}", "--lambda", "inf"], "--lambda must be positive"),
         "NaN ratio": (["prune", "{wd}", "--method", "dress", "--ratio", "nan"], "(0, 1)"),
+        # A step that would change nothing is not recorded as if it had pruned.
+        "zero sparsity": (["prune", "{wd}", "--sparsity", "0"], "(0, 1)"),
+        "zero ratio": (["prune", "{wd}", "--method", "dress", "--ratio", "0"], "(0, 1)"),
+        "zero ratio to regularize": (["regularize", "{wd}", "--ratio", "0"], "(0, 1)"),
+        "root as a sweep's dataset": (["sweep", "{wd}", "--methods", "magnitude", "--sparsities", "0.5", "--dataset",
+                                       "/"], "is a folder"),
     }
 
 

@@ -37,6 +37,7 @@ def sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Prune and evaluate a grid of configurations from one calibrated workdir (resumable); results and plots in WORK/sweep/."""
+    from llmprune import data
     from llmprune import sweep as _sweep
     from llmprune.cli.app import invoke
 
@@ -45,6 +46,8 @@ def sweep(
     positive(batch_size=batch_size, seqlen=seqlen, prompt_len=prompt_len, new_tokens=new_tokens)
     device = check_device(device)
     configs = _sweep.grid(methods, sparsities, patterns, structures, prune_args, owl)
+    if dataset is not None:
+        data.check_local(dataset)
     ev = ["--seqlen", str(seqlen), "--text-field", text_field, "--device", device, "--batch-size", str(batch_size)]
     for flag, value in (("--dataset", dataset), ("--max-windows", max_windows), ("--tasks", tasks),
                         ("--limit", limit), ("--num-fewshot", num_fewshot)):
