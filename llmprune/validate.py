@@ -94,10 +94,10 @@ def check_block_count(config: Any, names: Iterable[str], what: str, error: type[
 
 
 def check_dtypes(stored: dict[str, str], what: str, error: type[Exception]) -> None:
-    """Every weight (``{tensor name: safetensors dtype}`` of the model's parameters) is floating point."""
+    """Every weight (``{tensor name: safetensors dtype}`` of the model's parameters) is a float of 16 bits or more."""
     bad = sorted(n for n, d in stored.items() if d not in FLOAT_DTYPES)
-    if bad:
-        raise error(f"{what} stores {len(bad)} weight(s) as non-floating-point values ({bad[0]}: "
+    if bad:  # integers and booleans are not weights at all; 8-bit floats need their scales, which no step keeps
+        raise error(f"{what} stores {len(bad)} weight(s) in a dtype llmprune cannot prune ({bad[0]}: "
                     f"{stored[bad[0]]}); a weight must be one of {', '.join(FLOAT_DTYPES)}")
 
 

@@ -299,8 +299,8 @@ def _lying_sources(tiny_root, tmp_path):
                              "rstrip": False, "normalized": False, "special": True} for i in range(600)]
     (big_vocab / "tokenizer.json").write_text(json.dumps(tok))
     return {
-        "int32 weights": (_retype(tiny_root, tmp_path, "int32", torch.int32), "non-floating-point"),
-        "integer embedding": (_retype(tiny_root, tmp_path, "int64", torch.int64), "non-floating-point"),
+        "int32 weights": (_retype(tiny_root, tmp_path, "int32", torch.int32), "cannot prune"),
+        "integer embedding": (_retype(tiny_root, tmp_path, "int64", torch.int64), "cannot prune"),
         "a tensor named twice": (dup, "twice"),
         "float shapes": (flt, "not whole numbers"),
         "corrupt header": (corrupt, "not a valid safetensors file"),

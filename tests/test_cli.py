@@ -238,7 +238,7 @@ def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypa
         assert len(err.splitlines()) <= 2, f"{name}: {err}"  # one line, soft-wrapped at most once by rich
         if expected:
             assert expected in err.replace("\n", " "), f"{name}: {err}"
-    assert len(cases) >= 20
+    assert all(expected for _, expected in cases.values())  # each case names the refusal it expects
 
 
 def test_offline_hub_dataset_fails_with_advice(calibrated, tmp_path, capsys, monkeypatch):

@@ -6,13 +6,14 @@ import json
 import math
 
 import pytest
+import tiny
 import torch
+from conftest import cli
 from transformers import AutoModelForCausalLM
 
-import tiny
-from conftest import cli
 from llmprune import arch as _arch
 from llmprune import budget, reap, structured
+from llmprune.errors import UserError
 from llmprune.structured import Plan
 
 
@@ -195,7 +196,7 @@ def test_a_budget_is_the_smallest_ratio_that_reaches_it(tiny_root, arch, structu
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
     total = param_count(model)
     if structure == "experts":  # at most 2 of 4 experts can go (each token needs 2): 0.7 is out of reach
-        with pytest.raises(Exception, match="cannot reach"):
+        with pytest.raises(UserError, match="cannot reach"):
             budget.ratio_for_budget(model, structure, budget.parse_budget("0.7", total))
     for text in ("0.8", f"{int(total * 0.7)}") if structure != "experts" else ("0.8", "0.9"):
         target = budget.parse_budget(text, total)

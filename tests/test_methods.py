@@ -1,12 +1,12 @@
 """magnitude / Wanda / SparseGPT: exact patterns on every architecture, and the properties that define them."""
 
 import pytest
+import tiny
 import torch
+from conftest import cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import tiny
-from conftest import cli
 from llmprune import arch as _arch
 from llmprune import engine
 from llmprune.masks import Pattern, nm_valid, select
@@ -15,7 +15,7 @@ from llmprune.stats import Hessian, RowNorms
 
 
 def _weights(wd):
-    return load_file(next((wd / "model").glob("*.safetensors")))
+    return {k: v for f in sorted((wd / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
@@ -44,7 +44,7 @@ def test_prune_gives_the_exact_pattern(calibrated, arch, method, pattern):
         if pattern == "unstructured":
             k = int(w.shape[1] * 0.5)
             zeros = (w == 0).sum().item()
-            if method == "wanda" and name not in res.get("no_token", []):  # per output row, exactly
+            if method == "wanda":  # per output row, exactly (every expert got tokens: asserted below)
                 assert ((w == 0).sum(1) == k).all(), name
             else:  # per layer (magnitude, RIA) or per block of columns (SparseGPT)
                 assert zeros == w.numel() // 2, name
@@ -53,6 +53,8 @@ def test_prune_gives_the_exact_pattern(calibrated, arch, method, pattern):
             assert nm_valid(w, n, m), name
             assert (w == 0).sum().item() == w.numel() // 2, name
     assert res["sparsity"]["all"] == pytest.approx(0.5)
+    # an expert no calibration token reached is pruned by magnitude, per layer: none here, so Wanda's rows hold
+    assert res.get("no_token_weights", 0) == 0
 
 
 def _block0_inputs(tiny_root, arch="llama", samples=16):

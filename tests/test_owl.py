@@ -5,13 +5,14 @@ target, streaming gives the in-memory result bit for bit, and what OWL cannot do
 import json
 
 import pytest
+import tiny
 import torch
+from conftest import cli
 from transformers import AutoModelForCausalLM
 
-import tiny
-from conftest import cli
 from llmprune import arch as _arch
 from llmprune import engine, owl, shards
+from llmprune.errors import UserError
 from llmprune.lazy import Lazy, Rewrite
 from llmprune.masks import parse_pattern
 from llmprune.methods import METHODS
@@ -53,7 +54,7 @@ def test_check_refuses_a_spread_that_could_leave_zero_to_one():
     for s, lam, m, match in ((0.1, 0.06, 5.0, "at most 0.050"), (0.9, 0.08, 5.0, "at most 0.050"),
                              (0.5, 0.0, 5.0, "positive"), (0.5, 0.08, -1.0, "positive"),
                              (0.5, float("nan"), 5.0, "positive")):
-        with pytest.raises(Exception, match=match):
+        with pytest.raises(UserError, match=match):
             owl.check(s, lam, m)
 
 
@@ -162,5 +163,5 @@ def test_sweep_grid_with_owl():
     for kwargs, match in ((dict(methods="wanda", sparsities="0.1", owl="0.08"), "at sparsity 0.1"),
                           (dict(methods="wanda", sparsities=None, patterns="2:4", owl="0.08"), "--sparsities"),
                           (dict(methods="wanda", sparsities="0.5", prune_args="--owl-lambda 0.08"), "--owl LAMBDAS")):
-        with pytest.raises(Exception, match=match):
+        with pytest.raises(UserError, match=match):
             grid(kwargs.pop("methods"), kwargs.pop("sparsities"), kwargs.pop("patterns", None), None, **kwargs)

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli
+
 from llmprune.cli import run
+from llmprune.errors import UserError
 
 TIMING = ("_s", "seconds", "peak_rss_mib", "started", "versions", "resumed_from")
 
@@ -208,7 +209,7 @@ def test_variables_with_defaults_expand_like_the_shell(monkeypatch):
     monkeypatch.setenv("LLMPRUNE_T_MODEL", "/m.gguf")
     assert _expand("${LLMPRUNE_T_MODEL:-org/model}/x", "x") == "/m.gguf/x"
     monkeypatch.delenv("LLMPRUNE_T_MODEL")
-    with pytest.raises(Exception, match="LLMPRUNE_T_MODEL is not set"):
+    with pytest.raises(UserError, match="LLMPRUNE_T_MODEL is not set"):
         _expand("${LLMPRUNE_T_MODEL}", "x")
 
 

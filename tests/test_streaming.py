@@ -6,15 +6,15 @@ import math
 import os
 
 import pytest
+import tiny
 import torch
+from conftest import cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import tiny
-from conftest import cli
 from llmprune import arch as _arch
 from llmprune import engine, evaluate, shards
-from llmprune.errors import IntegrityError
+from llmprune.errors import IntegrityError, UserError
 from llmprune.lazy import Lazy, Rewrite
 from llmprune.masks import parse_pattern
 from llmprune.methods import METHODS
@@ -228,7 +228,7 @@ def test_streamed_structured_removal_equals_in_memory(tiny_root, tmp_path, arch,
         structure == "experts" and arch not in tiny.MOE_TYPES)
     if reason:  # the architecture cannot express the smaller model: both paths refuse it
         lazy = Lazy(src)
-        with pytest.raises(Exception, match="not possible"):
+        with pytest.raises(UserError, match="not possible"):
             remove_streamed(lazy, select(lazy.model, structure, 0.25, "random", None, seed=3), tmp_path / "o", "2GB")
         return
     model = AutoModelForCausalLM.from_pretrained(src).eval()

@@ -6,10 +6,11 @@ import json
 import shutil
 
 import pytest
-
 import tiny
 from conftest import cli
+
 from llmprune.cli import run
+from llmprune.errors import UserError
 from llmprune.sweep import grid
 
 
@@ -26,7 +27,7 @@ def test_grid_names_and_bad_input():
                            ((None, None, None, "mlp@lots"), "neither a count"),
                            ((None, None, None, None), "nothing to sweep"),
                            (("wanda", "0.5,0.5", None, None), "appears twice")):
-        with pytest.raises(Exception, match=expected):
+        with pytest.raises(UserError, match=expected):
             grid(*args)
 
 

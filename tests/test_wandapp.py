@@ -4,20 +4,21 @@ import copy
 import dataclasses
 
 import pytest
+import tiny
 import torch
+from conftest import cli
 from safetensors.torch import load_file
 
-import tiny
-from conftest import cli
 from llmprune import arch as _arch
 from llmprune import engine
+from llmprune.errors import UserError
 from llmprune.masks import Pattern
 from llmprune.methods import wandapp
 from llmprune.methods.base import BlockContext, PruneSpec
 
 
 def _weights(wd):
-    return load_file(next((wd / "model").glob("*.safetensors")))
+    return {k: v for f in sorted((wd / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -183,7 +184,7 @@ def test_preset_paper_sets_the_papers_values_and_given_options_win():
         assert getattr(paper, k) == v, k
     mixed = wandapp.METHOD.options({"preset": "paper", "ro_lr": 1e-4, "ro_step": None})
     assert mixed.ro_lr == 1e-4 and mixed.alpha == wandapp.PAPER["alpha"] and mixed.ro_step == "absolute"
-    with pytest.raises(Exception, match="--preset must be one of"):
+    with pytest.raises(UserError, match="--preset must be one of"):
         wandapp.METHOD.options({"preset": "fast"})
 
 

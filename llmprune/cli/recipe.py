@@ -61,8 +61,10 @@ def run_recipe(
             [[p["step"], p["command"], p["why"], " ".join(p["argv"])] for p in plan.rows]))
         return
     settings = ctx.find_object(Settings) or Settings()
-    if ws.path.exists():
-        ws.manifest() if ws.exists() else check_fresh(ws.path, force=False)
+    if ws.exists():
+        ws.manifest()  # checked before the lock is taken in it
+    elif ws.path.exists():
+        check_fresh(ws.path, force=False)  # a foreign folder is refused before anything is written into it
     created = not ws.path.exists()
     try:
         with ws.hold():  # held across every step: no other command slips in between two of them

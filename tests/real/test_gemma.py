@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -103,7 +102,7 @@ def test_gemma_two_four_holds_on_every_weight(gemma, tmp_path):
     rest = [k for k in weights if k not in linear]
     assert any("q_norm" in k for k in rest) and any("pre_feedforward_layernorm" in k for k in rest)
     assert all(torch.equal(weights[k], base[k]) for k in rest)
-    assert _eval(run, paths)["ppl"] < 20 * dense["ppl"]  # 2:4 Wanda: 313 on the whole split, dense 30.5
+    assert _eval(run, paths)["ppl"] < 13 * dense["ppl"]  # 2:4 Wanda: about 10x (313 on the whole split, dense 30.5)
 
 
 def test_gemma_hidden_removal_is_a_smaller_standard_model(gemma, tmp_path):
