@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune.units import block_linears
 from llmprune import experts
 from llmprune.lazy import InMemory
 from llmprune.report import progress
@@ -173,7 +174,6 @@ def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any])
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-block_linears = _arch.block_linears
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine
 from llmprune.errors import UserError
 from llmprune.modeling import param_count
@@ -47,7 +48,7 @@ def perplexity(
 def block_zeros(index: int, block: nn.Module) -> dict[str, tuple[int, int]]:
     """``(exact zeros, entries)`` of every prunable Linear of one (loaded) block, by its full name ``i.name``."""
     return {f"{index}.{name}": (int((lin.weight == 0).sum()), lin.weight.numel())
-            for name, lin in _arch.block_linears(block).items()}
+            for name, lin in units.block_linears(block).items()}
 
 
 def model_zeros(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -239,7 +240,8 @@ class EvalOptions:
 def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
     """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
     from llmprune import data
-    from llmprune.modeling import check_context, load_current, open_current
+    from llmprune.current import load_current, open_current
+    from llmprune.modeling import check_context
 
     dataset = o.dataset
     if dataset is None:

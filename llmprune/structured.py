@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune.errors import UserError
 
 STRUCTURES = ("hidden", "heads", "mlp", "layers", "experts")
@@ -535,7 +536,7 @@ def remove_streamed(lazy, plan: Plan, out, max_shard_size: str) -> Any:
     small = Lazy(out, error=RuntimeError)  # a tensor the table missed is a bug, never a model with random weights
     prefix = r.prefix
     counts = {}
-    for name in sorted(_arch.linear_weight_names(small.model)):
+    for name in sorted(units.linear_weight_names(small.model)):
         i, rest = name[len(prefix):].split(".", 1)
         if name in small.parts:  # a 3-D expert parameter stored one tensor per expert and source
             for e, sources in enumerate(small.parts[name]):

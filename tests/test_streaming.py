@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine, evaluate, shards
 from llmprune.errors import IntegrityError
 from llmprune.lazy import Lazy, Rewrite
@@ -41,7 +42,7 @@ def _prune_both(src, out, method, pattern, true_sequential=False, windows=None):
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     prune_model(model, m, spec, windows if m.needs_data else None, batch_size=4)
     lazy = Lazy(src)
-    rewrite = Rewrite(lazy, out, lazy.stored(_arch.linear_weight_names(lazy.model)))
+    rewrite = Rewrite(lazy, out, lazy.stored(units.linear_weight_names(lazy.model)))
     res = prune_model(lazy.model, m, spec, windows if m.needs_data else None, batch_size=4, weights=lazy,
                       sink=rewrite.block)
     rewrite.close()
@@ -115,7 +116,7 @@ def test_bf16_stays_bf16_and_streams_exactly(tiny_root, tmp_path, method, patter
     model, _ = _prune_both(src, tmp_path / "out", method, pattern)
     assert model.dtype == torch.bfloat16
     got = _state(tmp_path / "out")
-    names = _arch.linear_weight_names(model)
+    names = units.linear_weight_names(model)
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
     ref = model.state_dict()
     for name, t in got.items():

@@ -495,7 +495,8 @@ class DReSS(Method):
         import shutil
 
         from llmprune import evaluate
-        from llmprune.modeling import open_current, param_count, save_model
+        from llmprune.current import load_current, open_current
+        from llmprune.modeling import param_count, save_model
         from llmprune.structured import remove, remove_streamed
 
         pending = PlanRecord.pending(ws)
@@ -534,7 +535,6 @@ class DReSS(Method):
             check_supported(lm, structure)
             budget = None
             if combination and planned is None:
-                from llmprune.modeling import load_current
 
                 full, _ = load_current(ws)  # the search scores each split on the model in memory
                 planned, budget = search_combination(full, structure, options.target_params, select_, ws.windows(),
@@ -737,7 +737,8 @@ def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     import resource
 
     from llmprune import data, distill, resume
-    from llmprune.modeling import load_current, save_model
+    from llmprune.current import load_current
+    from llmprune.modeling import save_model
     from llmprune.train import TrainSpec, passes, warn_repeated_windows
 
     started = time.time()

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 
 from llmprune import engine, experts
+from llmprune import units
 from llmprune.errors import UserError
 from llmprune.masks import select
 from llmprune.methods.base import BlockContext, Method, non_negative, option, positive
@@ -151,7 +152,7 @@ class DensePass:
 
     def _run(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool,
              only: list[int] | None) -> None:
-        linears = engine.block_linears(block)
+        linears = units.block_linears(block)
         self.names = list(linears)
         weights = [lin.weight for lin in linears.values()]
         sq = [torch.zeros_like(w, dtype=torch.float32) if need_grads else None for w in weights]
