@@ -59,7 +59,7 @@ def _hub_dataset(source: Any) -> str | None:
 def _local_digests(manifest: dict[str, Any]) -> dict[str, str]:
     """SHA-256 of the local files the steps name, so the card can name each by file name and digest: the GGUF's
     from the manifest, the others hashed now while they still exist (a file gone is named alone)."""
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     base = manifest.get("base_model", {})
     out = {base["source"]: base["sha256"]} if base.get("sha256") and base.get("source") else {}

@@ -49,7 +49,7 @@ class Source:
 def resolve_source(source: str, revision: str | None) -> Source:
     """What ``source`` names, checked before anything is read: a ``.gguf`` file, a local folder of safetensors
     weights, or a Hub id (pickle checkpoints are refused)."""
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     path = Path(source)
     if source.endswith(".gguf"):

@@ -166,7 +166,7 @@ def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
 
 def save(root: Path, rows: list[dict[str, Any]]) -> None:
     """``results.json`` (every field) and ``results.csv`` (the scalar ones), each written whole then renamed."""
-    from llmprune.workdir import atomic_write_text, dumps
+    from llmprune.fsio import atomic_write_text, dumps
 
     atomic_write_text(root / "results.json", dumps(rows, indent=2) + "\n")
     cols = ["name", "kind", "method", "owl_lambda", "sparsity", "pattern", "structure", "ratio", "budget", "status",

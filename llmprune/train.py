@@ -205,7 +205,7 @@ def save_checkpoint(where: Path, step: int, history: dict[str, Any], params: lis
     own, so a damaged checkpoint is recognised instead of trusted."""
     from safetensors.torch import save_file
 
-    from llmprune.workdir import atomic_write_text, sha256_file
+    from llmprune.fsio import atomic_write_text, sha256_file
 
     where.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -235,7 +235,7 @@ def load_checkpoint(where: Path, params: list[nn.Parameter], opt, max_step: int)
     from safetensors.torch import load_file
 
     from llmprune import report
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     if not (where / STATE_JSON).is_file():
         return None

@@ -16,7 +16,7 @@ import string
 import pytest
 
 from llmprune.cli import run
-from llmprune.workdir import hash_tree
+from llmprune.fsio import hash_tree
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune.cli import run
-from llmprune.workdir import hash_tree
+from llmprune.fsio import hash_tree
 
 
 def test_calibrate_prune_eval_status(calibrated, tiny_root, capsys):
