@@ -217,7 +217,7 @@ def _reused(pruned: Path, made_by: dict):
 def _made_with_defaults(reg: dict | None, made_by: dict) -> bool:
     """A pruned workdir from before bench.json was written: reusable when it was regularised with every default
     (what an empty --reg asks for) and the selection asked for."""
-    from llmprune.methods.dress import RegularizeOptions
+    from llmprune.regularization import RegularizeOptions
 
     if reg is None or made_by["reg"] != "":
         return False

@@ -5,7 +5,7 @@ A ``Plan`` names the units to remove. ``slices`` turns it into the exact paramet
 units (read from the architecture table, ``arch.Parts``). Three verbs share the slices, so they always agree:
 
 - ``zero``: the dense model with the units switched off (the DReSS "zeroed" model, and the direct-removal control);
-- the DReSS penalty and shrink (``methods/dress.py``), which act on the same slices during training;
+- the DReSS penalty and shrink (``penalty.py``), which act on the same slices during training;
 - ``remove``: a physically smaller model built from a *standard* config, so it loads with plain
   ``AutoModelForCausalLM.from_pretrained`` -- no custom code, no pickle.
 

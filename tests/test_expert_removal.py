@@ -178,18 +178,18 @@ def test_expert_removal_refusals(calibrated, capsys):
 @pytest.mark.parametrize("arch,structure", [("llama", "hidden"), ("llama", "mlp"), ("gemma3_text", "heads"),
                                             ("qwen2", "layers"), ("mixtral", "experts"), ("qwen3_moe", "experts")])
 def test_params_after_is_what_removal_builds(tiny_root, arch, structure):
-    from llmprune.methods import dress
+    from llmprune import selection
     from llmprune.modeling import param_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
     for ratio in (0.25, 0.5):
-        plan = dress.select(model, structure, ratio, "tail", None)
+        plan = selection.select(model, structure, ratio, "tail", None)
         assert budget.params_after(model, plan) == param_count(structured.remove(model, plan))
 
 
 @pytest.mark.parametrize("arch,structure", [("llama", "mlp"), ("llama", "hidden"), ("mixtral", "experts")])
 def test_a_budget_is_the_smallest_ratio_that_reaches_it(tiny_root, arch, structure):
-    from llmprune.methods import dress
+    from llmprune import selection
     from llmprune.modeling import param_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
@@ -201,13 +201,13 @@ def test_a_budget_is_the_smallest_ratio_that_reaches_it(tiny_root, arch, structu
         target = budget.parse_budget(text, total)
         ratio, params = budget.ratio_for_budget(model, structure, target)
         assert params <= target
-        plan = dress.select(model, structure, ratio, "tail", None)
+        plan = selection.select(model, structure, ratio, "tail", None)
         assert budget.params_after(model, plan) == params
         units = structured.count_removed(structured.geometry(model), structure, ratio)
         fewer = [n for n in range(units) if structured.count_removed_or_none(
             structured.geometry(model), structure, n / structured.units_per_group(structured.geometry(model), structure)) == n]
         if fewer:  # one unit fewer (of those a ratio can give) would miss the budget
-            smaller = dress.select(model, structure, fewer[-1] / structured.units_per_group(
+            smaller = selection.select(model, structure, fewer[-1] / structured.units_per_group(
                 structured.geometry(model), structure), "tail", None)
             assert budget.params_after(model, smaller) > target
 
@@ -239,13 +239,13 @@ def test_target_params_through_the_commands(calibrated, capsys):
 @pytest.mark.parametrize("arch,structure", [("llama", "hidden+mlp"), ("gemma3_text", "heads+mlp"),
                                             ("qwen2", "mlp+layers"), ("mixtral", "experts+heads")])
 def test_a_combination_removes_its_parts_in_turn(tiny_root, arch, structure):
-    from llmprune.methods import dress
+    from llmprune import selection
     from llmprune.modeling import param_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
     a, b = structure.split("+")
-    pa = dress.select(model, a, 0.5, "tail", None)
-    pb = dress.select(model, b, 0.5, "tail", None)
+    pa = selection.select(model, a, 0.5, "tail", None)
+    pb = selection.select(model, b, 0.5, "tail", None)
     combined = budget.combine(structure, [pb, pa])  # given in any order, removed in structured.ORDER
     ids = torch.randint(0, tiny.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     want = structured.remove(structured.remove(model, combined.parts[0]), combined.parts[1])
@@ -284,11 +284,12 @@ def test_the_budget_split_is_searched_recorded_and_applied(calibrated, tiny_root
 def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
     """A structure's activation scores do not depend on the ratio: the search measures them once per structure
     (not once per candidate ratio) and still scores the same splits as before."""
-    from llmprune.methods import dress
+    from llmprune import selection
+    from llmprune.methods import dress  # the budget search, which calls select
 
     wd = calibrated("llama", samples=24, seqlen=32)
     calls: list[str] = []
-    real = dress.scores
+    real = selection.scores
 
     def counted(model, structure, *args, **kwargs):
         calls.append(structure)
@@ -298,14 +299,14 @@ def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
 
     again = wd.parent / "uncached"
     shutil.copytree(wd, again)
-    monkeypatch.setattr(dress, "scores", counted)
+    monkeypatch.setattr(selection, "scores", counted)
     code, res = cli("prune", wd, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
     assert code == 0
     ratios = {s: {a["ratios"][s] for a in res["budget"]["alternatives"] if a["ratios"][s]} for s in ("hidden", "mlp")}
     assert len(ratios["hidden"]) >= 2 and len(ratios["mlp"]) >= 2  # several ratios of each were selected...
     assert sorted(calls) == ["hidden", "mlp"]  # ...from one measurement each
     # ...and the search is the one that measures for every candidate: the same scores, the same choice
-    real_select = dress.select
+    real_select = selection.select
     monkeypatch.setattr(dress, "select", lambda *a, measured=None, **kw: real_select(*a, **kw))
     calls.clear()
     code, fresh = cli("prune", again, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
@@ -318,19 +319,19 @@ def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
                                                 ("qwen3_moe", "experts", "reap"),
                                                 ("qwen3_moe", "experts", "frequency")])
 def test_a_selection_from_measured_scores_equals_a_fresh_one(tiny_root, arch, structure, how):
-    from llmprune.methods import dress
+    from llmprune import selection
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
     windows = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
-    measured = dress.unit_scores(model, structure, how, windows)
+    measured = selection.unit_scores(model, structure, how, windows)
     for ratio in (0.25, 0.5):
-        fresh = dress.select(model, structure, ratio, how, windows)
-        again = dress.select(model, structure, ratio, how, None, measured=measured)
+        fresh = selection.select(model, structure, ratio, how, windows)
+        again = selection.select(model, structure, ratio, how, None, measured=measured)
         assert again.to_json() == fresh.to_json() and fresh.n_units
     other = "frequency" if how == "reap" else "reap" if structure == "experts" else None
     if other:  # scores measured for another selection are refused, not ranked by
         with pytest.raises(ValueError, match="given for"):
-            dress.select(model, structure, 0.25, other, None, measured=measured)
+            selection.select(model, structure, 0.25, other, None, measured=measured)
 
 
 def test_a_regularised_combination_is_the_plan_the_prune_applies(calibrated):

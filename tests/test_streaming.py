@@ -221,7 +221,7 @@ def test_lazy_refuses_shards_that_do_not_cover_the_config(tiny_root, tmp_path):
 @pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
 @pytest.mark.parametrize("structure", ["hidden", "heads", "mlp", "layers", "experts"])
 def test_streamed_structured_removal_equals_in_memory(tiny_root, tmp_path, arch, structure):
-    from llmprune.methods.dress import select
+    from llmprune.selection import select
     from llmprune.structured import remove, remove_streamed
 
     src = tiny_root / arch
