@@ -150,7 +150,7 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
         if "experts" in plan.structure.split("+"):
             # A router row at zero still gives its expert a logit of 0, which can win the top-k: zeroing is not
             # removing here, so the gap is measured on the model with the experts removed.
-            from llmprune.structured import remove
+            from llmprune.surgery import remove
 
             nll0 = heldout_nll(remove(m, plan), holdout)
         else:

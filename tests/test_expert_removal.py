@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune import arch as _arch
+from llmprune import surgery
 from llmprune import budget, reap, structured
 from llmprune.structured import Plan
 
@@ -42,10 +43,10 @@ def test_removing_an_expert_no_token_chose_leaves_the_logits_unchanged(tiny_root
     idle, busy = _unchosen(model, ids)
     with torch.no_grad():
         dense = model(ids).logits
-        torch.testing.assert_close(structured.remove(model, Plan("experts", idle))(ids).logits, dense,
+        torch.testing.assert_close(surgery.remove(model, Plan("experts", idle))(ids).logits, dense,
                                    atol=1e-5, rtol=0)
         # the control: removing an expert the token did choose changes them
-        assert (structured.remove(model, Plan("experts", busy))(ids).logits - dense).abs().max() > 1e-3
+        assert (surgery.remove(model, Plan("experts", busy))(ids).logits - dense).abs().max() > 1e-3
 
 
 def test_without_top_k_renormalisation_removal_moves_the_weights_of_the_experts_that_stay(tiny_root):
@@ -53,7 +54,7 @@ def test_without_top_k_renormalisation_removal_moves_the_weights_of_the_experts_
     ids = torch.tensor([[7]])
     idle, _ = _unchosen(model, ids)
     with torch.no_grad():
-        diff = (structured.remove(model, Plan("experts", idle))(ids).logits - model(ids).logits).abs().max()
+        diff = (surgery.remove(model, Plan("experts", idle))(ids).logits - model(ids).logits).abs().max()
     assert diff > 1e-4
 
 
@@ -104,7 +105,7 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
     assert sum(p.numel() for p in small.parameters()) == res["parameters"]
     # The streamed removal wrote exactly what removing the plan in memory gives.
     plan = Plan.from_json(res["plan"])
-    want = structured.remove(dense, plan).state_dict()
+    want = surgery.remove(dense, plan).state_dict()
     got = small.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     for block, removed in zip(_arch.blocks(dense), plan.removed):
@@ -184,7 +185,7 @@ def test_params_after_is_what_removal_builds(tiny_root, arch, structure):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
     for ratio in (0.25, 0.5):
         plan = selection.select(model, structure, ratio, "tail", None)
-        assert budget.params_after(model, plan) == param_count(structured.remove(model, plan))
+        assert budget.params_after(model, plan) == param_count(surgery.remove(model, plan))
 
 
 @pytest.mark.parametrize("arch,structure", [("llama", "mlp"), ("llama", "hidden"), ("mixtral", "experts")])
@@ -248,8 +249,8 @@ def test_a_combination_removes_its_parts_in_turn(tiny_root, arch, structure):
     pb = selection.select(model, b, 0.5, "tail", None)
     combined = budget.combine(structure, [pb, pa])  # given in any order, removed in structured.ORDER
     ids = torch.randint(0, tiny.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
-    want = structured.remove(structured.remove(model, combined.parts[0]), combined.parts[1])
-    got = structured.remove(model, combined)
+    want = surgery.remove(surgery.remove(model, combined.parts[0]), combined.parts[1])
+    got = surgery.remove(model, combined)
     assert got.state_dict().keys() == want.state_dict().keys()
     assert all(torch.equal(got.state_dict()[k], want.state_dict()[k]) for k in want.state_dict())
     assert budget.params_after(model, combined) == param_count(got) < param_count(model)

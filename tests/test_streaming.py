@@ -222,7 +222,7 @@ def test_lazy_refuses_shards_that_do_not_cover_the_config(tiny_root, tmp_path):
 @pytest.mark.parametrize("structure", ["hidden", "heads", "mlp", "layers", "experts"])
 def test_streamed_structured_removal_equals_in_memory(tiny_root, tmp_path, arch, structure):
     from llmprune.selection import select
-    from llmprune.structured import remove, remove_streamed
+    from llmprune.surgery import remove, remove_streamed
 
     src = tiny_root / arch
     reason = dict(_arch.arch_for(arch).parts.cannot).get(structure) or (

@@ -3,7 +3,7 @@
 Reconstruction (../shared/METHODS.md; no official code exists): a fixed set of units is chosen first (the paper has
 no importance step; ``activation`` selection is ours), then the whole model is trained on a little data with the LM
 loss while the selected slices are driven to zero, so their information migrates into the parts that stay. Removal
-(``structured.remove``) is then (nearly) free. The same machinery serves hidden channels (the paper), KV groups, MLP
+(``surgery.remove``) is then (nearly) free. The same machinery serves hidden channels (the paper), KV groups, MLP
 channels and whole blocks.
 
 Two ways to drive the slices to zero, both scale-free (``lambda`` is relative to each unit's initial norm, so one
@@ -117,7 +117,7 @@ def score_after_regularizing(model: nn.Module, plan: Plan, fit: torch.Tensor, he
     import copy
 
     from llmprune.modeling import param_count
-    from llmprune.structured import remove
+    from llmprune.surgery import remove
     from llmprune.train import TrainSpec, heldout_nll
 
     work = copy.deepcopy(model)
@@ -197,7 +197,7 @@ class DReSS(Method):
         from llmprune import evaluate
         from llmprune.current import load_current, open_current
         from llmprune.modeling import param_count, save_model
-        from llmprune.structured import remove, remove_streamed
+        from llmprune.surgery import remove, remove_streamed
 
         pending = PlanRecord.pending(ws)
         planned = pending.plan if pending is not None else None
