@@ -15,6 +15,7 @@ from torch import nn
 from llmprune import arch as _arch
 from llmprune import units
 from llmprune import engine
+from llmprune.head import Head
 from llmprune.errors import UserError
 from llmprune.modeling import param_count
 from llmprune.stats import exp_nll
@@ -34,7 +35,7 @@ def perplexity(
     outs = engine.stream(model, acts, device, "evaluating", weights=weights, sink=sink)
     nll, count = 0.0, 0
     start = 0
-    with engine.Head(model, device, weights) as head:
+    with Head(model, device, weights) as head:
         for h in outs.hidden:
             for j in range(h.shape[0]):  # one window at a time: its logits are [seqlen, vocab]
                 target = windows[start + j, 1:]

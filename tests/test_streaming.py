@@ -15,6 +15,7 @@ from conftest import cli
 from llmprune import arch as _arch
 from llmprune import units
 from llmprune import engine, evaluate, shards
+from llmprune.head import Head
 from llmprune.errors import IntegrityError
 from llmprune.lazy import Lazy, Rewrite
 from llmprune.masks import parse_pattern
@@ -82,9 +83,9 @@ def test_streamed_perplexity_equals_in_memory(tiny_root, arch):
     # in slices of 50 vocabulary rows (8 slices), against plain cross-entropy on the whole model's logits
     hidden = torch.randn(31, model.config.hidden_size)
     targets = torch.randint(0, tiny.VOCAB, (31,))
-    with engine.Head(lazy.model, "cpu", lazy, logits_bytes=31 * 4 * 50) as head:
+    with Head(lazy.model, "cpu", lazy, logits_bytes=31 * 4 * 50) as head:
         sliced = head.nll(hidden, targets)
-    with engine.Head(model, "cpu") as head:
+    with Head(model, "cpu") as head:
         full = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum").item()
     assert math.isclose(sliced, full, rel_tol=1e-5)
     assert {p.device.type for p in lazy.model.parameters()} == {"meta"}
