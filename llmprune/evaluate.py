@@ -238,6 +238,34 @@ class EvalOptions:
     num_fewshot: Optional[int] = None  # lm-eval tasks only (the last-word task is zero-shot)
 
 
+def _check_speed(ws, o: EvalOptions, batches: tuple[int, ...]) -> Path | None:
+    """``--speed``'s options checked before any pass: the prompt within the context, the batches within free memory,
+    the baseline a model folder (returned: its ``model/`` for a workdir; None without one)."""
+    if o.speed:
+        import json
+
+        config = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8"))
+        ctx = config.get("max_position_embeddings")
+        if ctx is not None and o.prompt_len + o.new_tokens > ctx:
+            raise UserError(f"--prompt-len {o.prompt_len} + --new-tokens {o.new_tokens} is longer than the model's "
+                            f"context ({ctx} tokens)")
+        need = speed_memory(config, max(batches), o.prompt_len, o.new_tokens) + 2 * model_bytes(ws.model_dir)
+        have = available_memory(o.device)
+        if have is not None and need > have:
+            raise UserError(f"--speed-batches {max(batches)} with --prompt-len {o.prompt_len}: the timing needs about "
+                            f"{need / 2**30:,.1f} GiB (logits, KV cache, the model and its baseline) and {o.device} "
+                            f"has {have / 2**30:,.1f} GiB free; time smaller batches")
+    if o.speed_baseline is None:
+        return None
+    if not o.speed:
+        raise UserError("--speed-baseline needs --speed")
+    given = Path(o.speed_baseline)
+    base_dir = given / "model" if (given / "manifest.json").is_file() else given
+    if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
+        raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
+    return base_dir
+
+
 def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
     """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
     from llmprune import data
@@ -252,28 +280,7 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
         dataset = src
     text = data.load_text(dataset, "evaluation", o.text_field)
     batches = parse_batches(o.speed_batches)
-    if o.speed:
-        import json
-
-        config = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8"))
-        ctx = config.get("max_position_embeddings")
-        if ctx is not None and o.prompt_len + o.new_tokens > ctx:
-            raise UserError(f"--prompt-len {o.prompt_len} + --new-tokens {o.new_tokens} is longer than the model's "
-                            f"context ({ctx} tokens)")
-        need = speed_memory(config, max(batches), o.prompt_len, o.new_tokens)
-        have = available_memory(o.device)
-        if have is not None and need + 2 * model_bytes(ws.model_dir) > have:
-            raise UserError(f"--speed-batches {max(batches)} with --prompt-len {o.prompt_len}: the timing needs about "
-                            f"{(need + 2 * model_bytes(ws.model_dir)) / 2**30:,.1f} GiB (logits, KV cache, the model "
-                            f"and its baseline) and {o.device} has {have / 2**30:,.1f} GiB free; time smaller batches")
-    base_dir = None
-    if o.speed_baseline is not None:
-        if not o.speed:
-            raise UserError("--speed-baseline needs --speed")
-        given = Path(o.speed_baseline)
-        base_dir = given / "model" if (given / "manifest.json").is_file() else given
-        if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
-            raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
+    base_dir = _check_speed(ws, o, batches)
     from llmprune import tasks as _tasks
 
     wanted = _tasks.split_tasks(o.tasks)

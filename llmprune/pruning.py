@@ -219,46 +219,66 @@ def prune_model(
         if sink is not None:
             sink(i, block)
 
-    t0 = time.perf_counter()
     if not method.needs_data:
-        layers = _arch.blocks(model)
-        with progress(method.name, total=len(layers)) as advance:
-            for i, block in enumerate(layers):
-                weights.load(block, device)
-                before.update(block_zeros(i, block))
-                method.prune_block(BlockContext(i, block, None, device, spec.for_block(i)))
-                done(i, block)
-                weights.unload(block)
-                advance()
-        times["prune_s"] = time.perf_counter() - t0
+        _walk_without_data(model, method, spec, device, weights, times, before, done)
     else:
         assert windows is not None
-        if spec.true_sequential:
-            batch_size = windows.shape[0]  # one pass prunes each Linear once it has seen every window
-        if method.per_sample:
-            # The method works on one window at a time (per-sample gradients) and merges the windows itself
-            # where it needs them at once (``Activations.merged``).
-            batch_size = 1
-        acts = engine.capture(model, windows, batch_size, device, act_dtype, weights=weights)
-        times["capture_s"] = time.perf_counter() - t0
-        walk = engine.Walk(model, acts, device, method.name, last_outputs=False, weights=weights, sink=done)
-        mark = time.perf_counter()
-        for i, block, inputs in walk:
-            times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation (and writing)
-            mark = time.perf_counter()
-            before.update(block_zeros(i, block))
-            ctx = BlockContext(i, block, inputs, device, spec.for_block(i))
-            method.prune_block(ctx)
-            no_tokens += [f"{i}.{n}" for n in ctx.no_tokens]
-            walk.next_inputs = ctx.outputs
-            times["prune_s"] += time.perf_counter() - mark
-            mark = time.perf_counter()
-        times["propagate_s"] += time.perf_counter() - mark
+        no_tokens = _walk_with_data(model, method, spec, windows, device, batch_size, act_dtype, weights, times,
+                                    before, done)
     if no_tokens:
         report.warn(f"{len(no_tokens)} expert weight(s) received no calibration token and were pruned by magnitude "
                     f"(the first: {no_tokens[0]}); more calibration samples route tokens to more experts")
     return {"times": {k: round(v, 3) for k, v in times.items()}, "before": before, "after": after,
             "no_tokens": no_tokens, **({"owl": owl_info} if owl_info else {})}
+
+
+def _walk_without_data(model, method: Method, spec: PruneSpec, device, weights, times, before, done) -> None:
+    """A method that reads no calibration data (magnitude): each block loaded, pruned, checked and written."""
+    from llmprune.evaluate import block_zeros
+
+    t0 = time.perf_counter()
+    layers = _arch.blocks(model)
+    with progress(method.name, total=len(layers)) as advance:
+        for i, block in enumerate(layers):
+            weights.load(block, device)
+            before.update(block_zeros(i, block))
+            method.prune_block(BlockContext(i, block, None, device, spec.for_block(i)))
+            done(i, block)
+            weights.unload(block)
+            advance()
+    times["prune_s"] = time.perf_counter() - t0
+
+
+def _walk_with_data(model, method: Method, spec: PruneSpec, windows, device, batch_size, act_dtype, weights, times,
+                    before, done) -> list[str]:
+    """The engine's walk: block 0's inputs captured, then each block pruned on its inputs and run again so the next
+    sees the pruned outputs. Returns the expert weights no calibration token reached (pruned by magnitude)."""
+    from llmprune.evaluate import block_zeros
+
+    t0 = time.perf_counter()
+    if spec.true_sequential:
+        batch_size = windows.shape[0]  # one pass prunes each Linear once it has seen every window
+    if method.per_sample:
+        # The method works on one window at a time (per-sample gradients) and merges the windows itself
+        # where it needs them at once (``Activations.merged``).
+        batch_size = 1
+    acts = engine.capture(model, windows, batch_size, device, act_dtype, weights=weights)
+    times["capture_s"] = time.perf_counter() - t0
+    walk = engine.Walk(model, acts, device, method.name, last_outputs=False, weights=weights, sink=done)
+    no_tokens: list[str] = []
+    mark = time.perf_counter()
+    for i, block, inputs in walk:
+        times["propagate_s"] += time.perf_counter() - mark  # the previous block's propagation (and writing)
+        mark = time.perf_counter()
+        before.update(block_zeros(i, block))
+        ctx = BlockContext(i, block, inputs, device, spec.for_block(i))
+        method.prune_block(ctx)
+        no_tokens += [f"{i}.{n}" for n in ctx.no_tokens]
+        walk.next_inputs = ctx.outputs
+        times["prune_s"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+    times["propagate_s"] += time.perf_counter() - mark
+    return no_tokens
 
 
 def _owl_spec(model, spec: PruneSpec, settings, windows, device, batch_size, act_dtype, weights
