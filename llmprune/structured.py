@@ -177,6 +177,109 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
+class _Coupling:
+    """The slices of one model being gathered: ``add`` a parameter's rows or columns, ``add_module`` a module's weight
+    (and bias), ``blk`` a block's module name. What couples with each structure is one function below."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.a = _arch.arch_for(model.config.model_type)
+        self.p = self.a.parts
+        self.g = geometry(model)
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.out: list[Slice] = []
+
+    def add(self, name: str, dim: int, index: list[int], unit: list[int]) -> None:
+        if name in self.params and index:
+            self.out.append(Slice(name, dim, torch.tensor(index, dtype=torch.long),
+                                  torch.tensor(unit, dtype=torch.long)))
+
+    def add_module(self, mod: str, dim: int, index: list[int], unit: list[int], bias: bool) -> None:
+        self.add(f"{mod}.weight", dim, index, unit)
+        if bias:
+            self.add(f"{mod}.bias", 0, index, unit)
+
+    def blk(self, i: int, name: str) -> str:
+        return f"{self.a.layers}.{i}.{name}"
+
+
+def _hidden(c: _Coupling, removed) -> None:
+    """A hidden channel: a column of every input-side Linear and of the embeddings, a row of every output-side
+    Linear and an entry of every norm."""
+    p, idx = c.p, list(removed)
+    unit = list(range(len(idx)))
+    c.add(f"{p.embed}.weight", 1, idx, unit)
+    c.add(f"{module_name(c.model, c.model.get_output_embeddings())}.weight", 1, idx, unit)
+    c.add_module(p.final_norm, 0, idx, unit, bias=True)
+    for i in range(c.g.layers):
+        for lin in dict.fromkeys((p.q, p.k, p.v, *p.mlp_in)):  # a fused projection once
+            c.add(f"{c.blk(i, lin)}.weight", 1, idx, unit)  # input side
+        for lin in (p.o, p.mlp_out):
+            c.add_module(c.blk(i, lin), 0, idx, unit, bias=True)  # output side, and its bias
+        for norm in p.norms:
+            c.add_module(c.blk(i, norm), 0, idx, unit, bias=True)
+
+
+def _heads(c: _Coupling, removed) -> None:
+    """A KV group: its key and value rows, the rows of every query head that reads it, and their columns of o."""
+    p, g, u = c.p, c.g, 0
+    for i, groups in enumerate(removed):
+        q_rows, kv_rows, q_unit, kv_unit = [], [], [], []
+        for grp in groups:
+            for h in range(grp * g.rep, (grp + 1) * g.rep):
+                q_rows += range(h * g.head_dim, (h + 1) * g.head_dim)
+                q_unit += [u] * g.head_dim
+            kv_rows += range(grp * g.head_dim, (grp + 1) * g.head_dim)
+            kv_unit += [u] * g.head_dim
+            u += 1
+        if p.qkv_fused:  # rows [q (heads x head_dim); k (kv x head_dim); v (kv x head_dim)]
+            k_at, v_at = g.heads * g.head_dim, (g.heads + g.kv_heads) * g.head_dim
+            c.add_module(c.blk(i, p.q), 0, q_rows + [k_at + r for r in kv_rows] + [v_at + r for r in kv_rows],
+                         q_unit + kv_unit + kv_unit, bias=True)
+        else:
+            c.add_module(c.blk(i, p.q), 0, q_rows, q_unit, bias=True)
+            c.add_module(c.blk(i, p.k), 0, kv_rows, kv_unit, bias=True)
+            c.add_module(c.blk(i, p.v), 0, kv_rows, kv_unit, bias=True)
+        c.add(f"{c.blk(i, p.o)}.weight", 1, q_rows, q_unit)
+
+
+def _mlp(c: _Coupling, removed) -> None:
+    """An MLP channel: a row of the gate and up projections, a column of the down projection."""
+    p, u = c.p, 0
+    for i, chans in enumerate(removed):
+        unit = list(range(u, u + len(chans)))
+        u += len(chans)
+        if p.mlp_in_fused:  # rows [gate (mlp); up (mlp)]
+            c.add_module(c.blk(i, p.mlp_in[0]), 0, list(chans) + [c.g.mlp + ch for ch in chans], unit + unit,
+                         bias=True)
+        for lin in () if p.mlp_in_fused else p.mlp_in:
+            c.add_module(c.blk(i, lin), 0, list(chans), unit, bias=True)
+        c.add(f"{c.blk(i, p.mlp_out)}.weight", 1, list(chans), unit)
+
+
+def _experts(c: _Coupling, removed) -> None:
+    """An expert: row e of both 3-D parameters and of the router go together."""
+    spec, u = c.a.experts, 0
+    for i, experts in enumerate(removed):
+        unit = list(range(u, u + len(experts)))
+        u += len(experts)
+        for param, _ in spec.params:
+            c.add(f"{c.blk(i, spec.path)}.{param}", 0, list(experts), unit)
+        c.add_module(c.blk(i, spec.router), 0, list(experts), unit, bias=True)
+
+
+def _layers(c: _Coupling, removed) -> None:
+    """A block whose two output projections are zero adds nothing to the residual stream: it is the identity."""
+    for u, i in enumerate(removed):
+        for lin in (c.p.o, c.p.mlp_out):
+            name = c.blk(i, lin)
+            rows = c.params[f"{name}.weight"].shape[0]
+            c.add_module(name, 0, list(range(rows)), [u] * rows, bias=True)
+
+
+_COUPLING = {"hidden": _hidden, "heads": _heads, "mlp": _mlp, "experts": _experts, "layers": _layers}
+
+
 def slices(model: nn.Module, plan: Plan) -> list[Slice]:
     """Every parameter slice that belongs to the plan's units. Tied parameters appear under each of their names.
     A combination's parts are numbered one after the other (unit ids stay distinct for the group norms)."""
@@ -187,86 +290,11 @@ def slices(model: nn.Module, plan: Plan) -> list[Slice]:
             out += [Slice(sl.param, sl.dim, sl.index, sl.unit + offset) for sl in got]
             offset += max((int(sl.unit.max()) + 1 for sl in got), default=0)
         return out
-    a = _arch.arch_for(model.config.model_type)
-    p = a.parts
-    g = geometry(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out: list[Slice] = []
-
-    def add(name: str, dim: int, index: list[int], unit: list[int]) -> None:
-        if name in params and index:
-            out.append(Slice(name, dim, torch.tensor(index, dtype=torch.long), torch.tensor(unit, dtype=torch.long)))
-
-    def add_module(mod: str, dim: int, index: list[int], unit: list[int], bias: bool) -> None:
-        add(f"{mod}.weight", dim, index, unit)
-        if bias:
-            add(f"{mod}.bias", 0, index, unit)
-
-    blk = lambda i, name: f"{a.layers}.{i}.{name}"  # noqa: E731
-    s = plan.structure
-    if s == "hidden":
-        idx = list(plan.removed)
-        unit = list(range(len(idx)))
-        add(f"{p.embed}.weight", 1, idx, unit)
-        add(f"{module_name(model, model.get_output_embeddings())}.weight", 1, idx, unit)
-        add_module(p.final_norm, 0, idx, unit, bias=True)
-        for i in range(g.layers):
-            for lin in dict.fromkeys((p.q, p.k, p.v, *p.mlp_in)):  # a fused projection once
-                add(f"{blk(i, lin)}.weight", 1, idx, unit)  # input side
-            for lin in (p.o, p.mlp_out):
-                add_module(blk(i, lin), 0, idx, unit, bias=True)  # output side, and its bias
-            for norm in p.norms:
-                add_module(blk(i, norm), 0, idx, unit, bias=True)
-    elif s == "heads":
-        u = 0
-        for i, groups in enumerate(plan.removed):
-            q_rows, kv_rows, q_unit, kv_unit = [], [], [], []
-            for grp in groups:
-                for h in range(grp * g.rep, (grp + 1) * g.rep):
-                    q_rows += range(h * g.head_dim, (h + 1) * g.head_dim)
-                    q_unit += [u] * g.head_dim
-                kv_rows += range(grp * g.head_dim, (grp + 1) * g.head_dim)
-                kv_unit += [u] * g.head_dim
-                u += 1
-            if p.qkv_fused:  # rows [q (heads x head_dim); k (kv x head_dim); v (kv x head_dim)]
-                k_at, v_at = g.heads * g.head_dim, (g.heads + g.kv_heads) * g.head_dim
-                add_module(blk(i, p.q), 0, q_rows + [k_at + r for r in kv_rows] + [v_at + r for r in kv_rows],
-                           q_unit + kv_unit + kv_unit, bias=True)
-            else:
-                add_module(blk(i, p.q), 0, q_rows, q_unit, bias=True)
-                add_module(blk(i, p.k), 0, kv_rows, kv_unit, bias=True)
-                add_module(blk(i, p.v), 0, kv_rows, kv_unit, bias=True)
-            add(f"{blk(i, p.o)}.weight", 1, q_rows, q_unit)
-    elif s == "mlp":
-        u = 0
-        for i, chans in enumerate(plan.removed):
-            unit = list(range(u, u + len(chans)))
-            u += len(chans)
-            if p.mlp_in_fused:  # rows [gate (mlp); up (mlp)]
-                add_module(blk(i, p.mlp_in[0]), 0, list(chans) + [g.mlp + c for c in chans], unit + unit, bias=True)
-            for lin in () if p.mlp_in_fused else p.mlp_in:
-                add_module(blk(i, lin), 0, list(chans), unit, bias=True)
-            add(f"{blk(i, p.mlp_out)}.weight", 1, list(chans), unit)
-    elif s == "experts":
-        # Expert e is row e of both 3-D parameters and of the router: they go together.
-        spec = a.experts
-        u = 0
-        for i, experts in enumerate(plan.removed):
-            unit = list(range(u, u + len(experts)))
-            u += len(experts)
-            for param, _ in spec.params:
-                add(f"{blk(i, spec.path)}.{param}", 0, list(experts), unit)
-            add_module(blk(i, spec.router), 0, list(experts), unit, bias=True)
-    elif s == "layers":
-        # A block whose two output projections are zero adds nothing to the residual stream: it is the identity.
-        for u, i in enumerate(plan.removed):
-            for lin in (p.o, p.mlp_out):
-                name = blk(i, lin)
-                rows = params[f"{name}.weight"].shape[0]
-                add_module(name, 0, list(range(rows)), [u] * rows, bias=True)
-    else:
-        raise UserError(f"unknown structure '{s}'; use one of: {', '.join(STRUCTURES)}")
-    return out
+    if plan.structure not in _COUPLING:
+        raise UserError(f"unknown structure '{plan.structure}'; use one of: {', '.join(STRUCTURES)}")
+    c = _Coupling(model)
+    _COUPLING[plan.structure](c, plan.removed)
+    return c.out
 
 
 @torch.no_grad()
