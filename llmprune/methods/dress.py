@@ -192,36 +192,13 @@ class DReSS(Method):
     def prune_workdir(self, ws: Workdir, options: Options, *, device: str, batch_size: int) -> dict[str, Any]:
         """Remove the units. After ``regularize`` they are the regularised ones; on a workdir never regularised
         they are selected the same way and removed directly (the key control of DReSS)."""
-        import shutil
-
-        from llmprune import evaluate
         from llmprune.current import load_current, open_current
-        from llmprune.modeling import param_count, save_model
-        from llmprune.surgery import remove, remove_streamed
+        from llmprune.modeling import param_count
 
         pending = PlanRecord.pending(ws)
         planned = pending.plan if pending is not None else None
-        if planned is not None:
-            for name, given, was in (("structure", options.structure, planned.structure),
-                                     ("ratio", options.ratio, planned.ratio), ("select", options.select, planned.select)):
-                if name == "select" and given is not None:
-                    given = selection_of(planned.structure, given)
-                if given is not None and given != was:
-                    raise UserError(f"this workdir was regularised for --{name} {was}; prune with that "
-                                    f"(or regularise again for {given})")
-        structure = options.structure or (planned.structure if planned else DEFAULT_STRUCTURE)
-        select_ = options.select or (planned.select if planned else DEFAULT_SELECT)
-        if options.ratio is not None and not 0 < options.ratio < 1:  # 0 would remove nothing yet record a step
-            raise UserError(f"--ratio must be in (0, 1), got {options.ratio}")
-        ratio = options.ratio if options.ratio is not None else (planned.ratio if planned else DEFAULT_RATIO)
-        check_choice(structure, select_)
-        if options.target_params is not None and (options.ratio is not None or planned is not None):
-            raise UserError("--target-params chooses the ratio: give it instead of --ratio, and to regularize "
-                            "(not to the prune that applies a regularised plan)")
+        structure, select_, ratio = _resolve(options, planned)
         combination = "+" in structure
-        if combination and options.target_params is None and planned is None:
-            raise UserError(f"--structure {structure} splits a parameter budget between its structures: give "
-                            "--target-params (100M, or 0.75 of the model)")
         regularized = pending is not None
         params = dict(method="dress", structure=structure, ratio=ratio, select=select_, seed=options.seed,
                       device=device, regularized=regularized,
@@ -256,17 +233,7 @@ class DReSS(Method):
 
                 report.warn(f"{lm.config.model_type}'s router does not renormalise over its top-k (norm_topk_prob "
                             "false): removing experts also raises the routing weights of the experts that stay")
-            out = tx.stage("model")
-            if weights.lazy:
-                small, counts = remove_streamed(weights, planned, out, ws.shard_size)
-                tok.save_pretrained(out)
-                if (ws.model_dir / "generation_config.json").is_file():
-                    shutil.copy2(ws.model_dir / "generation_config.json", out / "generation_config.json")
-                summ = evaluate.summary(small, counts)
-            else:
-                small = remove(lm, planned)
-                summ = evaluate.summary(small)
-                save_model(small, tok, out, ws.shard_size)
+            small, summ = _write_smaller(ws, lm, tok, weights, planned, tx.stage("model"))
             prune_s = time.perf_counter() - t0
             tx.step.metrics = {"prune_s": round(prune_s, 3), "plan": planned.to_json(), "units_removed": planned.n_units,
                                "parameters_before": before_params, **summ,
@@ -276,6 +243,53 @@ class DReSS(Method):
             PlanRecord(planned, regularized, applied=True).write(tx)
         return {"method": "dress", "structure": structure, "ratio": ratio, "select": select_,
                 "regularized": regularized, **tx.step.metrics}
+
+
+def _resolve(options: Options, planned: Plan | None) -> tuple[str, str, float]:
+    """``(structure, selection, ratio)`` the prune removes: what was given, else the regularised plan's, else the
+    defaults; a given value that contradicts the plan, or a combination without a budget, is refused."""
+    if planned is not None:
+        for name, given, was in (("structure", options.structure, planned.structure),
+                                 ("ratio", options.ratio, planned.ratio), ("select", options.select, planned.select)):
+            if name == "select" and given is not None:
+                given = selection_of(planned.structure, given)
+            if given is not None and given != was:
+                raise UserError(f"this workdir was regularised for --{name} {was}; prune with that "
+                                f"(or regularise again for {given})")
+    structure = options.structure or (planned.structure if planned else DEFAULT_STRUCTURE)
+    select_ = options.select or (planned.select if planned else DEFAULT_SELECT)
+    if options.ratio is not None and not 0 < options.ratio < 1:  # 0 would remove nothing yet record a step
+        raise UserError(f"--ratio must be in (0, 1), got {options.ratio}")
+    ratio = options.ratio if options.ratio is not None else (planned.ratio if planned else DEFAULT_RATIO)
+    check_choice(structure, select_)
+    if options.target_params is not None and (options.ratio is not None or planned is not None):
+        raise UserError("--target-params chooses the ratio: give it instead of --ratio, and to regularize "
+                        "(not to the prune that applies a regularised plan)")
+    if "+" in structure and options.target_params is None and planned is None:
+        raise UserError(f"--structure {structure} splits a parameter budget between its structures: give "
+                        "--target-params (100M, or 0.75 of the model)")
+    return structure, select_, ratio
+
+
+def _write_smaller(ws: Workdir, lm: nn.Module, tok, weights, planned: Plan, out) -> tuple[nn.Module, dict[str, Any]]:
+    """The smaller model in ``out`` -- shard by shard from a lazy model, else built in memory and saved -- and its
+    summary (parameters, sparsity)."""
+    import shutil
+
+    from llmprune import evaluate
+    from llmprune.modeling import save_model
+    from llmprune.surgery import remove, remove_streamed
+
+    if weights.lazy:
+        small, counts = remove_streamed(weights, planned, out, ws.shard_size)
+        tok.save_pretrained(out)
+        if (ws.model_dir / "generation_config.json").is_file():
+            shutil.copy2(ws.model_dir / "generation_config.json", out / "generation_config.json")
+        return small, evaluate.summary(small, counts)
+    small = remove(lm, planned)
+    summ = evaluate.summary(small)
+    save_model(small, tok, out, ws.shard_size)
+    return small, summ
 
 
 METHOD = DReSS()
