@@ -26,7 +26,7 @@ def perplexity(
     model: nn.Module, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4, act_dtype=None, weights=None,
     sink=None,
 ) -> dict[str, float]:
-    """exp(mean next-token NLL) over all predicted tokens of non-overlapping windows (BENCHMARK.md protocol).
+    """exp(mean next-token NLL) over all predicted tokens of non-overlapping windows (docs/benchmarks.md protocol).
 
     Runs through the block-by-block engine, so only one block is on the device at a time (and, for a lazy model, in
     memory: ``weights``). ``sink(index, block)`` sees each loaded block (e.g. to count its zeros).

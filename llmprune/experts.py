@@ -2,7 +2,7 @@
 
 transformers 5 stores a block's routed experts as ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` and runs
 them in one fused (grouped) kernel, so no per-expert module exists whose input a hook could see. Two things here make
-every method work on them unchanged (../shared/METHODS.md, "Mixture-of-experts"):
+every method work on them unchanged (docs/methods.md, "Mixture-of-experts"):
 
 - ``views``: expert e's slice of each parameter as an ``nn.Linear`` whose weight *is* that slice (a view: pruning
   it prunes the parameter), named ``mlp.experts.gate_up_proj[e]``. ``units.block_linears`` lists them with the

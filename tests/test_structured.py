@@ -49,7 +49,7 @@ def test_removing_zeroed_units_gives_the_zeroed_models_logits(tiny_root, tmp_pat
     out = _logits(small, ids)
     assert param_count(small) < param_count(model)
     if structure == "hidden" and not arch_for(arch).parts.rms_norm:
-        # LayerNorm statistics change with the width: not exact (METHODS.md), but the model must still run.
+        # LayerNorm statistics change with the width: not exact (docs/methods.md), but the model must still run.
         assert out.shape == ref.shape and torch.isfinite(out).all()
     else:
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -1,22 +1,12 @@
 """DReSS (Feng et al. 2025, arXiv 2501.17905): regularise the parts that will be removed, then remove them.
 
-Reconstruction (../shared/METHODS.md; no official code exists): a fixed set of units is chosen first (the paper has
-no importance step; ``activation`` selection is ours), then the whole model is trained on a little data with the LM
-loss while the selected slices are driven to zero, so their information migrates into the parts that stay. Removal
-(``surgery.remove``) is then (nearly) free. The same machinery serves hidden channels (the paper), KV groups, MLP
-channels and whole blocks.
-
-Two ways to drive the slices to zero, both scale-free (``lambda`` is relative to each unit's initial norm, so one
-value means the same thing for every model size):
-
-- ``prox`` (default, decoupled): after every optimiser step, a proximal step shrinks each unit's norm by
-  ``lambda * its initial norm`` (soft-thresholding, Parikh & Boyd 2014, sec. 6.5). Reaches exact zeros in at most
-  ``1 / lambda`` steps; Adam cannot stall it, which METHODS.md warns a loss-term penalty may do.
-- ``loss``: ``LM loss + lambda * sum_u ||s_u|| / sum_u ||s_u^0||`` (the paper's formulation, normalised to start at
-  ``lambda``), minimised by the optimiser together with the LM loss.
-
-Norms: ``group`` -- one L2 norm per unit over all its slices in the model (group lasso, Yuan & Lin 2006);
-``l2`` -- one L2 norm per slice (per tensor and unit, not squared); ``l1`` -- absolute values, element-wise.
+Reconstruction (docs/methods.md, "DReSS"; no official code exists): a fixed set of units is chosen first
+(``selection``: the paper has no importance step; ``activation`` selection is ours), then the whole model is trained
+on a little data with the LM loss while the selected slices are driven to zero (``penalty``; the ``regularize`` step,
+``regularization``), so their information migrates into the parts that stay. Removal (``surgery.remove``) is then
+(nearly) free. The same machinery serves hidden channels (the paper), KV groups, MLP channels, whole blocks and MoE
+experts. This module is the registered method -- the prune step that applies a regularised plan, or removes the
+selected units directly on a workdir never regularised -- with the plan record and the parameter-budget glue.
 """
 
 from __future__ import annotations

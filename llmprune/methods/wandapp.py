@@ -1,6 +1,6 @@
 """Wanda++ (Yang et al., Findings of ACL 2025, arXiv 2503.04992): regional gradients + regional optimisation.
 
-No official code exists; this follows ../shared/METHODS.md, and every uncertain choice is an option:
+No official code exists; this follows docs/methods.md, and every uncertain choice is an option:
 
 - Regional gradient (RG): for each calibration sample n, ``loss_n = ||f_l(X_n)||_2`` -- the plain L2 norm of the
   whole output of block l, no labels -- and one backward pass through that block alone to its Linear weights.
