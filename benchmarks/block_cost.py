@@ -42,7 +42,7 @@ def main() -> None:
     from llmprune.masks import parse_pattern
     from llmprune.methods import METHODS
     from llmprune.methods.base import PruneSpec
-    from llmprune.modeling import open_current
+    from llmprune.current import open_current
     from llmprune.pruning import prune_model
     from llmprune.workdir import Workdir
 

@@ -1,4 +1,4 @@
-"""Structured removal on the real model of BENCHMARK.md: DReSS (regularise, then remove) against direct removal of
+"""Structured removal on the real model of docs/benchmarks.md: DReSS (regularise, then remove) against direct removal of
 the same units, with parameters, test perplexity, the saved model's prefill / decode speed-up over dense (timed in
 the same run), and the wall time and peak RSS of ``regularize``.
 
@@ -95,7 +95,7 @@ def table(rows: list[dict], dense_params: int, dense_ppl: float) -> str:
               f"{r['removed']:.1%} | {r['ppl']:.2f} | {f(r['ppl'] / d if d else None, '.3f')} | "
               f"{f(r['prefill_speedup'], '.2f')} | {f(r['decode_speedup'], '.2f')} | {f(r['regularize_s'], '.0f')} | "
               f"{f(r['regularize_rss_mib'], '.0f')} |")
-    lines.append(f"\ndense: {dense_params:,} parameters, perplexity {dense_ppl} (BENCHMARK.md)")
+    lines.append(f"\ndense: {dense_params:,} parameters, perplexity {dense_ppl} (docs/benchmarks.md)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""bf16 against fp32 on the real model of BENCHMARK.md: the same prune on a workdir calibrated in each dtype.
+"""bf16 against fp32 on the real model of docs/benchmarks.md: the same prune on a workdir calibrated in each dtype.
 
 The GGUF source is dequantized once to float32 and once to bfloat16 (``calibrate --dtype``); every later step keeps
 the workdir's dtype (weights on disk and block compute; statistics in fp32). For each method, prune and evaluate both
@@ -58,7 +58,7 @@ def main() -> None:
                      f"{r['ppl'] / fp32[r['method']]:.4f} | {r['prune_s'] or ''} | {r['prune_rss_mib'] or ''} | "
                      f"{r['eval_rss_mib']} | {r['model_mib']} |")
     save_results(args.results, "dtype", rows,
-        f"SmolLM2-135M-Instruct, BENCHMARK.md protocol ({args.samples} x {args.seqlen} calibration windows, "
+        f"SmolLM2-135M-Instruct, docs/benchmarks.md protocol ({args.samples} x {args.seqlen} calibration windows, "
         f"{rows[0]['windows']} test windows), `python benchmarks/dtype_bench.py`",
         "\n".join(lines))
 

@@ -1,4 +1,4 @@
-"""Unstructured / N:M pruning on the real model of BENCHMARK.md: perplexity, prune seconds and peak RSS.
+"""Unstructured / N:M pruning on the real model of docs/benchmarks.md: perplexity, prune seconds and peak RSS.
 
 For every method x pattern: copy a calibrated workdir, run ``llmprune prune`` in its own process (peak RSS from
 ``wait4``), then ``llmprune eval`` on the protocol's test split. A full forward pass of the model over the same
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
 
-# BENCHMARK.md reference rows: (perplexity, prune wall s, peak RSS MiB) from locuslab/wanda on this protocol.
+# docs/benchmarks.md reference rows: (perplexity, prune wall s, peak RSS MiB) from locuslab/wanda on this protocol.
 REFERENCE = {
     ("magnitude", "unstructured"): (362.7, 9, 901),
     ("magnitude", "4:8"): (713.1, 3, 881),
@@ -44,7 +44,7 @@ REFERENCE = {
     ("sparsegpt", "4:8"): (40.59, 183, 1609),
     ("sparsegpt", "2:4"): (55.21, 189, 1603),
 }
-DENSE_PPL = {"smollm2-135m": 14.59, "gemma3-270m": 30.47}  # BENCHMARK.md
+DENSE_PPL = {"smollm2-135m": 14.59, "gemma3-270m": 30.47}  # docs/benchmarks.md
 # Named variants: the label in the table -> the prune options.
 VARIANTS = {
     "magnitude": ["--method", "magnitude"],
@@ -226,7 +226,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     caption = (f"{args.model}, {args.samples} x {args.seqlen} calibration windows, batch {args.batch_size}; "
                f"forward pass over them {fwd:.1f} s at the start, {fwd_end:.1f} s at the end; dense perplexity "
-               f"{DENSE_PPL[args.model]} (BENCHMARK.md)"
+               f"{DENSE_PPL[args.model]} (docs/benchmarks.md)"
                + (f"; last-word accuracy over {args.lastword} test paragraphs, dense {dense_acc:.3f}"
                   if dense_acc is not None else "") + ". Command: python benchmarks/prune_bench.py "
                + " ".join(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""LoRA recovery on the real model of BENCHMARK.md: prune, then `llmprune recover` on the calibration split, with the
+"""LoRA recovery on the real model of docs/benchmarks.md: prune, then `llmprune recover` on the calibration split, with the
 test perplexity before and after, the held-out curve (steps vs perplexity), the cost (seconds, peak RSS), and a
 check that every pruned weight of the merged model is still exactly zero.
 

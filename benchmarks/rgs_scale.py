@@ -22,11 +22,11 @@ import torch
 
 
 def main() -> None:
-    from llmprune import arch as _arch
+    from llmprune import units
     from llmprune import engine
     from llmprune.masks import Pattern, select
     from llmprune.methods import wandapp
-    from llmprune.modeling import open_current
+    from llmprune.current import open_current
     from llmprune.workdir import Workdir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,7 +49,7 @@ def main() -> None:
         if i == 0:
             check_against_func(block, inputs, dense.grads)
         norms = dense.norms(list(range(inputs.n_samples)), "sum")
-        for name, lin in _arch.block_linears(block).items():
+        for name, lin in units.block_linears(block).items():
             w, g, x = lin.weight.data, dense.grads[name], norms[name]
             wanda = select(wandapp.rgs_score(w, None, x, 0.0), two4, 0.5)
             # k pruned weights swapped for k others differ in 2k places of N, and N / 2 are pruned: the share of
@@ -72,9 +72,9 @@ def check_against_func(block, acts, grads) -> None:
     their RMS over the samples. Must match the method's own per-sample backward passes."""
     from torch.func import functional_call, grad
 
-    from llmprune import arch as _arch
+    from llmprune import units
 
-    names = {n: lin for n, lin in _arch.block_linears(block).items()}
+    names = {n: lin for n, lin in units.block_linears(block).items()}
     pnames = {n: next(k for k, p in block.named_parameters() if p is lin.weight) for n, lin in names.items()}
     params = {k: p.detach() for k, p in block.named_parameters()}
 

@@ -30,7 +30,8 @@ SIZE_ORDER = ("0.5b", "1b", "3b", "7b", "8b")  # random_model.SIZES, without imp
 IN_MEMORY = """
 import sys, torch
 from llmprune.workdir import Workdir
-from llmprune.modeling import load_current, save_model
+from llmprune.current import load_current
+from llmprune.modeling import save_model
 from llmprune.methods import METHODS
 from llmprune.methods.base import PruneSpec
 from llmprune.masks import parse_pattern

@@ -86,7 +86,7 @@ def main() -> None:
     dense_params = json.loads((base / "manifest.json").read_text())["steps"][0]["metrics"]["parameters"]
     # The teacher is the model the base was calibrated from (a base made before calibrate kept teacher/ has none).
     teacher = [] if (base / "teacher").is_dir() else ["--teacher", str(paths["model"])]
-    # The dense model's perplexity on the same windows: BENCHMARK.md's figure is over the whole test split.
+    # The dense model's perplexity on the same windows: docs/benchmarks.md's figure is over the whole test split.
     dense_ppl = DENSE_PPL[args.model]
     if args.eval_windows:
         dense_ppl = popen_rss([*LLMPRUNE, "eval", str(base), *evalargs])[0]["perplexity"]
@@ -217,7 +217,7 @@ def _reused(pruned: Path, made_by: dict):
 def _made_with_defaults(reg: dict | None, made_by: dict) -> bool:
     """A pruned workdir from before bench.json was written: reusable when it was regularised with every default
     (what an empty --reg asks for) and the selection asked for."""
-    from llmprune.methods.dress import RegularizeOptions
+    from llmprune.regularization import RegularizeOptions
 
     if reg is None or made_by["reg"] != "":
         return False

@@ -21,7 +21,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}
-# Dense test perplexity over the whole test split (BENCHMARK.md), for rows saved before they recorded their own.
+# Dense test perplexity over the whole test split (docs/benchmarks.md), for rows saved before they recorded their own.
 DENSE = {("smollm2-135m", 105): 14.59, ("gemma3-270m", 101): 30.47}
 RECOVERY = {"none": "none", "lora-lm": "LoRA, LM loss", "lora-kd": "LoRA, distilled", "full-lm": "all weights, LM loss",
             "full-kd": "all weights, distilled"}

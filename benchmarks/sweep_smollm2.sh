@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A sweep on the benchmark's real model (BENCHMARK.md protocol): SmolLM2-135M calibrated on 64 x 512 windows, then
+# A sweep on the benchmark's real model (docs/benchmarks.md protocol): SmolLM2-135M calibrated on 64 x 512 windows, then
 # magnitude, Wanda and SparseGPT at 30/50/70% unstructured and 2:4, each evaluated on the whole test split
 # (perplexity) and on 200 paragraphs of it (last-word accuracy). Results and plots go to WORK/sweep/ and are copied
 # to benchmarks/results/sweep-smollm2-DATE/. Re-running it skips what is done.

@@ -3,7 +3,7 @@
 ``calibrate --dataset c4`` reads the first shard of C4's training split (about 800 M characters) and tokenizes it
 whole; ``regularize`` reads it again for fresh windows. One call of a fast tokenizer on such a text holds every
 token's encoding at once. The Hub (and C4) cannot be reached here, so the text is the benchmark's calibration text
-repeated to ``--mchars`` million characters, tokenized with SmolLM2's tokenizer (BENCHMARK.md), each way in its own
+repeated to ``--mchars`` million characters, tokenized with SmolLM2's tokenizer (docs/benchmarks.md), each way in its own
 process (peak RSS from ``wait4``).
 
     python benchmarks/tokenize_bench.py --mchars 40      # about two minutes on 2 cores

@@ -197,67 +197,9 @@ def final_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in mods if m is not None]
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The prunable weights of one block, by their name inside it, each as a Linear.
-
-    An ``nn.Linear`` (``self_attn.q_proj``; a fused one, ``self_attn.qkv_proj``, is one weight), or one expert's
-    slice of a 3-D expert parameter (``mlp.experts.gate_up_proj[3]``: a Linear whose weight is a view of that
-    slice, so pruning it prunes the parameter). Routers and shared-expert gates (``never_prune``) are not in it.
-    """
-    from llmprune import experts
-
-    a = _arch_of(block)
-    skip = tuple(a.never_prune) + ((a.experts.path,) if a.experts else ())
-    out = {name: m for name, m in block.named_modules()
-           if isinstance(m, nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip)}
-    if a.experts is not None:
-        out.update(experts.views(block, a.experts))
-    return out
-
-
-def _arch_of(block: nn.Module) -> Arch:
+def arch_of_block(block: nn.Module) -> Arch:
     """The table row of the model a block belongs to (blocks carry no config of their own in every family)."""
     config = getattr(block, "config", None) or getattr(getattr(block, "self_attn", None), "config", None)
     if config is None:
         return _LLAMA_LIKE  # a block the table cannot place has no experts and nothing to exempt
     return arch_for(getattr(config, "model_type", "llama")) if getattr(config, "model_type", "") in ARCHS else _LLAMA_LIKE
-
-
-def described(block: nn.Module) -> set[str]:
-    """Names (inside the block) of the parameters the table describes: prunable weights and their biases, the expert
-    parameters, and the never-pruned modules' weights. Vectors (norms, biases) need no description."""
-    a = _arch_of(block)
-    names = {f"{n}.{attr}" for n, m in block.named_modules() if isinstance(m, nn.Linear) for attr in ("weight", "bias")}
-    for mod in a.never_prune:
-        names |= {f"{mod}.{attr}" for attr, _ in (get_module(block, mod) or nn.Module()).named_parameters()}
-    if a.experts is not None:
-        names |= {f"{a.experts.path}.{p}" for p, _ in a.experts.params}
-    return names
-
-
-def undescribed(block: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """The block's parameters of two or more dimensions that the table does not describe: weights llmprune would not
-    know how to prune, or what their input is -- a block holding one is refused, never pruned halfway."""
-    known = described(block)
-    return [(n, tuple(p.shape)) for n, p in block.named_parameters() if p.dim() >= 2 and n not in known]
-
-
-def weight_of(model: nn.Module, name: str):
-    """The weight tensor of a prunable weight's full name: a Linear's (``model.layers.0.self_attn.q_proj``) or one
-    expert's slice of a 3-D parameter (``model.layers.0.mlp.experts.gate_up_proj[3]``, a view of it)."""
-    if name.endswith("]"):
-        base, _, e = name[:-1].rpartition("[")
-        return model.get_parameter(base).data[int(e)]
-    return model.get_submodule(name).weight
-
-
-def linear_weight_names(model: nn.Module) -> set[str]:
-    """Full names (as the model names them) of every parameter holding prunable weights, in every block: each
-    Linear's weight, and each 3-D expert parameter."""
-    a = arch_for(model.config.model_type)
-    names = set()
-    for i, block in enumerate(blocks(model)):
-        for name in block_linears(block):
-            base, _, rest = name.partition("[")
-            names.add(f"{a.layers}.{i}.{base}" if rest else f"{a.layers}.{i}.{name}.weight")
-    return names

@@ -1,7 +1,7 @@
 """A parameter budget for structured removal (``--target-params``): the ratio of one structure that reaches it, or
 for a combination (``--structure mlp+layers``) the split of the budget between its structures.
 
-Counts come from shapes alone: each part's ``structured.removal`` gives the smaller config, whose skeleton (meta
+Counts come from shapes alone: each part's ``surgery.removal`` gives the smaller config, whose skeleton (meta
 tensors, no memory) the next part is cut from, so a combination's count is exact even where the parts overlap (MLP
 channels removed from a narrower hidden size take fewer parameters with them).
 
@@ -23,12 +23,12 @@ from torch import nn
 from llmprune import report
 from llmprune.errors import UserError
 from llmprune.stats import exp_nll
+from llmprune.surgery import removal
 from llmprune.structured import (
     Plan,
     check_supported,
     count_removed_or_none,
     geometry,
-    removal,
     split_structures,
     tail_units,
     units_per_group,
@@ -71,7 +71,7 @@ def count(model: nn.Module) -> int:
 
 
 def after(model: nn.Module, plan: Plan) -> nn.Module:
-    """The skeleton of the model ``structured.remove`` would build from ``plan`` (a combination: part by part)."""
+    """The skeleton of the model ``surgery.remove`` would build from ``plan`` (a combination: part by part)."""
     for part in plan.parts:
         if part.n_units:
             model = skeleton(removal(model, part).config)
@@ -179,7 +179,7 @@ def search(model: nn.Module, structure: str, target: int, select_fn, holdout: to
     ``scored_by`` says how). Returns the chosen combined plan and the record of the search."""
     import time
 
-    from llmprune.structured import remove
+    from llmprune.surgery import remove
     from llmprune.train import heldout_nll
 
     def by_removal(plan: Plan) -> tuple[float, int]:

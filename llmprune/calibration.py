@@ -91,7 +91,7 @@ def keep_teacher(tx, model_dir) -> None:
     import os
 
     from llmprune.distill import TEACHER
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     teacher = tx.stage(TEACHER)
     for p in sorted(model_dir.rglob("*")):

@@ -1,7 +1,7 @@
 """Knowledge distillation from the dense model (Hinton et al. 2015), the recovery structured pruning is usually given.
 
 ``loss = T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))`` averaged over the predicted tokens
-(../shared/METHODS.md), optionally mixed with the language-modelling loss. Minitron (Muralidharan et al. 2024) and
+(docs/methods.md), optionally mixed with the language-modelling loss. Minitron (Muralidharan et al. 2024) and
 Sheared-LLaMA (Xia et al. 2024) recover structurally pruned models this way; both distil at ``T = 1``.
 
 The teacher is the model the workdir was calibrated with: ``calibrate`` keeps it as ``WORK/teacher/`` (hard links of

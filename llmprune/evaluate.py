@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine
+from llmprune.head import Head
 from llmprune.errors import UserError
 from llmprune.modeling import param_count
 from llmprune.stats import exp_nll
@@ -24,7 +26,7 @@ def perplexity(
     model: nn.Module, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4, act_dtype=None, weights=None,
     sink=None,
 ) -> dict[str, float]:
-    """exp(mean next-token NLL) over all predicted tokens of non-overlapping windows (BENCHMARK.md protocol).
+    """exp(mean next-token NLL) over all predicted tokens of non-overlapping windows (docs/benchmarks.md protocol).
 
     Runs through the block-by-block engine, so only one block is on the device at a time (and, for a lazy model, in
     memory: ``weights``). ``sink(index, block)`` sees each loaded block (e.g. to count its zeros).
@@ -33,7 +35,7 @@ def perplexity(
     outs = engine.stream(model, acts, device, "evaluating", weights=weights, sink=sink)
     nll, count = 0.0, 0
     start = 0
-    with engine.Head(model, device, weights) as head:
+    with Head(model, device, weights) as head:
         for h in outs.hidden:
             for j in range(h.shape[0]):  # one window at a time: its logits are [seqlen, vocab]
                 target = windows[start + j, 1:]
@@ -47,7 +49,7 @@ def perplexity(
 def block_zeros(index: int, block: nn.Module) -> dict[str, tuple[int, int]]:
     """``(exact zeros, entries)`` of every prunable Linear of one (loaded) block, by its full name ``i.name``."""
     return {f"{index}.{name}": (int((lin.weight == 0).sum()), lin.weight.numel())
-            for name, lin in _arch.block_linears(block).items()}
+            for name, lin in units.block_linears(block).items()}
 
 
 def model_zeros(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -236,10 +238,39 @@ class EvalOptions:
     num_fewshot: Optional[int] = None  # lm-eval tasks only (the last-word task is zero-shot)
 
 
+def _check_speed(ws, o: EvalOptions, batches: tuple[int, ...]) -> Path | None:
+    """``--speed``'s options checked before any pass: the prompt within the context, the batches within free memory,
+    the baseline a model folder (returned: its ``model/`` for a workdir; None without one)."""
+    if o.speed:
+        import json
+
+        config = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8"))
+        ctx = config.get("max_position_embeddings")
+        if ctx is not None and o.prompt_len + o.new_tokens > ctx:
+            raise UserError(f"--prompt-len {o.prompt_len} + --new-tokens {o.new_tokens} is longer than the model's "
+                            f"context ({ctx} tokens)")
+        need = speed_memory(config, max(batches), o.prompt_len, o.new_tokens) + 2 * model_bytes(ws.model_dir)
+        have = available_memory(o.device)
+        if have is not None and need > have:
+            raise UserError(f"--speed-batches {max(batches)} with --prompt-len {o.prompt_len}: the timing needs about "
+                            f"{need / 2**30:,.1f} GiB (logits, KV cache, the model and its baseline) and {o.device} "
+                            f"has {have / 2**30:,.1f} GiB free; time smaller batches")
+    if o.speed_baseline is None:
+        return None
+    if not o.speed:
+        raise UserError("--speed-baseline needs --speed")
+    given = Path(o.speed_baseline)
+    base_dir = given / "model" if (given / "manifest.json").is_file() else given
+    if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
+        raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
+    return base_dir
+
+
 def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
     """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
     from llmprune import data
-    from llmprune.modeling import check_context, load_current, open_current
+    from llmprune.current import load_current, open_current
+    from llmprune.modeling import check_context
 
     dataset = o.dataset
     if dataset is None:
@@ -249,28 +280,7 @@ def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
         dataset = src
     text = data.load_text(dataset, "evaluation", o.text_field)
     batches = parse_batches(o.speed_batches)
-    if o.speed:
-        import json
-
-        config = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8"))
-        ctx = config.get("max_position_embeddings")
-        if ctx is not None and o.prompt_len + o.new_tokens > ctx:
-            raise UserError(f"--prompt-len {o.prompt_len} + --new-tokens {o.new_tokens} is longer than the model's "
-                            f"context ({ctx} tokens)")
-        need = speed_memory(config, max(batches), o.prompt_len, o.new_tokens)
-        have = available_memory(o.device)
-        if have is not None and need + 2 * model_bytes(ws.model_dir) > have:
-            raise UserError(f"--speed-batches {max(batches)} with --prompt-len {o.prompt_len}: the timing needs about "
-                            f"{(need + 2 * model_bytes(ws.model_dir)) / 2**30:,.1f} GiB (logits, KV cache, the model "
-                            f"and its baseline) and {o.device} has {have / 2**30:,.1f} GiB free; time smaller batches")
-    base_dir = None
-    if o.speed_baseline is not None:
-        if not o.speed:
-            raise UserError("--speed-baseline needs --speed")
-        given = Path(o.speed_baseline)
-        base_dir = given / "model" if (given / "manifest.json").is_file() else given
-        if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
-            raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
+    base_dir = _check_speed(ws, o, batches)
     from llmprune import tasks as _tasks
 
     wanted = _tasks.split_tasks(o.tasks)

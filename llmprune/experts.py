@@ -2,10 +2,10 @@
 
 transformers 5 stores a block's routed experts as ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` and runs
 them in one fused (grouped) kernel, so no per-expert module exists whose input a hook could see. Two things here make
-every method work on them unchanged (../shared/METHODS.md, "Mixture-of-experts"):
+every method work on them unchanged (docs/methods.md, "Mixture-of-experts"):
 
 - ``views``: expert e's slice of each parameter as an ``nn.Linear`` whose weight *is* that slice (a view: pruning
-  it prunes the parameter), named ``mlp.experts.gate_up_proj[e]``. ``arch.block_linears`` lists them with the
+  it prunes the parameter), named ``mlp.experts.gate_up_proj[e]``. ``units.block_linears`` lists them with the
   block's ordinary Linears.
 - ``routed``: for the duration of a pruning pass, the experts' forward is replaced by the same computation expert by
   expert through those views, so each view's hooks see exactly the tokens routed to its expert (and ``down_proj[e]``
@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from llmprune.arch import Experts, _arch_of, get_module
+from llmprune.arch import Experts, arch_of_block, get_module
 
 _ROUTED = "_llmprune_views"  # instance attribute of an experts module while ``routed``: its registered views
 
@@ -128,10 +128,10 @@ def routed(block: nn.Module, spec: Experts | None) -> Iterator[None]:
 def has_experts(block: nn.Module) -> bool:
     """Whether ``block`` has a mixture of experts (not every block of an MoE model does: Qwen3-MoE's
     ``mlp_only_layers``)."""
-    spec = _arch_of(block).experts
+    spec = arch_of_block(block).experts
     return spec is not None and get_module(block, spec.path) is not None
 
 
 def routed_block(block: nn.Module):
     """``routed`` with the block's own table row (a no-op for a block without experts)."""
-    return routed(block, _arch_of(block).experts)
+    return routed(block, arch_of_block(block).experts)

@@ -59,7 +59,7 @@ def _hub_dataset(source: Any) -> str | None:
 def _local_digests(manifest: dict[str, Any]) -> dict[str, str]:
     """SHA-256 of the local files the steps name, so the card can name each by file name and digest: the GGUF's
     from the manifest, the others hashed now while they still exist (a file gone is named alone)."""
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     base = manifest.get("base_model", {})
     out = {base["source"]: base["sha256"]} if base.get("sha256") and base.get("source") else {}
@@ -407,23 +407,24 @@ def check_repo_id(value: str, flag: str) -> None:
 
 def _export(ws, out: Path, fmt: str, *, base_model: str | None, adapter_base: str | None, push_to_hub: str | None,
             private: bool, dry_run: bool, overwrite: bool) -> dict[str, Any]:
-    from llmprune import recovery, report
-    from llmprune.modeling import load_current, save_model
+    from llmprune import report
+    from llmprune.current import has_adapter, load_current, peft_exact, pending_adapter
+    from llmprune.modeling import save_model
 
     manifest = ws.manifest()
     check_out(out, ws.path, overwrite)
     ws.verify("model")
-    pending = recovery.pending_adapter(manifest)
+    pending = pending_adapter(manifest)
     adapter = ws.path / "adapter"
     if fmt != "merged":
-        if not recovery.has_adapter(manifest):
+        if not has_adapter(manifest):
             raise UserError(f"{ws.path} has no adapter; run `llmprune recover` first (or export --format merged)")
         ws.verify("adapter")
     if fmt == "peft":
         if pending is None:
             raise UserError("the adapter is already merged into the model (recover --merge); export --format merged, "
                             "or recover with --no-merge to ship the base model + adapter")
-        if not recovery.peft_exact(pending):
+        if not peft_exact(pending):
             raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
                             "plain peft would apply it densely, another model; export --format merged, or recover "
                             "with --no-masked")

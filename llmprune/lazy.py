@@ -72,6 +72,31 @@ def _release_freed_memory() -> None:
 _trim = None
 
 
+def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception]):
+    """``(model, table row)``: the model built from ``folder``'s config on the ``meta`` device, once the config has
+    been checked against itself and against the blocks the shards hold (``validate``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmprune.arch import arch_for
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:  # anything a config file can make the parser raise is a config that cannot be read
+        raise error(f"cannot read the config of {what}: {first_line(e)}") from None
+    row = arch_for(config.model_type)
+    validate.check_config(config, what, error)
+    validate.check_block_count(config, shards.names(), what, error)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # a value the config checks above do not know (a family's own field) that is wrong
+        raise error(f"cannot build {what} from its config: {first_line(e)}") from None
+    model.tie_weights()  # under init_empty_weights the tie is only declared; make it the same Parameter
+    model.eval()
+    return model, row
+
+
 class Lazy:
     """A model whose weights stay in the safetensors shards of ``folder`` until a module is loaded.
 
@@ -83,28 +108,12 @@ class Lazy:
     lazy = True
 
     def __init__(self, folder: str | Path, error: type[Exception] = IntegrityError):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from llmprune.arch import arch_for, blocks
+        from llmprune.arch import blocks
 
         self.folder = Path(folder)
         self.shards = ShardSet(self.folder, error)
         what = f"the model in {self.folder}"
-        try:
-            config = AutoConfig.from_pretrained(self.folder)
-        except Exception as e:  # anything a config file can make the parser raise is a config that cannot be read
-            raise error(f"cannot read the config of {what}: {first_line(e)}") from None
-        row = arch_for(config.model_type)
-        validate.check_config(config, what, error)
-        validate.check_block_count(config, self.shards.names(), what, error)
-        try:
-            with init_empty_weights():
-                model = AutoModelForCausalLM.from_config(config)
-        except Exception as e:  # a value the config checks above do not know (a family's own field) that is wrong
-            raise error(f"cannot build {what} from its config: {first_line(e)}") from None
-        model.tie_weights()  # under init_empty_weights the tie is only declared; make it the same Parameter
-        model.eval()
+        model, row = _skeleton(self.folder, self.shards, what, error)
         self.model = model
         # Every name a parameter answers to (a tied head and embedding are one Parameter, one tensor on disk).
         groups: dict[int, list[str]] = {}
@@ -115,8 +124,23 @@ class Lazy:
         # them): name -> per expert, the shard tensors whose rows, concatenated, are that expert's slice.
         self.parts: dict[str, list[list[str]]] = {}
         self._own: set[str] = set()
-        experts = self._expert_sources(model, row, blocks)
+        missing = self._map(model, row, groups, self._expert_sources(model, row, blocks))
+        shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
+                  **{n: tuple(b.shape) for n, b in model.named_buffers()}}
+        self._check_cover(missing, shapes, what, error)
+        self._shapes = shapes  # the skeleton's shapes: what a tensor is unloaded to, whatever was loaded
+        self._names = {id(m): name for name, m in model.named_modules()}
+        # The (module, attribute) pairs holding each parameter: a tied head and embedding must stay one Parameter
+        # through every load and unload (a parameter count, or a weight tied on save, would otherwise see two).
+        self._holders: dict[str, list[tuple[nn.Module, str]]] = {}
+        for names in groups.values():
+            holders = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
+            for n in names:
+                self._holders[n] = holders
 
+    def _map(self, model: nn.Module, row, groups: dict[int, list[str]], experts: dict[str, list[list[str]]]
+             ) -> list[str]:
+        """Fill ``key``, ``parts`` and ``_own`` from the shards' names; returns what the shards lack."""
         def on_disk(n: str) -> str | None:
             if n in self.shards:
                 return n
@@ -146,8 +170,12 @@ class Lazy:
                 self._own.add(name)
             elif name in persistent:
                 missing.append(name)
-        shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
-                  **{n: tuple(b.shape) for n, b in model.named_buffers()}}
+        return missing
+
+    def _check_cover(self, missing: list[str], shapes: dict[str, tuple[int, ...]], what: str,
+                     error: type[Exception]) -> None:
+        """The shards cover the skeleton exactly -- nothing missing, of the wrong shape or extra -- with weights of
+        a dtype llmprune prunes."""
         wrong = sorted({key for name, key in self.key.items() if self.shards.entries[key].shape != shapes[name]})
         wrong += sorted(name for name, sources in self.parts.items() if self._stacked_shape(sources) != shapes[name])
         used = set(self.key.values()) | {k for sources in self.parts.values() for e in sources for k in e}
@@ -158,19 +186,10 @@ class Lazy:
                                          (extra, "not in the model")) if names]
         if problems:
             raise error(f"the model in {self.folder} does not match its config.json: {'; '.join(problems)}")
-        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         validate.check_dtypes({**{k: self.shards.entries[k].dtype for n, k in self.key.items() if n in params},
                                **{k: self.shards.entries[k].dtype for sources in self.parts.values()
                                   for e in sources for k in e}}, what, error)
-        self._shapes = shapes  # the skeleton's shapes: what a tensor is unloaded to, whatever was loaded
-        self._names = {id(m): name for name, m in model.named_modules()}
-        # The (module, attribute) pairs holding each parameter: a tied head and embedding must stay one Parameter
-        # through every load and unload (a parameter count, or a weight tied on save, would otherwise see two).
-        self._holders: dict[str, list[tuple[nn.Module, str]]] = {}
-        for names in groups.values():
-            holders = [(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
-            for n in names:
-                self._holders[n] = holders
 
     @staticmethod
     def _expert_sources(model: nn.Module, row, blocks) -> dict[str, list[list[str]]]:

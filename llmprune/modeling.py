@@ -49,7 +49,7 @@ class Source:
 def resolve_source(source: str, revision: str | None) -> Source:
     """What ``source`` names, checked before anything is read: a ``.gguf`` file, a local folder of safetensors
     weights, or a Hub id (pickle checkpoints are refused)."""
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     path = Path(source)
     if source.endswith(".gguf"):
@@ -268,43 +268,6 @@ def load_model(model_dir: Path, dtype: str = "auto", error: type[Exception] | No
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     arch_for(model.config.model_type)
     return model, tokenizer
-
-
-def load_current(ws, dtype: str = "auto"):
-    """The workdir's model as every step sees it, checked against its hashes: an adapter left unmerged by
-    ``recover --no-merge`` is part of it (merged in memory, the zero pattern re-applied)."""
-    from llmprune import recovery
-
-    ws.verify("model")
-    model, tok = load_model(ws.model_dir, dtype)
-    step = recovery.pending_adapter(ws.manifest())
-    if step is not None:
-        ws.verify("adapter")
-        model = recovery.merge_pending(model, ws.path / "adapter", step)
-    return model, tok
-
-
-def open_current(ws, tokenizer: bool = True):
-    """``(model, tokenizer, weights)``: the workdir's model for a block-by-block walk, checked against its hashes.
-
-    Lazy (``lazy.Lazy``: a skeleton whose blocks are read from the shards as the walk reaches them), so the step
-    holds one block at a time, unless ``recover --no-merge`` left an adapter to merge first: peft merges a whole
-    model in memory, so that model is loaded whole (``lazy.InMemory``). ``tokenizer=False``: no tokenizer for a
-    lazy model (``None``; a step that rewrites shards copies the tokenizer's files as they are, and a 128k-token
-    tokenizer holds about 56 MB).
-    """
-    from transformers import AutoTokenizer
-
-    from llmprune import recovery
-    from llmprune.lazy import InMemory, Lazy
-
-    if recovery.pending_adapter(ws.manifest()) is not None:
-        model, tok = load_current(ws)
-        return model, tok, InMemory()
-    quiet_transformers()
-    ws.verify("model")
-    weights = Lazy(ws.model_dir)
-    return weights.model, AutoTokenizer.from_pretrained(ws.model_dir) if tokenizer else None, weights
 
 
 def check_shard_size(text: str) -> None:

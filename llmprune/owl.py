@@ -18,15 +18,27 @@ windows even for magnitude.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from llmprune import engine
-from llmprune.arch import block_linears
+from llmprune.units import block_linears
 from llmprune.errors import UserError
+from llmprune.methods.wanda import score
+from llmprune.stats import RowNorms
 
 DEFAULT_M = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What OWL was asked for: ``lam``, the spread of the block sparsities (``--owl-lambda``), and ``m``, the
+    outlier threshold in multiples of a block's mean score (``--owl-m``). Handed to ``pruning.prune_model``."""
+
+    lam: float
+    m: float = DEFAULT_M
 
 
 def check(sparsity: float, lam: float, m: float) -> None:
@@ -72,8 +84,6 @@ def block_sparsities(ratios: Sequence[float], sizes: Sequence[int], sparsity: fl
 
 def block_ratio(block: nn.Module, stats: dict, m: float) -> tuple[float, int]:
     """One block's outlier ratio from its Linears' input norms (``RowNorms``), and its number of prunable weights."""
-    from llmprune.methods.wanda import score
-
     linears = block_linears(block)
     # An expert no calibration token reached has no norms: its scores would all be zero; it is left out of D
     # (its weights still count in the block's size, which sets the block's share of the budget).
@@ -89,8 +99,6 @@ def block_ratio(block: nn.Module, stats: dict, m: float) -> tuple[float, int]:
 def dense_ratios(model: nn.Module, acts: engine.Activations, device: str, m: float,
                  weights=None) -> tuple[list[float], list[int]]:
     """Every block's outlier ratio and size, walking the unpruned model over the calibration windows."""
-    from llmprune.stats import RowNorms
-
     ratios: list[float] = []
     sizes: list[int] = []
     walk = engine.Walk(model, acts, device, "OWL outlier ratios", last_outputs=False, weights=weights)

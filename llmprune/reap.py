@@ -4,7 +4,7 @@ REAP (router-weighted expert activation pruning; Lasby et al. 2025, arXiv 2510.1
 mean, over the tokens routed to e, of ``g_e(x) * ||f_e(x)||_2`` -- the router's weight for e on that token (as the
 model uses it, after any top-k renormalisation) times the norm of e's output. An expert that is rarely chosen, or
 chosen with little weight, or that adds little when chosen, scores low and goes first. Frequency -- the number of
-tokens that choose e -- is the simple baseline (../shared/METHODS.md). An expert no calibration token chose scores 0
+tokens that choose e -- is the simple baseline (docs/methods.md). An expert no calibration token chose scores 0
 under both.
 
 The statistics come from one block-by-block walk: each MoE block runs its experts expert by expert through their

@@ -191,7 +191,7 @@ def _file_identity(value: Any) -> str | None:
     p = Path(value)
     try:
         if p.is_file():
-            from llmprune.workdir import sha256_file
+            from llmprune.fsio import sha256_file
 
             return sha256_file(p)
         if p.is_dir():

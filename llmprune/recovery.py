@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from llmprune import arch as _arch
+from llmprune import units
+from llmprune.units import reapply, zero_masks
 from llmprune import resume
-from llmprune.errors import IntegrityError, StepFailed, UserError
+from llmprune.errors import StepFailed, UserError
 from llmprune.stats import exp_nll
 from llmprune.workdir import Workdir
 
@@ -129,7 +131,8 @@ class Recovery:
 
     def _setup(self, tx, text: str | None, windows: torch.Tensor | None):
         from llmprune import distill, evaluate
-        from llmprune.modeling import load_current, save_model
+        from llmprune.current import load_current, pending_adapter
+        from llmprune.modeling import save_model
         from llmprune.train import (
             passes,
             split_holdout,
@@ -239,23 +242,11 @@ def save_adapter(model, out: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The zero pattern of every block Linear that has one (a pruned weight), by the Linear's full name."""
-    masks = {}
-    layers = _arch.arch_for(model.config.model_type).layers
-    for i, block in enumerate(_arch.blocks(model)):
-        for name, lin in _arch.block_linears(block).items():
-            zeros = lin.weight.detach() == 0
-            if zeros.any():
-                masks[f"{layers}.{i}.{name}"] = zeros
-    return masks
-
-
 def targets_for(model: nn.Module, targets: str) -> list[str]:
     """``auto``: the architecture table's LoRA targets; otherwise a comma list of Linear names (``q_proj,...``)."""
     names = list(_arch.arch_for(model.config.model_type).lora_targets) if targets == "auto" else [
         t.strip() for t in targets.split(",") if t.strip()]
-    present = {n.rsplit(".", 1)[-1] for block in _arch.blocks(model) for n in _arch.block_linears(block)
+    present = {n.rsplit(".", 1)[-1] for block in _arch.blocks(model) for n in units.block_linears(block)
                if not n.endswith("]")}
     if targets == "auto":  # the table's names this model has (an all-sparse MoE has no dense MLP Linears)
         names = [n for n in names if n in present]
@@ -315,62 +306,11 @@ def mask_adapters(peft_model, masks: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
-    """Zero the recorded pattern again; returns how many weights the merge had made non-zero."""
-    changed = 0
-    for name, mask in masks.items():
-        w = _arch.weight_of(model, name)
-        mask = mask.to(w.device)  # the masks are taken on the CPU; accelerate may have moved the model since
-        changed += int((w[mask] != 0).sum())
-        w.masked_fill_(mask, 0)
-    return changed
-
-
 def verify(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Every pruned Linear holds at least the zeros it had before recovery."""
     for name, mask in masks.items():
-        w = _arch.weight_of(model, name)
+        w = units.weight_of(model, name)
         if (w[mask.to(w.device)] != 0).any():
             raise StepFailed(f"{name} lost zeros of its pruning pattern after the merge")
 
 
-def has_adapter(manifest: dict[str, Any]) -> bool:
-    return any(k.startswith("adapter/") for k in manifest["files"])
-
-
-def pending_adapter(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``recover --no-merge`` step whose adapter is part of the workdir's current model, or None.
-
-    An unmerged adapter belongs to the model that was current when it was trained; a later step that writes
-    ``model/`` (a prune, a merging recover) has already folded it in, so it is pending only when that recover is the
-    last step to touch the model or the adapter."""
-    last = None
-    for step in manifest.get("steps", []):
-        outs = step.get("outputs", {})
-        if any(k.startswith("model/") for k in outs):
-            last = None
-        if step["command"] == "recover" and any(k.startswith("adapter/") for k in outs):
-            last = None if step["params"].get("merge", True) else step
-    return last
-
-
-def merge_pending(model: nn.Module, adapter_dir, step: dict[str, Any]) -> nn.Module:
-    """The model a merging recover would have written: base + adapter, merged, with the zero pattern of a pruned
-    model re-applied. For an adapter trained through the mask this is exactly the trained model."""
-    from peft import PeftModel
-
-    # peft falls back to torch.load (a pickle) when the safetensors file is missing: never let it
-    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file() or any(
-            p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") for p in Path(adapter_dir).iterdir()):
-        raise IntegrityError(f"{adapter_dir} holds no adapter_model.safetensors, or a pickle file; llmprune never "
-                             "loads pickles: the workdir is refused")
-    masks = zero_masks(model) if step["metrics"].get("pruned_layers") else {}
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    reapply(merged, masks)
-    return merged
-
-
-def peft_exact(step: dict[str, Any]) -> bool:
-    """Whether plain peft (``W x + s B A x``) computes what was trained: not for an adapter trained through the zero
-    pattern of a sparse model, whose update at pruned positions was never trained."""
-    return not (step["params"].get("masked", True) and step["metrics"].get("masked_adapters", 0))

@@ -118,7 +118,7 @@ def number(v: Any, spec: str = ".3f") -> str:
 
 
 def emit_json(doc: dict[str, Any]) -> None:
-    from llmprune.workdir import dumps
+    from llmprune.fsio import dumps
 
     sys.stdout.write(dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()

@@ -166,7 +166,7 @@ def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
 
 def save(root: Path, rows: list[dict[str, Any]]) -> None:
     """``results.json`` (every field) and ``results.csv`` (the scalar ones), each written whole then renamed."""
-    from llmprune.workdir import atomic_write_text, dumps
+    from llmprune.fsio import atomic_write_text, dumps
 
     atomic_write_text(root / "results.json", dumps(rows, indent=2) + "\n")
     cols = ["name", "kind", "method", "owl_lambda", "sparsity", "pattern", "structure", "ratio", "budget", "status",
@@ -249,10 +249,9 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
 
     matplotlib.use("Agg")  # files only: no display on a CI machine
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     dense = next((r for r in rows if r["kind"] == "dense"), None)
-    made = []
+    made: list[str] = []
 
     def finish(fig, name: str) -> None:
         fig.tight_layout()
@@ -260,6 +259,14 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
         plt.close(fig)
         made.append(str(root / name))
 
+    _plot_scored(plt, rows, dense, finish)
+    _plot_structured(plt, rows, dense, finish)
+    _plot_block_sparsity(plt, rows, finish)
+    return made
+
+
+def _plot_scored(plt, rows: list[dict[str, Any]], dense: dict[str, Any] | None, finish) -> None:
+    """Perplexity (and the tasks' mean accuracy) against sparsity, one line per method (N:M points marked)."""
     scored = [r for r in rows if r["kind"] in ("unstructured", "pattern")]
     methods = sorted({r.get("series") or r["method"] for r in scored})
     metrics = [("perplexity", "perplexity (log scale)", True)]
@@ -288,46 +295,55 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
         ax.legend()
         finish(fig, f"{key.replace('_mean', '')}_vs_sparsity.png")
 
+
+def _plot_structured(plt, rows: list[dict[str, Any]], dense: dict[str, Any] | None, finish) -> None:
+    """Structured points: perplexity against parameters, and against the measured prefill speed-up."""
     structured = [r for r in rows if r["kind"] == "structured"]
-    if structured:
-        with_speed = [r for r in structured if r.get("prefill_speedup")]
-        fig, axes = plt.subplots(1, 2 if with_speed else 1, figsize=(11 if with_speed else 6.4, 4.4), squeeze=False)
-        ax = axes[0][0]
-        for i, s in enumerate(sorted({r["structure"] for r in structured})):
-            pts = sorted((r["parameters"] / 1e6, r["perplexity"]) for r in structured if r["structure"] == s)
+    if not structured:
+        return
+    with_speed = [r for r in structured if r.get("prefill_speedup")]
+    fig, axes = plt.subplots(1, 2 if with_speed else 1, figsize=(11 if with_speed else 6.4, 4.4), squeeze=False)
+    ax = axes[0][0]
+    for i, s in enumerate(sorted({r["structure"] for r in structured})):
+        pts = sorted((r["parameters"] / 1e6, r["perplexity"]) for r in structured if r["structure"] == s)
+        ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=s)
+    if dense:
+        ax.scatter([dense["parameters"] / 1e6], [dense["perplexity"]], marker="*", s=120, color="black",
+                   label="dense", zorder=3)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if with_speed:
+        ax = axes[0][1]
+        for i, s in enumerate(sorted({r["structure"] for r in with_speed})):
+            pts = sorted((r["prefill_speedup"], r["perplexity"]) for r in with_speed if r["structure"] == s)
             ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=s)
         if dense:
-            ax.scatter([dense["parameters"] / 1e6], [dense["perplexity"]], marker="*", s=120, color="black",
-                       label="dense", zorder=3)
-        ax.set_xlabel("parameters (millions)")
-        ax.set_ylabel("perplexity (log scale)")
+            ax.scatter([1.0], [dense["perplexity"]], marker="*", s=120, color="black", label="dense", zorder=3)
+        ax.set_xlabel("prefill speed-up over dense (measured, batch 1)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        if with_speed:
-            ax = axes[0][1]
-            for i, s in enumerate(sorted({r["structure"] for r in with_speed})):
-                pts = sorted((r["prefill_speedup"], r["perplexity"]) for r in with_speed if r["structure"] == s)
-                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=s)
-            if dense:
-                ax.scatter([1.0], [dense["perplexity"]], marker="*", s=120, color="black", label="dense", zorder=3)
-            ax.set_xlabel("prefill speed-up over dense (measured, batch 1)")
-            ax.set_yscale("log")
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-        finish(fig, "structured.png")
+    finish(fig, "structured.png")
+
+
+def _plot_block_sparsity(plt, rows: list[dict[str, Any]], finish) -> None:
+    """Each block's sparsity, for the points where it varies (OWL)."""
+    from matplotlib.ticker import MaxNLocator
 
     varies = [r for r in rows if r.get("block_sparsity") and
               max(r["block_sparsity"].values()) - min(r["block_sparsity"].values()) > 1e-4]
-    if varies:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for i, r in enumerate(varies):
-            xs = [int(b) for b in r["block_sparsity"]]
-            ax.plot(xs, list(r["block_sparsity"].values()), marker=".", color=f"C{i % 10}", label=r["name"])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("block")
-        ax.set_ylabel("sparsity of the block's Linears")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        finish(fig, "block_sparsity.png")
-    return made
+    if not varies:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, r in enumerate(varies):
+        xs = [int(b) for b in r["block_sparsity"]]
+        ax.plot(xs, list(r["block_sparsity"].values()), marker=".", color=f"C{i % 10}", label=r["name"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity of the block's Linears")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    finish(fig, "block_sparsity.png")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from llmprune import engine
+from llmprune.head import Head
 from llmprune.errors import UserError
 
 LASTWORD = "lastword:"
@@ -116,7 +117,7 @@ def lastword_accuracy(model: nn.Module, ex: Examples, device: str = "cpu", batch
             at.append(h[j, width - k - 1:width - 1])
         start += h.shape[0]
     targets = torch.cat([ids[i, width - k:] for i, k in enumerate(ex.target_len)])
-    with engine.Head(model, device, weights) as head:
+    with Head(model, device, weights) as head:
         hidden = torch.cat(at)
         pred = head.argmax(hidden).cpu()
         nll = head.nll(hidden, targets)

@@ -93,58 +93,18 @@ def train(
     ``save_every`` steps (safetensors + JSON), and a run that finds a checkpoint there continues from it: same data
     order, same optimiser state, so an interrupted run and an uninterrupted one end in the same place.
     """
-    from torch.utils.data import DataLoader, TensorDataset
-
-    acc = accelerator(device, spec.grad_accum)
-    torch.manual_seed(spec.seed)
-    gen = torch.Generator().manual_seed(spec.seed)
-    loader = DataLoader(TensorDataset(windows), batch_size=spec.batch_size, shuffle=True, generator=gen,
-                        drop_last=windows.shape[0] >= spec.batch_size)
-    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)  # constant rate: every step shrinks alike
-    if spec.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model.train()
-    wrapped, opt, loader = acc.prepare(model, opt, loader)
+    acc, wrapped, opt, loader, trainable = _prepare(model, windows, spec, device, params)
     if distiller is not None:
         distiller.to(acc.device)  # each process holds its own frozen teacher; it is never wrapped or trained
-    history: dict[str, Any] = {"loss": [], "evals": []}
-    if distiller is not None:
-        history["kd"] = []
-    acc_kd = 0.0
     t0 = time.perf_counter()
-    step, acc_loss, micro = 0, 0.0, 0
+    step, history, batches = _start(loader, spec, resume_dir, trainable, opt, distiller is not None)
+    acc_loss, acc_kd, micro = 0.0, 0.0, 0
     stopped = False
-    skip = 0
-    resumed = load_checkpoint(resume_dir, trainable, opt, spec.steps) if resume_dir is not None else None
-    if resumed is not None:
-        step, history = resumed
-        skip = step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
-        history["resumed_from"] = step
-    batches = _cycle(loader)
-    for _ in range(skip):
-        next(batches)
     with progress(description, total=spec.steps) as advance:
         advance(step)
         for (ids,) in batches:
-            with acc.accumulate(wrapped):
-                if distiller is None:
-                    loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
-                    objective = loss
-                else:
-                    objective, loss, kd = distiller.objective(ids, wrapped(input_ids=ids, use_cache=False).logits)
-                    acc_kd += kd.item()
-                extra = extra_loss(acc.unwrap_model(wrapped)) if extra_loss else None
-                total = objective + extra if extra is not None else objective
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"the training loss became {total.item()} at step {step + 1}; "
-                                             "lower the learning rate")
-                acc.backward(total)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            acc_loss += loss.item()
-            micro += 1
+            loss, kd = _micro_step(acc, wrapped, opt, ids, distiller, extra_loss, step)
+            acc_loss, acc_kd, micro = acc_loss + loss, acc_kd + kd, micro + 1
             if not acc.sync_gradients:
                 continue
             step += 1
@@ -165,13 +125,7 @@ def train(
                     stopped = True
             advance(note=f"loss {lm:.3f}" + (f", kd {history['kd'][-1]:.3f}" if distiller is not None else ""))
             if resume_dir is not None and save_every and step % save_every == 0 and not (last or stopped):
-                if acc.is_main_process:
-                    try:
-                        save_checkpoint(resume_dir, step, history, trainable, opt)
-                    except OSError as e:  # a full disk costs the checkpoint, never the run
-                        report.warn(f"could not write the checkpoint of step {step} ({e}); training goes on, and an "
-                                    "interrupted run resumes from an earlier checkpoint, if any")
-                acc.wait_for_everyone()
+                _checkpoint(acc, resume_dir, step, history, trainable, opt)
             if last or stopped:
                 break
     model = acc.unwrap_model(wrapped)
@@ -184,6 +138,76 @@ def train(
     if distiller is not None:
         history["final_kd"] = _mean_tail(history["kd"])
     return history
+
+
+def _start(loader, spec: TrainSpec, resume_dir: Path | None, trainable, opt, kd: bool):
+    """``(step, history, batches)``: from the checkpoint in ``resume_dir`` if there is one (its step, its history, the
+    batches after those it consumed, in the same seeded order), else from the start."""
+    history: dict[str, Any] = {"loss": [], "evals": [], **({"kd": []} if kd else {})}
+    step, skip = 0, 0
+    resumed = load_checkpoint(resume_dir, trainable, opt, spec.steps) if resume_dir is not None else None
+    if resumed is not None:
+        step, history = resumed
+        skip = step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
+        history["resumed_from"] = step
+    batches = _cycle(loader)
+    for _ in range(skip):
+        next(batches)
+    return step, history, batches
+
+
+def _prepare(model: nn.Module, windows: torch.Tensor, spec: TrainSpec, device: str,
+             params: list[nn.Parameter] | None):
+    """``(accelerator, wrapped model, optimiser, loader, trainable parameters)``, seeded: the data order is the same
+    on every run (what a resumed run relies on)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    acc = accelerator(device, spec.grad_accum)
+    torch.manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    loader = DataLoader(TensorDataset(windows), batch_size=spec.batch_size, shuffle=True, generator=gen,
+                        drop_last=windows.shape[0] >= spec.batch_size)
+    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)  # constant rate: every step shrinks alike
+    if spec.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    wrapped, opt, loader = acc.prepare(model, opt, loader)
+    return acc, wrapped, opt, loader, trainable
+
+
+def _micro_step(acc, wrapped, opt, ids: torch.Tensor, distiller, extra_loss, step: int) -> tuple[float, float]:
+    """One micro-batch: forward, the objective (LM loss, or the distiller's mix; plus ``extra_loss``), backward and
+    the optimiser step accelerate applies once the accumulation is complete. Returns (LM loss, KD loss or 0)."""
+    kd_value = 0.0
+    with acc.accumulate(wrapped):
+        if distiller is None:
+            loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+            objective = loss
+        else:
+            objective, loss, kd = distiller.objective(ids, wrapped(input_ids=ids, use_cache=False).logits)
+            kd_value = kd.item()
+        extra = extra_loss(acc.unwrap_model(wrapped)) if extra_loss else None
+        total = objective + extra if extra is not None else objective
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"the training loss became {total.item()} at step {step + 1}; "
+                                     "lower the learning rate")
+        acc.backward(total)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.item(), kd_value
+
+
+def _checkpoint(acc, resume_dir: Path, step: int, history: dict[str, Any], trainable, opt) -> None:
+    """Save the run's state (main process), every process waiting for it; a full disk costs the checkpoint only."""
+    if acc.is_main_process:
+        try:
+            save_checkpoint(resume_dir, step, history, trainable, opt)
+        except OSError as e:
+            report.warn(f"could not write the checkpoint of step {step} ({e}); training goes on, and an "
+                        "interrupted run resumes from an earlier checkpoint, if any")
+    acc.wait_for_everyone()
 
 
 STATE_JSON = "state.json"
@@ -205,7 +229,7 @@ def save_checkpoint(where: Path, step: int, history: dict[str, Any], params: lis
     own, so a damaged checkpoint is recognised instead of trusted."""
     from safetensors.torch import save_file
 
-    from llmprune.workdir import atomic_write_text, sha256_file
+    from llmprune.fsio import atomic_write_text, sha256_file
 
     where.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -235,7 +259,7 @@ def load_checkpoint(where: Path, params: list[nn.Parameter], opt, max_step: int)
     from safetensors.torch import load_file
 
     from llmprune import report
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     if not (where / STATE_JSON).is_file():
         return None

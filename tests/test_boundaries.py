@@ -16,7 +16,7 @@ import string
 import pytest
 
 from llmprune.cli import run
-from llmprune.workdir import hash_tree
+from llmprune.fsio import hash_tree
 
 
 @pytest.fixture
@@ -376,7 +376,7 @@ def test_push_repo_ids_are_checked_before_anything_is_written(calibrated, capsys
 
 def test_an_adapter_that_is_a_pickle_is_never_loaded(tmp_path):
     from llmprune.errors import IntegrityError
-    from llmprune.recovery import merge_pending
+    from llmprune.current import merge_pending
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")

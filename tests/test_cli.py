@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune.cli import run
-from llmprune.workdir import hash_tree
+from llmprune.fsio import hash_tree
 
 
 def test_calibrate_prune_eval_status(calibrated, tiny_root, capsys):
@@ -303,6 +303,9 @@ def test_out_of_memory_is_one_line_with_advice_and_loses_nothing(calibrated, tmp
 def test_prune_takes_exactly_the_registered_methods_options(capsys):
     """prune's options are its own plus every registered method's, read from the declarations: adding a method
     adds its options, with their help, and nothing else has to change."""
+    import typer.main
+
+    from llmprune.cli.app import app
     from llmprune.cli.recipe import command_options
     from llmprune.methods import METHODS
     from llmprune.methods.base import option_specs
@@ -310,7 +313,7 @@ def test_prune_takes_exactly_the_registered_methods_options(capsys):
     declared = {o.name for m in METHODS.values() for o in option_specs(m.Options)}
     general = {"method", "sparsity", "pattern", "true_sequential", "device", "act_dtype", "batch_size", "owl_lambda",
                "owl_m"}
-    opts = {k for k, (_, flag) in command_options()["prune"].items() if k == flag[2:].replace("-", "_")}
+    opts = {k for k, (_, flag) in command_options(typer.main.get_command(app))["prune"].items() if k == flag[2:].replace("-", "_")}
     assert opts == declared | general
     assert run(["prune", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -358,7 +361,6 @@ def test_non_finite_weights_are_never_committed(calibrated, tiny_root, tmp_path,
     """A step that produces NaN/inf weights fails before its commit (exit 2, the workdir as it was); a source model
     that holds them is refused (exit 1); and JSON output has no bare NaN."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from llmprune.methods.magnitude import Magnitude
 

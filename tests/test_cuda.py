@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from conftest import cli
-from llmprune import arch as _arch
+from llmprune import units
 from llmprune import evaluate
 from llmprune.lazy import Lazy, Rewrite
 from llmprune.masks import nm_valid, parse_pattern
@@ -33,11 +33,11 @@ def test_streamed_prune_on_cuda_matches_cpu(tiny_root, tmp_path, method):
     for device in ("cpu", "cuda"):
         lazy = Lazy(tiny_root / "llama")
         out = tmp_path / device
-        rewrite = Rewrite(lazy, out, _arch.linear_weight_names(lazy.model))
+        rewrite = Rewrite(lazy, out, units.linear_weight_names(lazy.model))
         prune_model(lazy.model, m, spec, windows, device=device, batch_size=4, weights=lazy, sink=rewrite.block)
         rewrite.close()
         results[device] = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    for name in _arch.linear_weight_names(AutoModelForCausalLM.from_pretrained(tmp_path / "cpu")):
+    for name in units.linear_weight_names(AutoModelForCausalLM.from_pretrained(tmp_path / "cpu")):
         w, ref = results["cuda"][name], results["cpu"][name]
         assert w.device.type == "cpu" and nm_valid(w, 2, 4), name
         same = ((w == 0) == (ref == 0)).float().mean().item()

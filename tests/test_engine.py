@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from llmprune import engine, evaluate
+from llmprune.head import Head
 
 
 @pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
@@ -19,7 +20,7 @@ def test_streaming_equals_full_model(tiny_root, arch):
         full = model(input_ids=windows, use_cache=False).logits
     assert [h.shape[0] for h in acts.hidden] == [2, 2, 1]
     out = engine.stream(model, acts, "cpu", "test")
-    with engine.Head(model, "cpu") as head:
+    with Head(model, "cpu") as head:
         streamed = torch.cat([head(h) for h in out.hidden])
     torch.testing.assert_close(streamed, full, rtol=1e-5, atol=1e-5)
 
@@ -35,7 +36,7 @@ def test_each_layer_type_gets_its_own_arguments(tiny_root, arch):
     with torch.no_grad():
         full = model(input_ids=windows, use_cache=False).logits
     replayed = engine.Activations(acts.hidden, acts.kwargs)  # block 0's arguments for every block
-    with engine.Head(model, "cpu") as head:
+    with Head(model, "cpu") as head:
         wrong = head(engine.stream(model, replayed, "cpu", "test").hidden[0])
     assert (wrong - full).abs().max() > 1e-2
 

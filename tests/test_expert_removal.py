@@ -12,6 +12,7 @@ from conftest import cli
 from transformers import AutoModelForCausalLM
 
 from llmprune import arch as _arch
+from llmprune import surgery
 from llmprune import budget, reap, structured
 from llmprune.errors import UserError
 from llmprune.structured import Plan
@@ -43,10 +44,10 @@ def test_removing_an_expert_no_token_chose_leaves_the_logits_unchanged(tiny_root
     idle, busy = _unchosen(model, ids)
     with torch.no_grad():
         dense = model(ids).logits
-        torch.testing.assert_close(structured.remove(model, Plan("experts", idle))(ids).logits, dense,
+        torch.testing.assert_close(surgery.remove(model, Plan("experts", idle))(ids).logits, dense,
                                    atol=1e-5, rtol=0)
         # the control: removing an expert the token did choose changes them
-        assert (structured.remove(model, Plan("experts", busy))(ids).logits - dense).abs().max() > 1e-3
+        assert (surgery.remove(model, Plan("experts", busy))(ids).logits - dense).abs().max() > 1e-3
 
 
 def test_without_top_k_renormalisation_removal_moves_the_weights_of_the_experts_that_stay(tiny_root):
@@ -54,7 +55,7 @@ def test_without_top_k_renormalisation_removal_moves_the_weights_of_the_experts_
     ids = torch.tensor([[7]])
     idle, _ = _unchosen(model, ids)
     with torch.no_grad():
-        diff = (structured.remove(model, Plan("experts", idle))(ids).logits - model(ids).logits).abs().max()
+        diff = (surgery.remove(model, Plan("experts", idle))(ids).logits - model(ids).logits).abs().max()
     assert diff > 1e-4
 
 
@@ -105,7 +106,7 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
     assert sum(p.numel() for p in small.parameters()) == res["parameters"]
     # The streamed removal wrote exactly what removing the plan in memory gives.
     plan = Plan.from_json(res["plan"])
-    want = structured.remove(dense, plan).state_dict()
+    want = surgery.remove(dense, plan).state_dict()
     got = small.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     for block, removed in zip(_arch.blocks(dense), plan.removed):
@@ -179,18 +180,18 @@ def test_expert_removal_refusals(calibrated, capsys):
 @pytest.mark.parametrize("arch,structure", [("llama", "hidden"), ("llama", "mlp"), ("gemma3_text", "heads"),
                                             ("qwen2", "layers"), ("mixtral", "experts"), ("qwen3_moe", "experts")])
 def test_params_after_is_what_removal_builds(tiny_root, arch, structure):
-    from llmprune.methods import dress
+    from llmprune import selection
     from llmprune.modeling import param_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
     for ratio in (0.25, 0.5):
-        plan = dress.select(model, structure, ratio, "tail", None)
-        assert budget.params_after(model, plan) == param_count(structured.remove(model, plan))
+        plan = selection.select(model, structure, ratio, "tail", None)
+        assert budget.params_after(model, plan) == param_count(surgery.remove(model, plan))
 
 
 @pytest.mark.parametrize("arch,structure", [("llama", "mlp"), ("llama", "hidden"), ("mixtral", "experts")])
 def test_a_budget_is_the_smallest_ratio_that_reaches_it(tiny_root, arch, structure):
-    from llmprune.methods import dress
+    from llmprune import selection
     from llmprune.modeling import param_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
@@ -202,13 +203,13 @@ def test_a_budget_is_the_smallest_ratio_that_reaches_it(tiny_root, arch, structu
         target = budget.parse_budget(text, total)
         ratio, params = budget.ratio_for_budget(model, structure, target)
         assert params <= target
-        plan = dress.select(model, structure, ratio, "tail", None)
+        plan = selection.select(model, structure, ratio, "tail", None)
         assert budget.params_after(model, plan) == params
         units = structured.count_removed(structured.geometry(model), structure, ratio)
         fewer = [n for n in range(units) if structured.count_removed_or_none(
             structured.geometry(model), structure, n / structured.units_per_group(structured.geometry(model), structure)) == n]
         if fewer:  # one unit fewer (of those a ratio can give) would miss the budget
-            smaller = dress.select(model, structure, fewer[-1] / structured.units_per_group(
+            smaller = selection.select(model, structure, fewer[-1] / structured.units_per_group(
                 structured.geometry(model), structure), "tail", None)
             assert budget.params_after(model, smaller) > target
 
@@ -240,17 +241,17 @@ def test_target_params_through_the_commands(calibrated, capsys):
 @pytest.mark.parametrize("arch,structure", [("llama", "hidden+mlp"), ("gemma3_text", "heads+mlp"),
                                             ("qwen2", "mlp+layers"), ("mixtral", "experts+heads")])
 def test_a_combination_removes_its_parts_in_turn(tiny_root, arch, structure):
-    from llmprune.methods import dress
+    from llmprune import selection
     from llmprune.modeling import param_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
     a, b = structure.split("+")
-    pa = dress.select(model, a, 0.5, "tail", None)
-    pb = dress.select(model, b, 0.5, "tail", None)
+    pa = selection.select(model, a, 0.5, "tail", None)
+    pb = selection.select(model, b, 0.5, "tail", None)
     combined = budget.combine(structure, [pb, pa])  # given in any order, removed in structured.ORDER
     ids = torch.randint(0, tiny.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
-    want = structured.remove(structured.remove(model, combined.parts[0]), combined.parts[1])
-    got = structured.remove(model, combined)
+    want = surgery.remove(surgery.remove(model, combined.parts[0]), combined.parts[1])
+    got = surgery.remove(model, combined)
     assert got.state_dict().keys() == want.state_dict().keys()
     assert all(torch.equal(got.state_dict()[k], want.state_dict()[k]) for k in want.state_dict())
     assert budget.params_after(model, combined) == param_count(got) < param_count(model)
@@ -285,11 +286,12 @@ def test_the_budget_split_is_searched_recorded_and_applied(calibrated, tiny_root
 def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
     """A structure's activation scores do not depend on the ratio: the search measures them once per structure
     (not once per candidate ratio) and still scores the same splits as before."""
-    from llmprune.methods import dress
+    from llmprune import selection
+    from llmprune.methods import dress  # the budget search, which calls select
 
     wd = calibrated("llama", samples=24, seqlen=32)
     calls: list[str] = []
-    real = dress.scores
+    real = selection.scores
 
     def counted(model, structure, *args, **kwargs):
         calls.append(structure)
@@ -299,14 +301,14 @@ def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
 
     again = wd.parent / "uncached"
     shutil.copytree(wd, again)
-    monkeypatch.setattr(dress, "scores", counted)
+    monkeypatch.setattr(selection, "scores", counted)
     code, res = cli("prune", wd, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
     assert code == 0
     ratios = {s: {a["ratios"][s] for a in res["budget"]["alternatives"] if a["ratios"][s]} for s in ("hidden", "mlp")}
     assert len(ratios["hidden"]) >= 2 and len(ratios["mlp"]) >= 2  # several ratios of each were selected...
     assert sorted(calls) == ["hidden", "mlp"]  # ...from one measurement each
     # ...and the search is the one that measures for every candidate: the same scores, the same choice
-    real_select = dress.select
+    real_select = selection.select
     monkeypatch.setattr(dress, "select", lambda *a, measured=None, **kw: real_select(*a, **kw))
     calls.clear()
     code, fresh = cli("prune", again, "--method", "dress", "--structure", "hidden+mlp", "--target-params", "0.8")
@@ -319,19 +321,19 @@ def test_the_split_search_measures_each_structure_once(calibrated, monkeypatch):
                                                 ("qwen3_moe", "experts", "reap"),
                                                 ("qwen3_moe", "experts", "frequency")])
 def test_a_selection_from_measured_scores_equals_a_fresh_one(tiny_root, arch, structure, how):
-    from llmprune.methods import dress
+    from llmprune import selection
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch).eval()
     windows = torch.randint(0, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
-    measured = dress.unit_scores(model, structure, how, windows)
+    measured = selection.unit_scores(model, structure, how, windows)
     for ratio in (0.25, 0.5):
-        fresh = dress.select(model, structure, ratio, how, windows)
-        again = dress.select(model, structure, ratio, how, None, measured=measured)
+        fresh = selection.select(model, structure, ratio, how, windows)
+        again = selection.select(model, structure, ratio, how, None, measured=measured)
         assert again.to_json() == fresh.to_json() and fresh.n_units
     other = "frequency" if how == "reap" else "reap" if structure == "experts" else None
     if other:  # scores measured for another selection are refused, not ranked by
         with pytest.raises(ValueError, match="given for"):
-            dress.select(model, structure, 0.25, other, None, measured=measured)
+            selection.select(model, structure, 0.25, other, None, measured=measured)
 
 
 def test_a_regularised_combination_is_the_plan_the_prune_applies(calibrated):

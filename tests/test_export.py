@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import cli
-from llmprune.workdir import hash_tree
+from llmprune.fsio import hash_tree
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_card_front_matter_and_no_local_paths(calibrated, tiny_root, tmp_path, c
     it), and no path of this machine appears anywhere in the card -- the data file is named with its SHA-256."""
     import shutil
 
-    from llmprune.workdir import sha256_file
+    from llmprune.fsio import sha256_file
 
     src = tmp_path / "my-model"
     shutil.copytree(tiny_root / "llama", src)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from llmprune.cli import run
-from llmprune.workdir import hash_tree
+from llmprune.fsio import hash_tree
 
 PATHS = ["../outside/secret.txt", "/etc/hostname", "model/../../outside/secret.txt", "", ".", "a//b", "..\\x"]
 SWAPS = [None, 0, 1.5, "x", [], {}, True, ["../outside"], {"../outside/secret.txt": "0" * 64}]

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine
 from llmprune.masks import Pattern, nm_valid, select
 from llmprune.methods import sparsegpt, wanda
@@ -31,13 +32,13 @@ def test_prune_gives_the_exact_pattern(calibrated, arch, method, pattern):
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(wd / "model")
     after = model.state_dict()
-    holders = _arch.linear_weight_names(model)
+    holders = units.linear_weight_names(model)
     assert holders and holders <= set(after)
     for name, w in after.items():
         if name not in holders:
             assert torch.equal(w, before[name]), name
     weights = {f"{i}.{n}": lin.weight for i, b in enumerate(_arch.blocks(model))
-               for n, lin in _arch.block_linears(b).items()}
+               for n, lin in units.block_linears(b).items()}
     if arch in tiny.MOE_TYPES:
         assert sum(n.endswith("]") for n in weights) >= 8, "every expert is a prunable weight"
     for name, w in weights.items():
@@ -147,7 +148,7 @@ def _forward_order(block, acts):
 
     order = []
     with experts.routed_block(block):  # experts one by one, each Linear view seen when its tokens arrive
-        linears = _arch.block_linears(block)
+        linears = units.block_linears(block)
         handles = [lin.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, lin in linears.items()]
         with torch.no_grad():
             engine.block_output(block, acts.hidden[0], acts.kwargs[0])
@@ -177,23 +178,23 @@ def test_true_sequential_equals_pruning_one_linear_at_a_time(tiny_root, arch, me
     slow = copy.deepcopy(dense)
     make = {"wanda": RowNorms, "sparsegpt": Hessian}[method]
     order = _forward_order(slow, acts)
-    assert set(order) == set(_arch.block_linears(slow)), "every Linear and every expert saw tokens"
+    assert set(order) == set(units.block_linears(slow)), "every Linear and every expert saw tokens"
     for name in order:
         stat = engine.collect(slow, acts, "cpu", make)[name]
-        w = _arch.block_linears(slow)[name].weight.data
+        w = units.block_linears(slow)[name].weight.data
         if method == "wanda":
             w[select(wanda.score(w, stat.norms()), spec.pattern, 0.5)] = 0
         else:
             w.copy_(sparsegpt.prune_weight(w, stat.H, spec.pattern, 0.5)[0])
-    for (name, a), b in zip(_arch.block_linears(fast).items(), _arch.block_linears(slow).values()):
+    for (name, a), b in zip(units.block_linears(fast).items(), units.block_linears(slow).values()):
         assert torch.equal(a.weight == 0, b.weight == 0), name
         torch.testing.assert_close(a.weight, b.weight, msg=name)
     torch.testing.assert_close(ctx.outputs.hidden[0], engine.run_block(slow, acts, "cpu").hidden[0])
     # ... and differs from the reference schedule (statistics from the dense block), or the test proves nothing.
     ref = copy.deepcopy(dense)
     impl.prune_block(BlockContext(0, ref, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, impl.Options())))
-    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(_arch.block_linears(ref).values(),
-                                                                    _arch.block_linears(fast).values()))
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(units.block_linears(ref).values(),
+                                                                    units.block_linears(fast).values()))
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -242,6 +243,6 @@ def test_sparsegpt_factorising_the_hessian_in_place_changes_no_bit(tiny_root, ar
     sparsegpt.METHOD.prune_block(BlockContext(0, fast, acts, "cpu", spec))
     stats = engine.collect(dense, acts, "cpu", Hessian)
     assert len(taken) == len(set(taken)) == len({id(s) for s in stats.values()})
-    for (name, a), b in zip(_arch.block_linears(fast).items(), _arch.block_linears(dense).values()):
+    for (name, a), b in zip(units.block_linears(fast).items(), units.block_linears(dense).values()):
         expected = sparsegpt.prune_weight(b.weight.data, stats[name].H, spec.pattern, 0.5)[0].to(b.weight.dtype)
         assert torch.equal(a.weight, expected), name

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine, experts
 from llmprune.errors import UserError
 from llmprune.masks import parse_pattern, select
@@ -103,7 +104,7 @@ def test_an_expert_without_tokens_falls_back_to_magnitude(tiny_root, arch, metho
     _never_route(model, 3)
     spec_e = _arch.arch_for(arch).experts
     dense = {f"{i}.{n}": lin.weight.detach().clone() for i, b in enumerate(_arch.blocks(model))
-             for n, lin in _arch.block_linears(b).items()}
+             for n, lin in units.block_linears(b).items()}
     m = METHODS[method]
     pat, s = parse_pattern("2:4", None)
     spec = PruneSpec(pat, s, m.options(tiny.fast_options(method)), true_sequential)
@@ -113,7 +114,7 @@ def test_an_expert_without_tokens_falls_back_to_magnitude(tiny_root, arch, metho
     expected = {f"{i}.{spec_e.path}.{p}[3]" for i in sparse_blocks for p, _ in spec_e.params}
     assert set(res["no_tokens"]) == expected
     for i, b in enumerate(_arch.blocks(model)):
-        for n, lin in _arch.block_linears(b).items():
+        for n, lin in units.block_linears(b).items():
             name = f"{i}.{n}"
             if name in expected:  # magnitude over the whole weight: exactly its mask
                 mask = select(dense[name].abs(), pat, s, per_row=False)

@@ -11,6 +11,7 @@ from conftest import cli
 from transformers import AutoModelForCausalLM
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine, owl, shards
 from llmprune.errors import UserError
 from llmprune.lazy import Lazy, Rewrite
@@ -63,7 +64,7 @@ def _reference_ratios(model, windows, m):
     sumsq: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for i, block in enumerate(_arch.blocks(model)):
-        for name, lin in _arch.block_linears(block).items():
+        for name, lin in units.block_linears(block).items():
             def hook(mod, args, key=(i, name)):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
                 sumsq[key] = sumsq.get(key, 0) + x.pow(2).sum(0)
@@ -75,9 +76,9 @@ def _reference_ratios(model, windows, m):
     out = []
     for i, block in enumerate(_arch.blocks(model)):
         scores = torch.cat([(lin.weight.double().abs() * sumsq[(i, n)].sqrt()).flatten()
-                            for n, lin in _arch.block_linears(block).items()])
+                            for n, lin in units.block_linears(block).items()])
         out.append(float((scores > m * scores.mean()).double().mean()))
-    return out, [sum(lin.weight.numel() for lin in _arch.block_linears(b).values()) for b in _arch.blocks(model)]
+    return out, [sum(lin.weight.numel() for lin in units.block_linears(b).values()) for b in _arch.blocks(model)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "phi", "opt"])
@@ -126,19 +127,19 @@ def test_streamed_owl_equals_in_memory_bit_for_bit(tiny_root, tmp_path, method):
     src = tiny_root / "llama"
     m = METHODS[method]
     pat, s = parse_pattern("unstructured", 0.6)
-    spec = PruneSpec(pat, s, m.options({}), owl_lambda=0.1, owl_m=3.0)
+    spec, settings = PruneSpec(pat, s, m.options({})), owl.Settings(0.1, 3.0)
     torch.manual_seed(0)
     windows = torch.randint(0, tiny.VOCAB, (8, 32))
     model = AutoModelForCausalLM.from_pretrained(src).eval()
-    ref = prune_model(model, m, spec, windows, batch_size=4)
+    ref = prune_model(model, m, spec, windows, batch_size=4, owl=settings)
     lazy = Lazy(src)
-    rewrite = Rewrite(lazy, tmp_path / "out", lazy.stored(_arch.linear_weight_names(lazy.model)))
-    got = prune_model(lazy.model, m, spec, windows, batch_size=4, weights=lazy, sink=rewrite.block)
+    rewrite = Rewrite(lazy, tmp_path / "out", lazy.stored(units.linear_weight_names(lazy.model)))
+    got = prune_model(lazy.model, m, spec, windows, batch_size=4, weights=lazy, sink=rewrite.block, owl=settings)
     rewrite.close()
     assert got["owl"] == ref["owl"]
     out = shards.ShardSet(tmp_path / "out")
     state = model.state_dict()
-    for name in _arch.linear_weight_names(model):
+    for name in units.linear_weight_names(model):
         assert torch.equal(out.get(name), state[name]), name
 
 

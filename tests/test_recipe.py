@@ -187,6 +187,9 @@ def test_bad_recipes_are_one_line(tmp_path, capsys, body, expected):
 
 
 def test_shipped_recipes_parse(monkeypatch):
+    import typer.main
+
+    from llmprune.cli.app import app
     from llmprune.cli.recipe import command_options
     from llmprune.recipe import load
 
@@ -195,7 +198,7 @@ def test_shipped_recipes_parse(monkeypatch):
     shipped = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.toml"))
     assert len(shipped) >= 3
     for path in shipped:
-        entries = load(path, command_options())
+        entries = load(path, command_options(typer.main.get_command(app)))
         assert entries[0].command == "calibrate"
 
 

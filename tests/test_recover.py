@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
+from llmprune import units
 from conftest import cli, killed_at_evaluation
 from llmprune.cli import run
 from llmprune.masks import nm_valid
@@ -63,7 +64,7 @@ def test_lora_recovery_on_every_architecture(calibrated, tiny_root, arch):
     def prunable(folder):
         model = AutoModelForCausalLM.from_pretrained(folder)
         return {f"{i}.{n}": lin.weight.detach().clone() for i, b in enumerate(_arch.blocks(model))
-                for n, lin in _arch.block_linears(b).items()}, model.config.model_type
+                for n, lin in units.block_linears(b).items()}, model.config.model_type
 
     dense, model_type = prunable(tiny_root / arch)
     targets = set(_arch.arch_for(model_type).lora_targets)

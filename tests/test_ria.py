@@ -7,6 +7,7 @@ import torch
 from conftest import cli
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine
 from llmprune.masks import Pattern, nm_valid, select
 from llmprune.methods import ria
@@ -48,9 +49,9 @@ def test_comparison_group(tiny_root, compare):
     model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 8, 32, batch_size=4)
     block = _arch.blocks(model)[0]
     norms = {n: s.norms() for n, s in engine.collect(block, acts, "cpu", RowNorms).items()}
-    dense = {n: lin.weight.detach().clone() for n, lin in _arch.block_linears(block).items()}
+    dense = {n: lin.weight.detach().clone() for n, lin in units.block_linears(block).items()}
     ria.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(), 0.5, ria.Options(compare=compare))))
-    for name, lin in _arch.block_linears(block).items():
+    for name, lin in units.block_linears(block).items():
         w = lin.weight
         expected = select(ria.score(dense[name], norms[name]), Pattern(), 0.5, per_row=compare == "row")
         assert torch.equal(w == 0, expected), name

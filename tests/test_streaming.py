@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine, evaluate, shards
 from llmprune.errors import IntegrityError, UserError
+from llmprune.head import Head
 from llmprune.lazy import Lazy, Rewrite
 from llmprune.masks import parse_pattern
 from llmprune.methods import METHODS
@@ -41,7 +43,7 @@ def _prune_both(src, out, method, pattern, true_sequential=False, windows=None):
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     prune_model(model, m, spec, windows if m.needs_data else None, batch_size=4)
     lazy = Lazy(src)
-    rewrite = Rewrite(lazy, out, lazy.stored(_arch.linear_weight_names(lazy.model)))
+    rewrite = Rewrite(lazy, out, lazy.stored(units.linear_weight_names(lazy.model)))
     res = prune_model(lazy.model, m, spec, windows if m.needs_data else None, batch_size=4, weights=lazy,
                       sink=rewrite.block)
     rewrite.close()
@@ -81,9 +83,9 @@ def test_streamed_perplexity_equals_in_memory(tiny_root, arch):
     # in slices of 50 vocabulary rows (8 slices), against plain cross-entropy on the whole model's logits
     hidden = torch.randn(31, model.config.hidden_size)
     targets = torch.randint(0, tiny.VOCAB, (31,))
-    with engine.Head(lazy.model, "cpu", lazy, logits_bytes=31 * 4 * 50) as head:
+    with Head(lazy.model, "cpu", lazy, logits_bytes=31 * 4 * 50) as head:
         sliced = head.nll(hidden, targets)
-    with engine.Head(model, "cpu") as head:
+    with Head(model, "cpu") as head:
         full = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum").item()
     assert math.isclose(sliced, full, rel_tol=1e-5)
     assert {p.device.type for p in lazy.model.parameters()} == {"meta"}
@@ -115,7 +117,7 @@ def test_bf16_stays_bf16_and_streams_exactly(tiny_root, tmp_path, method, patter
     model, _ = _prune_both(src, tmp_path / "out", method, pattern)
     assert model.dtype == torch.bfloat16
     got = _state(tmp_path / "out")
-    names = _arch.linear_weight_names(model)
+    names = units.linear_weight_names(model)
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
     ref = model.state_dict()
     for name, t in got.items():
@@ -220,8 +222,8 @@ def test_lazy_refuses_shards_that_do_not_cover_the_config(tiny_root, tmp_path):
 @pytest.mark.parametrize("arch", tiny.ARCH_TYPES)
 @pytest.mark.parametrize("structure", ["hidden", "heads", "mlp", "layers", "experts"])
 def test_streamed_structured_removal_equals_in_memory(tiny_root, tmp_path, arch, structure):
-    from llmprune.methods.dress import select
-    from llmprune.structured import remove, remove_streamed
+    from llmprune.selection import select
+    from llmprune.surgery import remove, remove_streamed
 
     src = tiny_root / arch
     reason = dict(_arch.arch_for(arch).parts.cannot).get(structure) or (

@@ -10,7 +10,7 @@ import tiny
 from conftest import cli, killed_at_evaluation
 from llmprune import structured as S
 from llmprune.arch import arch_for
-from llmprune.methods import dress
+from llmprune import penalty, selection
 from llmprune.modeling import param_count
 
 PLANS = {  # tiny models: hidden 64, 4 heads, 2 layers, MLP 128; KV groups 2 (phi and opt: 4)
@@ -49,7 +49,7 @@ def test_removing_zeroed_units_gives_the_zeroed_models_logits(tiny_root, tmp_pat
     out = _logits(small, ids)
     assert param_count(small) < param_count(model)
     if structure == "hidden" and not arch_for(arch).parts.rms_norm:
-        # LayerNorm statistics change with the width: not exact (METHODS.md), but the model must still run.
+        # LayerNorm statistics change with the width: not exact (docs/methods.md), but the model must still run.
         assert out.shape == ref.shape and torch.isfinite(out).all()
     else:
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
@@ -76,7 +76,7 @@ def test_parameter_count_is_analytic(tiny_root):
         ("mlp", 0.25, count(d, H, KV, 96, L)),
         ("layers", 0.5, count(d, H, KV, I, 1)),
     ):
-        plan = dress.select(model, structure, ratio, "tail", None)
+        plan = selection.select(model, structure, ratio, "tail", None)
         assert plan.meta["units"] == S.count_removed(g, structure, ratio)
         assert param_count(S.remove(model, plan)) == expected, structure
 
@@ -85,7 +85,7 @@ def test_ratio_zero_is_the_identity(tiny_root):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "qwen3").eval()
     ids = torch.randint(0, tiny.VOCAB, (1, 16))
     for structure in [s for s in S.STRUCTURES if s != "experts"]:  # a dense model has no experts to remove
-        plan = dress.select(model, structure, 0.0, "random", None)
+        plan = selection.select(model, structure, 0.0, "random", None)
         assert plan.n_units == 0
         same = S.remove(model, plan)
         assert param_count(same) == param_count(model)
@@ -116,20 +116,20 @@ def test_activation_selection_is_deterministic_and_keeps_the_loud_channels(tiny_
     windows = torch.randint(0, tiny.VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 3] *= 50  # a channel carrying a lot of the residual stream
-    a = dress.select(model, "hidden", 0.5, "activation", windows)
-    b = dress.select(model, "hidden", 0.5, "activation", windows)
+    a = selection.select(model, "hidden", 0.5, "activation", windows)
+    b = selection.select(model, "hidden", 0.5, "activation", windows)
     assert a.removed == b.removed and len(a.removed) == 32 and 3 not in a.removed
-    heads = dress.select(model, "heads", 0.5, "activation", windows)
+    heads = selection.select(model, "heads", 0.5, "activation", windows)
     assert [len(r) for r in heads.removed] == [1, 1]
-    layers = dress.select(model, "layers", 0.5, "tail", windows)
+    layers = selection.select(model, "layers", 0.5, "tail", windows)
     assert layers.removed == [0]  # the tail before the final block
 
 
-@pytest.mark.parametrize("norm", dress.NORMS)
+@pytest.mark.parametrize("norm", penalty.NORMS)
 def test_proximal_shrink_reaches_exact_zeros(tiny_root, norm):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "llama")
     plan = S.Plan("hidden", PLANS["hidden"])
-    pen = dress.Penalty(model, plan, norm)
+    pen = penalty.Penalty(model, plan, norm)
     assert pen.relative_norm() == pytest.approx(1.0)
     assert pen.loss(0.3).item() == pytest.approx(0.3)  # normalised: the penalty starts at lambda
     norms = []
@@ -151,7 +151,7 @@ def test_proximal_shrink_reaches_exact_zeros(tiny_root, norm):
 def test_zeroed_context_restores_the_weights(tiny_root):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "phi")
     before = [p.detach().clone() for p in model.parameters()]
-    pen = dress.Penalty(model, S.Plan("heads", PLANS["heads"]), "group")
+    pen = penalty.Penalty(model, S.Plan("heads", PLANS["heads"]), "group")
     with pen.zeroed():
         assert pen.relative_norm() == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

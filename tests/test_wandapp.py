@@ -10,6 +10,7 @@ from conftest import cli
 from safetensors.torch import load_file
 
 from llmprune import arch as _arch
+from llmprune import units
 from llmprune import engine
 from llmprune.errors import UserError
 from llmprune.masks import Pattern
@@ -81,7 +82,7 @@ def test_regional_optimisation_lowers_the_block_error_and_keeps_exact_sparsity(t
         opts = {"alpha": 100.0, "act_norm": "sum", "ro_iters": iters, "ro_samples": 8, "ro_lr": 1e-3, "seed": 0}
         wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5,
                                                                                  wandapp.Options(**opts))))
-        for lin in _arch.block_linears(block).values():
+        for lin in units.block_linears(block).values():
             assert (lin.weight == 0).float().mean().item() == 0.5
             assert lin.weight.grad is None
         errors[iters] = _block_error(block, dense, acts)
@@ -97,13 +98,13 @@ def test_bf16_ro_lowers_the_block_error_like_fp32_and_keeps_dtype_and_sparsity(t
     dense = _arch.blocks(model)[0]
     blocks, errors = _ro_variants(dense, acts, "ro_dtype", (("fp32", 0), ("fp32", 4), ("bf16", 4)))
     for block in blocks.values():
-        for lin in _arch.block_linears(block).values():
+        for lin in units.block_linears(block).values():
             assert (lin.weight == 0).float().mean().item() == 0.5
             assert lin.weight.dtype == dense.mlp.down_proj.weight.dtype and lin.weight.grad is None
     assert errors["fp32", 4] < 0.9 * errors["fp32", 0], errors
     assert errors["bf16", 4] < 0.9 * errors["fp32", 0], errors
     assert abs(errors["bf16", 4] - errors["fp32", 4]) < 0.1 * errors["fp32", 4], errors
-    a, b = (_arch.block_linears(blocks[d, 4])["mlp.down_proj"].weight for d in ("fp32", "bf16"))
+    a, b = (units.block_linears(blocks[d, 4])["mlp.down_proj"].weight for d in ("fp32", "bf16"))
     assert not torch.equal(a, b)
 
 
@@ -242,11 +243,11 @@ def test_ro_batch_takes_the_same_step_merged_or_one_sample_at_a_time(tiny_root, 
     one_step = copy.deepcopy(dense)  # ro_batch 1: other steps, another result (so the equality above has teeth)
     wandapp.METHOD.prune_block(BlockContext(0, one_step, acts, "cpu",
                                             PruneSpec(Pattern(2, 4), 0.5, dataclasses.replace(opts, ro_batch=1))))
-    for name, lin in _arch.block_linears(merged).items():
-        other = _arch.block_linears(single)[name].weight
+    for name, lin in units.block_linears(merged).items():
+        other = units.block_linears(single)[name].weight
         torch.testing.assert_close(lin.weight, other, rtol=1e-4, atol=1e-6)
-    assert any(not torch.allclose(lin.weight, _arch.block_linears(one_step)[n].weight, atol=1e-6)
-               for n, lin in _arch.block_linears(merged).items())
+    assert any(not torch.allclose(lin.weight, units.block_linears(one_step)[n].weight, atol=1e-6)
+               for n, lin in units.block_linears(merged).items())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -301,7 +302,7 @@ def test_step_norms_equal_a_statistics_pass_over_the_same_inputs(tiny_root, arch
     block = _arch.blocks(model)[0]
     want = {n: s.norms("sum") for n, s in engine.collect(block, acts, "cpu", RowNorms).items()}
     with experts.routed_block(block):
-        seen = wandapp.StepNorms(_arch.block_linears(block))
+        seen = wandapp.StepNorms(units.block_linears(block))
         with torch.no_grad():
             for h, kw in zip(acts.hidden, acts.kwargs):
                 engine.block_output(block, h, kw)
@@ -323,7 +324,7 @@ def test_ro_norms_steps_and_pass_both_keep_exact_sparsity_and_differ(tiny_root, 
         block = copy.deepcopy(dense)
         opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_norms=norms, ro_mask="free")
         wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
-        for name, lin in _arch.block_linears(block).items():
+        for name, lin in units.block_linears(block).items():
             assert (lin.weight.reshape(-1, 4) == 0).sum(1).ge(2).all(), name
         blocks[norms, iters], errors[norms, iters] = block, _block_error(block, dense, acts)
     assert all(errors[k, 3] < errors["steps", 0] for k in ("steps", "pass", "mixed")), errors
@@ -353,7 +354,7 @@ def test_a_fixed_ro_mask_keeps_the_first_rounds_zeros_and_still_lowers_the_error
         block = copy.deepcopy(dense)
         opts = wandapp.Options(alpha=0.0, ro_iters=iters, ro_samples=8, ro_lr=1e-2, ro_mask=mode)
         wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
-        final = {n: lin.weight.detach() == 0 for n, lin in _arch.block_linears(block).items()}
+        final = {n: lin.weight.detach() == 0 for n, lin in units.block_linears(block).items()}
         for n in final:
             assert (final[n].reshape(-1, 4).sum(1) >= 2).all(), n
         changed[mode, iters] = sum(int((final[n] != first[n]).sum()) for n in first)
@@ -370,8 +371,8 @@ def test_adam_keeps_the_fixed_mask_and_lowers_the_error_its_own_way(tiny_root):
     dense = _arch.blocks(model)[0]
     blocks, errors = _ro_variants(dense, acts, "ro_optim", (("rmsprop", 0), ("rmsprop", 3), ("adam", 3)))
     # Both start from the same first round (same draw, same dense norms); RMSprop keeps its mask (the test above)
-    kept = {n: lin.weight.detach() == 0 for n, lin in _arch.block_linears(blocks["rmsprop", 3]).items()}
-    for n, lin in _arch.block_linears(blocks["adam", 3]).items():
+    kept = {n: lin.weight.detach() == 0 for n, lin in units.block_linears(blocks["rmsprop", 3]).items()}
+    for n, lin in units.block_linears(blocks["adam", 3]).items():
         assert torch.equal(lin.weight.detach() == 0, kept[n]), n
     assert errors["adam", 3] < 0.9 * errors["rmsprop", 0], errors
     assert any(not torch.equal(a, b) for a, b in zip(blocks["adam", 3].parameters(),
@@ -387,7 +388,7 @@ def test_a_fixed_ro_mask_prunes_an_expert_the_first_draw_missed_from_every_sampl
 
     model, _, acts = tiny.model_and_inputs(tiny_root, "qwen3_moe", 16, 32, batch_size=1)
     block = _arch.blocks(model)[0]
-    dense = {n: lin.weight.detach().clone() for n, lin in _arch.block_linears(block).items()}
+    dense = {n: lin.weight.detach().clone() for n, lin in units.block_linears(block).items()}
     opts = wandapp.Options(alpha=0.0, ro_iters=3, ro_samples=8, ro_lr=1e-2, ro_mask="fixed")
     real_norms, real_apply = wandapp.DensePass.norms, wandapp._apply_rgs
     seen: dict = {}
@@ -408,7 +409,7 @@ def test_a_fixed_ro_mask_prunes_an_expert_the_first_draw_missed_from_every_sampl
     monkeypatch.setattr(wandapp.DensePass, "norms", norms)
     monkeypatch.setattr(wandapp, "_apply_rgs", spy)
     wandapp.METHOD.prune_block(BlockContext(0, block, acts, "cpu", PruneSpec(Pattern(2, 4), 0.5, opts)))
-    final = {n: lin.weight.detach() == 0 for n, lin in _arch.block_linears(block).items()}
+    final = {n: lin.weight.detach() == 0 for n, lin in units.block_linears(block).items()}
     assert len(seen["missed"]) == 2  # its gate_up and down projections
     everything = list(range(acts.n_samples))
     for name in seen["missed"]:
@@ -442,7 +443,7 @@ def test_a_fixed_ro_mask_trains_a_kept_weight_that_happens_to_be_zero(tiny_root)
     group ends with exactly two zeros."""
     model, _, acts = tiny.model_and_inputs(tiny_root, "llama", 16, 32, batch_size=1)
     block = _arch.blocks(model)[0]
-    lin = _arch.block_linears(block)["mlp.down_proj"]
+    lin = units.block_linears(block)["mlp.down_proj"]
     with torch.no_grad():
         lin.weight[0, :3] = 0
     opts = wandapp.Options(alpha=0.0, ro_iters=2, ro_samples=8, ro_lr=1e-2, ro_mask="fixed")

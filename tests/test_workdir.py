@@ -7,7 +7,8 @@ import pytest
 
 from conftest import cli
 from llmprune.errors import IntegrityError, UserError, WorkdirBusy
-from llmprune.workdir import COMMIT, STAGING, Workdir, hash_tree
+from llmprune.fsio import hash_tree
+from llmprune.workdir import COMMIT, STAGING, Workdir
 
 
 def _snapshot(wd):

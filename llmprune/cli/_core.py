@@ -28,6 +28,19 @@ def open_workdir(ctx: typer.Context, path: Path) -> Workdir:
     return Workdir(path, verify=s.verify, recipe=s.recipe)
 
 
+def exit_code(rv: Any) -> int:
+    """What a command line run outside click's standalone mode returned, as an exit code: Typer turns Ctrl-C into
+    Exit(130) and, outside standalone mode, *returns* that code instead of raising it."""
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def invoke_sibling(ctx: typer.Context, args: list[str], settings: Settings) -> int:
+    """Run another command line of this same app (a recipe's step, a sweep's point): the root command of ``ctx`` is
+    the app itself, so a command that replays others needs no import of the module that wires them."""
+    root = ctx.find_root().command
+    return exit_code(root.main(args=args, prog_name="llmprune", standalone_mode=False, obj=settings))
+
+
 # --- options that several commands take -----------------------------------------------------------------------
 WorkdirArg = Annotated[Path, typer.Argument(help="The working directory (safetensors shards + manifest.json).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of tables.")]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from llmprune import report
-from llmprune.cli import _errors
-from llmprune.cli._core import Settings
+from llmprune.cli._errors import guarded
+from llmprune.cli._core import Settings, exit_code
 from llmprune.cli.calibrate import calibrate
 from llmprune.cli.eval_ import eval_
 from llmprune.cli.export import export
@@ -51,10 +51,8 @@ app.command()(sweep)
 
 
 def invoke(args: list[str], settings: Settings | None = None) -> int:
-    """Run one command line through the app; its exit code. Typer turns Ctrl-C into Exit(130) and, outside
-    standalone mode, *returns* that code instead of raising it."""
-    rv: Any = app(args=args, prog_name="llmprune", standalone_mode=False, obj=settings or Settings())
-    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+    """Run one command line through the app; its exit code (``_core.exit_code``)."""
+    return exit_code(app(args=args, prog_name="llmprune", standalone_mode=False, obj=settings or Settings()))
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -64,7 +62,7 @@ def run(argv: list[str] | None = None) -> int:
     # Deprecation notices of the libraries underneath are for their developers, not for llmprune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    return _errors.guarded(lambda: invoke(args))
+    return guarded(lambda: invoke(args))
 
 
 def main() -> None:

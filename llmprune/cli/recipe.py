@@ -8,18 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from llmprune import report
-from llmprune.cli._core import JsonOpt, Settings, WorkdirArg, finish, open_workdir
+from llmprune.cli._core import JsonOpt, Settings, WorkdirArg, finish, invoke_sibling, open_workdir
 from llmprune.workdir import check_fresh, remove_scaffolding
 
 
-def command_options() -> dict[str, dict[str, tuple[str, str]]]:
-    """{command: {option key: (kind, option string)}} read from the CLI itself; keys are both the parameter name and
-    the long option without dashes (``lam`` and ``lambda``)."""
-    import typer.main
-
-    from llmprune.cli.app import app
-
-    group = typer.main.get_command(app)
+def command_options(group) -> dict[str, dict[str, tuple[str, str]]]:
+    """{command: {option key: (kind, option string)}} read from the CLI itself (``group``: the app's root command);
+    keys are both the parameter name and the long option without dashes (``lam`` and ``lambda``)."""
     out: dict[str, dict[str, tuple[str, str]]] = {}
     for name, cmd in group.commands.items():
         opts: dict[str, tuple[str, str]] = {}
@@ -43,9 +38,7 @@ def run_recipe(
 ) -> None:
     """Run a whole pipeline from a recipe; a re-run skips the steps already done with the same options and inputs."""
     from llmprune import recipe as _recipe
-    from llmprune.cli.app import invoke
-
-    options = command_options()
+    options = command_options(ctx.find_root().command)
     entries = _recipe.load(recipe, options)
     ws = open_workdir(ctx, workdir)
 
@@ -70,7 +63,7 @@ def run_recipe(
         with ws.hold():  # held across every step: no other command slips in between two of them
             plan = _recipe.plan(entries, ws, from_step, argv_of)
             ran = _recipe.execute(plan, ws, argv_of,
-                                  lambda args, tag: invoke(args, Settings(verify=settings.verify, recipe=tag)))
+                                  lambda args, tag: invoke_sibling(ctx, args, Settings(verify=settings.verify, recipe=tag)))
     finally:
         if created:
             remove_scaffolding(ws.path)  # a first step that failed leaves no folder behind

@@ -80,6 +80,12 @@ def recover(
                           teacher_steps=teacher_steps, save_every=save_every)
     m = Recovery(open_workdir(ctx, workdir).require_calibration(), opts).run()
     how = ("all weights" if full else f"LoRA r={rank}") + (", distilled" if distill else "")
+    finish({"workdir": str(workdir), **m}, as_json,
+           lambda: report.table(f"recovered {workdir} ({how})", ["what", "value"], _rows(m, full, merge, distill)))
+
+
+def _rows(m: dict, full: bool, merge: bool, distill: bool) -> list[list]:
+    """The table of a finished recovery: perplexities before and after (merged, re-zeroed), sparsity, cost."""
     rows = [["held-out perplexity before", m["ppl_before"]],
             ["after training" if full else "with the adapter", m["ppl_after" if full else "ppl_adapter"]]]
     if distill:
@@ -93,6 +99,4 @@ def recover(
     if merge and not full:
         rows += [["merged", m["ppl_merged"]], [f"merged, {m['weights_remasked']:,} weights re-zeroed", m["ppl_remasked"]],
                  ["sparsity", f"{m['sparsity']['all']:.2%} (before {m['sparsity_before']['all']:.2%})"]]
-    rows += [["steps", m["steps"]], ["time", f"{m['train_s']:.1f} s"]]
-    finish({"workdir": str(workdir), **m}, as_json,
-           lambda: report.table(f"recovered {workdir} ({how})", ["what", "value"], rows))
+    return rows + [["steps", m["steps"]], ["time", f"{m['train_s']:.1f} s"]]

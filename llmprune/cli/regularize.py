@@ -49,7 +49,7 @@ def regularize(
 ) -> None:
     """DReSS: choose the units to remove, then train so that their information moves into the units that stay."""
     from llmprune.distill import resolve_options
-    from llmprune.methods.dress import RegularizeOptions, regularize_workdir
+    from llmprune.regularization import RegularizeOptions, regularize_workdir
     from llmprune.train import check_launcher
 
     kd_temperature, kd_weight = resolve_options(distill, kd_temperature, kd_weight, teacher, teacher_steps)

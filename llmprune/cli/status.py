@@ -36,13 +36,13 @@ def _outcome(m: dict[str, Any]) -> str:
 
 def status(ctx: typer.Context, workdir: WorkdirArg, as_json: JsonOpt = False) -> None:
     """The steps of a workdir, its size, parameter count and sparsity."""
-    from llmprune import recovery, resume
+    from llmprune import current, resume
 
     ws = open_workdir(ctx, workdir)
     manifest = ws.manifest()
     steps = manifest["steps"]
-    adapter = None if not recovery.has_adapter(manifest) else (
-        "unmerged" if recovery.pending_adapter(manifest) else "merged")
+    adapter = None if not current.has_adapter(manifest) else (
+        "unmerged" if current.pending_adapter(manifest) else "merged")
     # Bytes on disk: a file hard-linked under two names (teacher/ and model/ until a step replaces the model)
     # takes its space once.
     inodes = {}

@@ -8,7 +8,7 @@ import typer
 
 from llmprune import report
 from llmprune.cli._core import (BatchOpt, DeviceOpt, JsonOpt, Settings, TextFieldOpt, WorkdirArg, check_device, finish,
-                                open_workdir, positive)
+                                invoke_sibling, open_workdir, positive)
 
 
 def sweep(
@@ -39,7 +39,6 @@ def sweep(
     """Prune and evaluate a grid of configurations from one calibrated workdir (resumable); results and plots in WORK/sweep/."""
     from llmprune import data
     from llmprune import sweep as _sweep
-    from llmprune.cli.app import invoke
 
     ws = open_workdir(ctx, workdir)
     ws.manifest()
@@ -57,7 +56,7 @@ def sweep(
 
     def quiet_invoke(args: list[str]) -> int:
         with report.quiet():  # each point's own table would bury the grid's
-            return invoke(args, Settings(verify=settings.verify))
+            return invoke_sibling(ctx, args, Settings(verify=settings.verify))
 
     with ws.locked():  # the points start from this state: nothing may change it while they run
         res = _sweep.run_sweep(ws, configs, ev, quiet_invoke, keep_models=keep_models,

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from llmprune import engine
-from llmprune.arch import block_linears
+from llmprune.units import block_linears
 from llmprune.errors import UserError
 from llmprune.masks import Pattern
-from llmprune.owl import DEFAULT_M
 from llmprune.stats import Stat
 
 if TYPE_CHECKING:
@@ -156,9 +155,6 @@ class PruneSpec:
     sparsity: float
     options: Any = field(default_factory=NoOptions)  # the method's Options instance
     true_sequential: bool = False
-    # OWL (``llmprune.owl``): the spread of the block sparsities and the outlier threshold; None: uniform sparsity.
-    owl_lambda: float | None = None
-    owl_m: float = DEFAULT_M
     # One sparsity per block instead of ``sparsity`` everywhere (what OWL chose, set by ``prune_model``).
     block_sparsity: list[float] | None = None
 
@@ -166,7 +162,7 @@ class PruneSpec:
         """What block ``index`` is pruned to: the same spec with that block's own sparsity."""
         if self.block_sparsity is None:
             return self
-        return dataclasses.replace(self, sparsity=self.block_sparsity[index], block_sparsity=None, owl_lambda=None)
+        return dataclasses.replace(self, sparsity=self.block_sparsity[index], block_sparsity=None)
 
 
 @dataclass

