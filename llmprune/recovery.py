@@ -305,7 +305,6 @@ def mask_adapters(peft_model, masks: dict[str, torch.Tensor]) -> int:
     return done
 
 
-@torch.no_grad()
 def verify(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Every pruned Linear holds at least the zeros it had before recovery."""
     for name, mask in masks.items():

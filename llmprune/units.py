@@ -82,6 +82,7 @@ def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
+@torch.no_grad()
 def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Zero the recorded pattern again; returns how many weights the merge had made non-zero."""
     changed = 0

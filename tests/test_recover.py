@@ -254,14 +254,14 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(calibrated,
     an uninterrupted run gives."""
     import shutil
 
-    import llmprune.workdir as workdir_mod
+    import llmprune.fsio as fsio_mod
 
     wd = calibrated("llama", samples=20, seqlen=64)
     ref = tmp_path / "ref"
     shutil.copytree(wd, ref)
     opts = ["--steps", 8, "--eval-every", 8, "--save-every", 3, *FAST]
     assert cli("recover", ref, *opts)[0] == 0
-    real = workdir_mod.atomic_write_text
+    real = fsio_mod.atomic_write_text
 
     def dying(path, text, *a, **k):
         if Path(path).name == "state.json" and json.loads(text)["step"] == 6:
@@ -269,7 +269,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(calibrated,
         return real(path, text, *a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(workdir_mod, "atomic_write_text", dying)
+        m.setattr(fsio_mod, "atomic_write_text", dying)
         assert run(["recover", str(wd), *map(str, opts)]) == 130
     (state,) = (wd / ".resume").glob("recover-*/state.json")
     assert json.loads(state.read_text())["step"] == 3

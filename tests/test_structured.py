@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 import tiny
 from conftest import cli, killed_at_evaluation
 from llmprune import structured as S
+from llmprune import surgery
 from llmprune.arch import arch_for
 from llmprune import penalty, selection
 from llmprune.modeling import param_count
@@ -45,7 +46,7 @@ def test_removing_zeroed_units_gives_the_zeroed_models_logits(tiny_root, tmp_pat
     S.zero(model, plan)
     ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = _logits(model, ids)
-    small = S.remove(model, plan)
+    small = surgery.remove(model, plan)
     out = _logits(small, ids)
     assert param_count(small) < param_count(model)
     if structure == "hidden" and not arch_for(arch).parts.rms_norm:
@@ -78,7 +79,7 @@ def test_parameter_count_is_analytic(tiny_root):
     ):
         plan = selection.select(model, structure, ratio, "tail", None)
         assert plan.meta["units"] == S.count_removed(g, structure, ratio)
-        assert param_count(S.remove(model, plan)) == expected, structure
+        assert param_count(surgery.remove(model, plan)) == expected, structure
 
 
 def test_ratio_zero_is_the_identity(tiny_root):
@@ -87,7 +88,7 @@ def test_ratio_zero_is_the_identity(tiny_root):
     for structure in [s for s in S.STRUCTURES if s != "experts"]:  # a dense model has no experts to remove
         plan = selection.select(model, structure, 0.0, "random", None)
         assert plan.n_units == 0
-        same = S.remove(model, plan)
+        same = surgery.remove(model, plan)
         assert param_count(same) == param_count(model)
         torch.testing.assert_close(_logits(same, ids), _logits(model, ids), atol=0, rtol=0)
 
@@ -98,7 +99,7 @@ def test_opt_refuses_what_its_config_cannot_express(tiny_root):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "opt")
     for structure in ("hidden", "heads"):
         with pytest.raises(UserError, match="ties the attention width"):
-            S.remove(model, S.Plan(structure, PLANS[structure]))
+            surgery.remove(model, S.Plan(structure, PLANS[structure]))
 
 
 @pytest.mark.parametrize("arch", tiny.MOE_TYPES)
@@ -108,7 +109,7 @@ def test_moe_refuses_structured_removal(tiny_root, arch):
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
     for structure in [s for s in S.STRUCTURES if s not in ("experts", "heads")]:
         with pytest.raises(UserError, match="mixture-of-experts"):
-            S.remove(model, S.Plan(structure, PLANS[structure]))
+            surgery.remove(model, S.Plan(structure, PLANS[structure]))
 
 
 def test_activation_selection_is_deterministic_and_keeps_the_loud_channels(tiny_root):
