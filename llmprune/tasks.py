@@ -30,7 +30,7 @@ LASTWORD_LIMIT = 500  # examples when --limit is not given: stderr of an accurac
 # A paragraph's final word: letters (inner apostrophes and hyphens allowed), then only punctuation and spaces.
 _FINAL_WORD = re.compile(r"(?<![\w@'-])([A-Za-z][A-Za-z'-]*[A-Za-z])[^\w]*$")
 SUITES = {
-    # Wanda (Sun et al. 2024) and SparseGPT report these seven; LLM-Pruner and FLAP add piqa.
+    # Wanda (Sun et al. 2023, ICLR 2024) and SparseGPT report these seven; LLM-Pruner and FLAP add piqa.
     "wanda-suite": ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"],
     "llm-pruner-suite": ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"],
 }
