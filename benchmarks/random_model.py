@@ -54,7 +54,8 @@ def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int =
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llmprune.shards import NAMES, Planned, ShardWriter, plan_shards, shard_names
+    from llmprune.precision import STORED_NAMES as NAMES
+    from llmprune.shards import Planned, ShardWriter, plan_shards, shard_names
 
     if (out / "config.json").is_file():
         return json.loads((out / "config.json").read_text())

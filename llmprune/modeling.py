@@ -12,20 +12,11 @@ from typing import Any
 
 import torch
 
-from llmprune import validate
+from llmprune import precision, validate
 from llmprune.arch import arch_for
 from llmprune.errors import UserError, first_line
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype | str:
-    if name == "auto":
-        return "auto"
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UserError(f"unknown dtype '{name}'; use auto, {', '.join(DTYPES)}") from None
+parse_dtype = precision.to_torch  # a --dtype name (an alias, or auto) as a torch dtype
 
 
 def quiet_transformers() -> None:
@@ -160,7 +151,9 @@ def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2G
     from transformers.utils.hub import convert_file_size_to_int
 
     from llmprune import report
-    from llmprune.shards import DTYPES as STORED, NAMES, Planned, ShardWriter, plan_shards, shard_names
+    from llmprune.precision import STORED
+    from llmprune.precision import STORED_NAMES as NAMES
+    from llmprune.shards import Planned, ShardWriter, plan_shards, shard_names
 
     src = lazy.folder
     target = None if dtype == "auto" else parse_dtype(dtype)

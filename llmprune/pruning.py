@@ -11,7 +11,7 @@ from torch import nn
 
 from llmprune import arch as _arch
 from llmprune import units
-from llmprune import engine, owl, report
+from llmprune import engine, owl, precision, report
 from llmprune.errors import StepFailed, UserError
 from llmprune.masks import check_width, nm_valid, parse_pattern
 from llmprune.methods import METHODS, method_options
@@ -58,7 +58,6 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
     """The ``prune`` step: check the request, prune the workdir's model, commit it; returns the step's result."""
     from llmprune import evaluate
     from llmprune.current import open_current
-    from llmprune.modeling import DTYPES
 
     method = method_for(req.method)
     check_options_belong(method, req.options)
@@ -81,12 +80,11 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
     owl_settings = _check_owl(req, pat, s)
     opts = method.options(req.options)
     method.check_request(opts, req.true_sequential)
-    if req.act_dtype not in DTYPES:
-        raise UserError(f"unknown --act-dtype '{req.act_dtype}'; use {', '.join(DTYPES)}")
+    act_dtype = precision.canonical(req.act_dtype, "--act-dtype")
     ws.require_calibration()
     for msg in method.warnings(opts, ws.manifest()["calibration"]["samples"]):
         report.warn(msg)
-    params = dict(method=method.name, sparsity=s, pattern=str(pat), device=req.device, act_dtype=req.act_dtype,
+    params = dict(method=method.name, sparsity=s, pattern=str(pat), device=req.device, act_dtype=act_dtype,
                   batch_size=req.batch_size, **vars(opts))
     if req.true_sequential:
         params["true_sequential"] = True
@@ -109,7 +107,9 @@ def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
         blocks = evaluate.block_sparsity(result["after"])
         owl_info = result.get("owl", {})
         tx.step.metrics = {**result["times"], **peak, **summ, **fallback, **owl_info,
-                           "layer_sparsity": evaluate.layer_sparsity(result["after"]), "block_sparsity": blocks}
+                           "layer_sparsity": evaluate.layer_sparsity(result["after"]), "block_sparsity": blocks,
+                           # the zeros a later step must keep (recover re-applies them); None: no pattern to keep
+                           "zero_pattern": str(pat) if method.exact_zeros else None}
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
     return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ,
             **fallback, **owl_info, "block_sparsity": blocks}
@@ -132,12 +132,13 @@ def _check_owl(req: PruneRequest, pat, s: float) -> owl.Settings | None:
 def _prune_and_write(lm, tok, weights, method, spec, owl_settings, windows, req, out, ws, tx) -> dict[str, Any]:
     """Prune, writing each block to the new shards as it is done (a lazy model), or the whole model at the end."""
     from llmprune.lazy import Rewrite
-    from llmprune.modeling import DTYPES, save_model
+    from llmprune.modeling import save_model
 
+    act = precision.TORCH[precision.canonical(req.act_dtype, "--act-dtype")]
     if weights.lazy:
         rewrite = Rewrite(weights, out, weights.stored(units.linear_weight_names(lm)))
         try:
-            result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype],
+            result = prune_model(lm, method, spec, windows, req.device, req.batch_size, act,
                                  weights=weights, sink=rewrite.block, owl=owl_settings)
             check_not_already(result["before"], spec.pattern, spec.sparsity)  # before the copies: fail fast
             for f in rewrite.close():
@@ -145,7 +146,7 @@ def _prune_and_write(lm, tok, weights, method, spec, owl_settings, windows, req,
         finally:
             rewrite.abort()
         return result
-    result = prune_model(lm, method, spec, windows, req.device, req.batch_size, DTYPES[req.act_dtype],
+    result = prune_model(lm, method, spec, windows, req.device, req.batch_size, act,
                          owl=owl_settings)
     check_not_already(result["before"], spec.pattern, spec.sparsity)
     save_model(lm, tok, out, ws.shard_size)

@@ -81,14 +81,20 @@ class RecoverOptions:
 
 
 def is_sparse(manifest: dict[str, Any]) -> bool:
-    """Whether a step pruned the model with a method that leaves a zero pattern to keep (not a structured one)."""
+    """Whether a prune step left a zero pattern to keep: its record says so (``zero_pattern``). A step recorded
+    before that field existed is asked of the method registry (a method this version does not know: keep its
+    zeros)."""
     from llmprune.methods import METHODS
 
     for s in manifest["steps"]:
         if s["command"] != "prune":
             continue
+        if "zero_pattern" in s["metrics"]:
+            if s["metrics"]["zero_pattern"]:
+                return True
+            continue
         method = METHODS.get(s["params"].get("method"))
-        if method is None or method.exact_zeros:  # a method this version does not know: keep its zeros
+        if method is None or method.exact_zeros:
             return True
     return False
 

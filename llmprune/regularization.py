@@ -15,9 +15,9 @@ from torch import nn
 
 from llmprune import report
 from llmprune.errors import UserError
-from llmprune.methods.dress import (DEFAULT_RATIO, DEFAULT_SELECT, DEFAULT_STRUCTURE, PlanRecord, resolve_budget,
-                                    search_combination)
+from llmprune.methods.dress import DEFAULT_RATIO, DEFAULT_SELECT, DEFAULT_STRUCTURE, resolve_budget, search_combination
 from llmprune.penalty import NORMS, SHRINKS, regularize
+from llmprune.planfile import PlanRecord
 from llmprune.selection import check_choice, select
 from llmprune.structured import Plan, check_supported
 from llmprune.workdir import Workdir

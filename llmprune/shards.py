@@ -30,17 +30,11 @@ from typing import Any, Iterable
 import torch
 
 from llmprune.errors import IntegrityError
+from llmprune.precision import STORED
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
-# safetensors dtype names <-> torch dtypes (the ones a checkpoint of a language model holds).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-NAMES = {v: k for k, v in DTYPES.items()}
 _COPY_CHUNK = 64 << 20
 
 
@@ -108,9 +102,9 @@ def read_header(path: Path, error: type[Exception] = IntegrityError) -> tuple[di
             raise bad(f"the entry of {name!r} is malformed") from None
         if not all(map(_whole, (*shape, b, e))) or not isinstance(dtype, str):
             raise bad(f"the entry of {name!r} has a shape or offsets that are not whole numbers")
-        if dtype not in DTYPES:
+        if dtype not in STORED:
             raise bad(f"{name!r} has the unsupported dtype {dtype}")
-        if e - b != math.prod(shape) * DTYPES[dtype].itemsize:
+        if e - b != math.prod(shape) * STORED[dtype].itemsize:
             raise bad(f"the size of {name!r} does not match its shape")
         entries[name] = Entry(path.name, dtype, shape, base + b, base + e)
         spans.append((b, e))
@@ -215,7 +209,7 @@ class ShardSet:
                     if not n:
                         raise IntegrityError(f"{self.folder / e.file} ended inside tensor {name}")
                     pos += n
-        return buf.view(DTYPES[e.dtype]).reshape(count, *shape[1:])
+        return buf.view(STORED[e.dtype]).reshape(count, *shape[1:])
 
 
 @dataclass(frozen=True)
@@ -228,13 +222,13 @@ class Planned:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * STORED[self.dtype].itemsize
 
 
 def _layout(tensors: list[Planned]) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """A shard's header bytes and each tensor's absolute byte range. Larger items first, as safetensors itself
     orders them, so every tensor starts at a multiple of its item size (readers may map it in place)."""
-    order = sorted(tensors, key=lambda t: (-DTYPES[t.dtype].itemsize, t.name))
+    order = sorted(tensors, key=lambda t: (-STORED[t.dtype].itemsize, t.name))
     offsets, pos, header = {}, 0, {"__metadata__": {"format": "pt"}}
     for t in order:
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
@@ -314,7 +308,7 @@ class ShardWriter:
         if tuple(tensor.shape) != t.shape:
             raise ValueError(f"{name}: got shape {tuple(tensor.shape)}, planned {t.shape}")
         # Each tensor keeps the checkpoint's dtype (a block computed in another dtype is cast back; zeros stay zeros).
-        data = tensor.detach().to(device="cpu", dtype=DTYPES[t.dtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = tensor.detach().to(device="cpu", dtype=STORED[t.dtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
         view, pos = memoryview(data), 0
         while pos < e - b:
             pos += os.pwrite(self._fds[file], view[pos:], b + pos)
@@ -327,7 +321,7 @@ class ShardWriter:
         if tuple(rows.shape[1:]) != t.shape[1:] or start + rows.shape[0] > t.shape[0]:
             raise ValueError(f"{name}: rows {start}+{rows.shape[0]} of shape {tuple(rows.shape)}, planned {t.shape}")
         row = (e - b) // t.shape[0]
-        data = rows.detach().to(device="cpu", dtype=DTYPES[t.dtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = rows.detach().to(device="cpu", dtype=STORED[t.dtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
         view, pos = memoryview(data), 0
         while pos < len(view):
             pos += os.pwrite(self._fds[file], view[pos:], b + start * row + pos)

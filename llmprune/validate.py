@@ -13,6 +13,8 @@ import math
 import re
 from typing import Any, Iterable
 
+from llmprune.precision import PRUNABLE
+
 # Sizes a decoder config may carry: each, when present, a positive integer below the bound. A bound far above any
 # released model; what it stops is a config whose skeleton alone would take minutes and gigabytes to build.
 SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -23,7 +25,6 @@ COUNT_FIELDS = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_
 MAX_SIZE = 1 << 24
 MAX_LAYERS = 4096
 MAX_POSITIONS = 1 << 28
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -95,10 +96,10 @@ def check_block_count(config: Any, names: Iterable[str], what: str, error: type[
 
 def check_dtypes(stored: dict[str, str], what: str, error: type[Exception]) -> None:
     """Every weight (``{tensor name: safetensors dtype}`` of the model's parameters) is a float of 16 bits or more."""
-    bad = sorted(n for n, d in stored.items() if d not in FLOAT_DTYPES)
+    bad = sorted(n for n, d in stored.items() if d not in PRUNABLE)
     if bad:  # integers and booleans are not weights at all; 8-bit floats need their scales, which no step keeps
         raise error(f"{what} stores {len(bad)} weight(s) in a dtype llmprune cannot prune ({bad[0]}: "
-                    f"{stored[bad[0]]}); a weight must be one of {', '.join(FLOAT_DTYPES)}")
+                    f"{stored[bad[0]]}); a weight must be one of {', '.join(PRUNABLE)}")
 
 
 def check_vocabulary(tokens: int, rows: int, what: str, error: type[Exception]) -> None:

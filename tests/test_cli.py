@@ -489,3 +489,23 @@ def test_sigterm_unwinds_like_ctrl_c(calibrated, monkeypatch, capsys):
     assert "terminated" in capsys.readouterr().err
     assert (wd / "manifest.json").read_bytes() == before and not (wd / ".staging").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
+
+
+def test_dtype_names_take_their_aliases_and_are_recorded_canonically(calibrated, tiny_root, tmp_path, capsys):
+    """``bf16``/``fp32``/``half`` are the names people type: accepted wherever a dtype is, recorded as ``bfloat16``
+    etc. (a recipe's fingerprint does not depend on the spelling); anything else is one line, exit 1."""
+    from llmprune import precision
+
+    assert precision.canonical("BF16") == "bfloat16" and precision.canonical("half") == "float16"
+    assert precision.canonical("auto", auto=True) == "auto"
+    code, res = cli("calibrate", tmp_path / "wd", "--model", tiny_root / "llama", "--dataset",
+                    tiny_root / "corpus.txt", "--samples", 4, "--seqlen", 32, "--dtype", "bf16")
+    assert code == 0
+    m = json.loads((tmp_path / "wd" / "manifest.json").read_text())
+    assert m["steps"][0]["params"]["dtype"] == "bfloat16"
+    wd = calibrated("llama")
+    assert cli("prune", wd, "--method", "wanda", "--act-dtype", "fp32")[0] == 0
+    assert json.loads((wd / "manifest.json").read_text())["steps"][-1]["params"]["act_dtype"] == "float32"
+    capsys.readouterr()
+    assert run(["prune", str(wd), "--act-dtype", "bf17"]) == 1
+    assert "unknown --act-dtype 'bf17'" in capsys.readouterr().err

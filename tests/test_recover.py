@@ -372,3 +372,22 @@ def test_status_does_not_offer_a_checkpoint_of_the_earlier_layout(tmp_path):
     (new / "state-00000006.safetensors").write_bytes(b"x")
     steps = {p["path"].rsplit("-", 1)[1]: p["step"] for p in resume.pending(tmp_path)}
     assert steps == {"aaaa": None, "bbbb": 6}
+
+
+def test_the_zero_pattern_to_keep_is_read_from_the_record(calibrated):
+    """A prune step records the zeros a later step must keep (``zero_pattern``); recover reads that record, and
+    asks the method registry only for a step recorded before the field existed."""
+    from llmprune.recovery import is_sparse
+
+    wd = calibrated("llama")
+    assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["metrics"]["zero_pattern"] == "2:4"
+
+    def manifest(method, metrics):
+        return {"steps": [{"command": "prune", "params": {"method": method}, "metrics": metrics}]}
+
+    assert is_sparse(manifest("wanda", {"zero_pattern": "2:4"}))
+    assert not is_sparse(manifest("wanda", {"zero_pattern": None}))  # the record wins over the registry
+    assert not is_sparse(manifest("dress", {}))  # an older record: the registry says dress leaves no zeros
+    assert is_sparse(manifest("a-future-method", {}))  # unknown: keep its zeros

@@ -19,6 +19,7 @@ from llmprune.errors import IntegrityError, UserError
 from llmprune.head import Head
 from llmprune.lazy import Lazy, Rewrite
 from llmprune.masks import parse_pattern
+from llmprune.precision import STORED_NAMES
 from llmprune.methods import METHODS
 from llmprune.methods.base import PruneSpec
 from llmprune.pruning import prune_model
@@ -133,7 +134,7 @@ def test_shard_writer_round_trip_and_layout(tmp_path):
     save_file(tensors, tmp_path / "ref.safetensors")
     entries, _ = shards.read_header(tmp_path / "ref.safetensors")  # our reader on safetensors' own writer
     assert {k: e.shape for k, e in entries.items()} == {k: tuple(v.shape) for k, v in tensors.items()}
-    planned = [shards.Planned(k, shards.NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+    planned = [shards.Planned(k, STORED_NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
     plan = shards.plan_shards(planned, max_bytes=64)
     assert len(plan) > 1 and [t.name for s in plan for t in s] == list(tensors)
     names = shards.shard_names(len(plan))

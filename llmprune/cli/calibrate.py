@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmprune import report
+from llmprune import precision, report
 from llmprune.cli._core import JsonOpt, TextFieldOpt, WorkdirArg, finish, open_workdir, positive
 from llmprune.errors import UserError
 
@@ -20,7 +20,7 @@ def calibrate(
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the window positions.")] = 0,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's own), float32, bfloat16 or float16 (also fp32, bf16, fp16).")] = "auto",
     text_field: TextFieldOpt = "text",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the model repository to run.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.")] = "2GB",
@@ -39,6 +39,7 @@ def calibrate(
         raise UserError(f"--seqlen must be at least 2, got {seqlen}")
     check_shard_size(max_shard_size)
     _check_memory(samples, seqlen)
+    dtype = precision.canonical(dtype, "--dtype", auto=True)  # recorded as spelled canonically: bf16 -> bfloat16
     opts = CalibrateOptions(model, dataset, samples, seqlen, seed, revision, dtype, text_field, trust_remote_code,
                             max_shard_size, keep_teacher)
     res = run_step(open_workdir(ctx, workdir), opts, force)

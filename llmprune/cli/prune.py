@@ -38,7 +38,7 @@ def prune(
         help="OWL's outlier threshold: a score above this many times its block's mean is an outlier (default 5).",
         show_default=False)] = None,
     device: DeviceOpt = "cpu",
-    act_dtype: Annotated[str, typer.Option(help="Dtype of the stored activations: float32, bfloat16, float16.")] = "float32",
+    act_dtype: Annotated[str, typer.Option(help="Dtype of the stored activations: float32, bfloat16, float16 (also fp32, bf16, fp16).")] = "float32",
     batch_size: BatchOpt = 4,
     as_json: JsonOpt = False,
     **method_options: Any,

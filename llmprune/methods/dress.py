@@ -6,12 +6,11 @@ on a little data with the LM loss while the selected slices are driven to zero (
 ``regularization``), so their information migrates into the parts that stay. Removal (``surgery.remove``) is then
 (nearly) free. The same machinery serves hidden channels (the paper), KV groups, MLP channels, whole blocks and MoE
 experts. This module is the registered method -- the prune step that applies a regularised plan, or removes the
-selected units directly on a workdir never regularised -- with the plan record and the parameter-budget glue.
+selected units directly on a workdir never regularised -- and the parameter-budget glue; its plan file is ``planfile``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -22,6 +21,7 @@ from torch import nn
 from llmprune.errors import UserError
 from llmprune.methods.base import Method, option
 from llmprune.penalty import regularize
+from llmprune.planfile import PlanRecord
 from llmprune.selection import (
     EXPERT_SELECTS,
     SELECTS,
@@ -42,7 +42,7 @@ from llmprune.structured import (
 )
 
 if TYPE_CHECKING:
-    from llmprune.workdir import Transaction, Workdir
+    from llmprune.workdir import Workdir
 
 DEFAULT_STRUCTURE, DEFAULT_RATIO, DEFAULT_SELECT = "hidden", 0.25, "activation"
 
@@ -122,38 +122,6 @@ def score_after_regularizing(model: nn.Module, plan: Plan, fit: torch.Tensor, he
 # --- the penalty and the shrink -------------------------------------------------------------------------------
 
 
-# --- the plan file and its states -------------------------------------------------------------------------------
-PLAN = "dress/plan.json"
-
-
-@dataclass
-class PlanRecord:
-    """``WORK/dress/plan.json``: the units chosen and how far the workdir has gone with them. ``regularize`` writes
-    it regularised and not applied; ``prune --method dress`` applies it (or, on a workdir never regularised, selects
-    and applies in one go). Only a plan that is not yet applied is pending for the next prune."""
-
-    plan: Plan
-    regularized: bool
-    applied: bool
-
-    def write(self, tx: Transaction) -> None:
-        d = tx.stage("dress")
-        d.mkdir()
-        (d / "plan.json").write_text(json.dumps({**self.plan.to_json(), "regularized": self.regularized,
-                                                 "applied": self.applied}, indent=1) + "\n", encoding="utf-8")
-
-    @classmethod
-    def pending(cls, ws: Workdir) -> PlanRecord | None:
-        """The regularised plan the next ``prune --method dress`` must apply, checked against its hash; or None."""
-        path = ws.path / PLAN
-        if not path.is_file():
-            return None
-        ws.verify("dress")
-        d = json.loads(path.read_text(encoding="utf-8"))
-        if d.get("applied"):
-            return None
-        plan = Plan.from_json({k: v for k, v in d.items() if k not in ("regularized", "applied")})
-        return cls(plan, bool(d.get("regularized")), False)
 
 
 # --- the registered method ------------------------------------------------------------------------------------------
@@ -226,6 +194,7 @@ class DReSS(Method):
             small, summ = _write_smaller(ws, lm, tok, weights, planned, tx.stage("model"))
             prune_s = time.perf_counter() - t0
             tx.step.metrics = {"prune_s": round(prune_s, 3), "plan": planned.to_json(), "units_removed": planned.n_units,
+                               "zero_pattern": None,  # the units are gone: no zeros for a later step to keep
                                "parameters_before": before_params, **summ,
                                "geometry_before": before_geom.__dict__, "geometry": geometry(small).__dict__,
                                **({"routing_renormalised": exact} if exact is not None else {}),
