@@ -14,12 +14,12 @@ from typing import Any
 
 from llmprune import __version__
 from llmprune.errors import IntegrityError, UserError
+from llmprune.steps import RECORDED
 
 FORMAT_VERSION = 1
 # What every step record holds, and the type each field must have (what the commands read without checking again).
 _STEP_FIELDS = {"command": str, "params": dict, "started": str, "duration_s": (int, float), "inputs": dict,
                 "outputs": dict, "metrics": dict}
-STEP_COMMANDS = {"calibrate", "regularize", "prune", "recover", "eval"}  # the commands that record a step
 _HEADER_FIELDS = {"base_model": dict, "model_type": str, "calibration": dict}
 _CALIBRATION_FIELDS = {"source": str, "seed": int, "samples": int, "seqlen": int}
 
@@ -63,7 +63,7 @@ def check_files(manifest: Any, where: Path) -> None:
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in step[key].items()):
                 raise bad(f"step {i} has an invalid '{key}' list")
     commands = [step["command"] for step in manifest["steps"]]
-    if commands and (commands[0] != "calibrate" or not set(commands) <= STEP_COMMANDS):
+    if commands and (commands[0] != "calibrate" or not set(commands) <= RECORDED):
         raise bad(f"its steps ({', '.join(map(repr, commands))}) are not a pipeline that starts with calibrate")
     if manifest["steps"]:
         for part in ("model", "calib"):

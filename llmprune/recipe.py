@@ -35,16 +35,17 @@ from typing import Any, Callable
 
 from llmprune import report
 from llmprune.errors import StepFailed, UserError
+from llmprune.steps import STEPS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10
     import tomli as tomllib
 
-STEP_COMMANDS = ("calibrate", "regularize", "prune", "recover", "eval", "export")
+STEP_COMMANDS = tuple(STEPS)
 # Order of the commands that change the model; eval may come anywhere after calibrate.
-RANK = {"calibrate": 0, "regularize": 1, "prune": 2, "recover": 3, "export": 4}
-NOT_RECORDED = ("export",)  # writes outside the workdir: always runs
+RANK = {name: s.order for name, s in STEPS.items() if s.order is not None}
+NOT_RECORDED = tuple(name for name, s in STEPS.items() if not s.records)  # writes outside the workdir: always runs
 
 
 @dataclass

@@ -509,3 +509,19 @@ def test_dtype_names_take_their_aliases_and_are_recorded_canonically(calibrated,
     capsys.readouterr()
     assert run(["prune", str(wd), "--act-dtype", "bf17"]) == 1
     assert "unknown --act-dtype 'bf17'" in capsys.readouterr().err
+
+
+def test_the_step_table_is_what_every_reader_uses():
+    """One list of the workdir's steps (``llmprune.steps``): the CLI has a command for each, the recipe loader takes
+    exactly them in their order, and a manifest may record exactly those that record."""
+    import typer.main
+
+    from llmprune import manifest, recipe
+    from llmprune.cli.app import app
+    from llmprune.steps import RECORDED, STEPS
+
+    assert set(STEPS) <= set(typer.main.get_command(app).commands)
+    assert recipe.STEP_COMMANDS == tuple(STEPS) and set(recipe.NOT_RECORDED) == set(STEPS) - RECORDED
+    assert [n for n, _ in sorted(recipe.RANK.items(), key=lambda kv: kv[1])] == [
+        n for n in STEPS if STEPS[n].order is not None]
+    assert manifest.RECORDED == RECORDED == {"calibrate", "regularize", "prune", "recover", "eval"}
