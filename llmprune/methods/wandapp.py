@@ -45,7 +45,8 @@ No official code exists; this follows docs/methods.md, and every uncertain choic
   re-prunes nor the final prune run (they would only choose it again; ``ro_norms`` and ``--true-sequential`` have
   nothing to order, and are refused). That first prune reaches every Linear: an expert the round's draw missed takes
   the dense pass's norms over all samples, one no sample reached magnitude's mask. On the 2:4 test split it gives
-  44.61 against 46.16 on SmolLM2-135M and 121.90 against 139.88 on Gemma-3-270M (benchmarks/README.md).
+  in the same run 44.60 against 46.16 on SmolLM2-135M and 129.57 against 139.88 on Gemma-3-270M; 44.61 and 121.90
+  as the default runs now, without the re-prunes (benchmarks/README.md, "Wanda++").
 - ``preset='paper'``: the paper's settings (``PAPER``) for every option not given.
 
 The defaults are not the paper's: ``alpha=0``, two RO rounds of 32 samples, a relative step of 1e-3, the
