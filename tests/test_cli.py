@@ -266,6 +266,18 @@ def test_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for cmd in ("calibrate", "regularize", "prune", "recover", "eval", "export", "status", "run"):
         assert cmd in out
+    assert run(["-h"]) == 0 and capsys.readouterr().out == out  # -h is --help, for the app and every command
+    assert run(["prune", "-h"]) == 0 and "--method" in capsys.readouterr().out
+
+
+def test_version_names_llmprune_torch_and_transformers(capsys):
+    import torch
+
+    import llmprune
+
+    assert run(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"llmprune {llmprune.__version__}") and torch.__version__ in out
 
 
 def test_python_dash_m_works(tmp_path):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from llmprune import report
+from llmprune import __version__, report
 from llmprune.cli._errors import guarded
 from llmprune.cli._core import Settings, exit_code
 from llmprune.cli.calibrate import calibrate
@@ -26,13 +26,24 @@ HELP = (f"Prune causal language models ({', '.join(m.label for m in METHODS.valu
         "directory.")
 
 app = typer.Typer(name="llmprune", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False)
+                  add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _version(value: bool) -> None:
+    if value:
+        import torch
+        import transformers
+
+        report.out.print(f"llmprune {__version__} (torch {torch.__version__}, transformers {transformers.__version__})",
+                         highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
 def _options(
     ctx: typer.Context,
     no_verify: Annotated[bool, typer.Option("--no-verify", envvar="LLMPRUNE_NO_VERIFY", help="Skip the SHA-256 check of the workdir's files before a step reads them (huge models); every step run so records `inputs_verified: false` in the manifest.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version of llmprune (and of torch and transformers) and exit.")] = False,
 ) -> None:
     settings = ctx.ensure_object(Settings)
     if no_verify:  # the steps of a recipe inherit it from `llmprune --no-verify run`
