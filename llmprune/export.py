@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmprune.errors import UserError
-from llmprune.paths import links_under, printable
+from llmprune.paths import printable
 from llmprune.report import number as num
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
@@ -232,7 +232,7 @@ def sweep_of(workdir: Path) -> tuple[list[dict[str, Any]], list[Path]] | None:
         return None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         return None
-    return rows, sorted(p for p in root.glob("*.png") if p.is_file() and not p.is_symlink())
+    return rows, sorted(p for p in root.glob("*.png") if p.is_file())  # links: refused by ws.manifest()
 
 
 def set_adapter_base(adapter_dir: Path, base_id: str | None) -> None:
@@ -273,8 +273,8 @@ def foreign_files(folder: Path) -> list[str] | None:
         listed = set(json.loads(note.group(1))) | {"README.md"}
     except ValueError:
         return None
-    return sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_symlink() or p.is_file()} - listed | {str(p.relative_to(folder)) for p in links_under(folder)})
+    return sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink() or p.is_file()}
+                  - listed)
 
 
 def check_out(out: Path, workdir: Path, overwrite: bool) -> None:
@@ -397,7 +397,7 @@ def check_repo_id(value: str, flag: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        if not _HUB_ID.fullmatch(value) or not value.isascii():
+        if not _HUB_ID.fullmatch(value):  # ASCII, no trailing newline (``$`` would allow one)
             raise HFValidationError("use OWNER/NAME")
         validate_repo_id(value)
     except HFValidationError as e:

@@ -56,8 +56,7 @@ def refuse_links(root: Path, *names: str, what: str = "workdir") -> None:
         for part in Path(rel).parts:
             p = p / part
             if p.is_symlink():
-                raise IntegrityError(f"{p} is a symbolic link inside the {what}; llmprune never follows links there "
-                                     "(it would write or ship a file outside it): remove the link")
+                raise _link(p, what)
             if not p.exists():
                 break
 
@@ -78,11 +77,9 @@ def refuse_links_under(root: Path, what: str = "workdir") -> None:
     """Refuse (exit 4) if any entry at or below ``root`` is a symbolic link."""
     found = links_under(root)
     if found:
-        raise IntegrityError(f"{found[0]} is a symbolic link inside the {what}; llmprune never follows links there "
-                             "(it would write or ship a file outside it): remove the link")
+        raise _link(found[0], what)
 
 
-def inside(path: Path, root: Path) -> bool:
-    """Whether ``path``, once every link is resolved, is ``root`` or lies below it."""
-    p, r = Path(path).resolve(), Path(root).resolve()
-    return p == r or r in p.parents
+def _link(path: Path, what: str) -> IntegrityError:
+    return IntegrityError(f"{path} is a symbolic link inside the {what}; llmprune never follows links there (it would "
+                          "write or ship a file outside it): remove the link")

@@ -141,8 +141,9 @@ def _prune_and_write(lm, tok, weights, method, spec, owl_settings, windows, req,
             result = prune_model(lm, method, spec, windows, req.device, req.batch_size, act,
                                  weights=weights, sink=rewrite.block, owl=owl_settings)
             check_not_already(result["before"], spec.pattern, spec.sparsity)  # before the copies: fail fast
+            recorded = ws.manifest()["files"]
             for f in rewrite.close():
-                tx.known[f"model/{f}"] = ws.manifest()["files"][f"model/{f}"]
+                tx.known[f"model/{f}"] = recorded[f"model/{f}"]
         finally:
             rewrite.abort()
         return result

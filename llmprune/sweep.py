@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from llmprune import report
 from llmprune.errors import UserError
-from llmprune.paths import component, refuse_links_under
+from llmprune.paths import component
 from llmprune.workdir import SWEEP
 
 PATTERNS_SPARSITY = 0.5  # where an N:M row sits on a sparsity axis is N/M; 2:4 and 4:8 are both 0.5
@@ -191,7 +191,6 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
     root = base / SWEEP
     runs = root / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    refuse_links_under(root)  # results, plots and runs are written and deleted in there
     old = {}
     if (root / "results.json").is_file():
         try:

@@ -80,6 +80,7 @@ class Workdir:
         # (file, SHA-256) pairs this object has already hashed: a command that checks a part twice (export of an
         # unmerged adapter checks model/, then loads the current model) reads a multi-GB shard once.
         self._verified: set[tuple[str, str]] = set()
+        self._links_checked = False
 
     # --- layout -------------------------------------------------------------------------------------------
     @property
@@ -122,7 +123,9 @@ class Workdir:
             raise UserError(f"workdir {self.path} does not exist; create it with `llmprune calibrate {self.path} ...`")
         if not self.path.is_dir():
             raise UserError(f"{self.path} is a file, not a workdir")
-        self.check_links()
+        if not self._links_checked:  # once per command: links come from outside, never from a step of ours
+            self.check_links()
+            self._links_checked = True
         if (self.path / COMMIT).exists() and self._pending_is_ours():
             self._settle()
         if not self.manifest_path.is_file():
