@@ -217,14 +217,14 @@ def _reused(pruned: Path, made_by: dict):
 def _made_with_defaults(reg: dict | None, made_by: dict) -> bool:
     """A pruned workdir from before bench.json was written: reusable when it was regularised with every default
     (what an empty --reg asks for) and the selection asked for."""
-    from llmprune.regularization import RegularizeOptions
+    from llmprune.steps.regularize import RegularizeOptions
 
     if reg is None or made_by["reg"] != "":
         return False
     if made_by.get("reg_text") and "dataset" not in reg["params"]:  # trained on the calibration windows
         return False
     sel = dict(zip(made_by["sel"][::2], made_by["sel"][1::2]))
-    p, defaults = reg["params"], RegularizeOptions()
+    p, defaults = reg["params"], RegularizeOptions().prepare()  # the defaults as a run records them
     if p.get("structure") != sel["--structure"] or p.get("select") != sel["--select"]:
         return False
     if "--ratio" in sel and p.get("ratio") != float(sel["--ratio"]):

@@ -27,11 +27,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.errors import UserError
+from llmprune.options import option
 from llmprune.stats import exp_nll
 
 TEACHER = "teacher"  # the workdir folder that keeps the calibrated model
 KD_OPTIONS = ("kd_temperature", "kd_weight", "teacher")  # recorded only by a step that distils
 TEACHER_LR = 2e-5  # the correction trains every weight: the step of ``recover --full``, which it is
+
+
+# --- the options of distillation, shared by ``regularize`` and ``recover`` (declared here, once) ----------------
+PANEL = "Distillation"
+
+
+def distill_option() -> bool:
+    return option(False, "Train on the KL divergence from the dense teacher's next-token distribution (the workdir's "
+                  "teacher/, or --teacher).", flag="--distill", panel=PANEL)
+
+
+def kd_temperature_option() -> float | None:
+    return option(None, "--distill: softmax temperature T of both distributions (the loss is scaled by T^2; "
+                  "default 1).", panel=PANEL, show_default=False)
+
+
+def kd_weight_option() -> float | None:
+    return option(None, "--distill: the KD share of the loss, in (0, 1]; the rest is the LM loss (default 1).",
+                  panel=PANEL, show_default=False)
+
+
+def teacher_option() -> str | None:
+    return option(None, "--distill: the teacher, a Hub id, safetensors folder or .gguf file (default: the workdir's "
+                  "teacher/, kept by calibrate).", panel=PANEL)
+
+
+def teacher_steps_option(more: str = "") -> int:
+    return option(0, "--distill: teacher correction (Sreenivas et al. 2024) -- first fine-tune every weight of the "
+                  f"teacher this many steps on the training windows (LM loss, lr 2e-5){more}. 0: distil from the "
+                  "teacher as it is.", panel=PANEL)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

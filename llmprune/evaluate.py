@@ -1,13 +1,12 @@
-"""Measurements: perplexity (streamed block by block), sparsity per layer type, parameter count, throughput; and
-the ``eval`` step that records them."""
+"""Measurements: perplexity (streamed block by block), sparsity per layer type, parameter count, throughput (the
+``eval`` step, ``steps/eval.py``, records them)."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -216,113 +215,3 @@ def available_memory(device: str) -> int | None:
 def model_bytes(model_dir: Path) -> int:
     """The model's size on disk: its safetensors shards (what a release ships and a server loads)."""
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """What ``llmprune eval`` was asked for; recorded as the step's parameters, in this order."""
-
-    dataset: Optional[str] = None  # None: the test split of the calibration dataset
-    seqlen: int = 2048
-    max_windows: Optional[int] = None
-    text_field: str = "text"
-    device: str = "cpu"
-    batch_size: int = 4
-    speed: bool = False
-    speed_baseline: Optional[str] = None  # a workdir or an HF folder
-    prompt_len: int = 512
-    new_tokens: int = 64
-    speed_batches: str = "1"  # comma-separated batch sizes of the --speed timing
-    tasks: Optional[str] = None  # comma-separated: lastword:SRC, lm-eval task names or YAML files, suites
-    limit: Optional[int] = None  # examples per task
-    num_fewshot: Optional[int] = None  # lm-eval tasks only (the last-word task is zero-shot)
-
-
-def _check_speed(ws, o: EvalOptions, batches: tuple[int, ...]) -> Path | None:
-    """``--speed``'s options checked before any pass: the prompt within the context, the batches within free memory,
-    the baseline a model folder (returned: its ``model/`` for a workdir; None without one)."""
-    if o.speed:
-        import json
-
-        config = json.loads((ws.model_dir / "config.json").read_text(encoding="utf-8"))
-        ctx = config.get("max_position_embeddings")
-        if ctx is not None and o.prompt_len + o.new_tokens > ctx:
-            raise UserError(f"--prompt-len {o.prompt_len} + --new-tokens {o.new_tokens} is longer than the model's "
-                            f"context ({ctx} tokens)")
-        need = speed_memory(config, max(batches), o.prompt_len, o.new_tokens) + 2 * model_bytes(ws.model_dir)
-        have = available_memory(o.device)
-        if have is not None and need > have:
-            raise UserError(f"--speed-batches {max(batches)} with --prompt-len {o.prompt_len}: the timing needs about "
-                            f"{need / 2**30:,.1f} GiB (logits, KV cache, the model and its baseline) and {o.device} "
-                            f"has {have / 2**30:,.1f} GiB free; time smaller batches")
-    if o.speed_baseline is None:
-        return None
-    if not o.speed:
-        raise UserError("--speed-baseline needs --speed")
-    given = Path(o.speed_baseline)
-    base_dir = given / "model" if (given / "manifest.json").is_file() else given
-    if not base_dir.is_dir() or not any(base_dir.glob("*.safetensors")):
-        raise UserError(f"--speed-baseline {given} is neither a workdir nor a safetensors model folder")
-    return base_dir
-
-
-def evaluate_workdir(ws, o: EvalOptions) -> dict[str, Any]:
-    """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
-    from llmprune import data
-    from llmprune.current import load_current, open_current
-    from llmprune.modeling import check_context
-
-    dataset = o.dataset
-    if dataset is None:
-        src = ws.manifest().get("calibration", {}).get("source", "")
-        if src not in data.NAMED and not src.startswith("hf:"):
-            raise UserError("pass --dataset: the calibration source is a local file, which has no test split")
-        dataset = src
-    text = data.load_text(dataset, "evaluation", o.text_field)
-    batches = parse_batches(o.speed_batches)
-    base_dir = _check_speed(ws, o, batches)
-    from llmprune import tasks as _tasks
-
-    wanted = _tasks.split_tasks(o.tasks)
-    if o.limit is not None and o.limit <= 0:
-        raise UserError(f"--limit must be positive, got {o.limit}")
-    if o.num_fewshot is not None and o.num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be >= 0, got {o.num_fewshot}")
-    if (o.limit is not None or o.num_fewshot is not None) and not wanted:
-        raise UserError("--limit and --num-fewshot apply to --tasks; name the tasks")
-    # Everything a task needs is checked before the perplexity pass, which may take a long time.
-    if _tasks.LASTWORD in wanted:
-        raise UserError("the last-word task needs a text source: --tasks lastword:SRC (a file, wikitext2, hf:NAME)")
-    lastword = {t: data.load_text(t.removeprefix(_tasks.LASTWORD) or "", "evaluation", o.text_field)
-                for t in wanted if t.startswith(_tasks.LASTWORD)}
-    others = [t for t in wanted if not t.startswith(_tasks.LASTWORD)]
-    plan = _tasks.lm_eval_plan(others) if others else None
-    with ws.step("eval", {**asdict(o), "dataset": dataset}) as tx:
-        ws.record_inputs(tx, "model")
-        lm, tok, weights = open_current(ws)  # read block by block: the peak is one block, not the model
-        check_context(lm, o.seqlen)
-        windows = data.eval_windows(data.tokenize(tok, text), o.seqlen, o.max_windows)
-        counts: dict[str, tuple[int, int]] = {}
-        peak: dict[str, Any] = {}
-        with engine.peak_device_memory(o.device, peak):
-            ppl = perplexity(lm, windows, o.device, o.batch_size, weights=weights,
-                             sink=lambda i, block: counts.update(block_zeros(i, block)))
-        tx.step.metrics = {**ppl, **peak, **summary(lm, counts), "model_bytes": model_bytes(ws.model_dir)}
-        results: dict[str, dict[str, float]] = {}
-        for name, task_text in lastword.items():  # block by block, like perplexity
-            ex = _tasks.lastword_examples(tok, task_text, o.limit or _tasks.LASTWORD_LIMIT)
-            results[name] = _tasks.lastword_accuracy(lm, ex, o.device, o.batch_size, weights)
-        whole = None
-        if plan is not None or o.speed:  # lm-eval and generation run the whole model: loaded whole for them only
-            whole = load_current(ws)[0] if weights.lazy else lm
-        if plan is not None:
-            whole.to(o.device)
-            results.update(_tasks.run_lm_eval(whole, tok, *plan, o.limit, o.num_fewshot, o.batch_size))
-            whole.to("cpu")
-        if results:
-            scores = [v for v in (_tasks.primary(m) for m in results.values()) if v is not None]
-            tx.step.metrics["tasks"] = results
-            tx.step.metrics["tasks_mean"] = sum(scores) / len(scores) if scores else None
-        if o.speed:
-            tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device, batches)
-    return {"dataset": dataset, **tx.step.metrics}

@@ -374,23 +374,6 @@ def push(folder: Path, repo_id: str, private: bool) -> str:
     return str(url)
 
 
-def export_workdir(ws, out: Path, fmt: str = "merged", *, base_model: str | None = None,
-                   adapter_base: str | None = None, push_to_hub: str | None = None, private: bool = False,
-                   dry_run: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
-    optionally its upload. With ``dry_run``, only the list of what would be written."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    for flag, value in (("--push-to-hub", push_to_hub), ("--base-model", base_model),
-                        ("--adapter-base", adapter_base)):
-        if value is not None:
-            check_repo_id(value, flag)
-    ws.manifest()  # a missing or foreign folder is refused before the lock would create anything in it
-    with ws.locked():  # a step committing meanwhile would mix its weights with the card of the state before
-        return _export(ws, out, fmt, base_model=base_model, adapter_base=adapter_base, push_to_hub=push_to_hub,
-                       private=private, dry_run=dry_run, overwrite=overwrite)
-
-
 def check_repo_id(value: str, flag: str) -> None:
     """A Hub repo id as the Hub accepts it (``huggingface_hub``'s own rules: ASCII letters, digits, ``-_.``, no
     ``--`` or ``..``), with its owner: refused before anything is written."""
@@ -403,63 +386,3 @@ def check_repo_id(value: str, flag: str) -> None:
     except HFValidationError as e:
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else "use OWNER/NAME"
         raise UserError(f"{flag} {printable(value)} is not a Hub repo id ({why})") from None
-
-
-def _export(ws, out: Path, fmt: str, *, base_model: str | None, adapter_base: str | None, push_to_hub: str | None,
-            private: bool, dry_run: bool, overwrite: bool) -> dict[str, Any]:
-    from llmprune import report
-    from llmprune.current import has_adapter, load_current, peft_exact, pending_adapter
-    from llmprune.modeling import save_model
-
-    manifest = ws.manifest()
-    check_out(out, ws.path, overwrite)
-    ws.verify("model")
-    pending = pending_adapter(manifest)
-    adapter = ws.path / "adapter"
-    if fmt != "merged":
-        if not has_adapter(manifest):
-            raise UserError(f"{ws.path} has no adapter; run `llmprune recover` first (or export --format merged)")
-        ws.verify("adapter")
-    if fmt == "peft":
-        if pending is None:
-            raise UserError("the adapter is already merged into the model (recover --merge); export --format merged, "
-                            "or recover with --no-merge to ship the base model + adapter")
-        if not peft_exact(pending):
-            raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
-                            "plain peft would apply it densely, another model; export --format merged, or recover "
-                            "with --no-masked")
-    base_id = adapter_base or (push_to_hub if fmt == "peft" else None)
-    parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
-             "adapter": {".": adapter}}[fmt]
-    if dry_run:
-        return {"dry_run": True, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
-                "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)]}
-    if push_to_hub:
-        from huggingface_hub import get_token
-
-        if not get_token():  # check before writing anything
-            raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
-
-    sweep = sweep_of(ws.path)
-
-    def fill(tmp: Path) -> None:
-        if fmt == "merged" and pending is not None:
-            model, tok = load_current(ws)  # model/ was hashed above: ws.verify does not hash it again
-            save_model(model, tok, tmp, ws.shard_size)
-        else:
-            for dest, src in parts.items():
-                shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
-            if fmt != "merged":
-                set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
-        for png in sweep[1] if sweep else []:  # the card shows them
-            (tmp / "plots").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(png, tmp / "plots" / png.name)
-
-    card, warnings = model_card(manifest, fmt, base_id, base_model, push_to_hub,
-                                (sweep[0], [p.name for p in sweep[1]]) if sweep else None)
-    for w in warnings:
-        report.warn(w)
-    written = build_folder(fill, card, out)
-    url = push(out, push_to_hub, private) if push_to_hub else None
-    return {"out": str(out), "format": fmt, "files": [p.relative_to(out).as_posix() for p in written], "url": url,
-            "warnings": warnings}

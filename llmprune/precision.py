@@ -15,6 +15,7 @@ from llmprune.errors import UserError
 TORCH: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
            "half": "float16"}
+NAMES = (*TORCH, *ALIASES)  # every spelling a user may give (``canonical`` also takes them in any case)
 
 # safetensors dtype names <-> torch dtypes (the ones a checkpoint of a language model holds).
 STORED: dict[str, torch.dtype] = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,29 +10,13 @@ from torch import nn
 
 from llmprune import arch as _arch
 from llmprune import units
-from llmprune import engine, owl, precision, report
+from llmprune import engine, owl, report
 from llmprune.errors import StepFailed, UserError
-from llmprune.masks import check_width, nm_valid, parse_pattern
+from llmprune.masks import check_width, nm_valid
 from llmprune.methods import METHODS, method_options
-from llmprune.methods.base import BlockContext, Method, PruneSpec, option_specs
+from llmprune.methods.base import BlockContext, Method, PruneSpec
+from llmprune.options import specs as option_specs
 from llmprune.report import progress
-
-
-@dataclass(frozen=True)
-class PruneRequest:
-    """What ``llmprune prune`` was asked for. ``options`` holds the method options given on the command line (or in a
-    recipe) by name; an option not given is absent or None and takes the method's declared default."""
-
-    method: str = "wanda"
-    options: dict[str, Any] = field(default_factory=dict)
-    pattern: str = "unstructured"
-    sparsity: float | None = None
-    true_sequential: bool = False
-    device: str = "cpu"
-    act_dtype: str = "float32"
-    batch_size: int = 4
-    owl_lambda: float | None = None  # OWL's spread of block sparsities (``llmprune.owl``); None: uniform
-    owl_m: float | None = None  # OWL's outlier threshold, in multiples of a block's mean score
 
 
 def method_for(name: str) -> Method:
@@ -52,106 +35,6 @@ def check_options_belong(method: Method, given: dict[str, Any]) -> None:
         whose = sorted({m for k in foreign for m, _ in declared.get(k, [])}, key=list(METHODS).index)
         raise UserError(f"--method {method.name} takes no {flags}: {'it belongs' if len(foreign) == 1 else 'they belong'}"
                         f" to --method {' or '.join(whose)}")
-
-
-def prune_workdir(ws, req: PruneRequest) -> dict[str, Any]:
-    """The ``prune`` step: check the request, prune the workdir's model, commit it; returns the step's result."""
-    from llmprune import evaluate
-    from llmprune.current import open_current
-
-    method = method_for(req.method)
-    check_options_belong(method, req.options)
-    if method.structured:
-        if req.sparsity is not None or req.pattern != "unstructured":
-            raise UserError(f"--method {method.name} removes whole units: use its options (see `llmprune prune "
-                            "--help`), not --sparsity/--pattern")
-        if req.true_sequential:
-            raise UserError(f"--true-sequential does not apply to --method {method.name}")
-        if req.owl_lambda is not None or req.owl_m is not None:
-            raise UserError(f"OWL sets the sparsity of each block; --method {method.name} removes whole units instead")
-        opts = method.options(req.options)
-        ws.require_calibration()
-        return method.prune_workdir(ws, opts, device=req.device, batch_size=req.batch_size)
-    if req.true_sequential and not method.true_sequential:
-        able = [n for n, m in METHODS.items() if m.true_sequential]
-        names = ", ".join(able[:-1]) + " and " + able[-1] if len(able) > 1 else able[0]
-        raise UserError(f"--true-sequential applies to {names}, not {method.name}")
-    pat, s = parse_pattern(req.pattern, req.sparsity)
-    owl_settings = _check_owl(req, pat, s)
-    opts = method.options(req.options)
-    method.check_request(opts, req.true_sequential)
-    act_dtype = precision.canonical(req.act_dtype, "--act-dtype")
-    ws.require_calibration()
-    for msg in method.warnings(opts, ws.manifest()["calibration"]["samples"]):
-        report.warn(msg)
-    params = dict(method=method.name, sparsity=s, pattern=str(pat), device=req.device, act_dtype=act_dtype,
-                  batch_size=req.batch_size, **vars(opts))
-    if req.true_sequential:
-        params["true_sequential"] = True
-    if owl_settings is not None:
-        params.update(owl_lambda=owl_settings.lam, owl_m=owl_settings.m)
-    spec = PruneSpec(pat, s, opts, req.true_sequential)
-    with ws.step("prune", params) as tx:
-        ws.record_inputs(tx, "model")
-        ws.record_inputs(tx, "calib")
-        lm, tok, weights = open_current(ws, tokenizer=False)  # the in-memory path still gets one
-        check_pattern(lm, spec)
-        windows = ws.windows() if method.needs_data or owl_settings is not None else None
-        out = tx.stage("model")
-        peak: dict[str, Any] = {}
-        with engine.peak_device_memory(req.device, peak):
-            result = _prune_and_write(lm, tok, weights, method, spec, owl_settings, windows, req, out, ws, tx)
-        summ = evaluate.summary(lm, result["after"])
-        # experts without calibration tokens: how many of the model's expert weights were pruned by magnitude
-        fallback = {"no_token_weights": len(result["no_tokens"])} if _arch.arch_for(lm.config.model_type).experts else {}
-        blocks = evaluate.block_sparsity(result["after"])
-        owl_info = result.get("owl", {})
-        tx.step.metrics = {**result["times"], **peak, **summ, **fallback, **owl_info,
-                           "layer_sparsity": evaluate.layer_sparsity(result["after"]), "block_sparsity": blocks,
-                           # the zeros a later step must keep (recover re-applies them); None: no pattern to keep
-                           "zero_pattern": str(pat) if method.exact_zeros else None}
-    # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
-    return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ,
-            **fallback, **owl_info, "block_sparsity": blocks}
-
-
-def _check_owl(req: PruneRequest, pat, s: float) -> owl.Settings | None:
-    """OWL's options, checked before any work; None without ``--owl-lambda`` (uniform sparsity)."""
-    if req.owl_lambda is None:
-        if req.owl_m is not None:
-            raise UserError("--owl-m is OWL's outlier threshold: give --owl-lambda too")
-        return None
-    if pat.is_nm:
-        raise UserError(f"OWL sets one sparsity per block, and {pat} fixes it in every group: use --owl-lambda "
-                        "with unstructured sparsity")
-    settings = owl.Settings(req.owl_lambda, owl.DEFAULT_M if req.owl_m is None else req.owl_m)
-    owl.check(s, settings.lam, settings.m)
-    return settings
-
-
-def _prune_and_write(lm, tok, weights, method, spec, owl_settings, windows, req, out, ws, tx) -> dict[str, Any]:
-    """Prune, writing each block to the new shards as it is done (a lazy model), or the whole model at the end."""
-    from llmprune.lazy import Rewrite
-    from llmprune.modeling import save_model
-
-    act = precision.TORCH[precision.canonical(req.act_dtype, "--act-dtype")]
-    if weights.lazy:
-        rewrite = Rewrite(weights, out, weights.stored(units.linear_weight_names(lm)))
-        try:
-            result = prune_model(lm, method, spec, windows, req.device, req.batch_size, act,
-                                 weights=weights, sink=rewrite.block, owl=owl_settings)
-            check_not_already(result["before"], spec.pattern, spec.sparsity)  # before the copies: fail fast
-            recorded = ws.manifest()["files"]
-            for f in rewrite.close():
-                tx.known[f"model/{f}"] = recorded[f"model/{f}"]
-        finally:
-            rewrite.abort()
-        return result
-    result = prune_model(lm, method, spec, windows, req.device, req.batch_size, act,
-                         owl=owl_settings)
-    check_not_already(result["before"], spec.pattern, spec.sparsity)
-    save_model(lm, tok, out, ws.shard_size)
-    return result
 
 
 def check_not_already(before: dict[str, tuple[int, int]], pat, s: float) -> None:

@@ -184,7 +184,7 @@ def test_export_waits_for_no_one_it_takes_the_lock(calibrated, capsys, tmp_path)
 
 
 def test_run_holds_the_lock_across_its_steps(calibrated, tiny_root, capsys, monkeypatch, tmp_path):
-    from llmprune import recipe
+    from llmprune.steps import recipe
 
     wd = tmp_path / "wd"
     (tmp_path / "r.toml").write_text(

@@ -101,7 +101,7 @@ def _bad_inputs(tiny_root, tmp_path):
         "missing workdir": (["status", tmp_path / "nope"], "does not exist"),
         "foreign workdir": (["status", tmp_path / "foreign"], "not an llmprune workdir"),
         "prune before calibrate": (["prune", tmp_path / "foreign"], "not an llmprune workdir"),
-        "unknown method": (["prune", "{wd}", "--method", "obs"], "unknown method 'obs'"),
+        "unknown method": (["prune", "{wd}", "--method", "obs"], "unknown --method 'obs'"),
         "true sequential magnitude": (["prune", "{wd}", "--method", "magnitude", "--true-sequential"],
                                       "--true-sequential applies to wanda"),
         "unknown structure": (["prune", "{wd}", "--method", "dress", "--structure", "rows"], "unknown structure"),
@@ -110,7 +110,7 @@ def _bad_inputs(tiny_root, tmp_path):
         "ratio removes nothing": (["regularize", "{wd}", "--structure", "layers", "--ratio", "0.01"],
                                   "removes none of the"),
         "ratio out of range": (["prune", "{wd}", "--method", "dress", "--ratio", "1.5"], "(0, 1)"),
-        "unknown selection": (["regularize", "{wd}", "--select", "best"], "unknown selection"),
+        "unknown selection": (["regularize", "{wd}", "--select", "best"], "unknown --select 'best'"),
         "unknown norm": (["regularize", "{wd}", "--norm", "l3"], "unknown --norm"),
         "sparsity with dress": (["prune", "{wd}", "--method", "dress", "--sparsity", "0.5"], "whole units"),
         "structure without dress": (["prune", "{wd}", "--method", "wanda", "--ratio", "0.5"], "to --method dress"),
@@ -318,14 +318,13 @@ def test_prune_takes_exactly_the_registered_methods_options(capsys):
     import typer.main
 
     from llmprune.cli.app import app
-    from llmprune.cli.recipe import command_options
     from llmprune.methods import METHODS
-    from llmprune.methods.base import option_specs
+    from llmprune.options import specs as option_specs
 
     declared = {o.name for m in METHODS.values() for o in option_specs(m.Options)}
     general = {"method", "sparsity", "pattern", "true_sequential", "device", "act_dtype", "batch_size", "owl_lambda",
                "owl_m"}
-    opts = {k for k, (_, flag) in command_options(typer.main.get_command(app))["prune"].items() if k == flag[2:].replace("-", "_")}
+    opts = {p.name for p in typer.main.get_command(app).commands["prune"].params} - {"workdir", "as_json"}
     assert opts == declared | general
     assert run(["prune", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -528,12 +527,14 @@ def test_the_step_table_is_what_every_reader_uses():
     exactly them in their order, and a manifest may record exactly those that record."""
     import typer.main
 
-    from llmprune import manifest, recipe
+    from llmprune import manifest
     from llmprune.cli.app import app
-    from llmprune.steps import RECORDED, STEPS
+    from llmprune.steps import KINDS, RECORDED, recipe
+    from llmprune.steps.registry import STEPS
 
+    assert list(STEPS) == list(KINDS) and all(s.kind is KINDS[n] for n, s in STEPS.items())
     assert set(STEPS) <= set(typer.main.get_command(app).commands)
     assert recipe.STEP_COMMANDS == tuple(STEPS) and set(recipe.NOT_RECORDED) == set(STEPS) - RECORDED
     assert [n for n, _ in sorted(recipe.RANK.items(), key=lambda kv: kv[1])] == [
-        n for n in STEPS if STEPS[n].order is not None]
+        n for n in STEPS if KINDS[n].order is not None]
     assert manifest.RECORDED == RECORDED == {"calibrate", "regularize", "prune", "recover", "eval"}

@@ -19,7 +19,7 @@ from llmprune.masks import parse_pattern
 from llmprune.methods import METHODS
 from llmprune.methods.base import PruneSpec
 from llmprune.pruning import prune_model
-from llmprune.sweep import grid
+from llmprune.steps.sweep import grid
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_mean_of_all_of_them():

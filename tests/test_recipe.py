@@ -187,23 +187,19 @@ def test_bad_recipes_are_one_line(tmp_path, capsys, body, expected):
 
 
 def test_shipped_recipes_parse(monkeypatch):
-    import typer.main
-
-    from llmprune.cli.app import app
-    from llmprune.cli.recipe import command_options
-    from llmprune.recipe import load
+    from llmprune.steps.recipe import load
 
     for var in ("MODEL", "CALIB", "TEST"):  # set by benchmarks/assets.py --shell for the README's recipe
         monkeypatch.setenv(var, f"/data/{var.lower()}")
     shipped = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.toml"))
     assert len(shipped) >= 3
     for path in shipped:
-        entries = load(path, command_options(typer.main.get_command(app)))
+        entries = load(path)
         assert entries[0].command == "calibrate"
 
 
 def test_variables_with_defaults_expand_like_the_shell(monkeypatch):
-    from llmprune.recipe import _expand
+    from llmprune.steps.recipe import _expand
 
     monkeypatch.delenv("LLMPRUNE_T_MODEL", raising=False)
     assert _expand("${LLMPRUNE_T_MODEL:-org/model}", "x") == "org/model"

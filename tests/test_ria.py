@@ -79,7 +79,7 @@ def test_true_sequential_and_options_from_the_cli(calibrated, pattern):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--compare", "diagonal"], "--compare must be one of layer, row"),
+    (["--compare", "diagonal"], "unknown --compare 'diagonal'; use one of: layer, row"),
     (["--act-power", "-1"], "--act-power must be >= 0"),
     (["--blocksize", "64"], "--method ria takes no --blocksize: it belongs to --method sparsegpt"),
 ])

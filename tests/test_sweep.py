@@ -11,7 +11,7 @@ from conftest import cli
 
 from llmprune.cli import run
 from llmprune.errors import UserError
-from llmprune.sweep import grid
+from llmprune.steps.sweep import grid
 
 
 def test_grid_names_and_bad_input():

@@ -19,7 +19,7 @@ from llmprune.cli.recipe import run_recipe
 from llmprune.cli.recover import recover
 from llmprune.cli.regularize import regularize
 from llmprune.cli.status import status
-from llmprune.cli.sweep import sweep
+from llmprune.cli.sweep import sweep_
 from llmprune.methods import METHODS
 
 HELP = (f"Prune causal language models ({', '.join(m.label for m in METHODS.values())}) through a working "
@@ -58,7 +58,7 @@ app.command("eval")(eval_)
 app.command()(export)
 app.command()(status)
 app.command("run")(run_recipe)
-app.command()(sweep)
+app.command("sweep")(sweep_)
 
 
 def invoke(args: list[str], settings: Settings | None = None) -> int:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from llmprune.methods.base import Method, OptionSpec, option_specs
+from llmprune.methods.base import Method
+from llmprune.options import OptionSpec, specs as option_specs
 
 _REGISTRY = (
     "magnitude",

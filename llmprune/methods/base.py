@@ -10,8 +10,6 @@ model has a zero pattern to keep.
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -20,57 +18,17 @@ from torch import nn
 
 from llmprune import engine
 from llmprune.units import block_linears
-from llmprune.errors import UserError
 from llmprune.masks import Pattern
+from llmprune.options import check_value, specs
 from llmprune.stats import Stat
 
 if TYPE_CHECKING:
     from llmprune.workdir import Workdir
 
 
-# --- options ----------------------------------------------------------------------------------------------------
-def option(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None,
-           choices: tuple[str, ...] = ()) -> Any:
-    """A method option: a dataclass field with its default, its help text, and a check of its value.
-
-    ``check(value)`` returns what is wrong with the value (``"must be positive"``) or None. The option string is the
-    field name with dashes (``ro_lr`` -> ``--ro-lr``)."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
-
-
-def positive(v: Any) -> str | None:
-    return None if math.isfinite(v) and v > 0 else "must be positive"
-
-
-def non_negative(v: Any) -> str | None:
-    return None if math.isfinite(v) and v >= 0 else "must be >= 0"
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One option as the CLI and the recipe loader see it."""
-
-    name: str  # the field name: ``ro_lr``
-    type: type
-    default: Any
-    help: str
-    choices: tuple[str, ...] = ()
-    check: Callable[[Any], str | None] | None = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
 @dataclass(frozen=True)
 class NoOptions:
     """A method without options of its own."""
-
-
-def option_specs(options_cls: type) -> list[OptionSpec]:
-    hints = typing.get_type_hints(options_cls)
-    return [OptionSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""), f.metadata.get("choices", ()),
-                       f.metadata.get("check")) for f in dataclasses.fields(options_cls)]
 
 
 # --- the method -------------------------------------------------------------------------------------------------
@@ -91,16 +49,11 @@ class Method:
     def options(self, given: dict[str, Any]) -> Any:
         """The typed options: the declared defaults, overridden by the values ``given`` (None = not given)."""
         values = {}
-        for o in option_specs(self.Options):
+        for o in specs(self.Options):
             v = given.get(o.name)
-            if v is None:
-                continue
-            if o.choices and v not in o.choices:
-                raise UserError(f"{o.flag} must be one of {', '.join(o.choices)}, got '{v}'")
-            problem = o.check(v) if o.check else None
-            if problem:
-                raise UserError(f"{o.flag} {problem}, got {v}")
-            values[o.name] = v
+            if v is not None:
+                check_value(o, v)
+                values[o.name] = v
         return self.Options(**values)
 
     def check_request(self, options: Any, true_sequential: bool) -> None:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from llmprune.errors import UserError
-from llmprune.methods.base import Method, option
+from llmprune.methods.base import Method
+from llmprune.options import option
 from llmprune.penalty import regularize
 from llmprune.planfile import PlanRecord
 from llmprune.selection import (

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmprune.methods.base import ScoreMethod, non_negative, option
+from llmprune.methods.base import ScoreMethod
+from llmprune.options import non_negative, option
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import torch
 
 from llmprune.errors import StepFailed
 from llmprune.masks import Pattern
-from llmprune.methods.base import BlockContext, Method, option, positive
+from llmprune.methods.base import BlockContext, Method
+from llmprune.options import option, positive
 from llmprune.stats import Hessian
 
 

@@ -71,7 +71,8 @@ from llmprune import engine, experts
 from llmprune import units
 from llmprune.errors import UserError
 from llmprune.masks import select
-from llmprune.methods.base import BlockContext, Method, non_negative, option, positive
+from llmprune.methods.base import BlockContext, Method
+from llmprune.options import non_negative, option, positive
 from llmprune.stats import RowNorms
 
 

@@ -1,7 +1,9 @@
-"""The workdir's steps: the one list of them, and what each is to the rest of the tool.
+"""The workdir's steps: one module each (``steps/calibrate.py`` ... ``steps/export.py``), each an options class
+declared once with ``llmprune.options.option`` and a ``run(workdir, options) -> result``; ``recipe`` and ``sweep``
+sit on top of them. ``steps/registry.py`` holds ``STEPS``, the one registry the CLI, recipes and sweeps read.
 
-The manifest's reader (which commands may appear in a step record), the recipe loader (which commands a recipe may
-name, in which order) and the CLI (which commands exist) read this table instead of keeping lists of their own.
+This module is the steps' vocabulary alone -- which exist, which the manifest records, in which order a recipe may
+run them -- so the manifest's reader can check a step record without importing the steps themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class StepKind:
     order: int | None
 
 
-STEPS: dict[str, StepKind] = {s.name: s for s in (
+KINDS: dict[str, StepKind] = {s.name: s for s in (
     StepKind("calibrate", records=True, order=0),
     StepKind("regularize", records=True, order=1),
     StepKind("prune", records=True, order=2),
@@ -28,4 +30,4 @@ STEPS: dict[str, StepKind] = {s.name: s for s in (
     StepKind("eval", records=True, order=None),
     StepKind("export", records=False, order=4),
 )}
-RECORDED = frozenset(name for name, s in STEPS.items() if s.records)  # what a manifest's step list may hold
+RECORDED = frozenset(name for name, s in KINDS.items() if s.records)  # what a manifest's step list may hold

@@ -14,15 +14,56 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Optional
 
-from llmprune import report
+from llmprune import budget as _budget
+from llmprune import data, report
+from llmprune import owl as _owl
 from llmprune.errors import UserError
+from llmprune.fsio import atomic_write_text, dumps
+from llmprune.options import (batch_option, check_all, check_device, device_option, option, positive,
+                              text_field_option)
 from llmprune.paths import component
-from llmprune.workdir import SWEEP
+from llmprune.steps.base import Step, from_argv
+from llmprune.steps.registry import STEPS
+from llmprune.workdir import SWEEP, Workdir
+
+GRID, EVAL = "The grid", "Evaluation of each point"
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What ``llmprune sweep`` was asked for (each point records its own steps in its own workdir)."""
+
+    methods: Optional[str] = option(None, "Score methods, comma-separated (wanda,sparsegpt,wandapp,...).", panel=GRID)
+    sparsities: Optional[str] = option(None, "Unstructured sparsities for every method, e.g. 0.3,0.5,0.6,0.7.",
+                                       panel=GRID)
+    patterns: Optional[str] = option(None, "N:M patterns for every method, e.g. 2:4,4:8.", panel=GRID)
+    structures: Optional[str] = option(None, "Structured removals (direct, prune --method dress): STRUCTURE:RATIO or "
+                                       "STRUCTURE@BUDGET (--target-params; A+B splits it), e.g. "
+                                       "hidden:0.1,mlp:0.25,layers+mlp@0.8.", panel=GRID)
+    owl: Optional[str] = option(None, "OWL lambdas, e.g. 0.08: every method at every --sparsities again with prune "
+                                "--owl-lambda (a line of its own in the plots).", panel=GRID)
+    prune_args: str = option("", "Extra options for every score-method prune, e.g. '--batch-size 8'.", panel=GRID)
+    dataset: Optional[str] = option(None, "Evaluation source (default: the test split of the calibration dataset).",
+                                    panel=EVAL)
+    seqlen: int = option(2048, "Tokens per evaluation window.", check=positive, panel=EVAL)
+    max_windows: Optional[int] = option(None, "Evaluate at most this many windows.", panel=EVAL)
+    text_field: str = text_field_option()
+    tasks: Optional[str] = option(None, "Zero-shot tasks for every point (as eval --tasks).", panel=EVAL)
+    limit: Optional[int] = option(None, "With --tasks: at most this many examples per task.", panel=EVAL)
+    num_fewshot: Optional[int] = option(None, "With --tasks: few-shot examples for lm-eval tasks.", panel=EVAL)
+    speed: bool = option(True, "Time structured points against the dense model (eval --speed).", panel=EVAL)
+    prompt_len: int = option(512, "With --speed: prompt tokens of the prefill.", check=positive, panel=EVAL)
+    new_tokens: int = option(64, "With --speed: tokens decoded through the KV cache.", check=positive, panel=EVAL)
+    keep_models: bool = option(False, "Keep every point's pruned model under WORK/sweep/runs/ (default: delete it once "
+                               "measured).")
+    device: str = device_option()
+    batch_size: int = batch_option()
 
 PATTERNS_SPARSITY = 0.5  # where an N:M row sits on a sparsity axis is N/M; 2:4 and 4:8 are both 0.5
 
@@ -65,12 +106,6 @@ def grid(methods: str | None, sparsities: str | None, patterns: str | None, stru
     each, too) and every pattern, then every structure (direct removal, ``prune --method dress``) at its ratio
     (``STRUCTURE:RATIO``) or parameter budget (``STRUCTURE@BUDGET``, ``--target-params``; a combination such as
     ``layers+mlp`` splits the budget by the search of ``llmprune.budget``)."""
-    from llmprune import budget as _budget
-
-    import shlex
-
-    from llmprune import owl as _owl
-
     extra = shlex.split(prune_args)
     names = [m.strip() for m in (methods or "").split(",") if m.strip()]
     sp = _floats(sparsities, "--sparsities")
@@ -79,6 +114,7 @@ def grid(methods: str | None, sparsities: str | None, patterns: str | None, stru
         raise UserError("--owl sets block sparsities at unstructured sparsity: give --sparsities too")
     if any(a.startswith("--owl") for a in extra):
         raise UserError("give OWL as --owl LAMBDAS (a line of its own in the plots), not in --prune-args")
+    from_argv(STEPS["prune"], extra, "--prune-args")  # a bad option is refused before any point runs
     for lam in lambdas:
         for v in sp:
             try:
@@ -166,8 +202,6 @@ def row_of(cfg: Config, run: Path, key: str) -> dict[str, Any]:
 
 def save(root: Path, rows: list[dict[str, Any]]) -> None:
     """``results.json`` (every field) and ``results.csv`` (the scalar ones), each written whole then renamed."""
-    from llmprune.fsio import atomic_write_text, dumps
-
     atomic_write_text(root / "results.json", dumps(rows, indent=2) + "\n")
     cols = ["name", "kind", "method", "owl_lambda", "sparsity", "pattern", "structure", "ratio", "budget", "status",
             "perplexity",
@@ -180,8 +214,8 @@ def save(root: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, root / "results.csv")
 
 
-def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[[list[str]], int],
-              keep_models: bool = False, speed: list[str] | None = None) -> dict[str, Any]:
+def run_sweep(ws: Workdir, configs: list[Config], eval_args: list[str], keep_models: bool = False,
+              speed: list[str] | None = None) -> dict[str, Any]:
     """Run every configuration not done yet (see the module's docstring); returns the rows and what ran.
     ``speed``: the eval options of the timing of structured points against the dense model (None: not timed)."""
     base = ws.path
@@ -218,12 +252,8 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
             ws.link_to(run)
             advance(0, note=cfg.name)
             try:
-                for args in ([["prune", str(run), *cfg.prune]] if cfg.prune else []) + [["eval", str(run), *ev]]:
-                    rv = invoke(args)
-                    if rv:
-                        if rv == 130:
-                            raise KeyboardInterrupt
-                        raise UserError(f"llmprune {args[0]} exited with status {rv}")
+                for name, args in ([("prune", cfg.prune)] if cfg.prune else []) + [("eval", ev)]:
+                    _run_point_step(name, run, args, ws.verify_inputs, cfg.name)
             except UserError as e:
                 rows.append({**_point(cfg), "status": "failed", "error": str(e), "key": key})
                 failed.append(cfg.name)
@@ -239,6 +269,41 @@ def run_sweep(ws, configs: list[Config], eval_args: list[str], invoke: Callable[
     plots = plot(root, [r for r in rows if r["status"] == "done"])
     return {"results": str(root / "results.json"), "csv": str(root / "results.csv"), "plots": plots,
             "rows": rows, "ran": ran, "skipped": skipped, "failed": failed}
+
+
+def _run_point_step(name: str, run: Path, args: list[str], verify: bool, point: str) -> None:
+    """One step of a point: the options its command line ``llmprune NAME RUN ARGS`` gives, run by the step itself
+    (quietly: each point's own table would bury the grid's)."""
+    step = STEPS[name]
+    options = from_argv(step, args, f"sweep point {point} ({name})")
+    with report.quiet():
+        step.run(Workdir(run, verify=verify), options)
+
+
+def run(ws: Workdir, o: SweepOptions) -> dict[str, Any]:
+    """``llmprune sweep``: every point of the grid from the calibrated workdir, with the workdir locked meanwhile
+    (the points start from its state: nothing may change it while they run)."""
+    ws.manifest()
+    check_all(o)
+    device = check_device(o.device)
+    configs = grid(o.methods, o.sparsities, o.patterns, o.structures, o.prune_args, o.owl)
+    if o.dataset is not None:
+        data.check_local(o.dataset)
+    ev = ["--seqlen", str(o.seqlen), "--text-field", o.text_field, "--device", device, "--batch-size",
+          str(o.batch_size)]
+    for flag, value in (("--dataset", o.dataset), ("--max-windows", o.max_windows), ("--tasks", o.tasks),
+                        ("--limit", o.limit), ("--num-fewshot", o.num_fewshot)):
+        if value is not None:
+            ev += [flag, str(value)]
+    with ws.locked():
+        res = run_sweep(ws, configs, ev, keep_models=o.keep_models,
+                        speed=["--prompt-len", str(o.prompt_len), "--new-tokens", str(o.new_tokens)] if o.speed
+                        else None)
+    return {"workdir": str(ws.path), **res}
+
+
+STEP = Step("sweep", SweepOptions, run, "Prune and evaluate a grid of configurations from one calibrated workdir "
+            "(resumable); results and plots in WORK/sweep/.")
 
 
 def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:

@@ -3,35 +3,58 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
+from llmprune import precision
+from llmprune.errors import UserError
+from llmprune.modeling import check_shard_size
+from llmprune.options import REQUIRED, at_least_two, check_all, option, positive, text_field_option
+from llmprune.steps import KINDS
+from llmprune.steps.base import Step
 from llmprune.workdir import Workdir, check_fresh, remove_scaffolding
+
+_DTYPES = ("auto", *precision.TORCH)  # shown and completed; the aliases (bf16, ...) are accepted too
 
 
 @dataclass(frozen=True)
 class CalibrateOptions:
-    """What ``llmprune calibrate`` was asked for; recorded as the step's parameters, in this order."""
+    """What ``llmprune calibrate`` was asked for; recorded as the step's parameters, in this order (``force`` is
+    not a parameter of the result)."""
 
-    model: str
-    dataset: str
-    samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    revision: Optional[str] = None
-    dtype: str = "auto"
-    text_field: str = "text"
-    trust_remote_code: bool = False
-    max_shard_size: str = "2GB"
-    keep_teacher: bool = True  # teacher/: the model as calibrated, for --distill later
+    model: str = option(REQUIRED, "Hub id, local HF folder, or .gguf file.")
+    dataset: str = option(REQUIRED, "wikitext2, c4, ptb, hf:NAME[:CONFIG[:SPLIT]], or a .txt/.jsonl/.json/.parquet "
+                          "file.")
+    samples: int = option(128, "Number of calibration windows.", check=positive)
+    seqlen: int = option(2048, "Tokens per window.", check=at_least_two)
+    seed: int = option(0, "Seed of the window positions.")
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit).")
+    dtype: str = option("auto", "auto (the checkpoint's own), float32, bfloat16 or float16 (also fp32, bf16, fp16).",
+                        choices=_DTYPES, strict=False)
+    text_field: str = text_field_option()
+    trust_remote_code: bool = option(False, "Allow code from the model repository to run.")
+    max_shard_size: str = option("2GB", "Largest safetensors shard.")
+    keep_teacher: bool = option(True, "Keep the model as calibrated in WORK/teacher/ (hard links: no extra space "
+                                "until a step replaces the model) for --distill.")
+    force: bool = option(False, "Overwrite an existing workdir.")
+
+    def params(self) -> dict[str, Any]:
+        p = asdict(self)
+        del p["force"]
+        return p
 
 
-def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str, Any]:
+def run(ws: Workdir, o: CalibrateOptions) -> dict[str, Any]:
     """Bring the model in as safetensors shards and draw the calibration windows; returns the step's metrics plus
     the model type."""
     from llmprune import data
 
-    check_fresh(ws.path, force, asdict(o))
+    check_all(o)
+    check_shard_size(o.max_shard_size)
+    _check_memory(o.samples, o.seqlen)
+    o = replace(o, dtype=precision.canonical(o.dtype, "--dtype", auto=True))  # recorded canonically: bf16 -> bfloat16
+    check_fresh(ws.path, o.force, o.params())
     text = data.load_text(o.dataset, "calibration", o.text_field)  # before the model: fail fast on bad data
     new = not ws.path.exists()
     try:
@@ -42,6 +65,19 @@ def calibrate(ws: Workdir, o: CalibrateOptions, force: bool = False) -> dict[str
         raise
 
 
+def _check_memory(samples: int, seqlen: int) -> None:
+    """The windows alone (int64 token ids) must fit in a fraction of this machine's memory; every later step holds
+    activations of that many tokens too."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = samples * seqlen * 8
+    if need > ram // 4:
+        raise UserError(f"--samples {samples:,} x --seqlen {seqlen:,} tokens need {need / 2**30:,.1f} GiB for the token "
+                        f"ids alone, more than a quarter of this machine's {ram / 2**30:,.0f} GiB; ask for fewer")
+
+
 def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
     from safetensors.torch import save_file
 
@@ -50,7 +86,7 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
     from llmprune.modeling import check_context, param_count, resolve_source
 
     src = resolve_source(o.model, o.revision)
-    with ws.step("calibrate", asdict(o), create={}) as tx:
+    with ws.step("calibrate", o.params(), create={}) as tx:
         out = tx.stage("model")
         # A safetensors source (a folder, a Hub snapshot) is copied tensor by tensor, never held whole; a GGUF
         # file is dequantized by transformers, which loads it whole.
@@ -148,3 +184,7 @@ def _open_safetensors(src, o: CalibrateOptions, out):
         raise UserError(f"cannot load the tokenizer of model {o.model}: {msg[:300]}") from None
     base["model_type"] = lazy.model.config.model_type
     return lazy.model, tok, base, lambda: copy_weights(lazy, out, o.dtype, o.max_shard_size, f"model {o.model}")
+
+
+STEP = Step("calibrate", CalibrateOptions, run, "Start a workdir: bring in a model and calibration windows of a dataset.",
+            kind=KINDS["calibrate"])

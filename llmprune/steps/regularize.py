@@ -14,50 +14,90 @@ import torch
 from torch import nn
 
 from llmprune import report
+from llmprune.distill import (KD_OPTIONS, distill_option, kd_temperature_option, kd_weight_option, resolve_options,
+                              teacher_option, teacher_steps_option)
 from llmprune.errors import UserError
 from llmprune.methods.dress import DEFAULT_RATIO, DEFAULT_SELECT, DEFAULT_STRUCTURE, resolve_budget, search_combination
 from llmprune.penalty import NORMS, SHRINKS, regularize
 from llmprune.planfile import PlanRecord
-from llmprune.selection import check_choice, select
-from llmprune.structured import Plan, check_supported
+from llmprune.options import (batch_option, check_all, check_device, device_option, fraction_open,
+                              grad_checkpointing_option, non_negative, option, positive, text_field_option)
+from llmprune.selection import SELECTS, check_choice, select
+from llmprune.steps import KINDS
+from llmprune.steps.base import Step
+from llmprune.structured import STRUCTURES, Plan, check_supported
+from llmprune.train import check_launcher
 from llmprune.workdir import Workdir
 
 
 @dataclass(frozen=True)
 class RegularizeOptions:
-    """What ``llmprune regularize`` was asked for; recorded as the step's parameters, in this order."""
+    """What ``llmprune regularize`` was asked for; recorded as the step's parameters, in this order (``prepare``
+    resolves what was left to a default: ``--ratio``, the KD settings)."""
 
-    ratio: float = DEFAULT_RATIO
-    structure: str = DEFAULT_STRUCTURE
-    select: str = DEFAULT_SELECT
-    norm: str = "group"
-    shrink: str = "prox"
-    lam: float = 0.02
-    steps: int = 100
-    until_converged: bool = False
-    gap_tol: float = 0.01
-    lr: float = 1e-4
-    batch_size: int = 1
-    grad_accum: int = 1
-    holdout: int = 8
-    eval_every: int = 25
-    seed: int = 0
-    grad_checkpointing: bool = False
-    device: str = "cpu"
-    distill: bool = False
-    kd_temperature: float = 1.0
-    kd_weight: float = 1.0
-    teacher: Optional[str] = None
-    target_params: Optional[str] = None  # a budget instead of the ratio (resolved in the step)
-    search_steps: int = 0  # a combination's candidates scored after this many regularisation steps (0: by removal)
-    dataset: Optional[str] = None  # training text (None: the calibration windows, which also choose the units)
-    text_field: str = "text"
-    seqlen: Optional[int] = None  # windows of the training text (None: the calibration's)
-    teacher_steps: int = 0  # teacher correction before distilling (0: none)
+    ratio: Optional[float] = option(None, f"Fraction of the structure's units to remove (default {DEFAULT_RATIO}).",
+                                    check=fraction_open, show_default=False)
+    structure: str = option(DEFAULT_STRUCTURE, "hidden (the paper), heads (KV groups), mlp, layers, experts (MoE: whole "
+                            "routed experts).", choices=STRUCTURES, strict=False)
+    select: str = option(DEFAULT_SELECT, "activation (lowest on calibration data; REAP for experts), tail, random; "
+                         "experts also reap, frequency.", choices=SELECTS)
+    norm: str = option("group", "group (one L2 norm per unit), l2 (per slice), l1 (element-wise).", choices=NORMS)
+    shrink: str = option("prox", "prox: decoupled proximal shrink after each step; loss: penalty in the loss.",
+                         choices=SHRINKS)
+    lam: float = option(0.02, "Penalty strength, relative to each unit's initial norm (prox: shrink per step).",
+                        flag="--lambda", check=positive)
+    steps: int = option(100, "Optimiser steps (the most, with --until-converged).", check=positive)
+    until_converged: bool = option(False, "Stop once the selected slices are ~0 and zeroing them costs <= --gap-tol.")
+    gap_tol: float = option(0.01, "Relative perplexity gap (zeroed vs not) that counts as converged.",
+                            check=non_negative)
+    lr: float = option(1e-4, "AdamW learning rate (all parameters are trained).", check=positive)
+    batch_size: int = batch_option(1, "Windows per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimiser step.", check=positive)
+    holdout: int = option(8, "Windows kept out of training to measure the gap (of the training text's fresh windows, "
+                          "or of the calibration windows with --calibration-windows); a combination's split is scored "
+                          "on as many calibration windows.", check=positive)
+    eval_every: int = option(25, "Measure the held-out gap every this many steps.", check=positive)
+    seed: int = option(0, "Seed of the data order (and of --select random).")
+    grad_checkpointing: bool = grad_checkpointing_option()
+    device: str = device_option("where the model is trained")
+    distill: bool = distill_option()
+    kd_temperature: Optional[float] = kd_temperature_option()
+    kd_weight: Optional[float] = kd_weight_option()
+    teacher: Optional[str] = teacher_option()
+    target_params: Optional[str] = option(None, "A parameter budget instead of --ratio: a count (100M, 1.5B) or a "
+                                          "fraction of the model (0.75).")
+    search_steps: int = option(0, "A combination's budget: score each candidate split after this many regularisation "
+                               "steps of a copy (0: by direct removal, cheaper, but it favours fine structures).",
+                               check=non_negative)
+    dataset: Optional[str] = option(None, "Training text, in fresh windows (default: the calibration text, read "
+                                    "again; the units, and a combination's split, are chosen on the calibration "
+                                    "windows either way).")
+    text_field: str = text_field_option()
+    seqlen: Optional[int] = option(None, "Tokens per window of the training text (default: the calibration's).")
+    teacher_steps: int = teacher_steps_option(", in memory")
     # Train on the calibration windows themselves. Default: fresh windows of the calibration text (as if it were
     # given as --dataset), which is what the record then names.
-    calibration_windows: bool = False
-    save_every: int = 25  # not a parameter of the result: a resumed run with another value is the same run
+    calibration_windows: bool = option(False, "Train on the calibration windows themselves instead of fresh windows "
+                                       "of the calibration text (the earlier default; more than one pass over them "
+                                       "can overfit).", flag="--calibration-windows")
+    # not a parameter of the result: a resumed run with another value is the same run
+    save_every: int = option(25, "Checkpoint for resuming every this many steps (0: never): every weight and AdamW's "
+                             "two moments, about three fp32 copies of the model on disk until the step commits.",
+                             check=non_negative)
+
+    def prepare(self) -> RegularizeOptions:
+        """Checked, with the defaults left open filled in: what the step runs with and records."""
+        temperature, weight = resolve_options(self.distill, self.kd_temperature, self.kd_weight, self.teacher,
+                                              self.teacher_steps)
+        check_all(self)
+        if self.ratio is not None and self.target_params is not None:
+            raise UserError("give --ratio or --target-params, not both")
+        o = dataclasses.replace(self, ratio=DEFAULT_RATIO if self.ratio is None else self.ratio,
+                                kd_temperature=temperature, kd_weight=weight)
+        o.check()
+        check_launcher()
+        check_device(o.device)
+        return o
 
     def params(self) -> dict[str, Any]:
         p = dataclasses.asdict(self)
@@ -71,8 +111,6 @@ class RegularizeOptions:
             for k in ("dataset", "text_field", "seqlen"):
                 del p[k]
         if not self.distill:  # the KD settings do not apply: a plain run records what it always did
-            from llmprune.distill import KD_OPTIONS
-
             for k in ("distill", *KD_OPTIONS):
                 del p[k]
         if not self.teacher_steps:  # recorded only when the teacher was corrected: older records stay as they were
@@ -80,18 +118,9 @@ class RegularizeOptions:
         return p
 
     def check(self) -> None:
-        from llmprune.distill import check_options
-
         check_choice(self.structure, self.select)
-        check_options(self.kd_temperature, self.kd_weight)
         if self.teacher is not None and not self.distill:
             raise UserError("--teacher names the model to distil from: add --distill")
-        if self.norm not in NORMS:
-            raise UserError(f"unknown --norm '{self.norm}'; use one of: {', '.join(NORMS)}")
-        if self.shrink not in SHRINKS:
-            raise UserError(f"unknown --shrink '{self.shrink}'; use one of: {', '.join(SHRINKS)}")
-        if self.search_steps < 0:
-            raise UserError(f"--search-steps must be >= 0, got {self.search_steps}")
         if self.calibration_windows and self.dataset is not None:
             raise UserError("--calibration-windows trains on the calibration windows, --dataset on another text's: "
                             "give one of them")
@@ -172,11 +201,13 @@ def training_windows(ws: Workdir, lm: nn.Module, tok, text: str | None, windows:
     return (*split_holdout(windows, o.holdout), o, fallback)
 
 
-def regularize_workdir(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
+def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     """The ``regularize`` step: choose the units, train the whole model while they are driven to zero, and record
     the plan as regularised and pending (``prune --method dress`` applies it)."""
     import resource
 
+    o = o.prepare()
+    ws.require_calibration()
     from llmprune import data, distill, resume
     from llmprune.current import load_current
     from llmprune.modeling import save_model
@@ -263,3 +294,7 @@ def resume_dir(ws: Workdir, o: RegularizeOptions, params: dict[str, Any], plan: 
     return resume.checkpoint_dir(ws.path, "regularize", [
         params, resume.files_under(ws.manifest(), *folders), plan.to_json(), resume.tensor_digest(train_w),
         resume.tensor_digest(hold), teacher])
+
+
+STEP = Step("regularize", RegularizeOptions, run, "DReSS: choose the units to remove, then train so that their "
+            "information moves into the units that stay.", kind=KINDS["regularize"])

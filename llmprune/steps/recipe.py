@@ -22,43 +22,69 @@ goes back to the hard-linked snapshot taken before that entry, so what follows i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from llmprune import report
-from llmprune.errors import StepFailed, UserError
-from llmprune.steps import STEPS
+from llmprune import pruning, report
+from llmprune.fsio import sha256_file
+from llmprune.methods import method_options
+from llmprune.options import REQUIRED, option
+from llmprune.steps import KINDS
+from llmprune.steps.base import Step, from_mapping, to_argv
+from llmprune.steps.registry import STEPS
+from llmprune.workdir import SNAPSHOTS, Workdir, check_fresh, remove_scaffolding
+from llmprune.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10
     import tomli as tomllib
 
-STEP_COMMANDS = tuple(STEPS)
+STEP_COMMANDS = tuple(KINDS)
 # Order of the commands that change the model; eval may come anywhere after calibrate.
-RANK = {name: s.order for name, s in STEPS.items() if s.order is not None}
-NOT_RECORDED = tuple(name for name, s in STEPS.items() if not s.records)  # writes outside the workdir: always runs
+RANK = {name: s.order for name, s in KINDS.items() if s.order is not None}
+NOT_RECORDED = tuple(name for name, s in KINDS.items() if not s.records)  # writes outside the workdir: always runs
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """What ``llmprune run`` was asked for."""
+
+    recipe: Path = option(REQUIRED, "TOML file: \\[\\[step]] tables, each a command and its options.")
+    from_step: Optional[str] = option(None, "Restart at this step: its number (1-based) or command name.",
+                                      flag="--from")
+    dry_run: bool = option(False, "Print the plan (what runs, what is skipped and why); change nothing.")
 
 
 @dataclass
 class Entry:
     index: int  # 0-based position in the recipe
     command: str
-    options: dict[str, Any]
+    options: dict[str, Any]  # as written in the recipe (keys with underscores): what its fingerprint covers
     fingerprint: str = ""
 
+    @property
+    def where(self) -> str:
+        return f"recipe step {self.index + 1} ({self.command})"
 
-def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> list[Entry]:
-    """Parse and check a recipe. ``command_options`` maps each command to {option key: (kind, option string)}, kind
-    'flag' or 'value', read from the CLI itself, so a recipe accepts exactly what the subcommand accepts."""
+    def step_options(self) -> Any:
+        """The options of the entry's step, exactly as the step's command line would give them."""
+        return from_mapping(STEPS[self.command], self.options, self.where)
+
+
+def load(path: Path) -> list[Entry]:
+    """Parse and check a recipe: each entry's options are its step's, by the names the step declares, so a recipe
+    accepts exactly what the subcommand accepts."""
     try:
         doc = tomllib.loads(read_recipe(path))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -75,14 +101,14 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
         cmd = raw.pop("command", None)
         if cmd not in STEP_COMMANDS:
             raise UserError(f"recipe step {i + 1}: command must be one of {', '.join(STEP_COMMANDS)}, got {cmd!r}")
-        known = command_options[cmd]
+        known = STEPS[cmd].lookup()
         opts = {}
         for key, value in raw.items():
             name = key.replace("-", "_")
             if name not in known:
                 raise UserError(f"recipe step {i + 1} ({cmd}): unknown option '{key}'; "
                                 f"{cmd} takes {', '.join(sorted(known))}")
-            if known[name][0] == "flag" and not isinstance(value, bool):
+            if known[name].is_flag and not isinstance(value, bool):
                 raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' is a flag; use true or false")
             if isinstance(value, (dict, list)):
                 raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' must be a single value")
@@ -95,6 +121,7 @@ def load(path: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> 
         entries.append(Entry(i, cmd, opts))
     check_order(entries)
     for e in entries:
+        e.step_options()  # every value of the right type before anything runs
         if e.command == "prune":
             _check_method_options(e)
     return entries
@@ -106,8 +133,6 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few dozen lines; anything this large
 def read_recipe(path: Path) -> str:
     """A recipe's text: a regular file (not a FIFO, a device such as /dev/zero, a folder) under a size bound, so
     reading it can neither block forever nor exhaust memory."""
-    import stat
-
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -124,9 +149,6 @@ def read_recipe(path: Path) -> str:
 
 def _check_method_options(e: Entry) -> None:
     """A prune step's method options must be its method's (checked before anything runs, not at that step)."""
-    from llmprune import pruning
-    from llmprune.methods import method_options
-
     declared = method_options()
     try:
         method = pruning.method_for(str(e.options.get("method", "wanda")))
@@ -173,16 +195,9 @@ def check_order(entries: list[Entry]) -> None:
         raise UserError("recipe: export must come after the steps that change the model")
 
 
-def argv(entry: Entry, workdir: Path, command_options: dict[str, dict[str, tuple[str, str]]]) -> list[str]:
-    """The command line that runs the entry: the very same code path as typing it."""
-    out = [entry.command, str(workdir)]
-    for name, value in entry.options.items():
-        kind, opt = command_options[entry.command][name]
-        if kind == "flag":
-            out.append(opt if value else "--no-" + opt[2:])
-        else:
-            out += [opt, str(value)]
-    return out
+def argv(entry: Entry, workdir: Path) -> list[str]:
+    """The command line that runs the entry, as a user would type it (shown in the plan and the log)."""
+    return [entry.command, str(workdir), *to_argv(STEPS[entry.command], entry.options)]
 
 
 def _file_identity(value: Any) -> str | None:
@@ -192,8 +207,6 @@ def _file_identity(value: Any) -> str | None:
     p = Path(value)
     try:
         if p.is_file():
-            from llmprune.fsio import sha256_file
-
             return sha256_file(p)
         if p.is_dir():
             files = sorted((f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
@@ -241,11 +254,9 @@ class RecipePlan:
     rows: list[dict[str, Any]] = field(default_factory=list)  # per entry: step, command, action, why, argv
 
 
-def plan(entries: list[Entry], ws, from_step: str | None, argv_of: Callable[[Entry], list[str]]) -> RecipePlan:
+def plan(entries: list[Entry], ws: Workdir, from_step: str | None) -> RecipePlan:
     """Which entries of the recipe run on ``ws`` and why. ``from_step`` (a 1-based number or a command name)
-    forces a restart point; ``argv_of(entry)`` is the command line of an entry, shown in the plan."""
-    from llmprune.workdir import SNAPSHOTS
-
+    forces a restart point."""
     if entries[0].command != "calibrate":
         raise UserError("a recipe starts with a calibrate step, so that the whole pipeline is reproducible from it")
     fingerprint(entries)
@@ -276,15 +287,14 @@ def plan(entries: list[Entry], ws, from_step: str | None, argv_of: Callable[[Ent
         else:
             why = "run: not done yet"
         rows.append({"step": e.index + 1, "command": e.command, "action": why.split(":")[0], "why": why,
-                     "argv": argv_of(e)[2:]})
+                     "argv": argv(e, ws.path)[2:]})
     return RecipePlan(entries, done, restore, len(recorded_done), rows)
 
 
-def execute(p: RecipePlan, ws, argv_of: Callable[[Entry], list[str]],
-            invoke: Callable[[list[str], dict[str, Any]], int]) -> list[dict[str, Any]]:
-    """Run the plan: restore the snapshot it names, then each entry that is not done through ``invoke(argv, tag)``
-    (the very command line a user would type; ``tag`` is recorded in the step), snapshotting after each. Returns
-    what ran, with its wall seconds."""
+def execute(p: RecipePlan, ws: Workdir, show: Callable[[str, dict[str, Any], Any], None]) -> list[dict[str, Any]]:
+    """Run the plan: restore the snapshot it names, then each entry that is not done -- its step run with the options
+    its command line would give (``show(command, result, options)`` prints what the command prints) and the entry
+    recorded in the step -- snapshotting after each. Returns what ran, with its wall seconds."""
     entries = p.entries
     recorded_done = [e for e in entries[:p.done] if e.command not in NOT_RECORDED]
     if p.restore:
@@ -294,18 +304,46 @@ def execute(p: RecipePlan, ws, argv_of: Callable[[Entry], list[str]],
         ws.snapshot(recorded_done[-1].fingerprint[:16])  # in case a kill came between a commit and its snapshot
     ran = []
     for e in entries[p.done:]:
-        args = argv_of(e)
+        args, options = argv(e, ws.path), e.step_options()
         if e.command == "calibrate" and ws.path.exists():
             args.append("--force")  # a changed first step starts the workdir over
+            options = dataclasses.replace(options, force=True)
         report.info(f"llmprune {' '.join(args)}", lead=f"step {e.index + 1}/{len(entries)}")
         t0 = time.perf_counter()
-        rv = invoke(args, {"index": e.index, "fingerprint": e.fingerprint})
-        if rv:
-            if rv == 130:
-                raise KeyboardInterrupt
-            raise StepFailed(f"recipe step {e.index + 1} ({e.command}) exited with status {rv}")
+        tagged = Workdir(ws.path, verify=ws.verify_inputs, recipe={"index": e.index, "fingerprint": e.fingerprint})
+        show(e.command, STEPS[e.command].run(tagged, options), options)
         if e.command not in NOT_RECORDED:
             ws.snapshot(e.fingerprint[:16])
         ran.append({"step": e.index + 1, "command": e.command, "seconds": round(time.perf_counter() - t0, 2)})
     ws.drop_snapshots({e.fingerprint[:16] for e in entries})
     return ran
+
+
+def run(ws: Workdir, o: RecipeOptions, show: Callable[[str, dict[str, Any], Any], None]) -> dict[str, Any]:
+    """``llmprune run``: plan the recipe on the workdir and, unless ``dry_run``, run it with the workdir held across
+    every step (no other command slips in between two of them)."""
+    entries = load(o.recipe)
+    head = {"workdir": str(ws.path), "recipe": str(o.recipe)}
+    if o.dry_run:
+        p = plan(entries, ws, o.from_step)
+        return {**head, "dry_run": True, "restore_to_step": p.restore_to_step if p.restore else None, "plan": p.rows}
+    if ws.exists():
+        ws.manifest()  # checked before the lock is taken in it
+    elif ws.path.exists():
+        check_fresh(ws.path, force=False)  # a foreign folder is refused before anything is written into it
+    created = not ws.path.exists()
+    try:
+        with ws.hold():
+            p = plan(entries, ws, o.from_step)
+            ran = execute(p, ws, show)
+    finally:
+        if created:
+            remove_scaffolding(ws.path)  # a first step that failed leaves no folder behind
+    steps = ws.manifest()["steps"]
+    last_eval = next((s["metrics"] for s in reversed(steps) if s["command"] == "eval"), {})
+    return {**head, "plan": p.rows, "ran": ran, "skipped": [r["step"] for r in p.rows if r["action"] == "skip"],
+            "perplexity": last_eval.get("perplexity"), "parameters": last_eval.get("parameters")}
+
+
+STEP = Step("run", RecipeOptions, run, "Run a whole pipeline from a recipe; a re-run skips the steps already done "
+            "with the same options and inputs.")

@@ -1,0 +1,112 @@
+"""The ``export`` command: a clean Hugging Face folder with a model card (``llmprune.export`` makes the card and
+the folder), optionally pushed to the Hub. It writes outside the workdir and records nothing in it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import huggingface_hub
+
+from llmprune import report
+from llmprune.current import has_adapter, load_current, peft_exact, pending_adapter
+from llmprune.errors import UserError
+from llmprune.export import (FORMATS, build_folder, check_out, check_repo_id, model_card, planned_files, push,
+                             set_adapter_base, sweep_of)
+from llmprune.modeling import save_model
+from llmprune.options import REQUIRED, check_all, option
+from llmprune.steps import KINDS
+from llmprune.steps.base import Step
+from llmprune.workdir import Workdir
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``llmprune export`` was asked for (not recorded: export changes nothing in the workdir)."""
+
+    out: Path = option(REQUIRED, "Folder to write (must be new or empty).")
+    format: str = option("merged", "merged: the model (an unmerged adapter folded in); peft: the base model + "
+                         "adapter/ (after `recover --no-merge`); adapter: the LoRA adapter alone.", choices=FORMATS)
+    base_model: Optional[str] = option(None, "Hub id of the model this one was pruned from, for the card's "
+                                       "base_model (default: the source's Hub id, when it has one).")
+    adapter_base: Optional[str] = option(None, "Hub id written as the adapter's base_model_name_or_path (peft/adapter; "
+                                         "default: --push-to-hub's repo for peft).")
+    push_to_hub: Optional[str] = option(None, "Also upload to this Hub repo id.")
+    private: bool = option(False, "Create the Hub repo as private.")
+    dry_run: bool = option(False, "List what would be written and uploaded; change nothing.")
+    overwrite: bool = option(False, "Replace --out if it already holds files (a previous export).")
+
+
+def run(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
+    """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
+    optionally its upload. With ``dry_run``, only the list of what would be written."""
+    check_all(o)
+    out, fmt, push_to_hub = o.out, o.format, o.push_to_hub
+    for flag, value in (("--push-to-hub", push_to_hub), ("--base-model", o.base_model),
+                        ("--adapter-base", o.adapter_base)):
+        if value is not None:
+            check_repo_id(value, flag)
+    ws.manifest()  # a missing or foreign folder is refused before the lock would create anything in it
+    with ws.locked():  # a step committing meanwhile would mix its weights with the card of the state before
+        return _export(ws, out, fmt, base_model=o.base_model, adapter_base=o.adapter_base, push_to_hub=push_to_hub,
+                       private=o.private, dry_run=o.dry_run, overwrite=o.overwrite)
+
+
+def _export(ws, out: Path, fmt: str, *, base_model: str | None, adapter_base: str | None, push_to_hub: str | None,
+            private: bool, dry_run: bool, overwrite: bool) -> dict[str, Any]:
+    manifest = ws.manifest()
+    check_out(out, ws.path, overwrite)
+    ws.verify("model")
+    pending = pending_adapter(manifest)
+    adapter = ws.path / "adapter"
+    if fmt != "merged":
+        if not has_adapter(manifest):
+            raise UserError(f"{ws.path} has no adapter; run `llmprune recover` first (or export --format merged)")
+        ws.verify("adapter")
+    if fmt == "peft":
+        if pending is None:
+            raise UserError("the adapter is already merged into the model (recover --merge); export --format merged, "
+                            "or recover with --no-merge to ship the base model + adapter")
+        if not peft_exact(pending):
+            raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
+                            "plain peft would apply it densely, another model; export --format merged, or recover "
+                            "with --no-masked")
+    base_id = adapter_base or (push_to_hub if fmt == "peft" else None)
+    parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
+             "adapter": {".": adapter}}[fmt]
+    if dry_run:
+        return {"dry_run": True, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
+                "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)]}
+    if push_to_hub:
+        if not huggingface_hub.get_token():  # check before writing anything
+            raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
+
+    sweep = sweep_of(ws.path)
+
+    def fill(tmp: Path) -> None:
+        if fmt == "merged" and pending is not None:
+            model, tok = load_current(ws)  # model/ was hashed above: ws.verify does not hash it again
+            save_model(model, tok, tmp, ws.shard_size)
+        else:
+            for dest, src in parts.items():
+                shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
+            if fmt != "merged":
+                set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
+        for png in sweep[1] if sweep else []:  # the card shows them
+            (tmp / "plots").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, tmp / "plots" / png.name)
+
+    card, warnings = model_card(manifest, fmt, base_id, base_model, push_to_hub,
+                                (sweep[0], [p.name for p in sweep[1]]) if sweep else None)
+    for w in warnings:
+        report.warn(w)
+    written = build_folder(fill, card, out)
+    url = push(out, push_to_hub, private) if push_to_hub else None
+    return {"out": str(out), "format": fmt, "files": [p.relative_to(out).as_posix() for p in written], "url": url,
+            "warnings": warnings}
+
+
+STEP = Step("export", ExportOptions, run, "Write a clean Hugging Face folder with a model card, and optionally push it "
+            "to the Hub.", kind=KINDS["export"])
