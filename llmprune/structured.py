@@ -68,7 +68,7 @@ class Plan:
     def n_units(self) -> int:
         if "+" in self.structure:
             return sum(p.n_units for p in self.parts)
-        if not KINDS[self.structure].per_block:
+        if self.structure in KINDS and not KINDS[self.structure].per_block:
             return len(self.removed)
         return sum(len(r) for r in self.removed)
 
