@@ -23,6 +23,7 @@ from torch import nn
 from llmprune import report
 from llmprune.errors import UserError
 from llmprune.stats import exp_nll
+from llmprune.structures import STRUCTURES
 from llmprune.surgery import removal
 from llmprune.structured import (
     Plan,
@@ -86,20 +87,18 @@ def _tail(model: nn.Module, structure: str, n: int) -> Plan:
     """Some ``n`` units of ``structure`` (which ones does not change a count)."""
     g = geometry(model)
     idx = tail_units(g, structure, n)
-    per_block = structure in ("heads", "mlp", "experts")
+    per_block = STRUCTURES[structure].per_block
     return Plan(structure, [idx] * g.layers if per_block else idx, n / units_per_group(g, structure))
 
 
 def _valid(model: nn.Module, structure: str) -> list[int]:
     """The numbers of units of ``structure`` a ratio can remove (hidden channels go a multiple of the head count at
-    a time; every token keeps its top-k experts)."""
+    a time; every token keeps its top-k experts: the kind's ``count`` and ``removable``)."""
     check_supported(model, structure)
     g = geometry(model)
     total = units_per_group(g, structure)
     valid = sorted({c for n in range(total) if (c := count_removed_or_none(g, structure, n / total)) is not None})
-    if structure == "experts":
-        valid = [n for n in valid if total - n >= getattr(model.config, "num_experts_per_tok", 1)]
-    return valid
+    return [n for n in valid if STRUCTURES[structure].removable(model.config, total, n)]
 
 
 def _count_without(model: nn.Module, structure: str, n: int) -> int:

@@ -25,6 +25,7 @@ from torch import nn
 
 from llmprune.stats import exp_nll
 from llmprune.structured import Plan, Slice, slices
+from llmprune.structures import STRUCTURES
 
 
 NORMS = ("group", "l2", "l1")
@@ -147,7 +148,7 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
 
     def measure(m: nn.Module, step: int) -> dict[str, Any]:
         nll = heldout_nll(m, holdout)
-        if "experts" in plan.structure.split("+"):
+        if not all(STRUCTURES[s].zeroing_removes for s in plan.structure.split("+")):
             # A router row at zero still gives its expert a logit of 0, which can win the top-k: zeroing is not
             # removing here, so the gap is measured on the model with the experts removed.
             from llmprune.surgery import remove

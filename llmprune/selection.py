@@ -4,6 +4,8 @@
 contribution, ShortGPT's block influence; for experts REAP), ``reap`` and ``frequency`` (experts only), ``tail`` (the
 last units; for blocks the last before the final block) and ``random`` (seeded). Scores measured on calibration data
 do not depend on how many units go (``unit_scores`` once, ``select`` at any ratio), which the budget search uses.
+What each score is belongs to its kind (``structures/``: ``Structure.scorer``, or ``measure`` for its own
+selections); this module ranks by them.
 """
 
 from __future__ import annotations
@@ -17,32 +19,28 @@ from torch import nn
 from llmprune import arch as _arch
 from llmprune import engine
 from llmprune.errors import UserError
-from llmprune.stats import RowNorms
-from llmprune.structured import (
-    STRUCTURES,
-    Plan,
-    check_supported,
-    count_removed,
-    geometry,
-    split_structures,
-    tail_units,
-    units_per_group,
-)
+from llmprune.structures import STRUCTURES
+from llmprune.structures.base import COMMON_SELECTS
+from llmprune.structured import Plan, check_supported, count_removed, geometry, split_structures
 
 
-SELECTS = ("activation", "tail", "random", "reap", "frequency")
-
-
-EXPERT_SELECTS = ("reap", "frequency")  # experts only; "activation" means reap there
+# Every kind takes the common selections; these are the ones only some kind takes and measures itself (experts:
+# REAP and frequency, and "activation" means REAP there).
+EXPERT_SELECTS = tuple(dict.fromkeys(s for k in STRUCTURES.values() for s in k.own_selects))
+SELECTS = COMMON_SELECTS + EXPERT_SELECTS
 
 
 SELECT_WINDOWS = 16  # windows the activation scores are measured on: channel RMS is stable well before that
 
 
+def _listed(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
+
+
 def part_selection(part: str, select: str) -> str:
-    """A combination's selection for one of its parts: an experts-only selection (reap, frequency) means
-    ``activation`` for the parts that are not experts."""
-    return select if select not in EXPERT_SELECTS or part == "experts" else "activation"
+    """A combination's selection for one of its parts: a selection only some kinds take (reap and frequency:
+    experts) means ``activation`` for the parts that do not take it."""
+    return select if select not in EXPERT_SELECTS or select in STRUCTURES[part].selects else "activation"
 
 
 def check_choice(structure: str, select: str) -> None:
@@ -55,65 +53,33 @@ def check_choice(structure: str, select: str) -> None:
                         "by '+' with --target-params")
     if select not in SELECTS:
         raise UserError(f"unknown selection '{select}'; use one of: {', '.join(SELECTS)}")
-    if select in EXPERT_SELECTS and structure != "experts":
-        raise UserError(f"--select {select} scores experts; for --structure {structure} use activation, tail or random")
-
-
-def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
-    """ShortGPT's block influence (Men et al. 2024, eq. 1): ``1 - mean_t cos(x_in_t, x_out_t)``. A block that
-    barely turns the residual stream is the cheapest to remove."""
-    cos = torch.nn.functional.cosine_similarity(x_in.float().flatten(0, -2), x_out.float().flatten(0, -2), dim=-1)
-    return 1.0 - cos.mean().item()
-
-
-def contribution(x_norms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """How much each input channel of an output projection adds to the residual stream: ``||X_j|| * ||W_:,j||``
-    (the Wanda score summed over a column, Sun et al. 2023)."""
-    return x_norms.float() * weight.detach().float().norm(dim=0)
+    if select not in STRUCTURES[structure].selects:
+        owners = " or ".join(name for name, k in STRUCTURES.items() if select in k.selects)
+        raise UserError(f"--select {select} scores {owners}; for --structure {structure} use "
+                        f"{_listed(STRUCTURES[structure].selects)}")
 
 
 @torch.no_grad()
 def scores(model: nn.Module, structure: str, windows: torch.Tensor, device: str = "cpu",
            batch_size: int = 4, weights=None) -> torch.Tensor:
-    """Importance of every unit on calibration data; lower is removed first. ``hidden``: [d], RMS of the residual
-    stream summed over the block boundaries; ``heads``: [L, KV]; ``mlp``: [L, I]; ``layers``: [L]."""
+    """Importance of every unit on calibration data, from one walk of the dense model; lower is removed first.
+    ``hidden``: [d], RMS of the residual stream summed over the block boundaries; ``heads``: [L, KV]; ``mlp``:
+    [L, I]; ``layers``: [L] (each kind's ``Structure.scorer``)."""
     g = geometry(model)
     p = _arch.arch_for(model.config.model_type).parts
     acts = engine.capture(model, windows, batch_size, device, weights=weights)
-    tokens = windows.numel()
-    hidden = torch.zeros(g.hidden, dtype=torch.float64)
-    per_block: list[torch.Tensor] = []
-    influence: list[float] = []
-    prev: engine.Activations | None = None
-
-    def rms(a: engine.Activations) -> torch.Tensor:
-        return (sum(h.float().pow(2).sum((0, 1)).double() for h in a.hidden) / tokens).sqrt().cpu()
-
+    scorer = STRUCTURES[structure].scorer(g, p, windows.numel(), device)
     walk = engine.Walk(model, acts, device, f"scoring {structure}", weights=weights)
-    for i, block, inputs in walk:
-        if structure == "hidden":
-            hidden += rms(inputs)
-        elif structure == "layers" and prev is not None:
-            influence.append(_influence(prev, inputs))
-        elif structure in ("heads", "mlp"):
-            name = p.o if structure == "heads" else p.mlp_out
-            stats = engine.collect(block, inputs, device, RowNorms)
-            c = contribution(stats[name].norms("sum"), _arch.get_module(block, name).weight).cpu()
-            if structure == "heads":  # columns -> heads -> KV groups
-                c = c.view(g.heads, g.head_dim).sum(1).view(g.kv_heads, g.rep).sum(1)
-            per_block.append(c)
-        prev = inputs
-    if structure == "hidden":
-        return (hidden + rms(walk.outputs)).float()
-    if structure == "layers":
-        influence.append(_influence(prev, walk.outputs))
-        return torch.tensor(influence)
-    return torch.stack(per_block)
+    for _, block, inputs in walk:
+        scorer.block(block, inputs)
+    return scorer.result(walk.outputs)
 
 
 def selection_of(structure: str, how: str) -> str:
-    """The selection a plan records: for experts, ``activation`` is REAP (router weight x output norm)."""
-    return "reap" if structure == "experts" and how == "activation" else how
+    """The selection a plan records: what ``activation`` means for the kind (for experts REAP: router weight x
+    output norm). A combination records what it was given."""
+    k = STRUCTURES.get(structure)
+    return k.activation if k is not None and how == "activation" else how
 
 
 def routing_renormalised(model: nn.Module) -> bool:
@@ -123,15 +89,10 @@ def routing_renormalised(model: nn.Module) -> bool:
     return True if not key else bool(getattr(model.config, key, False))
 
 
-def _influence(a: engine.Activations, b: engine.Activations) -> float:
-    vals = [block_influence(x, y) for x, y in zip(a.hidden, b.hidden)]
-    return sum(vals) / len(vals)
-
-
 def measured_selection(structure: str, how: str) -> bool:
     """Whether ``how`` ranks the units of ``structure`` by scores measured on calibration data (which then do not
     depend on how many units are removed: ``unit_scores`` once, ``select`` at any ratio)."""
-    return how == "activation" or (structure == "experts" and how in EXPERT_SELECTS)
+    return how == "activation" or how in STRUCTURES[structure].own_selects
 
 
 @dataclass(frozen=True)
@@ -146,18 +107,15 @@ class Measured:
 
 def unit_scores(model: nn.Module, structure: str, how: str, windows: torch.Tensor, device: str = "cpu",
                 batch_size: int = 4, weights=None) -> Measured:
-    """Measure what ``select`` ranks the units of ``structure`` by under selection ``how``."""
+    """Measure what ``select`` ranks the units of ``structure`` by under selection ``how``: the kind's own
+    measurement for its own selections, else the ``activation`` walk (``scores``)."""
     how = selection_of(structure, how)
-    if structure == "experts":
-        from llmprune.reap import expert_stats
-
-        st = expert_stats(model, windows[:SELECT_WINDOWS], device, batch_size, weights)
-        rows = st.reap() if how == "reap" else st.frequency()
-        return Measured(structure, how, list(rows),
-                        {"scores": [None if r is None else [round(float(v), 6) for v in r] for r in rows],
-                         "tokens": [None if t is None else t.tolist() for t in st.tokens]})
+    k = STRUCTURES[structure]
+    if how in k.own_selects:
+        rows, meta = k.measure(model, how, windows[:SELECT_WINDOWS], device, batch_size, weights)
+        return Measured(structure, how, rows, meta)
     s = scores(model, structure, windows[:SELECT_WINDOWS], device, batch_size, weights)
-    return Measured(structure, how, list(s) if structure in ("heads", "mlp") else [s], {})
+    return Measured(structure, how, list(s) if k.per_block else [s], {})
 
 
 def select(model: nn.Module, structure: str, ratio: float, how: str, windows: torch.Tensor | None,
@@ -170,10 +128,9 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     check_supported(model, structure)
     g = geometry(model)
     n = count_removed(g, structure, ratio)
-    per_block = structure in ("heads", "mlp", "experts")
-    size = units_per_group(g, structure)
-    moe = [_arch.get_module(b, spec.path) is not None for b in _arch.blocks(model)] if (
-        spec := _arch.arch_for(model.config.model_type).experts) else []
+    k = STRUCTURES[structure]
+    groups = g.layers if k.per_block else 1  # one list of units per block, or one for the model
+    size = k.units(g)
     meta: dict[str, Any] = {}
     if measured_selection(structure, how):
         assert windows is not None or measured is not None
@@ -184,14 +141,12 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
         rows, meta = m.rows, m.meta
         removed = [[] if r is None else sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in rows]
     elif how == "tail":
-        removed = [tail_units(g, structure, n)] * (g.layers if per_block else 1)
+        removed = [k.tail(g, n)] * groups
     elif how == "random":
         gen = torch.Generator().manual_seed(seed)
-        removed = [sorted(torch.randperm(size, generator=gen)[:n].tolist())
-                   for _ in range(g.layers if per_block else 1)]
+        removed = [sorted(torch.randperm(size, generator=gen)[:n].tolist()) for _ in range(groups)]
     else:
         raise ValueError(how)
-    if structure == "experts":  # dense blocks of an MoE model (Qwen3-MoE's mlp_only_layers) have none to remove
-        removed = [r if m else [] for r, m in zip(removed, moe)]
-    return Plan(structure, removed if per_block else removed[0], ratio, how,
+    removed = k.where_present(model, removed)
+    return Plan(structure, removed if k.per_block else removed[0], ratio, how,
                 {"units": n, "of": size, **({"seed": seed} if how == "random" else {}), **meta})

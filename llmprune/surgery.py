@@ -1,24 +1,16 @@
 """The surgery of structured removal: a physically smaller model, built from a *standard* config, so it loads with
 plain ``AutoModelForCausalLM.from_pretrained`` -- no custom code, no pickle. ``structured.slices`` says which slices
 couple with the units a ``Plan`` removes; this module cuts them out, in memory (``remove``) or shard by shard
-(``remove_streamed``), and says what the smaller config is (``removal``).
+(``remove_streamed``), and says what the smaller config is (``removal``, from the kind's ``Structure.resize``).
 
-Removing hidden channels that are exactly zero is exact for RMSNorm models once the kept norms' effective scales
-are multiplied by ``sqrt(d / d')`` (the RMS over d' channels is that much larger than over d), ``rms_norm_eps`` by
-``d / d'``, and -- Gemma -- the embedding by the same factor, as its ``sqrt(hidden_size)`` multiplier shrinks
-(``_hidden_rescale``). LayerNorm models (OPT, Phi-2) are not exact: their mean and variance change with the width.
-
-Removing experts cuts expert e out of the block's 3-D expert parameters and row e out of its router (a checkpoint
-storing one tensor per expert has e's tensors dropped and the rest renumbered, as blocks are). It is exact for every
-token that did not choose e when the router renormalises over its top-k (Mixtral, Qwen-MoE with
-``norm_topk_prob``): the softmax over the chosen experts does not see the others. Without that renormalisation the
-router's softmax runs over all experts, so removing one raises the weights of those that stay.
+When removal is exact is each kind's: hidden channels need the RMSNorm rescale of ``structures/hidden.py`` (LayerNorm
+models are not exact), experts a router that renormalises over its top-k (``structures/experts.py``); KV groups,
+MLP channels and blocks at exactly zero are removed exactly.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +19,7 @@ from torch import nn
 
 from llmprune import arch as _arch
 from llmprune import units
-from llmprune.errors import UserError
-from llmprune.structured import Plan, Slice, check_supported, geometry, module_name, slices
+from llmprune.structured import Plan, Slice, check_supported, geometry, kind, module_name, slices
 
 
 def _keep(size: int, removed: torch.Tensor) -> torch.Tensor:
@@ -86,94 +77,23 @@ class Removal:
 
 def removal(model: nn.Module, plan: Plan) -> Removal:
     """The ``Removal`` of ``plan`` from ``model`` (which may be a skeleton: only names, shapes and the config are
-    read)."""
+    read): the slices of its units cut out, and its kind's ``resize`` of the config."""
     check_supported(model, plan.structure)
     a = _arch.arch_for(model.config.model_type)
     g = geometry(model)
     cfg = copy.deepcopy(model.config)
-    s = plan.structure
+    k = kind(plan.structure)
     cuts: dict[str, list[Slice]] = {}
-    scale: dict[str, tuple[float, float]] = {}
-    gone: set[int] = set()
-    renumber: dict[int, int] = {}
-    experts: dict[int, dict[int, int | None]] = {}
-    if s == "layers":
-        gone = set(plan.removed)
-        keep = [i for i in range(g.layers) if i not in gone]
-        renumber = {old: new for new, old in enumerate(keep)}
-        cfg.num_hidden_layers = len(keep)
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    else:
+    if not k.drops_blocks:
         for sl in slices(model, plan):
             cuts.setdefault(sl.param, []).append(sl)
             for ours, theirs in a.renames:  # the same tensor under a checkpoint's own name (Mixtral's router)
                 if ours in sl.param:
                     cuts.setdefault(sl.param.replace(ours, theirs), []).append(sl)
         cfg.head_dim = g.head_dim  # the attention width is no longer hidden_size // heads in general
-        if s == "hidden":
-            d_new = g.hidden - len(plan.removed)
-            if d_new % g.heads:
-                raise UserError(f"removing {len(plan.removed)} hidden channels leaves {d_new}, not a multiple of the "
-                                f"{g.heads} attention heads, which transformers' config validation requires")
-            cfg.hidden_size = d_new
-            if a.parts.rms_norm and plan.removed:
-                scale = _hidden_rescale(model, g.hidden, d_new)
-                # RMSNorm divides by sqrt(mean(x^2) + eps); the mean over d' channels is d/d' times larger, so eps
-                # must grow by the same factor for the smaller model to compute exactly the same function.
-                if getattr(cfg, "rms_norm_eps", None) is not None:
-                    cfg.rms_norm_eps = cfg.rms_norm_eps * g.hidden / d_new
-        elif s == "heads":
-            r = len(plan.removed[0]) if plan.removed else 0
-            if any(len(x) != r for x in plan.removed):
-                raise UserError("a standard config needs the same number of KV groups removed in every block")
-            cfg.num_attention_heads = g.heads - r * g.rep
-            cfg.num_key_value_heads = g.kv_heads - r
-        elif s == "mlp":
-            r = len(plan.removed[0]) if plan.removed else 0
-            if any(len(x) != r for x in plan.removed):
-                raise UserError("a standard config needs the same number of MLP channels removed in every block")
-            setattr(cfg, a.parts.mlp_width, g.mlp - r)
-        elif s == "experts":
-            counts = {len(x) for x, block in zip(plan.removed, _arch.blocks(model))
-                      if _arch.get_module(block, a.experts.path) is not None}
-            if len(counts) > 1:
-                raise UserError("a standard config needs the same number of experts removed in every MoE block")
-            r = counts.pop() if counts else 0
-            if g.experts - r < getattr(cfg, "num_experts_per_tok", 1):
-                raise UserError(f"removing {r} of {g.experts} experts leaves fewer than the {cfg.num_experts_per_tok} "
-                                "each token is routed to")
-            setattr(cfg, a.experts.count, g.experts - r)
-            for i, gone_e in enumerate(plan.removed):
-                if gone_e:
-                    kept = [e for e in range(g.experts) if e not in set(gone_e)]
-                    experts[i] = {e: (kept.index(e) if e in kept else None) for e in range(g.experts)}
-    return Removal(cfg, cuts, scale, gone, renumber, a.layers + ".", experts,
+    done = k.resize(model, plan.removed, g, cfg)
+    return Removal(cfg, cuts, done.scale, done.gone, done.renumber, a.layers + ".", done.experts,
                    a.experts.disk_path if a.experts is not None else "")
-
-
-def _hidden_rescale(model: nn.Module, d: int, d_new: int) -> dict[str, tuple[float, float]]:
-    """The affine maps ``v -> a v + b`` that make a model with ``d - d_new`` zero hidden channels removed compute
-    the same function (RMSNorm models).
-
-    Every RMSNorm over the hidden size sees an RMS ``f = sqrt(d / d_new)`` times larger once the zeros are gone, so
-    its effective scale ``offset + w`` is multiplied by ``f``: ``w' = f w + offset (f - 1)`` (offset 1 for Gemma's
-    ``(1 + w)``). An embedding scaled by ``sqrt(hidden_size)`` (Gemma) is scaled by ``sqrt(d_new)`` in the smaller
-    model, so its values are multiplied by ``f``; a head tied to it is then ``f`` times larger as well, and the
-    final norm's ``f`` cancels it."""
-    a = _arch.arch_for(model.config.model_type)
-    p = a.parts
-    f = math.sqrt(d / d_new)
-    norm = lambda factor: (factor, p.norm_offset * (factor - 1))  # noqa: E731
-    out = {f"{a.layers}.{i}.{n}.weight": norm(f) for i in range(len(_arch.blocks(model))) for n in p.norms}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    emb = f if p.embed_scaled else 1.0
-    out[f"{p.final_norm}.weight"] = norm(f / emb if tied else f)
-    if p.embed_scaled:
-        out[f"{p.embed}.weight"] = (emb, 0.0)
-        if tied:  # the same tensor under the head's name (a model in memory lists both)
-            out[f"{module_name(model, model.get_output_embeddings())}.weight"] = (emb, 0.0)
-    return {k: v for k, v in out.items() if v != (1.0, 0.0)}
 
 
 def _no_init_weights():

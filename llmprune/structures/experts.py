@@ -1,0 +1,90 @@
+"""``experts``: the routed experts of mixture-of-experts blocks, per block (docs/methods.md, sections 8.2, 8.3 and
+8.8).
+
+Removing experts cuts expert e out of the block's 3-D expert parameters and row e out of its router (a checkpoint
+storing one tensor per expert has e's tensors dropped and the rest renumbered, as blocks are). It is exact for every
+token that did not choose e when the router renormalises over its top-k (Mixtral, Qwen-MoE with
+``norm_topk_prob``): the softmax over the chosen experts does not see the others. Without that renormalisation the
+router's softmax runs over all experts, so removing one raises the weights of those that stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune import arch as _arch
+from llmprune.errors import UserError
+from llmprune.reap import expert_stats
+from llmprune.structures.base import COMMON_SELECTS, Coupling, Geometry, Structure, Surgery, same_count
+
+
+def moe_blocks(model: nn.Module) -> list[bool]:
+    """Which blocks have routed experts (Qwen3-MoE's ``mlp_only_layers`` are dense)."""
+    spec = _arch.arch_for(model.config.model_type).experts
+    return [_arch.get_module(b, spec.path) is not None for b in _arch.blocks(model)]
+
+
+def renumbered(total: int, gone: list[int]) -> dict[int, int | None]:
+    """Old expert index -> new one, or None for one that goes (the kept experts keep their order)."""
+    kept = [e for e in range(total) if e not in set(gone)]
+    return {e: (kept.index(e) if e in kept else None) for e in range(total)}
+
+
+class Experts(Structure):
+    name = "experts"
+    what = "routed experts per MoE block"
+    order = 3
+    per_block = True
+    own_selects = ("reap", "frequency")  # Lasby et al. 2025, and the routing-frequency baseline (section 8.8)
+    selects = COMMON_SELECTS + own_selects
+    activation = "reap"  # --select activation means REAP for experts
+    # A router row at zero still gives its expert a logit of 0, which can win the top-k: zeroing is not removing
+    # here, so DReSS measures its gap on the model with the experts removed.
+    zeroing_removes = False
+
+    def units(self, g: Geometry) -> int:
+        return g.experts
+
+    def removable(self, config: Any, total: int, n: int) -> bool:
+        """Every token keeps the top-k experts it is routed to."""
+        return total - n >= getattr(config, "num_experts_per_tok", 1)
+
+    def missing(self, a: _arch.Arch) -> str | None:
+        return "it has no mixture-of-experts blocks" if a.experts is None else None
+
+    def where_present(self, model: nn.Module, removed: list[Any]) -> list[Any]:
+        # dense blocks of an MoE model (Qwen3-MoE's mlp_only_layers) have none to remove
+        return [r if m else [] for r, m in zip(removed, moe_blocks(model))]
+
+    def couple(self, c: Coupling, removed: list[Any]) -> None:
+        """An expert: row e of both 3-D parameters and of the router go together."""
+        spec, u = c.a.experts, 0
+        for i, experts in enumerate(removed):
+            unit = list(range(u, u + len(experts)))
+            u += len(experts)
+            for param, _ in spec.params:
+                c.add(f"{c.blk(i, spec.path)}.{param}", 0, list(experts), unit)
+            c.add_module(c.blk(i, spec.router), 0, list(experts), unit, bias=True)
+
+    def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
+        """The routed-expert count (``arch.Experts.count``) shrinks; ``num_experts_per_tok`` stays."""
+        r = same_count([len(x) for x, moe in zip(removed, moe_blocks(model)) if moe], "experts", "MoE block")
+        if not self.removable(cfg, g.experts, r):
+            raise UserError(f"removing {r} of {g.experts} experts leaves fewer than the {cfg.num_experts_per_tok} "
+                            "each token is routed to")
+        setattr(cfg, _arch.arch_for(model.config.model_type).experts.count, g.experts - r)
+        return Surgery(experts={i: renumbered(g.experts, gone) for i, gone in enumerate(removed) if gone})
+
+    def measure(self, model: nn.Module, how: str, windows: torch.Tensor, device: str, batch_size: int,
+                weights) -> tuple[list[torch.Tensor | None], dict[str, Any]]:
+        """REAP (router weight x output norm) or routing frequency, from one walk (``reap.expert_stats``)."""
+        st = expert_stats(model, windows, device, batch_size, weights)
+        rows = st.reap() if how == "reap" else st.frequency()
+        return list(rows), {"scores": [None if r is None else [round(float(v), 6) for v in r] for r in rows],
+                            "tokens": [None if t is None else t.tolist() for t in st.tokens]}
+
+
+KIND = Experts()
