@@ -1,4 +1,5 @@
-"""The ``llmprune`` app: wires the commands (one module each) and the global options; nothing else."""
+"""The ``llmprune`` app: wires the commands (one per workdir step, built from ``steps.registry.STEPS``; ``status``,
+``run`` and ``sweep``) and the global options; nothing else."""
 
 from __future__ import annotations
 
@@ -11,22 +12,18 @@ import typer
 from llmprune import __version__, report
 from llmprune.cli._errors import guarded
 from llmprune.cli._core import Settings, exit_code
-from llmprune.cli.calibrate import calibrate
-from llmprune.cli.eval_ import eval_
-from llmprune.cli.export import export
-from llmprune.cli.prune import prune
+from llmprune.cli.commands import step_command
 from llmprune.cli.recipe import run_recipe
-from llmprune.cli.recover import recover
-from llmprune.cli.regularize import regularize
 from llmprune.cli.status import status
 from llmprune.cli.sweep import sweep_
 from llmprune.methods import METHODS
+from llmprune.steps.registry import STEPS
 
 HELP = (f"Prune causal language models ({', '.join(m.label for m in METHODS.values())}) through a working "
         "directory.")
 
 app = typer.Typer(name="llmprune", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+                  add_completion=True, context_settings={"help_option_names": ["-h", "--help"]})
 
 
 def _version(value: bool) -> None:
@@ -50,12 +47,8 @@ def _options(
         settings.verify = False
 
 
-app.command()(calibrate)
-app.command()(regularize)
-app.command()(prune)
-app.command()(recover)
-app.command("eval")(eval_)
-app.command()(export)
+for _name in STEPS:  # calibrate, regularize, prune, recover, eval, export
+    app.command(_name)(step_command(_name))
 app.command()(status)
 app.command("run")(run_recipe)
 app.command("sweep")(sweep_)

@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from llmprune import report
-from llmprune.cli._build import command
-from llmprune.steps.registry import STEPS
 
 
 def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
@@ -15,5 +13,3 @@ def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
                  [["model", o.model], ["model type", res["model_type"]], ["parameters", res["parameters"]],
                   ["dataset tokens", res["source_tokens"]], ["windows", f"{o.samples} × {o.seqlen}"]])
 
-
-calibrate = command(STEPS["calibrate"], render)

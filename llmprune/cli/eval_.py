@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from llmprune import report
-from llmprune.cli._build import command
-from llmprune.steps.registry import STEPS
 from llmprune.tasks import primary
 
 
@@ -33,5 +31,3 @@ def task_rows(results: dict, mean) -> list[list]:
         rows.append(["tasks mean", f"{mean:.4f}"])
     return rows
 
-
-eval_ = command(STEPS["eval"], render)

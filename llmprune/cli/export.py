@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from llmprune import report
-from llmprune.cli._build import command
-from llmprune.steps.registry import STEPS
 
 
 def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
@@ -21,5 +19,3 @@ def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
     report.table(f"exported {out}" + (f" → {url}" if url else ""), ["file", "bytes"],
                  [[rel, (out / rel).stat().st_size] for rel in res["files"]])
 
-
-export = command(STEPS["export"], render, json_workdir=False)

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from llmprune import report
-from llmprune.cli._build import command
-from llmprune.steps.registry import STEPS
 
 
 def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
@@ -41,5 +39,3 @@ def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
                      [[i, f"{d:.4f}", f"{t:.2%}", f"{a:.2%}"] for i, (d, t, a) in
                       enumerate(zip(res["outlier_ratio"], res["target_block_sparsity"], res["block_sparsity"]))])
 
-
-prune = command(STEPS["prune"], render)

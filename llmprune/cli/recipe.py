@@ -9,16 +9,8 @@ from typing import Any
 
 from llmprune import report
 from llmprune.cli._build import command
-from llmprune.cli.calibrate import render as calibrate_table
-from llmprune.cli.eval_ import render as eval_table
-from llmprune.cli.export import render as export_table
-from llmprune.cli.prune import render as prune_table
-from llmprune.cli.recover import render as recover_table
-from llmprune.cli.regularize import render as regularize_table
+from llmprune.cli.commands import table
 from llmprune.steps import recipe
-
-RENDERS = {"calibrate": calibrate_table, "regularize": regularize_table, "prune": prune_table,
-           "recover": recover_table, "eval": eval_table, "export": export_table}
 
 
 def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
@@ -33,7 +25,7 @@ def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
 
 
 def _show(workdir: Path, command_name: str, res: dict[str, Any], options: Any) -> None:
-    RENDERS[command_name](res, options, workdir)
+    table(command_name)(res, options, workdir)
 
 
 def _run(ws, o) -> dict[str, Any]:

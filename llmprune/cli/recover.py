@@ -6,9 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from llmprune import report
-from llmprune.cli._build import command
 from llmprune.steps.recover import LORA_DEFAULTS
-from llmprune.steps.registry import STEPS
 
 
 def render(m: dict[str, Any], o: Any, workdir: Path) -> None:
@@ -34,5 +32,3 @@ def _rows(m: dict, full: bool, merge: bool, distill: bool) -> list[list]:
                  ["sparsity", f"{m['sparsity']['all']:.2%} (before {m['sparsity_before']['all']:.2%})"]]
     return rows + [["steps", m["steps"]], ["time", f"{m['train_s']:.1f} s"]]
 
-
-recover = command(STEPS["recover"], render)

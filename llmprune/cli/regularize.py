@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from llmprune import report
-from llmprune.cli._build import command
-from llmprune.steps.registry import STEPS
 
 
 def render(m: dict[str, Any], o: Any, workdir: Path) -> None:
@@ -28,5 +26,3 @@ def _size(plan: dict) -> str:
         return ", ".join(f"{p['structure']} {p['ratio']:.0%}" for p in plan["removed"])
     return f"{plan['ratio']:.0%}"
 
-
-regularize = command(STEPS["regularize"], render)
