@@ -355,17 +355,10 @@ class Rewrite:
                 shutil.copy2(f, self.out / f.name)
 
     def block(self, index: int, module: nn.Module) -> None:
-        from llmprune.errors import StepFailed
-
         for name, t in self.source.tensors(module):
-            if name not in self.changed:
-                continue
-            if t.is_floating_point():
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    raise StepFailed(f"the step produced {bad:,} NaN or infinite weights (the first in {name}); "
-                                     "nothing was committed: lower the learning rate or check the step's options")
-            self.writer.put(name, t)
+            if name in self.changed:
+                validate.refuse_produced(validate.non_finite_count(t), name)
+                self.writer.put(name, t)
 
     def close(self) -> dict[str, str]:
         """Finish the folder; returns the files that are hard links of the source's (their digests need no re-hash)."""

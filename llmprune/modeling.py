@@ -178,9 +178,8 @@ def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2G
                 for start in range(0, max(rows, 1), step):
                     stop = min(start + step, rows)
                     t = lazy.shards.rows(name, start, stop) if entries[name].shape else lazy.shards.get(name)
-                    if t.is_floating_point():
-                        n = int((~torch.isfinite(t)).sum())
-                        bad, first = bad + n, first or (name if n else None)
+                    n = validate.non_finite_count(t)
+                    bad, first = bad + n, first or (name if n else None)
                     if entries[name].shape:
                         writer.put_rows(name, start, t, last=stop == rows)
                     else:
@@ -205,7 +204,7 @@ def non_finite(model) -> tuple[int, str | None]:
     """How many parameter entries are NaN or infinite, and the name of the first tensor holding one."""
     count, first = 0, None
     for name, p in model.named_parameters():
-        bad = int((~torch.isfinite(p.detach())).sum())
+        bad = validate.non_finite_count(p.detach())
         if bad:
             count += bad
             first = first or name
@@ -215,12 +214,7 @@ def non_finite(model) -> tuple[int, str | None]:
 def save_model(model, tokenizer, out: Path, max_shard_size: str = "2GB") -> None:
     """Write the model into a step's staging area -- never one with NaN or infinite weights: the step fails
     before its commit, and the workdir keeps its previous model."""
-    from llmprune.errors import StepFailed
-
-    count, first = non_finite(model)
-    if count:
-        raise StepFailed(f"the step produced {count:,} NaN or infinite weights (the first in {first}); nothing was "
-                         "committed: lower the learning rate or check the step's options")
+    validate.refuse_produced(*non_finite(model))
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
 

@@ -13,6 +13,9 @@ import math
 import re
 from typing import Any, Iterable
 
+import torch
+
+from llmprune.errors import StepFailed
 from llmprune.precision import PRUNABLE
 
 # Sizes a decoder config may carry: each, when present, a positive integer below the bound. A bound far above any
@@ -107,3 +110,17 @@ def check_vocabulary(tokens: int, rows: int, what: str, error: type[Exception]) 
     if tokens > rows:
         raise error(f"the tokenizer of {what} has {tokens:,} tokens but the embedding has {rows:,} rows; "
                     "the tokenizer does not belong to these weights")
+
+
+# --- finite weights ---------------------------------------------------------------------------------------------
+def non_finite_count(t: torch.Tensor) -> int:
+    """NaN and infinite entries of a tensor (none in an integer one)."""
+    return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+
+
+def refuse_produced(count: int, first: str | None) -> None:
+    """A step never commits NaN or infinite weights: it fails before its commit (exit 2) and the workdir keeps its
+    previous model."""
+    if count:
+        raise StepFailed(f"the step produced {count:,} NaN or infinite weights (the first in {first}); nothing was "
+                         "committed: lower the learning rate or check the step's options")
