@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from torch import nn
 
 from llmprune import arch as _arch
 from llmprune import units
-from llmprune import engine
+from llmprune import engine, report
 from llmprune.head import Head
 from llmprune.errors import UserError
 from llmprune.modeling import param_count
@@ -96,44 +95,92 @@ def summary(model: nn.Module, counts: dict[str, tuple[int, int]] | None = None) 
     return {"parameters": param_count(model), "sparsity": sparsity_by_type(model if counts is None else counts)}
 
 
-@torch.no_grad()
-def speed(model: nn.Module, prompt_len: int = 512, new_tokens: int = 64, reps: int = 3, device: str = "cpu",
-          seed: int = 0, batch: int = 1) -> dict[str, float]:
-    """Prefill and decode throughput (tokens/s, all sequences together) of the whole model on ``device`` with
-    ``batch`` sequences at once, best of ``reps``.
+SPEED_REPS = 5  # timed repetitions per model (after one warm-up): enough for a median and its quartiles
 
-    Prefill: one forward pass over ``batch`` prompts of ``prompt_len``. Decode: ``new_tokens`` single-token steps
-    through the KV cache after them (greedy). Best-of-n, because timing noise on a shared machine only ever slows
-    down. Batch 1 is latency-bound serving; a larger batch is where a smaller model's arithmetic shows.
-    """
-    import inspect
-    import time
 
-    model.to(device).eval()
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    # transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this release's forward takes.
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    model(input_ids=ids[:, :16], use_cache=False)  # warm-up: first-call allocations are not the model's speed
-    prefill, decode = math.inf, math.inf
-    for _ in range(reps):
-        sync()
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(lower quartile, median, upper quartile) of a few timings, by linear interpolation between order statistics."""
+    v = sorted(values)
+
+    def at(q: float) -> float:
+        pos = q * (len(v) - 1)
+        lo = int(pos)
+        return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+
+    return at(0.25), at(0.5), at(0.75)
+
+
+def verdict(ratios: list[float]) -> str:
+    """A speed-up measured as paired ratios (model over baseline, each pair timed back to back): "faster" or
+    "slower" only when the middle half of the ratios lies on one side of 1, else "within noise"."""
+    q1, _, q3 = quartiles(ratios)
+    return "faster" if q1 > 1 else "slower" if q3 < 1 else "within noise"
+
+
+class Timer:
+    """Prefill and decode of one model at one batch size, one repetition at a time: ``once()`` gives (prefill
+    seconds, decode seconds). Prefill: one forward pass over ``batch`` random prompts of ``prompt_len``. Decode:
+    ``new_tokens`` single-token steps through the KV cache after them (greedy). The first call is a warm-up whose
+    time is dropped (first-call allocations and kernel choices are not the model's speed)."""
+
+    def __init__(self, model: nn.Module, prompt_len: int, new_tokens: int, device: str, batch: int, seed: int = 0):
+        import inspect
+
+        self.model, self.new_tokens, self.device = model, new_tokens, device
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen)
+        # transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this release's forward takes.
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+        self.warm = False
+
+    @torch.no_grad()
+    def once(self) -> tuple[float, float]:
+        model = self.model.to(self.device).eval()
+        ids = self.ids.to(self.device)
+        if not self.warm:
+            self._run(model, ids)
+            self.warm = True
+        prefill, decode = self._run(model, ids)
+        return prefill, decode
+
+    def _run(self, model, ids) -> tuple[float, float]:
+        import time
+
+        self.sync()
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
-        sync()
-        prefill = min(prefill, time.perf_counter() - t0)
-        past, tok = out[cache_kw], out.logits[:, -1:].argmax(-1)
+        self.sync()
+        prefill = time.perf_counter() - t0
+        past, tok = out[self.cache_kw], out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=tok, use_cache=True, **{cache_kw: past})
-            past, tok = out[cache_kw], out.logits[:, -1:].argmax(-1)
-        sync()
-        decode = min(decode, time.perf_counter() - t0)
+        for _ in range(self.new_tokens):
+            out = model(input_ids=tok, use_cache=True, **{self.cache_kw: past})
+            past, tok = out[self.cache_kw], out.logits[:, -1:].argmax(-1)
+        self.sync()
+        return prefill, time.perf_counter() - t0
+
+
+def speed(model: nn.Module, prompt_len: int = 512, new_tokens: int = 64, reps: int = SPEED_REPS,
+          device: str = "cpu", seed: int = 0, batch: int = 1) -> dict[str, Any]:
+    """Prefill and decode throughput (tokens/s, all sequences together) of the whole model on ``device`` with
+    ``batch`` sequences at once: the median of ``reps`` timed repetitions after a warm-up, with the lowest and
+    highest (``*_range``). Batch 1 is latency-bound serving; a larger batch is where a smaller model's arithmetic
+    shows."""
+    timer = Timer(model, prompt_len, new_tokens, device, batch, seed)
+    runs = [timer.once() for _ in range(reps)]
     model.to("cpu")
-    return {"prefill_tokens_per_s": round(batch * prompt_len / prefill, 2),
-            "decode_tokens_per_s": round(batch * new_tokens / decode, 2), "prompt_len": prompt_len,
-            "new_tokens": new_tokens}
+    return {**_rates(runs, batch * prompt_len, batch * new_tokens), "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "reps": reps}
+
+
+def _rates(runs: list[tuple[float, float]], prompt_tokens: int, new_tokens: int, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, (phase, tokens) in enumerate((("prefill", prompt_tokens), ("decode", new_tokens))):
+        rates = [tokens / r[i] for r in runs]
+        out[f"{prefix}{phase}_tokens_per_s"] = round(quartiles(rates)[1], 2)
+        out[f"{prefix}{phase}_tokens_per_s_range"] = [round(min(rates), 2), round(max(rates), 2)]
+    return out
 
 
 def _suffix(batch: int) -> str:
@@ -142,30 +189,37 @@ def _suffix(batch: int) -> str:
 
 
 def speed_against(model: nn.Module, base_dir, prompt_len: int, new_tokens: int, device: str,
-                  batches: tuple[int, ...] = (1,)) -> dict[str, Any]:
-    """Throughput of ``model`` (and of the baseline in ``base_dir``, timed alternately in the same run: ratios, not
-    absolute timings, are what compares on a noisy machine) at each batch size of ``batches``."""
+                  batches: tuple[int, ...] = (1,), reps: int = SPEED_REPS) -> dict[str, Any]:
+    """Throughput of ``model`` (and of the baseline in ``base_dir``) at each batch size of ``batches``. With a
+    baseline the two are timed alternately, one repetition each in turn, so that a slow spell of the machine hits
+    both; each speed-up is the median of the ``reps`` paired ratios, with their range and a verdict ("faster",
+    "slower", "within noise": ``verdict``). Ratios, not absolute timings, are what compares on a noisy machine."""
     from llmprune.modeling import load_model
 
     base = load_model(base_dir, error=UserError)[0] if base_dir is not None else None  # a folder the user named
-    out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": list(batches)}
-    keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
+    out: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": list(batches), "reps": reps}
     for b in batches:
         sfx = _suffix(b)
         if base is None:
-            one = speed(model, prompt_len, new_tokens, device=device, batch=b)
-            out.update({f"{k}{sfx}": one[k] for k in keys})
+            one = speed(model, prompt_len, new_tokens, reps=reps, device=device, batch=b)
+            out.update({f"{k}{sfx}": v for k, v in one.items() if k.startswith(("prefill", "decode"))})
             continue
-        runs: dict[str, list[dict[str, float]]] = {"model": [], "baseline": []}
-        for _ in range(2):  # alternate, so that a slow spell of the machine hits both
-            runs["model"].append(speed(model, prompt_len, new_tokens, device=device, batch=b))
-            runs["baseline"].append(speed(base, prompt_len, new_tokens, device=device, batch=b))
-        best = {k: {m: max(r[m] for r in v) for m in keys} for k, v in runs.items()}
-        out.update({f"{m}{sfx}": v for m, v in best["model"].items()})
-        out.update({f"baseline_{m}{sfx}": v for m, v in best["baseline"].items()})
-        for phase in ("prefill", "decode"):
-            m = f"{phase}_tokens_per_s"
-            out[f"{phase}_speedup{sfx}"] = round(best["model"][m] / best["baseline"][m], 3)
+        timers = [Timer(m, prompt_len, new_tokens, device, b) for m in (model, base)]
+        pairs = []
+        with report.progress(f"timing against the baseline (batch {b})", reps) as advance:
+            for _ in range(reps):
+                pairs.append((timers[0].once(), timers[1].once()))
+                advance()
+        model.to("cpu")
+        base.to("cpu")
+        for who, prefix in ((0, ""), (1, "baseline_")):
+            rates = _rates([p[who] for p in pairs], b * prompt_len, b * new_tokens, prefix)
+            out.update({f"{k}{sfx}": v for k, v in rates.items()})
+        for i, phase in enumerate(("prefill", "decode")):
+            ratios = [base_t[i] / model_t[i] for model_t, base_t in pairs]  # time ratio = throughput ratio
+            out[f"{phase}_speedup{sfx}"] = round(quartiles(ratios)[1], 3)
+            out[f"{phase}_speedup_range{sfx}"] = [round(min(ratios), 3), round(max(ratios), 3)]
+            out[f"{phase}_speedup_verdict{sfx}"] = verdict(ratios)
     return out
 
 

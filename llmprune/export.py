@@ -1,4 +1,5 @@
-"""``export``: a clean Hugging Face folder with a model card written from the manifest, optionally pushed to the Hub."""
+"""``export``'s folder and Hub upload: what ``--out`` may be, the folder written whole then renamed, the push (the
+model card is ``llmprune.card``)."""
 
 from __future__ import annotations
 
@@ -11,215 +12,9 @@ from typing import Any, Callable
 
 from llmprune.errors import UserError
 from llmprune.paths import printable
-from llmprune.report import number as num
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
-_SKIP_PARAMS = {"json"}
-
+from llmprune.card import HUB_ID
 
 FORMATS = ("merged", "peft", "adapter")
-_HOW = {"merged": "It loads with plain transformers:",
-        "peft": "This folder holds the pruned model and, in `adapter/`, its LoRA recovery adapter (peft):",
-        "adapter": "This folder holds its LoRA recovery adapter (peft); the base is the pruned model it was trained on:"}
-
-
-def _loading(fmt: str, base_id: str | None, repo: str | None = None) -> list[str]:
-    """The card's loading snippet for each export format (``repo``: the Hub repo it is pushed to, when known)."""
-    at = repo or "PATH_OR_REPO"
-    if fmt == "merged":
-        return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                f'model = AutoModelForCausalLM.from_pretrained("{at}")']
-    if fmt == "peft":
-        return ["from peft import PeftModel",
-                "from transformers import AutoModelForCausalLM",
-                f'base = AutoModelForCausalLM.from_pretrained("{at}")  # the pruned model',
-                f'model = PeftModel.from_pretrained(base, "{at}", subfolder="adapter")  # + the LoRA adapter']
-    return ["from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM",
-            f'base = AutoModelForCausalLM.from_pretrained("{base_id or "BASE_MODEL"}")  # the pruned model it was trained on',
-            f'model = PeftModel.from_pretrained(base, "{at}")']
-
-
-def _is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.fullmatch(source)) and not Path(source).exists() and not source.endswith(".gguf")
-
-
-DATASETS_HUB = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4", "ptb": "ptb-text-only/ptb_text_only"}
-
-
-def _hub_dataset(source: Any) -> str | None:
-    """The Hub id of a dataset source (a named one, or ``hf:NAME[:CONFIG[:SPLIT]]``); None for local files."""
-    if not isinstance(source, str):
-        return None
-    if source.startswith("hf:"):
-        return source[3:].split(":")[0] or None
-    return DATASETS_HUB.get(source)
-
-
-def _local_digests(manifest: dict[str, Any]) -> dict[str, str]:
-    """SHA-256 of the local files the steps name, so the card can name each by file name and digest: the GGUF's
-    from the manifest, the others hashed now while they still exist (a file gone is named alone)."""
-    from llmprune.fsio import sha256_file
-
-    base = manifest.get("base_model", {})
-    out = {base["source"]: base["sha256"]} if base.get("sha256") and base.get("source") else {}
-    from llmprune.provenance import local_paths
-
-    for s in manifest.get("steps", []):
-        for v in s.get("params", {}).values():
-            if not isinstance(v, str) or _hub_dataset(v):
-                continue
-            for path in local_paths(v):
-                if path not in out and Path(path).is_file():
-                    out[path] = sha256_file(Path(path))
-    return out
-
-
-def card_front_matter(manifest: dict[str, Any], fmt: str, base_model: str | None) -> tuple[str, list[str]]:
-    """The card's YAML front matter (through huggingface_hub's ``ModelCardData``, so the Hub reads it as written)
-    and the warnings for what a public card should carry but the workdir does not know."""
-    from huggingface_hub import ModelCardData
-
-    base = manifest.get("base_model", {})
-    steps = manifest.get("steps", [])
-    methods = sorted({s["params"].get("method") for s in steps if s["command"] == "prune" and s["params"].get("method")})
-    datasets = sorted({d for s in steps if (d := _hub_dataset(s["params"].get("dataset")))})
-    base_model = base_model or base.get("hub_id") or (base.get("source") if _is_hub_id(base.get("source", "")) else None)
-    warnings = []
-    if not base_model:
-        warnings.append("the model card has no base_model: the source names no Hub id (a local file or folder); "
-                        "pass export --base-model ORG/NAME")
-    license_ = base.get("license")
-    if not license_:
-        warnings.append("the model card has no license: the source carries none that llmprune can read; check the "
-                        "source's terms and add it to the card")
-    data = ModelCardData(
-        base_model=base_model, license=license_, library_name="peft" if fmt == "adapter" else "transformers",
-        pipeline_tag="text-generation", tags=["pruned", "llmprune", *methods], datasets=datasets or None)
-    return "---\n" + data.to_yaml() + "\n---", warnings
-
-
-def source_line(base: dict[str, Any]) -> tuple[str, str]:
-    """(title, sentence fragment) naming the source in public: a Hub id with its commit, a local file by name and
-    SHA-256, a local folder by name."""
-    src = base.get("source", "unknown")
-    if _is_hub_id(src) or base.get("kind") == "hub":
-        ident = base.get("commit") or base.get("revision")
-        return src, f"`{src}`" + (f" (revision {ident})" if ident else "")
-    name = Path(src).name or src
-    if base.get("sha256"):
-        return name, f"`{name}` (sha256 {base['sha256']})"
-    return name, f"a local folder `{name}`" + (f" (Hub id {base['hub_id']})" if base.get("hub_id") else "")
-
-
-def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str | None = None,
-               base_model: str | None = None, repo: str | None = None,
-               sweep: tuple[list[dict[str, Any]], list[str]] | None = None) -> tuple[str, list[str]]:
-    """README.md for the exported folder -- YAML front matter, how to load it, the lineage of steps, the evaluation
-    table -- and the warnings about it. Local paths appear by file name (and SHA-256), never as this machine's
-    paths."""
-    from llmprune.provenance import public_name
-
-    base = manifest.get("base_model", {})
-    steps = manifest.get("steps", [])
-    front, warnings = card_front_matter(manifest, fmt, base_model)
-    digests = _local_digests(manifest)
-    title, origin = source_line(base)
-    lines = [
-        front,
-        "",
-        f"# Pruned {title}",
-        "",
-        f"This model was produced by [llmprune](https://pypi.org/project/llmprune/) from {origin}"
-        + f", a `{manifest.get('model_type', '?')}` model. " + _HOW[fmt],
-        "",
-        "```python",
-        *_loading(fmt, adapter_base, repo),
-        "```",
-        "",
-        "## Lineage",
-        "",
-        "| # | step | parameters | duration |",
-        "|---|---|---|---|",
-    ]
-    for i, s in enumerate(steps, 1):
-        params = ", ".join(
-            f"{k}={public_name(v, digests)}" for k, v in s["params"].items() if v is not None and k not in _SKIP_PARAMS
-        )
-        lines.append(f"| {i} | `{s['command']}` | {params} | {s['duration_s']:.1f} s |")
-    evals = [s for s in steps if s["command"] == "eval"]
-    if evals:
-        lines += [
-            "",
-            "## Evaluation",
-            "",
-            "Perplexity over non-overlapping windows (mean next-token NLL), measured by `llmprune eval` after the "
-            "step it follows.",
-            "",
-            "| after step | dataset | seqlen | windows | perplexity | parameters | sparsity (block Linears) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for s in evals:
-            idx = steps.index(s)
-            prev = _after(steps, idx)
-            m = s["metrics"]
-            lines.append(
-                f"| {prev} | {public_name(s['params'].get('dataset'), digests)} | {s['params'].get('seqlen')} | "
-                f"{m.get('windows')} | {num(m.get('perplexity'))} | {num(m.get('parameters'), ',')} | "
-                f"{num((m.get('sparsity') or {}).get('all'), '.2%')} |"
-            )
-    lines += _task_table(steps, digests)
-    if sweep:
-        lines += _sweep_section(*sweep)
-    v = steps[-1]["versions"] if steps else {}
-    lines += ["", f"Made with llmprune {v.get('llmprune', '?')}, torch {v.get('torch', '?')}, "
-              f"transformers {v.get('transformers', '?')}.", ""]
-    return "\n".join(lines), warnings
-
-
-def _after(steps: list[dict[str, Any]], i: int) -> str:
-    """The command an eval at index ``i`` measured the result of (the last step before it that is not an eval)."""
-    return next((p["command"] for p in reversed(steps[:i]) if p["command"] != "eval"), "-")
-
-
-def _task_table(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[str]:
-    """The zero-shot results of every eval step that ran tasks (``eval --tasks``)."""
-    from llmprune.provenance import public_name
-    from llmprune.tasks import primary
-
-    rows = []
-    for i, s in enumerate(steps):
-        prev = _after(steps, i)
-        for name, m in (s["metrics"].get("tasks") or {}).items():
-            value, err = primary(m), m.get("acc_stderr")
-            rows.append(f"| {prev} | {public_name(name, digests)} | {int(m.get('examples', 0))} | "
-                        + ("–" if value is None else f"{value:.4f}") + " | "
-                        + ("–" if err is None else f"{err:.4f}") + " |")
-        if s["metrics"].get("tasks_mean") is not None and len(s["metrics"].get("tasks") or {}) > 1:
-            rows.append(f"| {prev} | mean | | {num(s['metrics']['tasks_mean'], '.4f')} | |")
-    if not rows:
-        return []
-    return ["", "## Zero-shot tasks", "",
-            "Accuracy measured by `llmprune eval --tasks` after the step it follows (lastword: the final word of "
-            "each paragraph of the source, greedy; other tasks through lm-eval).", "",
-            "| after step | task | examples | accuracy | stderr |", "|---|---|---|---|---|", *rows]
-
-
-def _sweep_section(rows: list[dict[str, Any]], plots: list[str]) -> list[str]:
-    """The sweep this workdir ran (``llmprune sweep``): its table and its plots (copied into ``plots/``)."""
-    out = ["", "## Sweep", "", "Points pruned from the same calibrated model by `llmprune sweep` (each evaluated "
-           "as above).", "", "| point | perplexity | parameters | sparsity | tasks mean | prefill × |",
-           "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("status") != "done":
-            continue
-        sp, tm = num(r.get("achieved_sparsity"), ".2%"), num(r.get("tasks_mean"), ".4f")
-        out.append(f"| {r.get('name')} | {num(r.get('perplexity'))} | {num(r.get('parameters'), ',')} | {sp} | {tm} | "
-                   f"{r.get('prefill_speedup') or '–'} |")
-    out += [""] + [f"![{Path(p).stem.replace('_', ' ')}](plots/{Path(p).name})" for p in plots]
-    return out
-
-
 def sweep_of(workdir: Path) -> tuple[list[dict[str, Any]], list[Path]] | None:
     """The rows and plots of the sweep in ``WORK/sweep``, if there is one that can be read (its plots: plain files,
     never links)."""
@@ -356,22 +151,47 @@ def planned_files(parts: dict[str, Path]) -> list[tuple[str, int]]:
     return sorted(files + [("README.md", 0)])
 
 
-def push(folder: Path, repo_id: str, private: bool) -> str:
-    """Create the repo and upload the folder. The token comes from the usual HF environment / login only."""
-    from huggingface_hub import HfApi, get_token
+DEFAULT_COMMIT_MESSAGE = "Upload pruned model (llmprune)"
 
-    token = get_token()
+
+def push(folder: Path, repo_id: str, private: bool, *, revision: str | None = None, create_pr: bool = False,
+         commit_message: str | None = None) -> str:
+    """Create the repo (and the branch ``revision``) and upload the folder, as a pull request with ``create_pr``;
+    returns the repo's URL, or the pull request's. The token comes from the usual HF environment / login only."""
+    import huggingface_hub
+
+    token = huggingface_hub.get_token()
     if not token:
         raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
-    api = HfApi()
+    api = huggingface_hub.HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          commit_message="Upload pruned model (llmprune)")
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+                                 create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)
     except Exception as e:  # network, auth and permission errors all end here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"push to {repo_id} failed: {first[:300]}") from None
-    return str(url)
+        raise UserError(f"push to {repo_id} failed: {first[:300]}; the folder is complete: run the same command "
+                        "again to retry the upload alone") from None
+    pr = getattr(info, "pr_url", None)
+    return str(pr or url)
+
+
+def built_already(out: Path, card: str) -> list[str] | None:
+    """The files of an export already in ``out`` that this export would write again -- its card is this card and
+    every file its card lists is there -- so that re-running a push that failed uploads it without rebuilding;
+    None otherwise."""
+    readme = out / "README.md"
+    try:
+        text = readme.read_text(encoding="utf-8") if readme.is_file() and not readme.is_symlink() else ""
+    except (OSError, UnicodeDecodeError):
+        return None
+    note = _FILES_NOTE.search(text)
+    if not note or text[:note.start()].rstrip("\n") != card.rstrip("\n") or foreign_files(out):
+        return None
+    listed = json.loads(note.group(1))
+    return listed + ["README.md"] if all((out / f).is_file() for f in listed) else None
 
 
 def check_repo_id(value: str, flag: str) -> None:
@@ -380,7 +200,7 @@ def check_repo_id(value: str, flag: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        if not _HUB_ID.fullmatch(value):  # ASCII, no trailing newline (``$`` would allow one)
+        if not HUB_ID.fullmatch(value):  # ASCII, no trailing newline (``$`` would allow one)
             raise HFValidationError("use OWNER/NAME")
         validate_repo_id(value)
     except HFValidationError as e:

@@ -23,16 +23,17 @@ REQUIRED: Any = dataclasses.MISSING  # an option without a default must be given
 
 def option(default: Any = REQUIRED, help: str = "", *, check: Callable[[Any], str | None] | None = None,
            choices: tuple[str, ...] = (), flag: str | None = None, panel: str | None = None,
-           strict: bool = True, show_default: bool = True, cli: bool = True) -> Any:
+           strict: bool = True, show_default: bool = True, cli: bool = True, aliases: tuple[str, ...] = ()) -> Any:
     """One option as a dataclass field.
 
     ``check(value)`` returns what is wrong with a given value (``"must be positive"``) or None; ``choices`` are the
     values it may take (shown in ``--help`` and completed by the shell); ``flag`` overrides the option string
     (default: the field name with dashes, ``ro_lr`` -> ``--ro-lr``; ``"--full"`` makes a boolean a plain flag without
-    ``--no-full``, ``"--masked/--no-masked"`` names both); ``panel`` groups it in ``--help``; ``strict=False``: the choices are shown but the value is
+    ``--no-full``, ``"--masked/--no-masked"`` names both); ``aliases``: older spellings still accepted (an
+    option renamed never loses its old name); ``panel`` groups it in ``--help``; ``strict=False``: the choices are shown but the value is
     checked by the step (``--dtype BF16`` is a bfloat16 too). ``cli=False``: a field
     the step fills itself, never an option."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": tuple(choices), "strict": strict, "flag": flag,
+    return field(default=default, metadata={"help": help, "check": check, "choices": tuple(choices), "strict": strict, "flag": flag, "aliases": tuple(aliases),
                                             "panel": panel, "show_default": show_default, "cli": cli})
 
 
@@ -50,6 +51,7 @@ class OptionSpec:
     panel: str | None = None
     show_default: bool = True
     strict: bool = True  # the value must be one of ``choices``
+    aliases: tuple[str, ...] = ()  # older option strings, still accepted
 
     @property
     def flag(self) -> str:
@@ -59,7 +61,7 @@ class OptionSpec:
     @property
     def decls(self) -> tuple[str, ...]:
         """The option strings as click declares them."""
-        return (self.declared_flag,) if self.declared_flag else ("--" + self.name.replace("_", "-"),)
+        return ((self.declared_flag,) if self.declared_flag else ("--" + self.name.replace("_", "-"),)) + self.aliases
 
     @property
     def required(self) -> bool:
@@ -75,7 +77,8 @@ def specs(options_cls: type) -> list[OptionSpec]:
     hints = typing.get_type_hints(options_cls)
     return [OptionSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""), f.metadata.get("choices", ()),
                        f.metadata.get("check"), f.metadata.get("flag"), f.metadata.get("panel"),
-                       f.metadata.get("show_default", True), f.metadata.get("strict", True))
+                       f.metadata.get("show_default", True), f.metadata.get("strict", True),
+                       f.metadata.get("aliases", ()))
             for f in dataclasses.fields(options_cls) if f.metadata.get("cli", True)]
 
 
@@ -122,16 +125,21 @@ def fraction_open(v: Any) -> str | None:
 
 
 def check_device(device: str) -> str:
-    """cpu, cuda or cuda:N, and a CUDA device must be there (torch is imported only for a CUDA request)."""
+    """The device a step runs on: ``auto`` is CUDA when torch sees a CUDA device, else the CPU; ``cuda`` and
+    ``cuda:N`` need one. Returned as resolved (a step records where it ran, not ``auto``)."""
     if device == "cpu":
         return device
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA device is available")
         return device
-    raise UserError(f"unknown --device '{device}'; use cpu, cuda or cuda:N")
+    raise UserError(f"unknown --device '{device}'; use auto, cpu, cuda or cuda:N")
 
 
 # --- options several steps share (each declared here, once) ----------------------------------------------------
@@ -140,7 +148,8 @@ def text_field_option() -> str:
 
 
 def device_option(what: str = "where each block runs") -> str:
-    return option("cpu", f"cpu, cuda or cuda:N: {what}.", panel=DEVICE_PANEL)
+    return option("auto", f"auto (CUDA when present, else the CPU), cpu, cuda or cuda:N: {what}; recorded as "
+                  "resolved.", panel=DEVICE_PANEL)
 
 
 def batch_option(default: int = 4, what: str = "Windows per forward pass.") -> int:

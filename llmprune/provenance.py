@@ -120,6 +120,13 @@ def _license(value: Any) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+def _languages(value: Any) -> list[str] | None:
+    """A card's ``language`` (one code or a list) as a list of codes; None when there is none."""
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    codes = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+    return codes or None
+
+
 def of_gguf(path: Path) -> dict[str, Any]:
     """License and Hub id of the model a GGUF file holds. Its ``general.source.*`` names the repository it was
     converted from (the model itself); ``general.base_model.*`` names that model's own parents, which is not the
@@ -128,7 +135,8 @@ def of_gguf(path: Path) -> dict[str, Any]:
     hub = meta.get("general.source.huggingface.repository") or meta.get("general.source.hugginface.repository")
     hub = hub if isinstance(hub, str) and re.match(r"^[\w.-]+/[\w.-]+$", hub) else None
     out = {"license": _license(meta.get("general.license")),
-           "hub_id": hub or hub_id_from_url(meta.get("general.source.url"))}
+           "hub_id": hub or hub_id_from_url(meta.get("general.source.url")),
+           "language": _languages(meta.get("general.languages"))}
     return {k: v for k, v in out.items() if v}
 
 
@@ -136,8 +144,9 @@ def of_folder(folder: Path, hub_id: str | None = None) -> dict[str, Any]:
     """License and Hub id of a safetensors folder or Hub snapshot: the license from its card's front matter; the id
     given (a Hub source), or read from a Hugging Face cache path. A card's ``base_model`` names that model's
     parent, not the model, so it is never taken for the id."""
-    out = {"license": _license(card_metadata(folder).get("license")),
-           "hub_id": hub_id or hub_id_from_cache_path(folder)}
+    meta = card_metadata(folder)
+    out = {"license": _license(meta.get("license")), "hub_id": hub_id or hub_id_from_cache_path(folder),
+           "language": _languages(meta.get("language"))}
     return {k: v for k, v in out.items() if v}
 
 

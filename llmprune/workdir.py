@@ -376,6 +376,22 @@ class Workdir:
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
 
+    def branch(self, dest: Path) -> None:
+        """``llmprune branch``: the current state as a new workdir at ``dest`` (hard links, ``link_to``), taken under
+        the lock so no step commits half-way through it. ``dest`` must be new, on the same filesystem."""
+        dest = Path(dest)
+        if dest.exists() or dest.is_symlink():
+            raise UserError(f"{dest} exists; a branch is a new folder")
+        self.manifest()
+        with self.locked():
+            try:
+                self.link_to(dest)
+            except OSError as e:
+                tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                why = "hard links need the same filesystem" if e.errno == errno.EXDEV else e.strerror
+                raise UserError(f"cannot branch {self.path} to {dest}: {why}") from None
+
     def restore(self, name: str) -> None:
         """Bring back the state of snapshot ``name`` as one transaction (what it lacks is removed)."""
         snap = self.path / SNAPSHOTS / checked_name(name, "a recipe snapshot", top_level=True)
@@ -443,7 +459,10 @@ def check_fresh(path: Path, force: bool, params: dict[str, Any] | None = None) -
     files = manifest["files"]
     if not force:
         steps = manifest["steps"]
-        if params is not None and len(steps) == 1 and json.loads(dumps(params)) == steps[0]["params"]:
+        given = json.loads(dumps(params)) if params is not None else None
+        # (a key left out of ``params`` -- a default the step resolves, as calibrate's window length -- matches any)
+        if given is not None and len(steps) == 1 and all(steps[0]["params"].get(k, given) == v
+                                                          for k, v in given.items()):
             # a calibrate stopped after its commit point (killed while exiting, say) did finish: say so
             raise UserError(f"{path} is already calibrated with these options (that run finished before it was "
                             f"stopped; `llmprune status {path}` shows it); pass --force to calibrate it again")

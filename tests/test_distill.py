@@ -185,7 +185,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(calibrated, tiny_root, tmp
     (["--kd-weight", 0.5], "add --distill"), (["--distill", "--kd-weight", 0], "--kd-weight"),
     (["--distill", "--kd-weight", 1.5], "--kd-weight"), (["--distill", "--kd-temperature", 0], "--kd-temperature"),
     (["--full", "--no-merge"], "--no-merge"), (["--full", "--targets", "q_proj"], "--targets"),
-    (["--full", "--rank", 4], "--rank"), (["--full", "--dropout", 0.0], "--dropout"),
+    (["--full", "--rank", 4], "--lora-rank"), (["--full", "--dropout", 0.0], "--lora-dropout"),
     (["--full", "--no-masked"], "--masked"), (["--teacher-steps", 2], "add --distill"),
     (["--distill", "--teacher-steps", -1], "--teacher-steps")])
 def test_bad_distillation_options_are_one_line(calibrated, capsys, args, says):

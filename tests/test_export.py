@@ -1,5 +1,6 @@
 """export: a clean folder that plain transformers loads, a model card from the manifest, and the Hub upload calls."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def test_card_front_matter_and_no_local_paths(calibrated, tiny_root, tmp_path, c
 def test_card_names_hub_datasets_and_source(tmp_path):
     """From a manifest: a Hub source gives base_model and the revision; named and hf: datasets give the card's
     datasets; a local dataset file is not a Hub dataset."""
-    from llmprune.export import model_card
+    from llmprune.card import model_card
 
     step = {"params": {}, "duration_s": 1.0, "versions": {}, "metrics": {}}
     manifest = {"base_model": {"source": "org/model", "revision": "main", "commit": "abc123", "license": "mit"},
@@ -191,3 +192,71 @@ def test_provenance_of_gguf_and_cached_snapshot(tmp_path):
     assert hub_id_from_cache_path(snap) == "Qwen/Qwen3-0.6B"
     assert of_folder(snap) == {"license": "apache-2.0", "hub_id": "Qwen/Qwen3-0.6B"}
     assert of_folder(tmp_path) == {}
+
+
+def test_card_carries_the_final_models_results_as_model_index(pruned, tmp_path, tiny_root):
+    """The Hub's model-index (``ModelCardData.eval_results``) holds what the final model measured -- perplexity, and
+    the speed-up with its spread -- parsed back by huggingface_hub; the license can be set; the title says pruned."""
+    from huggingface_hub import ModelCard
+
+    assert cli("eval", pruned, "--dataset", tiny_root / "heldout.txt", "--max-windows", 1, "--speed",
+               "--speed-baseline", pruned, "--reps", 3, "--prompt-len", 16, "--new-tokens", 2)[0] == 0
+    out = tmp_path / "out"
+    code, res = cli("export", pruned, "--out", out, "--license", "apache-2.0", "--base-model", "org/base")
+    assert code == 0
+    card = ModelCard((out / "README.md").read_text())
+    results = {r.metric_type: r for r in card.data.eval_results}
+    steps = json.loads((pruned / "manifest.json").read_text())["steps"]
+    last = steps[-1]["metrics"]
+    assert results["perplexity"].metric_value == last["perplexity"]  # the last eval: the model as exported
+    assert results["perplexity"].dataset_name.startswith("heldout.txt (sha256 ")  # a local file: name and digest
+    assert results["prefill_speedup"].metric_value == last["speed"]["prefill_speedup"]
+    assert "range" in results["prefill_speedup"].metric_name and "paired runs" in results["prefill_speedup"].metric_name
+    assert card.data.license == "apache-2.0" and "pruned" in card.data.tags and card.data.model_name
+    text = (out / "README.md").read_text()
+    assert "# Pruned " in text and "## Speed" in text and "pypi.org" not in text
+
+
+def test_a_workdir_never_pruned_is_not_called_pruned(calibrated, tmp_path):
+    wd = calibrated("llama")
+    out = tmp_path / "out"
+    assert cli("export", wd, "--out", out, "--base-model", "org/base")[0] == 0
+    text = (out / "README.md").read_text()
+    front = _front(text)
+    assert "Pruned" not in text.split("---", 2)[2].splitlines()[1:3][-1] and "pruned" not in front["tags"]
+    assert "eval_results" not in front and "model-index" not in text  # nothing measured: nothing claimed
+
+
+def test_a_failed_push_is_retried_without_rebuilding(pruned, tmp_path, monkeypatch):
+    """The upload fails after the folder is complete; the same command again uploads that folder as it is (its
+    files untouched), to the branch and as the pull request asked for."""
+    import huggingface_hub
+
+    calls, fail = [], {"n": 1}
+
+    class FlakyApi:
+        def create_repo(self, repo_id, **kw):
+            return f"https://huggingface.co/{repo_id}"
+
+        def create_branch(self, repo_id, **kw):
+            calls.append(("create_branch", kw["branch"]))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw["revision"], kw["create_pr"], kw["commit_message"]))
+            if fail["n"]:
+                fail["n"] -= 1
+                raise ConnectionError("connection reset by peer")
+            return type("Info", (), {"pr_url": "https://huggingface.co/me/pruned/discussions/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FlakyApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")
+    out = tmp_path / "out"
+    args = ["export", pruned, "--out", out, "--push-to-hub", "me/pruned", "--revision", "v2", "--create-pr",
+            "--commit-message", "pruned 2:4"]
+    assert cli(*args)[0] == 1
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code, res = cli(*args)
+    assert code == 0 and res["url"].endswith("/discussions/1")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # not rebuilt
+    assert calls.count(("upload_folder", "v2", True, "pruned 2:4")) == 2 and ("create_branch", "v2") in calls
+    assert cli("export", pruned, "--out", tmp_path / "o3", "--revision", "v2")[0] == 1  # needs --push-to-hub

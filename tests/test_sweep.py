@@ -125,3 +125,20 @@ def test_a_failing_point_is_reported_and_the_rest_run(calibrated, tiny_root, cap
     rows = {r["name"]: r for r in json.loads((wd / "sweep" / "results.json").read_text())}
     assert rows["magnitude-2of4"]["status"] == "done" and rows["magnitude-3of5"]["status"] == "failed"
     assert "not a multiple of 5" in rows["magnitude-3of5"]["error"]
+
+
+def test_a_sweep_extended_by_a_point_plots_every_row(calibrated, tiny_root, monkeypatch):
+    """A second sweep over another grid keeps the first one's rows in results.json, and its plots are drawn from all
+    of them, not from the last command's points only."""
+    from llmprune.steps import sweep
+
+    wd = calibrated()
+    drawn: list[list[str]] = []
+    real = sweep.plot
+    monkeypatch.setattr(sweep, "plot", lambda root, rows: drawn.append(sorted(r["name"] for r in rows)) or real(root, rows))
+    ev = ["--dataset", tiny_root / "heldout.txt", "--max-windows", 1, "--no-speed"]
+    assert cli("sweep", wd, "--methods", "magnitude", "--sparsities", "0.3", *ev)[0] == 0
+    assert cli("sweep", wd, "--methods", "magnitude", "--sparsities", "0.5", *ev)[0] == 0
+    rows = json.loads((wd / "sweep" / "results.json").read_text())
+    assert sorted(r["name"] for r in rows) == drawn[-1] == ["dense", "magnitude-0.3", "magnitude-0.5"]
+    assert (wd / "sweep" / "perplexity_vs_sparsity.png").is_file()

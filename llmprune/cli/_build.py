@@ -27,7 +27,7 @@ def parameter(o: OptionSpec) -> inspect.Parameter:
     if o.choices:
         extra.update(metavar="[" + "|".join(o.choices) + "]", autocompletion=_completer(o.choices))
     # Undeclared names are left to typer, which derives ``--x`` (and ``--x/--no-x`` for a boolean) from the field.
-    decls = (o.declared_flag,) if o.declared_flag else ()
+    decls = o.decls if o.declared_flag or o.aliases else ()
     info = typer.Option(*decls, help=o.help, rich_help_panel=o.panel, show_default=o.show_default, **extra)
     return inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
                              default=inspect.Parameter.empty if o.required else o.default,

@@ -27,9 +27,16 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def guarded(invoke: Callable[[], int]) -> int:
-    """Run ``invoke`` (a command line through the app) and map what it raises to an exit code."""
+def guarded(invoke: Callable[[], int], on_error: Callable[[str, int], None] | None = None) -> int:
+    """Run ``invoke`` (a command line through the app) and map what it raises to an exit code; each error is one
+    line on stderr, and handed to ``on_error(line, exit code)`` too (``--json``: a JSON document on stdout)."""
     import signal
+
+    def fail(msg: str, code: int) -> int:
+        report.error(msg)
+        if on_error is not None:
+            on_error(msg, code)
+        return code
 
     debug = os.environ.get("LLMPRUNE_DEBUG") == "1"
     try:
@@ -38,20 +45,15 @@ def guarded(invoke: Callable[[], int]) -> int:
         previous = None
     try:
         rv = invoke()
-        if rv == INTERRUPTED:
-            report.error(f"interrupted; {_LEFT}")
-        return rv
+        return fail(f"interrupted; {_LEFT}", rv) if rv == INTERRUPTED else rv
     except LlmpruneError as e:
         if debug:
             raise
-        report.error(str(e))
-        return e.exit_code
+        return fail(str(e), e.exit_code)
     except (KeyboardInterrupt, EOFError):
-        report.error(f"interrupted; {_LEFT}")
-        return INTERRUPTED
+        return fail(f"interrupted; {_LEFT}", INTERRUPTED)
     except Terminated:
-        report.error(f"terminated; {_LEFT}")
-        return TERMINATED
+        return fail(f"terminated; {_LEFT}", TERMINATED)
     except Exception as e:
         # Typer vendors its own copy of click in recent releases: recognise click's exceptions by class name.
         kinds = {c.__name__ for c in type(e).__mro__}
@@ -61,16 +63,13 @@ def guarded(invoke: Callable[[], int]) -> int:
         if "Exit" in kinds:
             return e.exit_code
         if "Abort" in kinds:
-            report.error(f"interrupted; {_LEFT}")
-            return INTERRUPTED
+            return fail(f"interrupted; {_LEFT}", INTERRUPTED)
         if debug:
             raise
         if "UsageError" in kinds:
             ctx = getattr(e, "ctx", None)
-            report.error(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
-            return 1
-        report.error(message(e))
-        return StepFailed.exit_code
+            return fail(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""), 1)
+        return fail(message(e), StepFailed.exit_code)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -12,6 +12,7 @@ import typer
 from llmprune import __version__, report
 from llmprune.cli._errors import guarded
 from llmprune.cli._core import Settings, exit_code
+from llmprune.cli.branch import branch
 from llmprune.cli.commands import step_command
 from llmprune.cli.recipe import run_recipe
 from llmprune.cli.status import status
@@ -40,8 +41,11 @@ def _version(value: bool) -> None:
 def _options(
     ctx: typer.Context,
     no_verify: Annotated[bool, typer.Option("--no-verify", envvar="LLMPRUNE_NO_VERIFY", help="Skip the SHA-256 check of the workdir's files before a step reads them (huge models); every step run so records `inputs_verified: false` in the manifest.")] = False,
+    json_progress: Annotated[bool, typer.Option("--json-progress", help="Progress, messages and errors as JSON objects on stderr, one per line (for CI dashboards).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version of llmprune (and of torch and transformers) and exit.")] = False,
 ) -> None:
+    """The global options; each may also come after the subcommand (``llmprune prune WORK --no-verify``)."""
+    report.set_json_progress(json_progress)
     settings = ctx.ensure_object(Settings)
     if no_verify:  # the steps of a recipe inherit it from `llmprune --no-verify run`
         settings.verify = False
@@ -50,6 +54,7 @@ def _options(
 for _name in STEPS:  # calibrate, regularize, prune, recover, eval, export
     app.command(_name)(step_command(_name))
 app.command()(status)
+app.command()(branch)
 app.command("run")(run_recipe)
 app.command("sweep")(sweep_)
 
@@ -59,14 +64,29 @@ def invoke(args: list[str], settings: Settings | None = None) -> int:
     return exit_code(app(args=args, prog_name="llmprune", standalone_mode=False, obj=settings or Settings()))
 
 
+GLOBAL_FLAGS = ("--no-verify", "--json-progress")
+
+
+def hoist_globals(args: list[str]) -> list[str]:
+    """The global flags moved before the subcommand wherever they were typed (click takes them only there); a
+    ``--`` ends the options."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for i, a in enumerate(args) if i >= end or a not in GLOBAL_FLAGS]
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and turn every error into one line on stderr and an exit code (see ``_errors``)."""
-    args = sys.argv[1:] if argv is None else argv
-    report.set_quiet("--json" in args)
+    """Run the CLI and turn every error into one line on stderr and an exit code (see ``_errors``); with
+    ``--json`` an error is also a JSON document on stdout (``{"error": ..., "exit_code": ...}``)."""
+    args = hoist_globals(sys.argv[1:] if argv is None else list(argv))
+    as_json = "--json" in args
+    report.set_quiet(as_json)
+    report.set_json_progress("--json-progress" in args)  # before parsing: a usage error is an event too
     # Deprecation notices of the libraries underneath are for their developers, not for llmprune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    return guarded(lambda: invoke(args))
+    on_error = (lambda msg, code: report.emit_json({"error": msg, "exit_code": code})) if as_json else None
+    return guarded(lambda: invoke(args), on_error)
 
 
 def main() -> None:

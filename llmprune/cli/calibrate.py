@@ -11,5 +11,5 @@ from llmprune import report
 def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
     report.table(f"calibrated {workdir}", ["what", "value"],
                  [["model", o.model], ["model type", res["model_type"]], ["parameters", res["parameters"]],
-                  ["dataset tokens", res["source_tokens"]], ["windows", f"{o.samples} × {o.seqlen}"]])
+                  ["dataset tokens", res["source_tokens"]], ["windows", " × ".join(map(str, res["windows"]))]])
 

@@ -13,10 +13,11 @@ def render(m: dict[str, Any], o: Any, workdir: Path) -> None:
     sp = m.get("speed", {})
     report.table(
         f"eval {workdir} on {m['dataset']}", ["metric", "value"],
-        [["perplexity", m["perplexity"]], ["windows", f"{m['windows']} × {o.seqlen}"], ["parameters", m["parameters"]],
+        [["perplexity", m["perplexity"]], ["windows", f"{m['windows']} × {m['seqlen']}"], ["parameters", m["parameters"]],
          ["size on disk", f"{m['model_bytes'] / 2**20:,.1f} MiB"]]
         + [[f"sparsity {k}", f"{v:.2%}"] for k, v in m["sparsity"].items()]
-        + [[k.replace("_", " "), v] for k, v in sp.items() if k not in ("prompt_len", "new_tokens", "batches")]
+        + [[k.replace("_", " "), " – ".join(map(report.fmt, v)) if isinstance(v, list) else v]
+           for k, v in sp.items() if k not in ("prompt_len", "new_tokens", "batches", "reps")]
         + task_rows(m.get("tasks", {}), m.get("tasks_mean")))
 
 

@@ -49,7 +49,8 @@ class Step:
         out: dict[str, OptionSpec] = {}
         for o in self.specs():
             out[o.name] = o
-            out[o.flag[2:].replace("-", "_")] = o
+            for s in (o.flag, *o.aliases):
+                out[s[2:].replace("-", "_")] = o
         return out
 
 
@@ -95,7 +96,7 @@ def option_strings(o: OptionSpec) -> list[tuple[str, Any]]:
     """(option string, value it sets) for each spelling of ``o``: a boolean's ``--x``/``--no-x`` (one string when
     declared as a plain flag such as ``--full``), a value option's ``--x`` with None (the value follows)."""
     if not o.is_flag:
-        return [(o.flag, None)]
+        return [(s, None) for s in (o.flag, *o.aliases)]
     if o.declared_flag and "/" in o.declared_flag:
         pos, neg = o.declared_flag.split("/")
         return [(pos, True), (neg, False)]

@@ -15,6 +15,7 @@ from llmprune.steps import KINDS
 from llmprune.steps.base import Step
 from llmprune.workdir import Workdir, check_fresh, remove_scaffolding
 
+DEFAULT_SEQLEN = 2048
 _DTYPES = ("auto", *precision.TORCH)  # shown and completed; the aliases (bf16, ...) are accepted too
 
 
@@ -27,7 +28,8 @@ class CalibrateOptions:
     dataset: str = option(REQUIRED, "wikitext2, c4, ptb, hf:NAME[:CONFIG[:SPLIT]], or a .txt/.jsonl/.json/.parquet "
                           "file.")
     samples: int = option(128, "Number of calibration windows.", check=positive)
-    seqlen: int = option(2048, "Tokens per window.", check=at_least_two)
+    seqlen: Optional[int] = option(None, f"Tokens per window (default: {DEFAULT_SEQLEN}, or the model's context when "
+                                   "it is shorter).", check=at_least_two, show_default=False)
     seed: int = option(0, "Seed of the window positions.")
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit).")
     dtype: str = option("auto", "auto (the checkpoint's own), float32, bfloat16 or float16 (also fp32, bf16, fp16).",
@@ -52,9 +54,9 @@ def run(ws: Workdir, o: CalibrateOptions) -> dict[str, Any]:
 
     check_all(o)
     check_shard_size(o.max_shard_size)
-    _check_memory(o.samples, o.seqlen)
+    _check_memory(o.samples, o.seqlen or DEFAULT_SEQLEN)
     o = replace(o, dtype=precision.canonical(o.dtype, "--dtype", auto=True))  # recorded canonically: bf16 -> bfloat16
-    check_fresh(ws.path, o.force, o.params())
+    check_fresh(ws.path, o.force, {k: v for k, v in o.params().items() if not (k == "seqlen" and v is None)})
     text = data.load_text(o.dataset, "calibration", o.text_field)  # before the model: fail fast on bad data
     new = not ws.path.exists()
     try:
@@ -92,6 +94,10 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
         # file is dequantized by transformers, which loads it whole.
         lm, tok, base, write = (_load_gguf if src.kind == "gguf" else _open_safetensors)(src, o, out)
         validate.check_vocabulary(len(tok), lm.get_input_embeddings().weight.shape[0], f"model {o.model}", UserError)
+        if o.seqlen is None:  # the default fits the model: a 1024-token model gets 1024-token windows
+            context = getattr(lm.config, "max_position_embeddings", None) or DEFAULT_SEQLEN
+            o = replace(o, seqlen=min(DEFAULT_SEQLEN, context))
+            tx.step.params = o.params()
         check_context(lm, o.seqlen)
         ids = data.tokenize(tok, text)
         starts = ids.numel() - o.seqlen

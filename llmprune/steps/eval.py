@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +11,7 @@ from llmprune import data, engine
 from llmprune import tasks as _tasks
 from llmprune.current import load_current, open_current
 from llmprune.errors import UserError
-from llmprune.evaluate import (available_memory, block_zeros, model_bytes, parse_batches, perplexity, speed_against,
+from llmprune.evaluate import (SPEED_REPS, available_memory, block_zeros, model_bytes, parse_batches, perplexity, speed_against,
                                speed_memory, summary)
 from llmprune.modeling import check_context
 from llmprune.options import (batch_option, check_all, check_device, device_option, option, positive,
@@ -28,7 +28,8 @@ class EvalOptions:
     """What ``llmprune eval`` was asked for; recorded as the step's parameters, in this order."""
 
     dataset: Optional[str] = option(None, "Evaluation source (default: the test split of the calibration dataset).")
-    seqlen: int = option(2048, "Tokens per window.")
+    seqlen: Optional[int] = option(None, "Tokens per window (default: the calibration's).", check=positive,
+                                   show_default=False)
     max_windows: Optional[int] = option(None, "Evaluate at most this many windows.")
     text_field: str = text_field_option()
     device: str = device_option()
@@ -38,6 +39,9 @@ class EvalOptions:
                                            "and report the ratios.", panel=SPEED)
     prompt_len: int = option(512, "With --speed: prompt tokens of the prefill.", check=positive, panel=SPEED)
     new_tokens: int = option(64, "With --speed: tokens decoded through the KV cache.", check=positive, panel=SPEED)
+    reps: int = option(SPEED_REPS, "With --speed: timed repetitions of each model after a warm-up (alternating with "
+                       "--speed-baseline's); the median is reported with the range, and each speed-up with a verdict "
+                       "(faster, slower, within noise).", check=positive, panel=SPEED)
     speed_batches: str = option("1", "With --speed: batch sizes to time, comma-separated (1,8); batch 1's figures "
                                 "keep their plain names, batch b's end in _bB.", panel=SPEED)
     tasks: Optional[str] = option(None, "Zero-shot tasks, comma-separated: lastword:SRC (built in: the final word of "
@@ -79,7 +83,7 @@ def run(ws: Workdir, o: EvalOptions) -> dict[str, Any]:
     """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
     ws.manifest()  # a missing or foreign workdir is the first thing to report
     check_all(o)
-    check_device(o.device)
+    o = replace(o, device=check_device(o.device), seqlen=o.seqlen or calibration_seqlen(ws))
     dataset = o.dataset
     if dataset is None:
         src = ws.manifest().get("calibration", {}).get("source", "")
@@ -130,8 +134,15 @@ def run(ws: Workdir, o: EvalOptions) -> dict[str, Any]:
             tx.step.metrics["tasks"] = results
             tx.step.metrics["tasks_mean"] = sum(scores) / len(scores) if scores else None
         if o.speed:
-            tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device, batches)
-    return {"dataset": dataset, **tx.step.metrics}
+            tx.step.metrics["speed"] = speed_against(whole, base_dir, o.prompt_len, o.new_tokens, o.device, batches,
+                                                          o.reps)
+    return {"dataset": dataset, "seqlen": o.seqlen, **tx.step.metrics}
+
+
+def calibration_seqlen(ws: Workdir) -> int:
+    """The window length of the workdir's calibration: what ``eval`` and ``sweep`` measure with by default, so that
+    perplexity is taken over windows the model was pruned for (and within its context)."""
+    return int(ws.manifest().get("calibration", {}).get("seqlen") or 2048)
 
 
 STEP = Step("eval", EvalOptions, run, "Perplexity, parameter count and sparsity per layer type (and, with --speed, "

@@ -13,13 +13,17 @@ import huggingface_hub
 from llmprune import report
 from llmprune.current import has_adapter, load_current, peft_exact, pending_adapter
 from llmprune.errors import UserError
-from llmprune.export import (FORMATS, build_folder, check_out, check_repo_id, model_card, planned_files, push,
-                             set_adapter_base, sweep_of)
+from llmprune.card import model_card
+from llmprune.export import (DEFAULT_COMMIT_MESSAGE, FORMATS, build_folder, built_already, check_out, check_repo_id,
+                             planned_files, push, set_adapter_base, sweep_of)
 from llmprune.modeling import save_model
 from llmprune.options import REQUIRED, check_all, option
 from llmprune.steps import KINDS
 from llmprune.steps.base import Step
 from llmprune.workdir import Workdir
+
+
+CARD, HUB = "The model card", "The Hub"
 
 
 @dataclass(frozen=True)
@@ -30,34 +34,47 @@ class ExportOptions:
     format: str = option("merged", "merged: the model (an unmerged adapter folded in); peft: the base model + "
                          "adapter/ (after `recover --no-merge`); adapter: the LoRA adapter alone.", choices=FORMATS)
     base_model: Optional[str] = option(None, "Hub id of the model this one was pruned from, for the card's "
-                                       "base_model (default: the source's Hub id, when it has one).")
+                                       "base_model (default: the source's Hub id, when it has one).", panel=CARD)
     adapter_base: Optional[str] = option(None, "Hub id written as the adapter's base_model_name_or_path (peft/adapter; "
-                                         "default: --push-to-hub's repo for peft).")
-    push_to_hub: Optional[str] = option(None, "Also upload to this Hub repo id.")
-    private: bool = option(False, "Create the Hub repo as private.")
+                                         "default: --push-to-hub's repo for peft).", panel=CARD)
+    push_to_hub: Optional[str] = option(None, "Also upload to this Hub repo id (run the same command again to retry a "
+                                        "failed upload: the folder is not rebuilt).", panel=HUB)
+    private: bool = option(False, "Create the Hub repo as private.", panel=HUB)
     dry_run: bool = option(False, "List what would be written and uploaded; change nothing.")
     overwrite: bool = option(False, "Replace --out if it already holds files (a previous export).")
+    license: Optional[str] = option(None, "The card's license (an SPDX id or the Hub's name for it, e.g. apache-2.0); "
+                                    "default: the source's, when it names one.", panel=CARD)
+    revision: Optional[str] = option(None, "--push-to-hub: upload to this branch (created if needed) instead of "
+                                     "main.", panel=HUB)
+    create_pr: bool = option(False, "--push-to-hub: open a pull request with the upload instead of committing to the "
+                             "branch.", panel=HUB)
+    commit_message: Optional[str] = option(None, f"--push-to-hub: the commit's message (default: "
+                                           f"'{DEFAULT_COMMIT_MESSAGE}').", panel=HUB)
 
 
 def run(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
     """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
-    optionally its upload. With ``dry_run``, only the list of what would be written."""
+    optionally its upload. With ``dry_run``, only the list of what would be written. A push that failed is retried by
+    running the same command again: the folder it left is uploaded without being rebuilt (``built_already``)."""
     check_all(o)
-    out, fmt, push_to_hub = o.out, o.format, o.push_to_hub
-    for flag, value in (("--push-to-hub", push_to_hub), ("--base-model", o.base_model),
+    for flag, value in (("--push-to-hub", o.push_to_hub), ("--base-model", o.base_model),
                         ("--adapter-base", o.adapter_base)):
         if value is not None:
             check_repo_id(value, flag)
+    hub_only = [f for f, v in (("--revision", o.revision), ("--create-pr", o.create_pr or None),
+                               ("--commit-message", o.commit_message)) if v is not None]
+    if hub_only and o.push_to_hub is None:
+        raise UserError(f"{', '.join(hub_only)} set the upload: add --push-to-hub REPO")
     ws.manifest()  # a missing or foreign folder is refused before the lock would create anything in it
     with ws.locked():  # a step committing meanwhile would mix its weights with the card of the state before
-        return _export(ws, out, fmt, base_model=o.base_model, adapter_base=o.adapter_base, push_to_hub=push_to_hub,
-                       private=o.private, dry_run=o.dry_run, overwrite=o.overwrite)
+        return _export(ws, o)
 
 
-def _export(ws, out: Path, fmt: str, *, base_model: str | None, adapter_base: str | None, push_to_hub: str | None,
-            private: bool, dry_run: bool, overwrite: bool) -> dict[str, Any]:
+def _export(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
+    out, fmt, push_to_hub = o.out, o.format, o.push_to_hub
     manifest = ws.manifest()
-    check_out(out, ws.path, overwrite)
+    retry = push_to_hub is not None and not o.overwrite and out.is_dir() and any(out.iterdir())
+    check_out(out, ws.path, o.overwrite or retry)  # a retry's folder is checked against the card below
     ws.verify("model")
     pending = pending_adapter(manifest)
     adapter = ws.path / "adapter"
@@ -73,10 +90,10 @@ def _export(ws, out: Path, fmt: str, *, base_model: str | None, adapter_base: st
             raise UserError("the adapter was trained through the zero pattern of a sparse model (recover --masked): "
                             "plain peft would apply it densely, another model; export --format merged, or recover "
                             "with --no-masked")
-    base_id = adapter_base or (push_to_hub if fmt == "peft" else None)
+    base_id = o.adapter_base or (push_to_hub if fmt == "peft" else None)
     parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
              "adapter": {".": adapter}}[fmt]
-    if dry_run:
+    if o.dry_run:
         return {"dry_run": True, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
                 "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)]}
     if push_to_hub:
@@ -98,14 +115,21 @@ def _export(ws, out: Path, fmt: str, *, base_model: str | None, adapter_base: st
             (tmp / "plots").mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, tmp / "plots" / png.name)
 
-    card, warnings = model_card(manifest, fmt, base_id, base_model, push_to_hub,
-                                (sweep[0], [p.name for p in sweep[1]]) if sweep else None)
+    card, warnings = model_card(manifest, fmt, base_id, o.base_model, push_to_hub,
+                                (sweep[0], [p.name for p in sweep[1]]) if sweep else None, o.license,
+                                exact_adapter=pending is None or peft_exact(pending))
     for w in warnings:
         report.warn(w)
-    written = build_folder(fill, card, out)
-    url = push(out, push_to_hub, private) if push_to_hub else None
-    return {"out": str(out), "format": fmt, "files": [p.relative_to(out).as_posix() for p in written], "url": url,
-            "warnings": warnings}
+    files = built_already(out, card) if retry else None
+    if retry and files is None:
+        raise UserError(f"{out} exists and is not empty; choose an empty or new --out (or pass --overwrite)")
+    if files is None:
+        files = [p.relative_to(out).as_posix() for p in build_folder(fill, card, out)]
+    else:
+        report.info(f"{out} already holds this export (an upload that failed?): uploading it without rebuilding")
+    url = push(out, push_to_hub, o.private, revision=o.revision, create_pr=o.create_pr,
+               commit_message=o.commit_message) if push_to_hub else None
+    return {"out": str(out), "format": fmt, "files": sorted(files), "url": url, "warnings": warnings}
 
 
 STEP = Step("export", ExportOptions, run, "Write a clean Hugging Face folder with a model card, and optionally push it "

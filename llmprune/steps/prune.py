@@ -3,7 +3,7 @@ run -- one registered method over the workdir's model, the result checked for th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from llmprune import arch as _arch
@@ -73,7 +73,7 @@ def _build(values: dict[str, Any]) -> PruneOptions:
 def run(ws: Workdir, req: PruneOptions) -> dict[str, Any]:
     """The ``prune`` step: check the request, prune the workdir's model, commit it; returns the step's result."""
     check_all(req)
-    check_device(req.device)
+    req = replace(req, device=check_device(req.device))
     method = method_for(req.method)
     check_options_belong(method, req.options)
     if method.structured:
@@ -86,6 +86,7 @@ def run(ws: Workdir, req: PruneOptions) -> dict[str, Any]:
             raise UserError(f"OWL sets the sparsity of each block; --method {method.name} removes whole units instead")
         opts = method.options(req.options)
         ws.require_calibration()
+        warn_stacked(ws)
         return method.prune_workdir(ws, opts, device=req.device, batch_size=req.batch_size)
     if req.true_sequential and not method.true_sequential:
         able = [n for n, m in METHODS.items() if m.true_sequential]
@@ -97,6 +98,7 @@ def run(ws: Workdir, req: PruneOptions) -> dict[str, Any]:
     method.check_request(opts, req.true_sequential)
     act_dtype = precision.canonical(req.act_dtype, "--act-dtype")
     ws.require_calibration()
+    warn_stacked(ws)
     for msg in method.warnings(opts, ws.manifest()["calibration"]["samples"]):
         report.warn(msg)
     params = dict(method=method.name, sparsity=s, pattern=str(pat), device=req.device, act_dtype=act_dtype,
@@ -128,6 +130,19 @@ def run(ws: Workdir, req: PruneOptions) -> dict[str, Any]:
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
     return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ,
             **fallback, **owl_info, "block_sparsity": blocks}
+
+
+def warn_stacked(ws: Workdir) -> None:
+    """A prune of a model pruned before applies on top of it -- the zeros already there count toward the new target,
+    and the units already removed are gone -- which is what a pipeline may want, but never silently."""
+    earlier = [(i, s["params"]) for i, s in enumerate(ws.manifest()["steps"], 1) if s["command"] == "prune"]
+    if not earlier:
+        return
+    i, p = earlier[-1]
+    what = p.get("structure") and f"{p['structure']} {p.get('ratio', '')}".strip() or \
+        f"{p.get('pattern', '')} {p.get('sparsity', '')}".strip()
+    report.warn(f"this workdir's model was pruned before (step {i}: {p.get('method')} {what}); this prune applies on "
+                f"top of it. To try alternatives side by side, branch the workdir first: llmprune branch {ws.path} NEW")
 
 
 def _check_owl(req: PruneOptions, pat, s: float) -> owl.Settings | None:

@@ -21,7 +21,7 @@ from llmprune.distill import (KD_OPTIONS, distill_option, kd_temperature_option,
 from llmprune.errors import UserError
 from llmprune.modeling import save_model
 from llmprune.options import (batch_option, check_all, check_device, device_option, grad_checkpointing_option, option,
-                              positive, text_field_option)
+                              positive, specs, text_field_option)
 from llmprune.recovery import add_lora, is_sparse, mask_adapters, save_adapter, targets_for, verify
 from llmprune.stats import exp_nll
 from llmprune.steps import KINDS
@@ -49,10 +49,14 @@ class RecoverOptions:
     # None: 2e-4 for LoRA, 2e-5 for --full
     lr: Optional[float] = option(None, "AdamW learning rate (default: 2e-4 for LoRA, 2e-5 with --full).",
                                  check=positive)
-    rank: Optional[int] = option(None, f"LoRA rank (default {LORA_DEFAULTS['rank']}).", check=positive, panel=LORA)
+    # Named --lora-*: prune's --alpha is Wanda++'s gradient weight; the short names stay accepted.
+    rank: Optional[int] = option(None, f"LoRA rank (default {LORA_DEFAULTS['rank']}; also --rank).", check=positive,
+                                 panel=LORA, flag="--lora-rank", aliases=("--rank",))
     alpha: Optional[float] = option(None, "LoRA alpha (the update is scaled by alpha / rank; default "
-                                    f"{LORA_DEFAULTS['alpha']:g}).", check=positive, panel=LORA)
-    dropout: Optional[float] = option(None, f"LoRA dropout (default {LORA_DEFAULTS['dropout']}).", panel=LORA)
+                                    f"{LORA_DEFAULTS['alpha']:g}; also --alpha).", check=positive, panel=LORA,
+                                    flag="--lora-alpha", aliases=("--alpha",))
+    dropout: Optional[float] = option(None, f"LoRA dropout (default {LORA_DEFAULTS['dropout']}; also --dropout).",
+                                      panel=LORA, flag="--lora-dropout", aliases=("--dropout",))
     targets: str = option("auto", "auto (the architecture's table) or a comma list: q_proj,v_proj,...", panel=LORA)
     batch_size: int = batch_option(1, "Windows per micro-batch.")
     grad_accum: int = option(1, "Micro-batches per optimiser step.", check=positive)
@@ -94,7 +98,8 @@ class RecoverOptions:
         if self.full and not self.merge:
             raise UserError("--full trains the weights themselves: there is no adapter to keep unmerged (drop "
                             "--no-merge)")
-        lora = [f"--{n}" for n in LORA_DEFAULTS if getattr(self, n) is not None]
+        flags = {o.name: o.flag for o in specs(RecoverOptions)}
+        lora = [flags[n] for n in LORA_DEFAULTS if getattr(self, n) is not None]
         if self.full and lora:
             raise UserError(f"{', '.join(lora)} set the LoRA adapter; --full trains every weight (drop one of them)")
         temperature, weight = resolve_options(self.distill, self.kd_temperature, self.kd_weight, self.teacher,
@@ -104,9 +109,8 @@ class RecoverOptions:
         check_launcher()
         check_all(o)
         if not 0 <= o.dropout < 1 or o.save_every < 0:
-            raise UserError("--dropout must be in [0, 1) and --save-every >= 0")
-        check_device(o.device)
-        return o
+            raise UserError("--lora-dropout must be in [0, 1) and --save-every >= 0")
+        return dataclasses.replace(o, device=check_device(o.device))
 
     def params(self) -> dict[str, Any]:
         p = {k: v for k, v in asdict(self).items() if k != "save_every"}

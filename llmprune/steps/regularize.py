@@ -96,8 +96,7 @@ class RegularizeOptions:
                                 kd_temperature=temperature, kd_weight=weight)
         o.check()
         check_launcher()
-        check_device(o.device)
-        return o
+        return dataclasses.replace(o, device=check_device(o.device))
 
     def params(self) -> dict[str, Any]:
         p = dataclasses.asdict(self)

@@ -29,6 +29,7 @@ from llmprune.options import (batch_option, check_all, check_device, device_opti
                               text_field_option)
 from llmprune.paths import component
 from llmprune.steps.base import Step, from_argv
+from llmprune.steps.eval import calibration_seqlen
 from llmprune.steps.registry import STEPS
 from llmprune.workdir import SWEEP, Workdir
 
@@ -51,7 +52,8 @@ class SweepOptions:
     prune_args: str = option("", "Extra options for every score-method prune, e.g. '--batch-size 8'.", panel=GRID)
     dataset: Optional[str] = option(None, "Evaluation source (default: the test split of the calibration dataset).",
                                     panel=EVAL)
-    seqlen: int = option(2048, "Tokens per evaluation window.", check=positive, panel=EVAL)
+    seqlen: Optional[int] = option(None, "Tokens per evaluation window (default: the calibration's).", check=positive,
+                                   panel=EVAL, show_default=False)
     max_windows: Optional[int] = option(None, "Evaluate at most this many windows.", panel=EVAL)
     text_field: str = text_field_option()
     tasks: Optional[str] = option(None, "Zero-shot tasks for every point (as eval --tasks).", panel=EVAL)
@@ -266,7 +268,9 @@ def run_sweep(ws: Workdir, configs: list[Config], eval_args: list[str], keep_mod
                         shutil.rmtree(run / sub, ignore_errors=True)
             save(root, rows + others)
             advance()
-    plots = plot(root, [r for r in rows if r["status"] == "done"])
+    # Every point results.json holds -- this grid's and earlier grids' -- is plotted: a sweep extended by a point
+    # redraws the whole picture, not the last command's part of it.
+    plots = plot(root, [r for r in rows + others if r["status"] == "done"])
     return {"results": str(root / "results.json"), "csv": str(root / "results.csv"), "plots": plots,
             "rows": rows, "ran": ran, "skipped": skipped, "failed": failed}
 
@@ -289,7 +293,7 @@ def run(ws: Workdir, o: SweepOptions) -> dict[str, Any]:
     configs = grid(o.methods, o.sparsities, o.patterns, o.structures, o.prune_args, o.owl)
     if o.dataset is not None:
         data.check_local(o.dataset)
-    ev = ["--seqlen", str(o.seqlen), "--text-field", o.text_field, "--device", device, "--batch-size",
+    ev = ["--seqlen", str(o.seqlen or calibration_seqlen(ws)), "--text-field", o.text_field, "--device", device, "--batch-size",
           str(o.batch_size)]
     for flag, value in (("--dataset", o.dataset), ("--max-windows", o.max_windows), ("--tasks", o.tasks),
                         ("--limit", o.limit), ("--num-fewshot", o.num_fewshot)):
@@ -329,21 +333,38 @@ def plot(root: Path, rows: list[dict[str, Any]]) -> list[str]:
     return made
 
 
+def _styles(series: list[str]) -> dict[str, tuple[str, str]]:
+    """(colour, line style) of each plotted series: one colour per method, OWL's lines (``METHOD+owlL``) in their
+    method's colour, dashed (dotted, dash-dotted for a second and third lambda)."""
+    methods = sorted({s.split("+owl")[0] for s in series})
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    dashes = ["--", ":", "-."]
+    out = {}
+    for m in methods:
+        owls = sorted((s for s in series if s.startswith(m + "+owl")), key=lambda s: float(s.split("+owl")[1]))
+        out[m] = (colour[m], "-")
+        out.update({s: (colour[m], dashes[i % len(dashes)]) for i, s in enumerate(owls)})
+    return out
+
+
 def _plot_scored(plt, rows: list[dict[str, Any]], dense: dict[str, Any] | None, finish) -> None:
     """Perplexity (and the tasks' mean accuracy) against sparsity, one line per method (N:M points marked)."""
+    from matplotlib.ticker import FuncFormatter, PercentFormatter  # matplotlib only where a plot is drawn
+
     scored = [r for r in rows if r["kind"] in ("unstructured", "pattern")]
     methods = sorted({r.get("series") or r["method"] for r in scored})
+    styles = _styles(methods)
     metrics = [("perplexity", "perplexity (log scale)", True)]
     if any(r.get("tasks_mean") is not None for r in rows):
         metrics.append(("tasks_mean", "zero-shot accuracy (mean of the tasks)", False))
     for key, label, log in metrics if scored else []:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for i, m in enumerate(methods):
-            color = f"C{i}"
+        for m in methods:
+            color, dash = styles[m]
             mine = [r for r in scored if (r.get("series") or r["method"]) == m]
             line = sorted((r["sparsity"], r[key]) for r in mine if r["kind"] == "unstructured" and r.get(key) is not None)
             if line:
-                ax.plot(*zip(*line), marker="o", color=color, label=m)
+                ax.plot(*zip(*line), marker="o", color=color, linestyle=dash, label=m.replace("+owl", " + OWL λ="))
             for r in (r for r in mine if r["kind"] == "pattern" and r.get(key) is not None):
                 ax.scatter([r["sparsity"]], [r[key]], marker="s" if r["pattern"] == "2:4" else "D", color=color,
                            edgecolors="black", zorder=3)
@@ -353,6 +374,12 @@ def _plot_scored(plt, rows: list[dict[str, Any]], dense: dict[str, Any] | None, 
             ax.axhline(dense[key], color="gray", linestyle="--", label=f"dense ({dense[key]:.3g})")
         if log:
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 600, not 6 x 10^2
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2356" else ""))
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_title(f"{'Perplexity' if key == 'perplexity' else 'Zero-shot accuracy'} against sparsity "
+                     f"({len(scored)} points)")
         ax.set_xlabel("sparsity of the block Linears (N:M patterns: squares and diamonds)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -374,6 +401,7 @@ def _plot_structured(plt, rows: list[dict[str, Any]], dense: dict[str, Any] | No
     if dense:
         ax.scatter([dense["parameters"] / 1e6], [dense["perplexity"]], marker="*", s=120, color="black",
                    label="dense", zorder=3)
+    ax.set_title(f"Structured removal: perplexity against size ({len(structured)} points)")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")
@@ -386,7 +414,8 @@ def _plot_structured(plt, rows: list[dict[str, Any]], dense: dict[str, Any] | No
             ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=s)
         if dense:
             ax.scatter([1.0], [dense["perplexity"]], marker="*", s=120, color="black", label="dense", zorder=3)
-        ax.set_xlabel("prefill speed-up over dense (measured, batch 1)")
+        ax.set_title("… and against the measured speed-up")
+        ax.set_xlabel("prefill speed-up over dense (measured, batch 1; median of paired runs)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()
@@ -395,17 +424,21 @@ def _plot_structured(plt, rows: list[dict[str, Any]], dense: dict[str, Any] | No
 
 def _plot_block_sparsity(plt, rows: list[dict[str, Any]], finish) -> None:
     """Each block's sparsity, for the points where it varies (OWL)."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     varies = [r for r in rows if r.get("block_sparsity") and
               max(r["block_sparsity"].values()) - min(r["block_sparsity"].values()) > 1e-4]
     if not varies:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, r in enumerate(varies):
+    styles = _styles(sorted({r.get("series") or r["method"] for r in varies}))  # each method's colour, as above
+    for r in varies:
         xs = [int(b) for b in r["block_sparsity"]]
-        ax.plot(xs, list(r["block_sparsity"].values()), marker=".", color=f"C{i % 10}", label=r["name"])
+        color, dash = styles[r.get("series") or r["method"]]
+        ax.plot(xs, list(r["block_sparsity"].values()), marker=".", color=color, linestyle=dash, label=r["name"])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_title("Sparsity of each block (where it varies: OWL)")
     ax.set_xlabel("block")
     ax.set_ylabel("sparsity of the block's Linears")
     ax.grid(True, alpha=0.3)
