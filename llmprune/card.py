@@ -4,6 +4,7 @@ lineage of steps, the evaluation tables. Local paths appear by file name (and SH
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,15 @@ from huggingface_hub import EvalResult, ModelCardData
 from llmprune.fsio import sha256_file
 from llmprune.provenance import local_paths, public_name
 from llmprune.report import number as num
+from llmprune.steps import KINDS
 from llmprune.tasks import primary
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
 _SKIP_PARAMS = {"json"}
+# {command: {recorded parameter: the option as typed}}: the lineage names a parameter as its command line does
+# (``lambda``, not the field ``lam``). Read from the recorded steps' declarations (export itself records nothing).
+_TYPED = {name: {o.name: o.flag[2:] for o in importlib.import_module(f"llmprune.steps.{name}").STEP.specs()}
+          for name, kind in KINDS.items() if kind.records}
 # The steps that change the model: an eval after the last of them measured the model the card describes.
 _CHANGES_MODEL = ("calibrate", "regularize", "prune", "recover")
 
@@ -198,7 +204,8 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str 
     ]
     for i, s in enumerate(steps, 1):
         params = ", ".join(
-            f"{k}={public_name(v, digests)}" for k, v in s["params"].items() if v is not None and k not in _SKIP_PARAMS
+            f"{_TYPED.get(s['command'], {}).get(k, k)}={public_name(v, digests)}" for k, v in s["params"].items()
+            if v is not None and k not in _SKIP_PARAMS
         )
         lines.append(f"| {i} | `{s['command']}` | {params} | {s['duration_s']:.1f} s |")
     evals = [s for s in steps if s["command"] == "eval"]

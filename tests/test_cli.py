@@ -405,11 +405,11 @@ def test_non_finite_weights_are_never_committed(calibrated, tiny_root, tmp_path,
 
 
 def test_json_output_is_strict_json(capsys):
-    from llmprune import report
+    from llmprune import __version__, report
 
     report.emit_json({"ppl": float("inf"), "gap": float("nan"), "ok": [1.5, float("-inf")]})
     doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
-    assert doc == {"ppl": None, "gap": None, "ok": [1.5, None]}
+    assert doc == {"llmprune_version": __version__, "ppl": None, "gap": None, "ok": [1.5, None]}
 
 
 @pytest.mark.parametrize("damage", ["missing tensor", "more layers in the config", "unexpected tensor", "wrong shape"])

@@ -22,7 +22,7 @@ def pruned(calibrated, tiny_root):
 def test_export_loads_with_plain_transformers(pruned, tmp_path):
     out = tmp_path / "out"
     code, res = cli("export", pruned, "--out", out)
-    assert code == 0 and "README.md" in res["files"]
+    assert code == 0 and "README.md" in {f["path"] for f in res["files"]}
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())
     model = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code
     ref = AutoModelForCausalLM.from_pretrained(pruned / "model")
@@ -260,3 +260,18 @@ def test_a_failed_push_is_retried_without_rebuilding(pruned, tmp_path, monkeypat
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # not rebuilt
     assert calls.count(("upload_folder", "v2", True, "pruned 2:4")) == 2 and ("create_branch", "v2") in calls
     assert cli("export", pruned, "--out", tmp_path / "o3", "--revision", "v2")[0] == 1  # needs --push-to-hub
+
+
+def test_the_lineage_names_parameters_as_the_command_line_does():
+    """A recorded field whose option is spelled otherwise (``lam`` is ``--lambda``, ``rank`` is ``--lora-rank``)
+    appears in the card as the user would type it."""
+    from llmprune.card import model_card
+
+    step = {"duration_s": 1.0, "versions": {}, "metrics": {}}
+    manifest = {"base_model": {"source": "org/model", "license": "mit"}, "model_type": "llama",
+                "steps": [{**step, "command": "calibrate", "params": {"dataset": "wikitext2", "samples": 8}},
+                          {**step, "command": "regularize", "params": {"structure": "mlp", "lam": 0.02}},
+                          {**step, "command": "recover", "params": {"rank": 8, "alpha": 16.0}}]}
+    card, _ = model_card(manifest)
+    assert "lambda=0.02" in card and "lora-rank=8" in card and "lora-alpha=16.0" in card and "lam=" not in card
+    assert "samples=8" in card

@@ -118,7 +118,8 @@ def test_an_unmerged_adapter_is_part_of_the_model_and_exports_for_peft(calibrate
     assert unmerged["perplexity"] == pytest.approx(merged["perplexity"], rel=1e-5)
 
     code, res = cli("export", wd, "--out", tmp_path / "peft", "--format", "peft", "--adapter-base", "me/pruned")
-    assert code == 0 and "adapter/adapter_model.safetensors" in res["files"] and "model.safetensors" in res["files"]
+    assert code == 0 and {"adapter/adapter_model.safetensors", "model.safetensors"} <= {
+        f["path"] for f in res["files"]}
     cfg = json.loads((tmp_path / "peft" / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "me/pruned"
     assert 'subfolder="adapter"' in (tmp_path / "peft" / "README.md").read_text()
@@ -149,7 +150,8 @@ def test_adapter_exports_and_their_refusals(calibrated, tmp_path):
     w = load_file(tmp_path / "m" / "model.safetensors")
     assert all(nm_valid(v, 2, 4) for k, v in w.items() if k.startswith("model.layers.") and k.endswith("proj.weight"))
     code, res = cli("export", wd, "--out", tmp_path / "a", "--format", "adapter")
-    assert code == 0 and sorted(res["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert code == 0 and [f["path"] for f in res["files"]] == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert "library_name: peft" in (tmp_path / "a" / "README.md").read_text()
     assert cli("recover", wd, "--steps", 3, *FAST)[0] == 0  # merged now
     assert cli("export", wd, "--out", tmp_path / "p", "--format", "peft")[0] == 1

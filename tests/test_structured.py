@@ -398,8 +398,10 @@ def test_eval_speed_at_several_batch_sizes_and_the_size_on_disk(calibrated, tiny
     for sfx in ("", "_b3"):
         for phase in ("prefill", "decode"):
             assert sp[f"{phase}_tokens_per_s{sfx}"] > 0 and sp[f"baseline_{phase}_tokens_per_s{sfx}"] > 0
-            assert sp[f"{phase}_speedup{sfx}"] == pytest.approx(
-                sp[f"{phase}_tokens_per_s{sfx}"] / sp[f"baseline_{phase}_tokens_per_s{sfx}"], rel=1e-2, abs=1e-3)  # rounded to 3 decimals
+            # the median of the paired ratios, inside their range (not the ratio of the medians)
+            lo, hi = sp[f"{phase}_speedup_range{sfx}"]
+            assert 0 < lo <= sp[f"{phase}_speedup{sfx}"] <= hi
+            assert sp[f"{phase}_speedup_verdict{sfx}"] in ("faster", "slower", "within noise")
     shards = sorted((wd / "model").glob("*.safetensors"))
     assert shards and ev["model_bytes"] == sum(f.stat().st_size for f in shards)
     dense = sum(f.stat().st_size for f in (tiny_root / "llama").glob("*.safetensors"))

@@ -17,5 +17,5 @@ def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
         return
     url = res["url"]
     report.table(f"exported {out}" + (f" → {url}" if url else ""), ["file", "bytes"],
-                 [[rel, (out / rel).stat().st_size] for rel in res["files"]])
+                 [[f["path"], f["bytes"]] for f in res["files"]])
 

@@ -95,7 +95,7 @@ def _export(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
              "adapter": {".": adapter}}[fmt]
     if o.dry_run:
         return {"dry_run": True, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
-                "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)]}
+                "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)], "url": None, "warnings": []}
     if push_to_hub:
         if not huggingface_hub.get_token():  # check before writing anything
             raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
@@ -129,7 +129,10 @@ def _export(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
         report.info(f"{out} already holds this export (an upload that failed?): uploading it without rebuilding")
     url = push(out, push_to_hub, o.private, revision=o.revision, create_pr=o.create_pr,
                commit_message=o.commit_message) if push_to_hub else None
-    return {"out": str(out), "format": fmt, "files": sorted(files), "url": url, "warnings": warnings}
+    # the same document as a dry run's: what was written (a dry run: what would be), and where it went
+    return {"dry_run": False, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
+            "files": [{"path": f, "bytes": (out / f).stat().st_size} for f in sorted(files)], "url": url,
+            "warnings": warnings}
 
 
 STEP = Step("export", ExportOptions, run, "Write a clean Hugging Face folder with a model card, and optionally push it "
