@@ -11,6 +11,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from llmprune.data import parse_mixture
+from llmprune.errors import UserError
 from llmprune.fsio import sha256_file
 from llmprune.provenance import local_paths, public_name
 from llmprune.report import number as num
@@ -68,6 +70,16 @@ def _hub_dataset(source: Any) -> str | None:
     if source.startswith("hf:"):
         return source[3:].split(":")[0] or None
     return DATASETS_HUB.get(source)
+
+
+def _sources(value: Any) -> list[str]:
+    """The sources a recorded ``dataset`` names: one, or each part of a training mixture (``a:0.7,b:0.3``)."""
+    if not isinstance(value, str):
+        return []
+    try:
+        return [p.source for p in parse_mixture(value)]
+    except UserError:  # a name that only looks like a mixture (a file with a comma): the name itself
+        return [value]
 
 
 def _local_digests(manifest: dict[str, Any]) -> dict[str, str]:
@@ -129,7 +141,7 @@ def card_front_matter(manifest: dict[str, Any], fmt: str, base_model: str | None
     base = manifest.get("base_model", {})
     steps = manifest.get("steps", [])
     methods = sorted({s["params"].get("method") for s in steps if s["command"] == "prune" and s["params"].get("method")})
-    datasets = sorted({d for s in steps if (d := _hub_dataset(s["params"].get("dataset")))})
+    datasets = sorted({d for s in steps for part in _sources(s["params"].get("dataset")) if (d := _hub_dataset(part))})
     base_model = base_model or base.get("hub_id") or (base.get("source") if _is_hub_id(base.get("source", "")) else None)
     warnings = []
     if not base_model:

@@ -7,8 +7,12 @@ SparseGPT references do, then tokenized once.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -134,6 +138,62 @@ def load_text(source: str, purpose: str = "calibration", text_field: str = "text
     if not text.strip():
         raise UserError(f"dataset {describe(source)} contains no text")
     return text
+
+
+# One part of a training mixture: ``SOURCE:WEIGHT`` (the weight a plain positive number, so ``hf:NAME:CONFIG:SPLIT``
+# and a path keep their own colons).
+_PART = re.compile(r"^(?P<source>.+):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source of a training mixture and its share of the training windows."""
+
+    source: str
+    weight: float
+    text: str = ""
+
+
+def parse_mixture(spec: str) -> list[Part]:
+    """``--dataset a.txt:0.7,b.jsonl:0.3`` -> the sources and their shares (normalised to sum to 1); a single
+    source, weighted or not, is the whole of the training text. Every part of a mixture names its weight."""
+    items = [p.strip() for p in spec.split(",")] if "," in spec else [spec.strip()]
+    parts = []
+    for item in items:
+        m = _PART.match(item)
+        if m is None or Path(item).exists():  # a file whose name ends in ":0.5" is that file
+            parts.append(Part(item, math.nan))
+        else:
+            parts.append(Part(m.group("source"), float(m.group("weight"))))
+    if len(parts) == 1:
+        return [Part(parts[0].source, 1.0)]
+    if any(not p.source for p in parts) or any(math.isnan(p.weight) for p in parts):
+        raise UserError(f"--dataset {spec}: give every source of a mixture its share, SOURCE:WEIGHT, e.g. "
+                        "a.txt:0.7,b.jsonl:0.3")
+    if any(not (math.isfinite(p.weight) and p.weight > 0) for p in parts):
+        raise UserError(f"--dataset {spec}: every share must be a positive number")
+    if len({p.source for p in parts}) < len(parts):
+        raise UserError(f"--dataset {spec}: a source appears twice; give it one share")
+    total = sum(p.weight for p in parts)
+    return [Part(p.source, p.weight / total) for p in parts]
+
+
+def load_mixture(spec: str, purpose: str = "training", text_field: str = "text") -> list[Part]:
+    """Every part of ``spec`` (``parse_mixture``) with its text, each read as ``load_text`` reads one source."""
+    return [Part(p.source, p.weight, load_text(p.source, purpose, text_field)) for p in parse_mixture(spec)]
+
+
+def training_text(spec: str, text_field: str = "text") -> str | list[Part]:
+    """``--dataset``'s text for training: one source's text, or the parts of a mixture with theirs."""
+    parts = load_mixture(spec, "training", text_field)
+    return parts[0].text if len(parts) == 1 else parts
+
+
+def text_digest(text: str | list[Part]) -> str:
+    """SHA-256 of a training text, or of a mixture's sources, shares and texts (what a resumed run must match)."""
+    if isinstance(text, str):
+        return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(json.dumps([[p.source, p.weight, text_digest(p.text)] for p in text]).encode()).hexdigest()
 
 
 def _texts_from_hub(source: str, purpose: str, text_field: str) -> list[str]:

@@ -71,6 +71,11 @@ class OptionSpec:
     def is_flag(self) -> bool:
         return strip_optional(self.type) is bool
 
+    @property
+    def repeated(self) -> bool:
+        """An option given once per value (``--dataset a --dataset b``): a list."""
+        return typing.get_origin(strip_optional(self.type)) is list
+
 
 def specs(options_cls: type) -> list[OptionSpec]:
     """The options of a class declared with ``option()``, in declaration order (fields with ``cli=False`` left out)."""

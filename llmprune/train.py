@@ -311,6 +311,24 @@ def text_windows(model: nn.Module, tok, text: str | torch.Tensor, seqlen: int) -
     return data.eval_windows(ids, seqlen, None).clone()
 
 
+def mixture_windows(model: nn.Module, tok, parts: list, seqlen: int, seed: int) -> torch.Tensor:
+    """Training windows of a mixture (``data.Part``s with their texts): each part cut into fresh windows, then as
+    many taken from each as its share of the largest total that needs no part's window twice, in a seeded order that
+    interleaves the parts (so the held-out windows, the last ones, are a sample of the mixture too). A single part
+    is its windows as ``text_windows`` cuts them, unchanged."""
+    if len(parts) == 1:
+        return text_windows(model, tok, parts[0].text, seqlen)
+    cut = [text_windows(model, tok, p.text, seqlen) for p in parts]
+    total = min(w.shape[0] / p.weight for w, p in zip(cut, parts))  # the most windows every part can supply
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for w, p in zip(cut, parts):
+        n = max(1, min(w.shape[0], round(p.weight * total)))
+        chosen.append(w[torch.randperm(w.shape[0], generator=gen)[:n]])
+    mixed = torch.cat(chosen)
+    return mixed[torch.randperm(mixed.shape[0], generator=gen)].clone()
+
+
 def passes(steps: int, batch_size: int, grad_accum: int, windows: int) -> float:
     """Passes over ``windows`` that ``steps`` optimiser steps make; under ``accelerate launch`` each step takes
     every process's batch."""

@@ -9,7 +9,12 @@ from llmprune import report
 from llmprune.tasks import primary
 
 
-def render(m: dict[str, Any], o: Any, workdir: Path) -> None:
+def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
+    for m in res.get("evaluations") or [res]:  # one table per --dataset, each an eval step of its own
+        _table(m, workdir)
+
+
+def _table(m: dict[str, Any], workdir: Path) -> None:
     sp = m.get("speed", {})
     report.table(
         f"eval {workdir} on {m['dataset']}", ["metric", "value"],

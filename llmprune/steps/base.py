@@ -7,6 +7,7 @@ options class, checked by the same ``run``: a recipe entry or a sweep point is i
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -59,6 +60,9 @@ def convert(o: OptionSpec, value: Any, where: str, key: str | None = None) -> An
     """A recipe's TOML value (or an option list's string) as the option's declared type: what click does to a
     typed command line, spelled out for values that arrive typed."""
     typ, key = strip_optional(o.type), key or o.name
+    if o.repeated:  # a list option: each value as its element type (a recipe may give one value or a list)
+        element = OptionSpec(o.name, typing.get_args(typ)[0], None, o.help)
+        return [convert(element, v, where, key) for v in (value if isinstance(value, list) else [value])]
     if typ is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where}: '{key}' is a flag; use true or false")
@@ -124,7 +128,8 @@ def from_argv(step: Step, args: list[str], where: str) -> Any:
             if not rest:
                 raise UserError(f"{where}: {name} needs a value")
             inline = rest.pop(0)
-        values[o.name] = convert(o, inline, where)
+        value = convert(o, inline, where)
+        values[o.name] = values.get(o.name, []) + value if o.repeated else value
     return step.options(values)
 
 
@@ -136,6 +141,8 @@ def to_argv(step: Step, mapping: dict[str, Any]) -> list[str]:
         o = known[key.replace("-", "_")]
         if o.is_flag:
             out += [s for s, v in option_strings(o) if v is bool(value)][:1]
+        elif o.repeated:
+            out += [x for v in (value if isinstance(value, list) else [value]) for x in (o.flag, str(v))]
         else:
             out += [o.flag, str(value)]
     return out

@@ -27,7 +27,9 @@ SPEED, TASKS = "Speed", "Zero-shot tasks"
 class EvalOptions:
     """What ``llmprune eval`` was asked for; recorded as the step's parameters, in this order."""
 
-    dataset: Optional[str] = option(None, "Evaluation source (default: the test split of the calibration dataset).")
+    dataset: Optional[list[str]] = option(None, "Evaluation source (default: the test split of the calibration "
+                                          "dataset); repeat it for several domains, each recorded as an eval step of "
+                                          "its own.")
     seqlen: Optional[int] = option(None, "Tokens per window (default: the calibration's).", check=positive,
                                    show_default=False)
     max_windows: Optional[int] = option(None, "Evaluate at most this many windows.")
@@ -80,17 +82,34 @@ def _check_speed(ws: Workdir, o: EvalOptions, batches: tuple[int, ...]) -> Path 
 
 
 def run(ws: Workdir, o: EvalOptions) -> dict[str, Any]:
-    """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded."""
+    """The ``eval`` step: perplexity, parameters, sparsity (and throughput) of the workdir's model, recorded -- one
+    step per ``--dataset`` (the timing and the tasks with the first: they do not depend on the text)."""
     ws.manifest()  # a missing or foreign workdir is the first thing to report
     check_all(o)
     o = replace(o, device=check_device(o.device), seqlen=o.seqlen or calibration_seqlen(ws))
-    dataset = o.dataset
-    if dataset is None:
-        src = ws.manifest().get("calibration", {}).get("source", "")
-        if src not in data.NAMED and not src.startswith("hf:"):
-            raise UserError("pass --dataset: the calibration source is a local file, which has no test split")
-        dataset = src
-    text = data.load_text(dataset, "evaluation", o.text_field)
+    sources = [_source(ws, d) for d in (o.dataset or [None])]
+    if len(set(sources)) < len(sources):
+        raise UserError(f"--dataset names {', '.join(sorted(s for s in set(sources) if sources.count(s) > 1))} twice")
+    texts = [data.load_text(d, "evaluation", o.text_field) for d in sources]  # every text read before any pass
+    results = []
+    for i, (dataset, text) in enumerate(zip(sources, texts)):
+        one = o if i == 0 else replace(o, speed=False, speed_baseline=None, tasks=None, limit=None, num_fewshot=None)
+        results.append(_measure(ws, one, dataset, text))
+    return {**results[0], "evaluations": results}
+
+
+def _source(ws: Workdir, dataset: str | None) -> str:
+    """A ``--dataset``, or without one the calibration dataset (its test split: a named or Hub dataset only)."""
+    if dataset is not None:
+        return dataset
+    src = ws.manifest().get("calibration", {}).get("source", "")
+    if src not in data.NAMED and not src.startswith("hf:"):
+        raise UserError("pass --dataset: the calibration source is a local file, which has no test split")
+    return src
+
+
+def _measure(ws: Workdir, o: EvalOptions, dataset: str, text: str) -> dict[str, Any]:
+    """One eval step: ``text`` measured, with the timing and the tasks ``o`` asks for."""
     batches = parse_batches(o.speed_batches)
     base_dir = _check_speed(ws, o, batches)
     wanted = _tasks.split_tasks(o.tasks)

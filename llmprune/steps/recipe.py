@@ -110,13 +110,18 @@ def load(path: Path) -> list[Entry]:
                                 f"{cmd} takes {', '.join(sorted(known))}")
             if known[name].is_flag and not isinstance(value, bool):
                 raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' is a flag; use true or false")
-            if isinstance(value, (dict, list)):
+            if isinstance(value, dict) or isinstance(value, list) and not known[name].repeated:
                 raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' must be a single value")
+            if isinstance(value, list) and not all(isinstance(v, (str, int, float)) for v in value):
+                raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' must be a list of values")
             if isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) >= 2**63:
                 raise UserError(f"recipe step {i + 1} ({cmd}): '{key}' = {value!r} is not a finite number that an "
                                 "option can take")
             if isinstance(value, str):
                 value = _expand(value, f"recipe step {i + 1} ({cmd}), '{key}'")
+            elif isinstance(value, list):  # a repeated option (eval's datasets): each value expanded the same way
+                value = [_expand(v, f"recipe step {i + 1} ({cmd}), '{key}'") if isinstance(v, str) else v
+                         for v in value]
             opts[name] = value
         entries.append(Entry(i, cmd, opts))
     check_order(entries)
@@ -201,7 +206,11 @@ def argv(entry: Entry, workdir: Path) -> list[str]:
 
 
 def _file_identity(value: Any) -> str | None:
-    """Content hash of a local file an option names (a dataset, a GGUF); size+mtime of a folder's files."""
+    """Content hash of a local file an option names (a dataset, a GGUF); size+mtime of a folder's files; of each
+    file a list names (eval's datasets), together."""
+    if isinstance(value, list):
+        found = [_file_identity(v) for v in value]
+        return hashlib.sha256(json.dumps(found).encode()).hexdigest() if any(found) else None
     if not isinstance(value, str) or "\n" in value or len(value) > 4096:
         return None
     p = Path(value)
@@ -227,16 +236,30 @@ def fingerprint(entries: list[Entry]) -> None:
         e.fingerprint = prev = hashlib.sha256(body.encode()).hexdigest()
 
 
+def ran_entries(manifest_steps: list[dict[str, Any]]) -> list[str | None]:
+    """The fingerprint of each recipe entry the workdir's history holds, in order: the steps one entry recorded (an
+    eval of several datasets records one step each) count once; a step not run by a recipe is None."""
+    out: list[str | None] = []
+    last = None
+    for s in manifest_steps:
+        tag = s.get("recipe") or {}
+        key = (tag.get("index"), tag.get("fingerprint"))
+        if tag and key == last:
+            continue
+        out.append(tag.get("fingerprint"))
+        last = key if tag else None
+    return out
+
+
 def done_prefix(entries: list[Entry], manifest_steps: list[dict[str, Any]]) -> int:
     """How many leading entries are done: their fingerprints are recorded, in order, at the start of the workdir's
     history. (Entries that are not recorded, like export, always run again.)"""
     done = 0
-    history = iter(manifest_steps)
+    history = iter(ran_entries(manifest_steps))
     for e in entries:
         if e.command in NOT_RECORDED:
             break
-        s = next(history, None)
-        if s is None or s.get("recipe", {}).get("fingerprint") != e.fingerprint:
+        if next(history, None) != e.fingerprint:
             break
         done = e.index + 1
     return done
@@ -260,8 +283,9 @@ def plan(entries: list[Entry], ws: Workdir, from_step: str | None) -> RecipePlan
     if entries[0].command != "calibrate":
         raise UserError("a recipe starts with a calibrate step, so that the whole pipeline is reproducible from it")
     fingerprint(entries)
-    history = ws.manifest()["steps"] if ws.exists() else []
-    done = done_prefix(entries, history)
+    steps = ws.manifest()["steps"] if ws.exists() else []
+    done = done_prefix(entries, steps)
+    history = ran_entries(steps)
     if from_step is not None:
         if from_step.isdigit() and 1 <= int(from_step) <= len(entries):
             start = int(from_step) - 1
@@ -280,7 +304,7 @@ def plan(entries: list[Entry], ws: Workdir, from_step: str | None) -> RecipePlan
             why = "skip: done with the same options and inputs"
         elif e.command in NOT_RECORDED:
             why = "run: not recorded in the workdir, always runs"
-        elif e.index < len(history) and history[e.index].get("recipe", {}).get("fingerprint") == e.fingerprint:
+        elif e.index < len(history) and history[e.index] == e.fingerprint:
             why = "run: forced by --from" if from_step is not None and e.index >= done else "run"
         elif e.index < len(history):
             why = "run: its options or inputs changed" if e.index == done else "run: an earlier step changes"

@@ -4,7 +4,6 @@ from the dense teacher (``--distill``) -- with the sparsity kept exact (``llmpru
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import resource
 import time
@@ -27,7 +26,7 @@ from llmprune.stats import exp_nll
 from llmprune.steps import KINDS
 from llmprune.steps.base import Step
 from llmprune import train as training
-from llmprune.train import (TrainSpec, check_launcher, passes, split_holdout, text_windows, train,
+from llmprune.train import (TrainSpec, check_launcher, mixture_windows, passes, split_holdout, train,
                             warn_repeated_windows)
 from llmprune.units import reapply, zero_masks
 from llmprune.workdir import Workdir
@@ -41,7 +40,9 @@ class RecoverOptions:
     """What ``llmprune recover`` was asked for; recorded as the step's parameters, in this order (``prepare`` fills
     in what was left to a default: the LoRA settings, the KD settings)."""
 
-    dataset: Optional[str] = option(None, "Training text (default: the workdir's calibration windows).")
+    dataset: Optional[str] = option(None, "Training text (default: the workdir's calibration windows); a mixture as "
+                                    "SOURCE:SHARE,... (a.txt:0.7,b.jsonl:0.3) takes windows of each source in its "
+                                    "share (distillation: teacher logits over the mixture).")
     text_field: str = text_field_option()
     seqlen: Optional[int] = option(None, "Tokens per window of --dataset (default: the calibration's).")
     steps: Optional[int] = option(None, "Optimiser steps (default 100).", check=positive)
@@ -138,13 +139,13 @@ class Recovery:
         self.ws, self.opts = ws, opts
         self.manifest = ws.manifest()
 
-    def _resume_dir(self, text: str | None) -> Path:
+    def _resume_dir(self, text: str | list | None) -> Path:
         """Where this run's checkpoint lives (``llmprune.resume``): keyed on the parameters, the model's files, the
         training text's contents and, when distilling, the teacher (with a teacher correction the kept teacher
         belongs to the teacher's files too: a recalibrated teacher/)."""
         o = self.opts
         folders = ("model", "teacher") if o.distill and o.teacher_steps else ("model",)
-        inputs = {"text": hashlib.sha256(text.encode()).hexdigest() if text is not None else None,
+        inputs = {"text": data.text_digest(text) if text is not None else None,
                   "teacher": resume.path_stamp(o.teacher) if o.distill and o.teacher else None}
         return resume.checkpoint_dir(self.ws.path, "recover", [o.params(), resume.files_under(self.manifest, *folders),
                                                                inputs])
@@ -152,7 +153,7 @@ class Recovery:
     def run(self) -> dict[str, Any]:
         o = self.opts
         started = time.time()
-        text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None
+        text = data.training_text(o.dataset, o.text_field) if o.dataset is not None else None
         self.resume_dir = self._resume_dir(text)
         windows = self.ws.windows() if o.dataset is None else None  # before the step: fail fast on bad input
         with self.ws.step("recover", o.params()) as tx:
@@ -171,7 +172,8 @@ class Recovery:
             # The new adapter's base is the model with the previous adapter folded in: that model becomes model/.
             save_model(lm, self.tok, tx.stage("model"), self.ws.shard_size)
         if text is not None:
-            windows = text_windows(lm, self.tok, text, o.seqlen or self.manifest["calibration"]["seqlen"])
+            windows = mixture_windows(lm, self.tok, text if isinstance(text, list) else [data.Part(o.dataset, 1.0, text)],
+                                      o.seqlen or self.manifest["calibration"]["seqlen"], o.seed)
         else:
             self.ws.record_inputs(tx, "calib")
         self.train_w, hold = split_holdout(windows, o.holdout)

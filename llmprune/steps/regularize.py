@@ -71,7 +71,8 @@ class RegularizeOptions:
                                check=non_negative)
     dataset: Optional[str] = option(None, "Training text, in fresh windows (default: the calibration text, read "
                                     "again; the units, and a combination's split, are chosen on the calibration "
-                                    "windows either way).")
+                                    "windows either way); a mixture as SOURCE:SHARE,... (a.txt:0.7,b.jsonl:0.3) "
+                                    "takes windows of each source in its share.")
     text_field: str = text_field_option()
     seqlen: Optional[int] = option(None, "Tokens per window of the training text (default: the calibration's).")
     teacher_steps: int = teacher_steps_option(", in memory")
@@ -173,17 +174,21 @@ def stale_calibration_text(ws: Workdir, ids: torch.Tensor, windows: torch.Tensor
     return None
 
 
-def training_windows(ws: Workdir, lm: nn.Module, tok, text: str | None, windows: torch.Tensor,
+def training_windows(ws: Workdir, lm: nn.Module, tok, text: str | list | None, windows: torch.Tensor,
                      o: RegularizeOptions, default_text: bool, fallback: str | None):
     """(training windows, held-out windows, the options as trained, why the calibration windows were used instead of
     the default text, or None). Fresh windows of ``text`` when there is one -- made before any search, so bad input
     fails first -- else the calibration ``windows``. The default text (``default_text``: the calibration text read
     again) falls back to the calibration windows when it is not the text calibrate read, or, cut into
     non-overlapping windows, gives no more of them than calibrate's overlapping ones; an explicit ``--seqlen`` is
-    refused there instead of being ignored."""
+    refused there instead of being ignored. A mixture (a list of ``data.Part``, ``--dataset a:0.7,b:0.3``) gives
+    its windows in its shares (``train.mixture_windows``)."""
     from llmprune import data
-    from llmprune.train import split_holdout, text_windows
+    from llmprune.train import mixture_windows, split_holdout, text_windows
 
+    if isinstance(text, list):
+        fresh = mixture_windows(lm, tok, text, o.seqlen or ws.manifest()["calibration"]["seqlen"], o.seed)
+        return (*split_holdout(fresh, o.holdout), o, None)
     if text is not None:
         seqlen = o.seqlen or ws.manifest()["calibration"]["seqlen"]
         ids = data.tokenize(tok, text)
@@ -213,7 +218,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     from llmprune.train import TrainSpec, passes, warn_repeated_windows
 
     started = time.time()
-    text = data.load_text(o.dataset, "training", o.text_field) if o.dataset is not None else None  # fail fast
+    text = data.training_text(o.dataset, o.text_field) if o.dataset is not None else None  # fail fast
     fallback = None
     default_text = o.dataset is None and not o.calibration_windows
     if default_text:
