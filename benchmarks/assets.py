@@ -162,8 +162,7 @@ def rst_text(raw: str) -> str:
             if m is None or m.group(2) in _CODE_DIRECTIVES or stripped.startswith(".. _") or "|" in stripped[:4]:
                 skip_indent = indent
             continue
-        if _UNDERLINE.match(stripped) or (stripped.startswith(":") and stripped.count(":") >= 2 and
-                                          re.match(r"^:[\w -]+:", stripped)):
+        if _UNDERLINE.match(stripped) or re.match(r"^:[\w -]+:(\s|$)", stripped):
             continue  # a section line, or a field/option line of a directive
         if stripped.endswith("::"):  # a literal block follows: keep the sentence, drop the code
             text = stripped[:-2].rstrip()

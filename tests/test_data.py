@@ -52,3 +52,51 @@ def test_a_large_text_is_tokenized_in_pieces_at_document_boundaries(monkeypatch)
 
 def test_a_text_without_document_boundaries_stays_one_piece():
     assert data.pieces("x" * 5000, 1000) == ["x" * 5000]
+
+
+def test_the_second_domain_is_the_prose_of_restructured_text():
+    """benchmarks/assets.rst_text: paragraphs on one line, roles read as their text, code and markup gone, the
+    bodies of notes kept."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import assets
+
+    raw = """=====
+Title
+=====
+
+.. _target-label:
+
+We'll assume you have :doc:`Django installed </intro/install>` and a
+:class:`~django.db.models.QuerySet`, see ``manage.py``.
+
+* first item
+* second item
+
+Run this::
+
+    $ python -m django --version
+
+.. code-block:: python
+
+    import this
+
+.. note::
+
+    A note's body is prose,
+    kept as one paragraph.
+
+.. toctree::
+   :maxdepth: 1
+
+   intro/index
+"""
+    assert assets.rst_text(raw).split("\n\n") == [
+        "Title",
+        "We'll assume you have Django installed and a QuerySet, see manage.py.",
+        "first item second item",
+        "Run this:",
+        "A note's body is prose, kept as one paragraph.",
+    ]
