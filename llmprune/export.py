@@ -154,15 +154,21 @@ def planned_files(parts: dict[str, Path]) -> list[tuple[str, int]]:
 DEFAULT_COMMIT_MESSAGE = "Upload pruned model (llmprune)"
 
 
+def require_token() -> None:
+    """A Hub token must be there before anything is written or uploaded (the usual HF environment or login)."""
+    import huggingface_hub
+
+    if not huggingface_hub.get_token():
+        raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
+
+
 def push(folder: Path, repo_id: str, private: bool, *, revision: str | None = None, create_pr: bool = False,
          commit_message: str | None = None) -> str:
     """Create the repo (and the branch ``revision``) and upload the folder, as a pull request with ``create_pr``;
     returns the repo's URL, or the pull request's. The token comes from the usual HF environment / login only."""
     import huggingface_hub
 
-    token = huggingface_hub.get_token()
-    if not token:
-        raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
+    require_token()
     api = huggingface_hub.HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -134,13 +134,11 @@ def check_device(device: str) -> str:
     ``cuda:N`` need one. Returned as resolved (a step records where it ran, not ``auto``)."""
     if device == "cpu":
         return device
-    if device == "auto":
-        import torch
+    if device == "auto" or device.startswith("cuda"):
+        import torch  # only when a CUDA device is asked about: `--help` and CPU runs never pay for the probe
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        import torch
-
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA device is available")
         return device

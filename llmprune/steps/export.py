@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import huggingface_hub
 
 from llmprune import report
 from llmprune.current import has_adapter, load_current, peft_exact, pending_adapter
 from llmprune.errors import UserError
 from llmprune.card import model_card
 from llmprune.export import (DEFAULT_COMMIT_MESSAGE, FORMATS, build_folder, built_already, check_out, check_repo_id,
-                             planned_files, push, set_adapter_base, sweep_of)
+                             planned_files, push, require_token, set_adapter_base, sweep_of)
 from llmprune.modeling import save_model
 from llmprune.options import REQUIRED, check_all, option
 from llmprune.steps import KINDS
@@ -97,8 +96,7 @@ def _export(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
         return {"dry_run": True, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
                 "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)], "url": None, "warnings": []}
     if push_to_hub:
-        if not huggingface_hub.get_token():  # check before writing anything
-            raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN before --push-to-hub")
+        require_token()  # before writing anything
 
     sweep = sweep_of(ws.path)
 
