@@ -5,7 +5,7 @@ Adding an architecture is one row here; nothing else in the code branches on ``m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -71,6 +71,28 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class Gguf:
+    """How llama.cpp knows this family (``export --format gguf``; docs/gguf.md).
+
+    ``arch`` names a ``gguf.MODEL_ARCH`` member, whose tensor-name table (``gguf.TensorNameMap``) maps the
+    transformers names. Norm scales are written as ``Parts.norm_offset + w`` (llama.cpp multiplies by the stored
+    value), biases and everything else as they are.
+    """
+
+    arch: str
+    # llama.cpp's "llama" graph rotates adjacent pairs of each head (GPT-J style) where transformers rotates the two
+    # halves (GPT-NeoX style): the rows of q and k are reordered within each head so both compute the same scores.
+    rope_pairs: bool = False
+    # Per-layer sliding-window attention from ``config.layer_types`` (Gemma 2/3): the window and each layer's kind
+    # are written; a family without it in llama.cpp refuses a config with a sliding window.
+    sliding: bool = False
+    # 3-D expert parameters: gate_up_proj[e] = [gate_e; up_e] splits into ffn_gate_exps / ffn_up_exps.
+    experts: bool = False
+    # why llama.cpp cannot run this family, or "" (it can)
+    cannot: str = ""
+
+
+@dataclass(frozen=True)
 class Arch:
     layers: str  # dotted path to the ModuleList of decoder blocks
     final: tuple[str, ...]  # modules applied, in order, between the last block and lm_head (absent ones skipped)
@@ -86,12 +108,14 @@ class Arch:
     # (model name fragment, checkpoint name fragment): the checkpoint's names differ from the modules' (Mixtral
     # releases keep ``block_sparse_moe`` for what transformers 5 calls ``mlp``)
     renames: tuple[tuple[str, str], ...] = ()
+    gguf: Gguf = Gguf("", cannot="no GGUF mapping for this family")
 
 
 _LLAMA_LIKE = Arch(
     layers="model.layers",
     final=("model.norm",),
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    gguf=Gguf("LLAMA", rope_pairs=True),
 )
 _OPT_CANNOT = "OPT's modeling code ties the attention width to hidden_size (no head_dim option)"
 
@@ -116,42 +140,47 @@ _MOE_CANNOT = tuple((structure, _MOE_WHY) for structure in ("hidden", "mlp", "la
 # MLP Linears of those names, and the zero-mask training of ``recovery`` covers Linears only.
 _MOE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QWEN_MOE = Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
-                 parts=Parts(cannot=_MOE_CANNOT), experts=Experts(), never_prune=("mlp.gate",))
+                 parts=Parts(cannot=_MOE_CANNOT), experts=Experts(), never_prune=("mlp.gate",),
+                 gguf=Gguf("QWEN3MOE", experts=True))
 
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,  # Llama-2/3, SmolLM
     "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
+    "qwen2": replace(_LLAMA_LIKE, gguf=Gguf("QWEN2")),
+    "qwen3": replace(_LLAMA_LIKE, gguf=Gguf("QWEN3")),
     "phi": Arch(  # Phi-2
         layers="model.layers",
         final=("model.final_layernorm",),
         lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
         parts=Parts(final_norm="model.final_layernorm", o="self_attn.dense", mlp_in=("mlp.fc1",),
                     mlp_out="mlp.fc2", norms=("input_layernorm",), rms_norm=False),
+        gguf=Gguf("PHI2"),
     ),
     "gemma": Arch(layers="model.layers", final=("model.norm",), lora_targets=_LLAMA_LIKE.lora_targets,
-                   parts=_GEMMA_PARTS),
+                   parts=_GEMMA_PARTS, gguf=Gguf("GEMMA")),
     "gemma2": Arch(layers="model.layers", final=("model.norm",), lora_targets=_LLAMA_LIKE.lora_targets,
-                   parts=_GEMMA2_PARTS, logit_softcap="final_logit_softcapping"),
+                   parts=_GEMMA2_PARTS, logit_softcap="final_logit_softcapping", gguf=Gguf("GEMMA2", sliding=True)),
     "gemma3_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=_LLAMA_LIKE.lora_targets,
-                        parts=_GEMMA2_PARTS, logit_softcap="final_logit_softcapping"),
+                        parts=_GEMMA2_PARTS, logit_softcap="final_logit_softcapping",
+                        gguf=Gguf("GEMMA3", sliding=True)),
     "phi3": Arch(  # Phi-3, Phi-3.5, Phi-4 (dense): fused qkv_proj and gate_up_proj
         layers="model.layers",
         final=("model.norm",),
         lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
         parts=Parts(q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj",
                     mlp_in=("mlp.gate_up_proj",), qkv_fused=True, mlp_in_fused=True),
+        gguf=Gguf("PHI3"),
     ),
     "qwen3_moe": _QWEN_MOE,
     "qwen2_moe": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                       parts=Parts(cannot=_MOE_CANNOT), experts=Experts(),
-                      never_prune=("mlp.gate", "mlp.shared_expert_gate")),
+                      never_prune=("mlp.gate", "mlp.shared_expert_gate"), gguf=Gguf("QWEN2MOE", experts=True)),
     "mixtral": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                     parts=Parts(cannot=_MOE_CANNOT),
                     experts=Experts(params=(("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",))),
                                     disk_path="block_sparse_moe.experts", count="num_local_experts", renormalises=""),
-                    never_prune=("mlp.gate",), renames=((".mlp.", ".block_sparse_moe."),)),
+                    never_prune=("mlp.gate",), renames=((".mlp.", ".block_sparse_moe."),),
+                    gguf=Gguf("LLAMA", rope_pairs=True, experts=True)),
     "opt": Arch(
         layers="model.decoder.layers",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
@@ -160,6 +189,7 @@ ARCHS: dict[str, Arch] = {
                     o="self_attn.out_proj", mlp_in=("fc1",), mlp_out="fc2",
                     norms=("self_attn_layer_norm", "final_layer_norm"), rms_norm=False, mlp_width="ffn_dim",
                     cannot=(("hidden", _OPT_CANNOT), ("heads", _OPT_CANNOT))),
+        gguf=Gguf("", cannot="llama.cpp has no OPT architecture"),
     ),
 }
 

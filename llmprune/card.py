@@ -31,7 +31,8 @@ _CHANGES_MODEL = ("calibrate", "regularize", "prune", "recover")
 
 _HOW = {"merged": "It loads with plain transformers:",
         "peft": "This folder holds the pruned model and, in `adapter/`, its LoRA recovery adapter (peft):",
-        "adapter": "This folder holds its LoRA recovery adapter (peft); the base is the pruned model it was trained on:"}
+        "adapter": "This folder holds its LoRA recovery adapter (peft); the base is the pruned model it was trained on:",
+        "gguf": "This folder holds it as one GGUF file, which llama.cpp and Ollama run:"}
 
 
 _INEXACT = ("**Note:** this adapter was trained through the zero pattern of a sparse model (`llmprune recover "
@@ -39,9 +40,13 @@ _INEXACT = ("**Note:** this adapter was trained through the zero pattern of a sp
             "use the merged export of the same workdir (`llmprune export --format merged`) to run that model.")
 
 
-def _loading(fmt: str, base_id: str | None, repo: str | None = None) -> list[str]:
+def _loading(fmt: str, base_id: str | None, repo: str | None = None, gguf_file: str | None = None) -> list[str]:
     """The card's loading snippet for each export format (``repo``: the Hub repo it is pushed to, when known)."""
     at = repo or "PATH_OR_REPO"
+    if fmt == "gguf":
+        return [f"llama-cli -m {gguf_file} -p \"The capital of France is\" -n 32" if not repo else
+                f"llama-cli -hf {repo} -p \"The capital of France is\" -n 32",
+                f"ollama create {(repo or 'my-model').split('/')[-1].lower()} -f Modelfile  # Modelfile: FROM ./{gguf_file}"]
     if fmt == "merged":
         return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                 f'model = AutoModelForCausalLM.from_pretrained("{at}")']
@@ -155,8 +160,9 @@ def card_front_matter(manifest: dict[str, Any], fmt: str, base_model: str | None
     title, _ = source_line(base)
     data = ModelCardData(
         base_model=base_model, base_model_relation="adapter" if fmt == "adapter" and base_model else None,
-        license=license_, language=base.get("language"), library_name="peft" if fmt == "adapter" else "transformers",
-        pipeline_tag="text-generation", tags=[*(["pruned"] if pruned(steps) else []), "llmprune", *methods],
+        license=license_, language=base.get("language"), library_name={"adapter": "peft", "gguf": "gguf"}.get(fmt, "transformers"),
+        pipeline_tag="text-generation",
+        tags=[*(["pruned"] if pruned(steps) else []), "llmprune", *methods, *(["gguf"] if fmt == "gguf" else [])],
         datasets=datasets or None, model_name=heading(title, steps) if results else None,
         eval_results=results or None)
     return "---\n" + data.to_yaml() + "\n---", warnings
@@ -187,7 +193,7 @@ def source_line(base: dict[str, Any]) -> tuple[str, str]:
 def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str | None = None,
                base_model: str | None = None, repo: str | None = None,
                sweep: tuple[list[dict[str, Any]], list[str]] | None = None, license_: str | None = None,
-               exact_adapter: bool = True) -> tuple[str, list[str]]:
+               exact_adapter: bool = True, gguf_file: str | None = None) -> tuple[str, list[str]]:
     """README.md for the exported folder -- YAML front matter, how to load it, the lineage of steps, the evaluation
     table -- and the warnings about it. Local paths appear by file name (and SHA-256), never as this machine's
     paths."""
@@ -204,8 +210,8 @@ def model_card(manifest: dict[str, Any], fmt: str = "merged", adapter_base: str 
         f"This model was produced by llmprune from {origin}"
         + f", a `{manifest.get('model_type', '?')}` model. " + _HOW[fmt],
         "",
-        "```python",
-        *_loading(fmt, adapter_base, repo),
+        "```sh" if fmt == "gguf" else "```python",
+        *_loading(fmt, adapter_base, repo, gguf_file),
         "```",
         *([] if exact_adapter or fmt == "merged" else ["", _INEXACT]),
         "",

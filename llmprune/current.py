@@ -35,6 +35,18 @@ def pending_adapter(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return last
 
 
+def model_digest(manifest: dict[str, Any]) -> str:
+    """One SHA-256 naming the current model: over the recorded digests of ``model/`` (and of a pending adapter).
+    A GGUF file written from the workdir carries it, so ``eval --backend llama.cpp --gguf`` can tell whether the
+    file is this model or an older state of it."""
+    import hashlib
+    import json
+
+    prefixes = ("model/", "adapter/") if pending_adapter(manifest) is not None else ("model/",)
+    files = {k: v for k, v in sorted(manifest["files"].items()) if k.startswith(prefixes)}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def peft_exact(step: dict[str, Any]) -> bool:
     """Whether plain peft (``W x + s B A x``) computes what was trained: not for an adapter trained through the zero
     pattern of a sparse model, whose update at pruned positions was never trained."""

@@ -207,23 +207,37 @@ def speed_against(model: nn.Module, base_dir, prompt_len: int, new_tokens: int, 
             one = speed(model, prompt_len, new_tokens, reps=reps, device=device, batch=b)
             out.update({f"{k}{sfx}": v for k, v in one.items() if k.startswith(("prefill", "decode"))})
             continue
-        timers = [Timer(m, prompt_len, new_tokens, device, b) for m in (model, base)]
-        pairs = []
-        with report.progress(f"timing against the baseline (batch {b})", reps) as advance:
-            for _ in range(reps):
-                pairs.append((timers[0].once(), timers[1].once()))
-                advance()
+        timers = (Timer(model, prompt_len, new_tokens, device, b), Timer(base, prompt_len, new_tokens, device, b))
+        out.update({f"{k}{sfx}": v for k, v in paired(timers, b * prompt_len, b * new_tokens, reps,
+                                                        f"timing against the baseline (batch {b})").items()})
         model.to("cpu")
         base.to("cpu")
-        for who, prefix in ((0, ""), (1, "baseline_")):
-            rates = _rates([p[who] for p in pairs], b * prompt_len, b * new_tokens, prefix)
-            out.update({f"{k}{sfx}": v for k, v in rates.items()})
-        for i, phase in enumerate(("prefill", "decode")):
-            ratios = [base_t[i] / model_t[i] for model_t, base_t in pairs]  # time ratio = throughput ratio
-            out[f"{phase}_speedup{sfx}"] = round(quartiles(ratios)[1], 3)
-            out[f"{phase}_speedup_range{sfx}"] = [round(min(ratios), 3), round(max(ratios), 3)]
-            out[f"{phase}_speedup_verdict{sfx}"] = verdict(ratios)
     return out
+
+
+def paired(timers, prompt_tokens: int, new_tokens: int, reps: int, label: str) -> dict[str, Any]:
+    """A model's timer and its baseline's (anything with ``once() -> (prefill s, decode s)``: transformers here,
+    llama.cpp in ``llmprune.llamacpp``), timed alternately ``reps`` times: both rates with their ranges, and each
+    speed-up as the median of the paired ratios with its range and verdict."""
+    pairs = []
+    with report.progress(label, reps) as advance:
+        for _ in range(reps):
+            pairs.append((timers[0].once(), timers[1].once()))
+            advance()
+    out: dict[str, Any] = {}
+    for who, prefix in ((0, ""), (1, "baseline_")):
+        out.update(_rates([p[who] for p in pairs], prompt_tokens, new_tokens, prefix))
+    for i, phase in enumerate(("prefill", "decode")):
+        ratios = [base_t[i] / model_t[i] for model_t, base_t in pairs]  # time ratio = throughput ratio
+        out[f"{phase}_speedup"] = round(quartiles(ratios)[1], 3)
+        out[f"{phase}_speedup_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        out[f"{phase}_speedup_verdict"] = verdict(ratios)
+    return out
+
+
+def rates(timer, prompt_tokens: int, new_tokens: int, reps: int) -> dict[str, Any]:
+    """One model's rates alone: the median of ``reps`` timed repetitions with the range."""
+    return _rates([timer.once() for _ in range(reps)], prompt_tokens, new_tokens)
 
 
 def parse_batches(text: str) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from llmprune.errors import UserError
 from llmprune.paths import printable
 from llmprune.card import HUB_ID
 
-FORMATS = ("merged", "peft", "adapter")
+FORMATS = ("merged", "peft", "adapter", "gguf")
 def sweep_of(workdir: Path) -> tuple[list[dict[str, Any]], list[Path]] | None:
     """The rows and plots of the sweep in ``WORK/sweep``, if there is one that can be read (its plots: plain files,
     never links)."""

@@ -16,13 +16,16 @@ def render(res: dict[str, Any], o: Any, workdir: Path) -> None:
 
 def _table(m: dict[str, Any], workdir: Path) -> None:
     sp = m.get("speed", {})
+    gguf = m.get("backend") == "llama.cpp"
+    size = m["gguf_bytes"] if gguf else m["model_bytes"]
     report.table(
-        f"eval {workdir} on {m['dataset']}", ["metric", "value"],
+        f"eval {workdir} on {m['dataset']}" + (f" (llama.cpp, {m['gguf_type']} GGUF)" if gguf else ""),
+        ["metric", "value"],
         [["perplexity", m["perplexity"]], ["windows", f"{m['windows']} × {m['seqlen']}"], ["parameters", m["parameters"]],
-         ["size on disk", f"{m['model_bytes'] / 2**20:,.1f} MiB"]]
-        + [[f"sparsity {k}", f"{v:.2%}"] for k, v in m["sparsity"].items()]
+         ["size on disk", f"{size / 2**20:,.1f} MiB" + (" (the GGUF file)" if gguf else "")]]
+        + [[f"sparsity {k}", f"{v:.2%}"] for k, v in m.get("sparsity", {}).items()]
         + [[k.replace("_", " "), " – ".join(map(report.fmt, v)) if isinstance(v, list) else v]
-           for k, v in sp.items() if k not in ("prompt_len", "new_tokens", "batches", "reps")]
+           for k, v in sp.items() if k not in ("prompt_len", "new_tokens", "batches", "reps", "threads")]
         + task_rows(m.get("tasks", {}), m.get("tasks_mean")))
 
 

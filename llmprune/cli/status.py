@@ -19,7 +19,8 @@ def _outcome(m: dict[str, Any]) -> str:
     num = report.number
     if "perplexity" in m:
         tasks = f", tasks mean {num(m['tasks_mean'], '.4f')}" if m.get("tasks_mean") is not None else ""
-        return f"ppl {num(m['perplexity'])}{tasks}"
+        backend = f" (llama.cpp, {m.get('gguf_type')})" if m.get("backend") == "llama.cpp" else ""
+        return f"ppl {num(m['perplexity'])}{backend}{tasks}"
     if "units_removed" in m and "parameters" in m:
         return f"{num(m['parameters'], ',')} parameters"
     if "ppl_adapter" in m:

@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from llmprune import data, engine
+from llmprune import data, engine, gguf_eval
 from llmprune import tasks as _tasks
 from llmprune.current import load_current, open_current
 from llmprune.errors import UserError
 from llmprune.evaluate import (SPEED_REPS, available_memory, block_zeros, model_bytes, parse_batches, perplexity, speed_against,
                                speed_memory, summary)
+from llmprune.gguf_write import gguf_type_option
 from llmprune.modeling import check_context
 from llmprune.options import (batch_option, check_all, check_device, device_option, option, positive,
                               text_field_option)
@@ -20,7 +21,8 @@ from llmprune.steps import KINDS
 from llmprune.steps.base import Step
 from llmprune.workdir import Workdir
 
-SPEED, TASKS = "Speed", "Zero-shot tasks"
+SPEED, TASKS, BACKEND = "Speed", "Zero-shot tasks", "Backend"
+BACKENDS = ("transformers", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,15 @@ class EvalOptions:
                        "(faster, slower, within noise).", check=positive, panel=SPEED)
     speed_batches: str = option("1", "With --speed: batch sizes to time, comma-separated (1,8); batch 1's figures "
                                 "keep their plain names, batch b's end in _bB.", panel=SPEED)
+    backend: str = option("transformers", "What runs the model: transformers (block by block, on --device), or "
+                          "llama.cpp (a GGUF file of the model, on the CPU; needs llmprune\\[gguf]): its perplexity "
+                          "on the same token windows, and with --speed its own prefill and decode rates.",
+                          choices=BACKENDS, panel=BACKEND)
+    gguf: Optional[str] = option(None, "--backend llama.cpp: the GGUF file to judge, written by `export --format gguf` "
+                                 "from this workdir's current model (default: the model converted at --gguf-type "
+                                 "into a temporary file).", panel=BACKEND)
+    gguf_type: str = gguf_type_option("--backend llama.cpp without --gguf: the type the model is converted to",
+                                      panel=BACKEND)
     tasks: Optional[str] = option(None, "Zero-shot tasks, comma-separated: lastword:SRC (built in: the final word of "
                                   "each paragraph of SRC), lm-eval task names or task YAML files (needs "
                                   "llmprune\\[eval]), or the suites wanda-suite, llm-pruner-suite.", panel=TASKS)
@@ -110,6 +121,10 @@ def _source(ws: Workdir, dataset: str | None) -> str:
 
 def _measure(ws: Workdir, o: EvalOptions, dataset: str, text: str) -> dict[str, Any]:
     """One eval step: ``text`` measured, with the timing and the tasks ``o`` asks for."""
+    if o.backend == "llama.cpp":
+        return gguf_eval.measure(ws, o, dataset, text)
+    if o.gguf is not None or o.gguf_type != "f16":
+        raise UserError("--gguf and --gguf-type choose the file llama.cpp runs: add --backend llama.cpp")
     batches = parse_batches(o.speed_batches)
     base_dir = _check_speed(ws, o, batches)
     wanted = _tasks.split_tasks(o.tasks)

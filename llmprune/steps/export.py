@@ -13,6 +13,7 @@ from llmprune import report
 from llmprune.current import has_adapter, load_current, peft_exact, pending_adapter
 from llmprune.errors import UserError
 from llmprune.card import model_card
+from llmprune import gguf_write
 from llmprune.export import (DEFAULT_COMMIT_MESSAGE, FORMATS, build_folder, built_already, check_out, check_repo_id,
                              planned_files, push, require_token, set_adapter_base, sweep_of)
 from llmprune.modeling import save_model
@@ -22,7 +23,7 @@ from llmprune.steps.base import Step
 from llmprune.workdir import Workdir
 
 
-CARD, HUB = "The model card", "The Hub"
+CARD, HUB, GGUF = "The model card", "The Hub", "GGUF"
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class ExportOptions:
 
     out: Path = option(REQUIRED, "Folder to write (must be new or empty).")
     format: str = option("merged", "merged: the model (an unmerged adapter folded in); peft: the base model + "
-                         "adapter/ (after `recover --no-merge`); adapter: the LoRA adapter alone.", choices=FORMATS)
+                         "adapter/ (after `recover --no-merge`); adapter: the LoRA adapter alone; gguf: one GGUF file "
+                         "for llama.cpp and Ollama (see --gguf-type).", choices=FORMATS)
+    gguf_type: str = gguf_write.gguf_type_option("--format gguf: the file's type", panel=GGUF)
     base_model: Optional[str] = option(None, "Hub id of the model this one was pruned from, for the card's "
                                        "base_model (default: the source's Hub id, when it has one).", panel=CARD)
     adapter_base: Optional[str] = option(None, "Hub id written as the adapter's base_model_name_or_path (peft/adapter; "
@@ -51,6 +54,9 @@ class ExportOptions:
                                            f"'{DEFAULT_COMMIT_MESSAGE}').", panel=HUB)
 
 
+MODELFILE = "Modelfile"  # Ollama's recipe for the GGUF: ``ollama create NAME -f Modelfile``
+
+
 def run(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
     """The ``export`` command: a clean folder (the model, base + adapter, or the adapter) with a model card, and
     optionally its upload. With ``dry_run``, only the list of what would be written. A push that failed is retried by
@@ -64,6 +70,8 @@ def run(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
                                ("--commit-message", o.commit_message)) if v is not None]
     if hub_only and o.push_to_hub is None:
         raise UserError(f"{', '.join(hub_only)} set the upload: add --push-to-hub REPO")
+    if o.gguf_type != "f16" and o.format != "gguf":
+        raise UserError("--gguf-type sets the GGUF file's type: add --format gguf")
     ws.manifest()  # a missing or foreign folder is refused before the lock would create anything in it
     with ws.locked():  # a step committing meanwhile would mix its weights with the card of the state before
         return _export(ws, o)
@@ -77,7 +85,7 @@ def _export(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
     ws.verify("model")
     pending = pending_adapter(manifest)
     adapter = ws.path / "adapter"
-    if fmt != "merged":
+    if fmt in ("peft", "adapter"):
         if not has_adapter(manifest):
             raise UserError(f"{ws.path} has no adapter; run `llmprune recover` first (or export --format merged)")
         ws.verify("adapter")
@@ -91,23 +99,33 @@ def _export(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
                             "with --no-masked")
     base_id = o.adapter_base or (push_to_hub if fmt == "peft" else None)
     parts = {"merged": {".": ws.model_dir}, "peft": {".": ws.model_dir, "adapter": adapter},
-             "adapter": {".": adapter}}[fmt]
+             "adapter": {".": adapter}, "gguf": {}}[fmt]
+    gguf_file = gguf_write.file_name(out.name, o.gguf_type) if fmt == "gguf" else None
+    if gguf_file is not None:
+        from transformers import AutoConfig
+
+        gguf_write.check(AutoConfig.from_pretrained(ws.model_dir))  # what llama.cpp cannot run: refused here
     if o.dry_run:
+        planned = planned_files(parts) + ([(gguf_file, None), (MODELFILE, None)] if gguf_file else [])
         return {"dry_run": True, "out": str(out), "format": fmt, "push_to_hub": push_to_hub,
-                "files": [{"path": p, "bytes": b} for p, b in planned_files(parts)], "url": None, "warnings": []}
+                "files": [{"path": p, "bytes": b} for p, b in sorted(planned)], "url": None, "warnings": []}
     if push_to_hub:
         require_token()  # before writing anything
 
     sweep = sweep_of(ws.path)
 
     def fill(tmp: Path) -> None:
-        if fmt == "merged" and pending is not None:
+        if gguf_file is not None:
+            tmp.mkdir(parents=True)
+            gguf_write.from_workdir(ws, tmp / gguf_file, o.gguf_type, out.name, o.license)
+            (tmp / MODELFILE).write_text(f"FROM ./{gguf_file}\n", encoding="utf-8")
+        elif fmt == "merged" and pending is not None:
             model, tok = load_current(ws)  # model/ was hashed above: ws.verify does not hash it again
             save_model(model, tok, tmp, ws.shard_size)
         else:
             for dest, src in parts.items():
                 shutil.copytree(src, tmp / dest, dirs_exist_ok=True)
-            if fmt != "merged":
+            if fmt in ("peft", "adapter"):
                 set_adapter_base(tmp / ("adapter" if fmt == "peft" else "."), base_id)
         for png in sweep[1] if sweep else []:  # the card shows them
             (tmp / "plots").mkdir(parents=True, exist_ok=True)
@@ -115,7 +133,7 @@ def _export(ws: Workdir, o: ExportOptions) -> dict[str, Any]:
 
     card, warnings = model_card(manifest, fmt, base_id, o.base_model, push_to_hub,
                                 (sweep[0], [p.name for p in sweep[1]]) if sweep else None, o.license,
-                                exact_adapter=pending is None or peft_exact(pending))
+                                exact_adapter=pending is None or peft_exact(pending), gguf_file=gguf_file)
     for w in warnings:
         report.warn(w)
     files = built_already(out, card) if retry else None
