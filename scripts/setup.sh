@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv for llmprune on a fresh machine: the CPU build of torch first (an unpinned torch would pull a
-# multi-GB CUDA build), then llmprune itself with its test and eval (lm-eval) extras. Safe to re-run.
+# multi-GB CUDA build), then llmprune itself with its test, eval (lm-eval) and gguf (llama-cpp-python: built from
+# source with cmake and g++ the first time, a few minutes; pip caches the wheel) extras. Safe to re-run.
 # torch comes from a wheel pip finds without the network (a --find-links folder) when there is one, else from
 # PyTorch's CPU index; TORCH_INDEX=URL names another index (a CUDA one, say).
 set -euo pipefail
@@ -14,5 +15,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,eval]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,eval,gguf]"
 .venv/bin/python -c "import torch, transformers, llmprune; print(f'llmprune {llmprune.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"
