@@ -125,3 +125,39 @@ def test_gemma_hidden_removal_is_a_smaller_standard_model(gemma, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.hidden_size == 576 and model.num_parameters() == res["parameters"]
     assert torch.isfinite(torch.tensor(_eval(run, paths)["ppl"]))
+
+
+def test_gemma_gguf_in_llama_cpp_and_its_sentencepiece_tokenizer(gemma, tmp_path):
+    """Gemma-3-270M as an f16 GGUF: llama.cpp's perplexity within 0.5% of transformers' on the same windows. Its
+    tokenizer rebuilt from tokenizer.json alone (the source GGUF moved away: byte-fallback BPE written as llama.cpp's
+    SentencePiece model, scores from the merge ranks) cuts text into transformers' ids."""
+    from transformers import AutoTokenizer
+
+    from llmprune import gguf_vocab, llamacpp
+
+    wd, paths, dense = gemma
+    run = tmp_path / "run"
+    shutil.copytree(wd, run)
+    args = ("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", 4)
+    code, hf = cli(*args)
+    code2, lc = cli(*args, "--backend", "llama.cpp")
+    assert code == code2 == 0 and lc["tokens"] == hf["tokens"]
+    assert abs(lc["perplexity"] / hf["perplexity"] - 1) < 0.005
+    import gguf
+
+    out = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(out), "gemma3")
+    n = gguf_vocab.add_tokenizer(writer, run / "model")  # from tokenizer.json, not the source GGUF
+    assert n == 262_144
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    text = (Path(paths["test"]).read_text(encoding="utf-8")[:20000] + " Ünïcödé 日本語 12345.678\ttabs\n\n")
+    try:
+        assert llamacpp.tokenize(llm, text) == AutoTokenizer.from_pretrained(run / "model").encode(
+            text, add_special_tokens=False)
+    finally:
+        llm.close()

@@ -129,3 +129,31 @@ def test_dress_regularised_removal_beats_direct_removal(real, tmp_path):
         ppl[name] = ev["perplexity"]
     print(ppl)
     assert ppl["dress"] < 0.5 * ppl["direct"]
+
+
+def test_gguf_export_is_judged_equal_by_llama_cpp(real, tmp_path):
+    """The f16 GGUF of SmolLM2 in llama.cpp: perplexity within 0.5% of transformers' on the same windows; its
+    tokenizer (copied from the source GGUF) cuts the test text into transformers' ids; a q4_k_m file is smaller."""
+    from transformers import AutoTokenizer
+
+    from llmprune import llamacpp
+
+    wd, paths = real
+    run = tmp_path / "run"
+    shutil.copytree(wd, run)
+    args = ("eval", run, "--dataset", paths["test"], "--seqlen", SEQLEN, "--max-windows", 8)
+    code, hf = cli(*args)
+    code2, lc = cli(*args, "--backend", "llama.cpp")
+    assert code == code2 == 0 and lc["tokens"] == hf["tokens"]
+    assert abs(lc["perplexity"] / hf["perplexity"] - 1) < 0.005
+    code, res = cli("export", run, "--out", tmp_path / "q4", "--format", "gguf", "--gguf-type", "q4_k_m")
+    assert code == 0
+    q4 = tmp_path / "q4" / "q4-Q4_K_M.gguf"
+    assert q4.stat().st_size < 0.5 * 2 * 134_515_008  # under half the f16 bytes
+    text = Path(paths["test"]).read_text(encoding="utf-8")[:20000]
+    llm = llamacpp.load(q4, n_ctx=64, logits_all=False)
+    try:
+        assert llamacpp.tokenize(llm, text) == AutoTokenizer.from_pretrained(run / "model").encode(
+            text, add_special_tokens=False)
+    finally:
+        llm.close()
