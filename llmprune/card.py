@@ -115,10 +115,11 @@ def eval_results(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[E
     for s in final_evals(steps):
         m, p = s["metrics"], s["params"]
         data = public_name(_hub_dataset(p.get("dataset")) or p.get("dataset") or "calibration text", digests)
+        engine = f"; llama.cpp, {m.get('gguf_type')} GGUF" if m.get("backend") == "llama.cpp" else ""
         if isinstance(m.get("perplexity"), (int, float)):
             out.append(EvalResult(task_type="text-generation", task_name="Language modelling", dataset_type=str(data),
                                   dataset_name=str(data), metric_type="perplexity", metric_value=m["perplexity"],
-                                  metric_name=f"perplexity ({p.get('seqlen')}-token windows)"))
+                                  metric_name=f"perplexity ({p.get('seqlen')}-token windows{engine})"))
         for name, t in (m.get("tasks") or {}).items():
             if (value := primary(t)) is not None:
                 task = str(public_name(name, digests))
@@ -134,7 +135,7 @@ def eval_results(steps: list[dict[str, Any]], digests: dict[str, str]) -> list[E
                     dataset_name=f"{sp.get('prompt_len')}-token prompts, {sp.get('new_tokens')} new tokens",
                     metric_type=f"{phase}_speedup", metric_value=sp[f"{phase}_speedup"],
                     metric_name=f"{phase} speed-up, batch 1 (median{spread}; "
-                                f"{sp.get(f'{phase}_speedup_verdict', 'no verdict')})"))
+                                f"{sp.get(f'{phase}_speedup_verdict', 'no verdict')}{engine})"))
     return out
 
 
