@@ -1,7 +1,8 @@
 """GGUF in llama.cpp: the models llmprune makes, as llama.cpp runs them -- size, fidelity and speed.
 
 For each model (SmolLM2-135M-Instruct, Gemma-3-270M; the protocol of docs/benchmarks.md) and each state -- dense,
-blocks removed to -20% of the parameters, MLP channels removed to -20%, Wanda 2:4 -- and each GGUF type (f16,
+blocks removed to -20% of the parameters, MLP channels removed to -20% (and, with --states, the same share of MLP
+channels keeping a width that is a multiple of 256), Wanda 2:4 -- and each GGUF type (f16,
 q4_k_m): the file's size, the perplexity llama.cpp computes on the first test windows against the perplexity
 transformers computes on the same windows for the same model, and llama.cpp's prefill and decode rates at batch 1
 on this machine's cores, timed alternately with the dense model's file of the same type (median of the paired
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,7 +32,10 @@ from prune_bench import LLMPRUNE, popen_rss, save_results  # noqa: E402
 
 STATES = {"dense": [], "blocks -20%": ["--method", "dress", "--structure", "layers", "--target-params", "0.8"],
           "MLP -20%": ["--method", "dress", "--structure", "mlp", "--target-params", "0.8"],
-          "Wanda 2:4": ["--method", "wanda", "--pattern", "2:4"]}
+          "Wanda 2:4": ["--method", "wanda", "--pattern", "2:4"],
+          # the same share of MLP channels, but a kept width that is a whole number of k-quant super-blocks (256)
+          "MLP -20% aligned": ["--method", "dress", "--structure", "mlp", "--ratio", "0.3334"]}
+DEFAULT_STATES = "dense,blocks -20%,MLP -20%,Wanda 2:4"
 MODELS = {"smollm2": None, "gemma3-270m": "gemma3-270m"}
 
 
@@ -49,8 +54,9 @@ def bench_model(name: str, args) -> list[dict]:
              "--samples", str(args.samples), "--seqlen", str(args.seqlen)])
     evalargs = ["--dataset", paths["test"], "--seqlen", str(args.seqlen), "--max-windows", str(args.windows)]
     rows = []
-    for state, prune in STATES.items():
-        wd = base if not prune else root / state.split()[0].lower().replace(":", "")
+    for state in args.states:
+        prune = STATES[state]
+        wd = base if not prune else root / re.sub(r"[^a-z0-9]+", "-", state.lower()).strip("-")
         if prune and not (wd / "manifest.json").exists():
             shutil.rmtree(wd, ignore_errors=True)
             shutil.copytree(base, wd)
@@ -102,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,gemma3-270m")
     ap.add_argument("--types", default="f16,q4_k_m", type=lambda s: s.split(","))
+    ap.add_argument("--states", default=DEFAULT_STATES, type=lambda s: s.split(","),
+                    help=f"comma-separated, of: {', '.join(STATES)} (dense is the speed baseline: keep it)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=24, help="test windows for both perplexities")

@@ -88,6 +88,10 @@ class Gguf:
     sliding: bool = False
     # 3-D expert parameters: gate_up_proj[e] = [gate_e; up_e] splits into ffn_gate_exps / ffn_up_exps.
     experts: bool = False
+    # llama.cpp's graph leaves rotary embeddings out of every N-th layer (SmolLM3: 4), a period it does not read
+    # from the file: a config whose per-layer ``no_rope_layers`` is not that period (after block removal, say) is
+    # refused. 0: every layer rotates.
+    no_rope_period: int = 0
     # why llama.cpp cannot run this family, or "" (it can)
     cannot: str = ""
 
@@ -109,6 +113,8 @@ class Arch:
     # releases keep ``block_sparse_moe`` for what transformers 5 calls ``mlp``)
     renames: tuple[tuple[str, str], ...] = ()
     gguf: Gguf = Gguf("", cannot="no GGUF mapping for this family")
+    # Config lists with one entry per decoder block: block removal keeps the survivors' entries.
+    per_layer: tuple[str, ...] = ("layer_types",)
 
 
 _LLAMA_LIKE = Arch(
@@ -181,6 +187,20 @@ ARCHS: dict[str, Arch] = {
                                     disk_path="block_sparse_moe.experts", count="num_local_experts", renormalises=""),
                     never_prune=("mlp.gate",), renames=((".mlp.", ".block_sparse_moe."),),
                     gguf=Gguf("LLAMA", rope_pairs=True, experts=True)),
+    # SmolLM3: Llama blocks, some without rotary embeddings (``no_rope_layers``: 1 rotates, 0 does not).
+    "smollm3": replace(_LLAMA_LIKE, per_layer=("layer_types", "no_rope_layers"),
+                       gguf=Gguf("SMOLLM3", rope_pairs=True, no_rope_period=4)),
+    # OLMo 3: no norm before attention or MLP, an RMSNorm after each (over the hidden size), q and k normalised
+    # across all heads at once (q_norm over heads x head_dim), sliding-window and full-attention layers. Removing
+    # heads would change every kept head's scale under that joint norm: refused.
+    "olmo3": Arch(layers="model.layers", final=("model.norm",), lora_targets=_LLAMA_LIKE.lora_targets,
+                  parts=Parts(norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                              cannot=(("heads", "q_norm and k_norm normalise across all heads at once: removing "
+                                                "heads changes every kept head's scale"),
+                                      ("hidden", "its norms after attention and MLP see branch outputs whose mean "
+                                                 "square can be near the norm's eps, which a narrower width weighs "
+                                                 "differently: the removal is not exact"))),
+                  gguf=Gguf("OLMO2", sliding=True)),
     "opt": Arch(
         layers="model.decoder.layers",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),

@@ -104,6 +104,12 @@ def _refusal(config: Any, spec: _arch.Gguf) -> str:
     scalar = _cfg(config, "query_pre_attn_scalar")
     if scalar is not None and int(scalar) != head_dim(config):
         return f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim(config)}: llama.cpp scales by head_dim"
+    if spec.no_rope_period:
+        want = [int((i + 1) % spec.no_rope_period != 0) for i in range(config.num_hidden_layers)]
+        if list(_cfg(config, "no_rope_layers", want)) != want:
+            return (f"llama.cpp's {spec.arch.lower()} graph leaves rotary embeddings out of every "
+                    f"{spec.no_rope_period}th layer, and this model's layers without them are "
+                    f"{[i for i, r in enumerate(config.no_rope_layers) if not r]}")
     if _cfg(config, "mlp_bias", False):
         return "MLP biases (mlp_bias) have no tensor in llama.cpp's graph"
     if not _cfg(config, "tie_word_embeddings", False) and _head_name(spec) is None:

@@ -26,8 +26,8 @@ from llmprune.structures import STRUCTURES as KINDS
 from llmprune.structures.base import Coupling, Geometry, Slice, Structure, geometry, module_name
 
 __all__ = ["STRUCTURES", "ORDER", "Plan", "Slice", "Geometry", "geometry", "kind", "units_per_group", "tail_units",
-           "count_removed", "count_removed_or_none", "split_structures", "check_supported", "module_name", "slices",
-           "zero"]
+           "count_removed", "count_removed_or_none", "align_ratio", "width_multiple_option", "WIDTHS",
+           "split_structures", "check_supported", "module_name", "slices", "zero"]
 
 STRUCTURES = tuple(KINDS)  # the names, in the registry's order: hidden, heads, mlp, layers, experts
 # A combination ("mlp+layers") removes its parts in this order. Each part's indices refer to the original model:
@@ -108,6 +108,38 @@ def count_removed(g: Geometry, structure: str, ratio: float) -> int:
                         + (f"the smallest ratio that removes any is {smallest:g}"
                            if count_removed_or_none(g, structure, smallest) else "none can be removed"))
     return n
+
+
+WIDTHS = ("mlp", "hidden")  # the kinds whose removal leaves a width: --width-multiple aligns it
+
+
+def width_multiple_option() -> int:
+    """``--width-multiple``, declared once for ``regularize`` and ``prune --method dress``."""
+    from llmprune.options import option, positive
+
+    return option(1, "--structure mlp or hidden: keep the width a multiple of this, the nearest such width to what "
+                  "--ratio or --target-params asks for (256: whole k-quant blocks in a GGUF file and kernel-friendly "
+                  "shapes; docs/gguf.md).", check=positive)
+
+
+def align_ratio(g: Geometry, structure: str, ratio: float, multiple: int) -> float:
+    """The ratio whose removal keeps a width (MLP channels, hidden size) that is a multiple of ``multiple``: the
+    multiple nearest the width ``ratio`` keeps (half up), at least one multiple, and for the hidden size also a
+    multiple of the head count (``Hidden.count``). Odd widths cost more than their parameters in llama.cpp: a
+    k-quant packs rows in blocks of 256, and a row that is not a whole number of them falls back to a wider type
+    (benchmarks/README.md, "GGUF")."""
+    if multiple == 1:
+        return ratio
+    if "+" in structure or structure not in WIDTHS:
+        raise UserError(f"--width-multiple aligns one width: --structure {' or '.join(WIDTHS)}, not {structure}")
+    step = math.lcm(multiple, g.heads) if structure == "hidden" else multiple
+    total = kind(structure).units(g)
+    kept = total - count_removed(g, structure, ratio)
+    aligned = max(step, step * math.floor(kept / step + 0.5))
+    if aligned >= total:
+        raise UserError(f"--width-multiple {multiple}: the nearest such width to {kept} is {aligned} of {total}, "
+                        "which removes nothing")
+    return (total - aligned) / total
 
 
 def count_removed_or_none(g: Geometry, structure: str, ratio: float) -> int | None:

@@ -144,7 +144,7 @@ def _bad_inputs(tiny_root, tmp_path):
         "speed baseline without speed": (["eval", "{wd}", "--dataset", d, "--speed-baseline", m], "needs --speed"),
         "bad speed batches": (["eval", "{wd}", "--dataset", d, "--speed", "--speed-batches", "1,0"],
                               "--speed-batches takes positive batch sizes"),
-        "unknown export format": (["export", "{wd}", "--out", tmp_path / "o", "--format", "gguf"], "unknown --format"),
+        "unknown export format": (["export", "{wd}", "--out", tmp_path / "o", "--format", "onnx"], "unknown --format"),
         "adapter export without adapter": (["export", "{wd}", "--out", tmp_path / "o", "--format", "peft"],
                                            "has no adapter"),
         # NaN compares false to everything and inf passes `> 0`: every numeric check must refuse both.

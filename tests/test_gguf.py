@@ -16,10 +16,11 @@ from llmprune import gguf_vocab, gguf_write, llamacpp
 from llmprune.errors import UserError
 
 # Families llama.cpp runs, as the tiny configs build them; the others are refused, each for a reason of its own.
-WRITTEN = ("llama", "mistral", "qwen2", "qwen3", "phi", "gemma", "gemma3_text", "phi3", "qwen2_moe", "mixtral")
+WRITTEN = ("llama", "mistral", "qwen2", "qwen3", "phi", "gemma", "gemma3_text", "phi3", "olmo3", "qwen2_moe", "mixtral")
 REFUSED = {"opt": "llama.cpp has no OPT architecture",
            "gemma2": "reads the output head from the embedding",  # the tiny Gemma 2 has a head of its own
-           "qwen3_moe": "dense MLP layers between the expert layers"}
+           "qwen3_moe": "dense MLP layers between the expert layers",
+           "smollm3": "every 4th layer"}  # the tiny SmolLM3 leaves rotary embeddings out of its second block
 SAMPLE = "The model of a language predicts 12345 tokens, isn't it?  Weights\n\nare pruned when small."
 
 
@@ -216,3 +217,55 @@ def test_pre_tokenizer_table():
                                                  {"type": "ByteLevel", "use_regex": True}]}
     assert gguf_vocab.PRE_TOKENIZERS[gguf_vocab.splitters(seq)] == "smollm"
     assert gguf_vocab.splitters({"type": "Metaspace"}) not in gguf_vocab.PRE_TOKENIZERS
+
+
+def test_gguf_folder_is_pushed_with_a_card_that_runs_it_from_the_hub(calibrated, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kw):
+            uploaded.update(kw, files=sorted(p.name for p in __import__("pathlib").Path(kw["folder_path"]).iterdir()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")
+    wd = calibrated("llama")
+    out = tmp_path / "model-GGUF"
+    code, res = cli("export", wd, "--out", out, "--format", "gguf", "--push-to-hub", "me/model-GGUF")
+    assert code == 0 and uploaded["repo_id"] == "me/model-GGUF"
+    assert uploaded["files"] == ["Modelfile", "README.md", "model-GGUF-F16.gguf"]
+    assert "llama-cli -hf me/model-GGUF" in (out / "README.md").read_text()
+
+
+def test_smollm3_with_its_release_pattern_is_written(tmp_path):
+    """SmolLM3 as released (every fourth block without rotary embeddings, llama.cpp's fixed period) in llama.cpp."""
+    from transformers import AutoModelForCausalLM
+
+    import transformers as tf
+
+    config = tf.SmolLM3Config(**{**tiny.config("smollm3").to_dict(), "num_hidden_layers": 4,
+                                 "no_rope_layers": [1, 1, 1, 0], "layer_types": None})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    folder = tmp_path / "smollm3"
+    model.save_pretrained(folder)
+    tiny.tokenizer().save_pretrained(folder)
+    path = gguf_write.write(model, tmp_path / "m.gguf", "f16", general={"general.name": "t"},
+                            add_tokenizer=lambda w: gguf_vocab.add_tokenizer(w, folder))
+    ids = torch.randint(0, tiny.VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    llm = llamacpp.load(path, n_ctx=24)
+    try:
+        got = llamacpp.window_logits(llm, ids[0].tolist())
+    finally:
+        llm.close()
+    assert np.abs(got - ref).max() < 0.02 * max(1.0, np.abs(ref).max())

@@ -155,7 +155,8 @@ def test_adapter_exports_and_their_refusals(calibrated, tmp_path):
     assert "library_name: peft" in (tmp_path / "a" / "README.md").read_text()
     assert cli("recover", wd, "--steps", 3, *FAST)[0] == 0  # merged now
     assert cli("export", wd, "--out", tmp_path / "p", "--format", "peft")[0] == 1
-    assert cli("export", wd, "--out", tmp_path / "p", "--format", "gguf")[0] == 1
+    assert cli("export", wd, "--out", tmp_path / "p", "--format", "onnx")[0] == 1
+    assert cli("export", wd, "--out", tmp_path / "g", "--format", "gguf")[0] == 0  # the recovered model, merged
 
 
 def test_structured_models_merge_plainly(calibrated):

@@ -69,6 +69,13 @@ def config(model_type: str):
         return tf.Gemma3TextConfig(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16,
                                    query_pre_attn_scalar=16, sliding_window=8,
                                    layer_types=["sliding_attention", "full_attention"])
+    if model_type == "smollm3":  # the second block without rotary embeddings (the release: every fourth)
+        return tf.SmolLM3Config(**common, intermediate_size=128, num_key_value_heads=2, pad_token_id=None,
+                                bos_token_id=0, eos_token_id=0, no_rope_layers=[1, 0])
+    if model_type == "olmo3":  # post-norms, q/k norms across heads, a sliding layer with a window shorter than tests
+        return tf.Olmo3Config(**common, intermediate_size=128, num_key_value_heads=2, pad_token_id=None,
+                              bos_token_id=0, eos_token_id=0, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"])
     if model_type == "phi3":
         return tf.Phi3Config(**common, intermediate_size=128, num_key_value_heads=2, pad_token_id=0,
                              bos_token_id=0, eos_token_id=0)
@@ -96,7 +103,8 @@ def fast_options(method: str) -> dict:
 
 
 MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
-ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3", *MOE_TYPES)
+ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
+              "olmo3", *MOE_TYPES)
 
 
 def build(model_type: str, out: Path, seed: int = 0) -> Path:

@@ -38,8 +38,10 @@ from llmprune.selection import (
 from llmprune.structured import (
     STRUCTURES,
     Plan,
+    align_ratio,
     check_supported,
     geometry,
+    width_multiple_option,
 )
 
 if TYPE_CHECKING:
@@ -138,6 +140,7 @@ class Options:
     seed: int = option(0, "DReSS: seed of --select random.")
     target_params: Optional[str] = option(None, "DReSS: a parameter budget instead of --ratio: a count (100M, 1.5B) "
                                           "or a fraction of the model (0.75); the smallest ratio that reaches it.")
+    width_multiple: int = width_multiple_option()
 
 
 class DReSS(Method):
@@ -161,7 +164,8 @@ class DReSS(Method):
         regularized = pending is not None
         params = dict(method="dress", structure=structure, ratio=ratio, select=select_, seed=options.seed,
                       device=device, regularized=regularized,
-                      **({"target_params": options.target_params} if options.target_params is not None else {}))
+                      **({"target_params": options.target_params} if options.target_params is not None else {}),
+                      **({"width_multiple": options.width_multiple} if options.width_multiple != 1 else {}))
         with ws.step("prune", params) as tx:
             ws.record_inputs(tx, "model")
             ws.record_inputs(tx, "calib")
@@ -180,6 +184,8 @@ class DReSS(Method):
             elif options.target_params is not None:
                 budget = resolve_budget(lm, structure, options.target_params)
                 ratio = params["ratio"] = budget["ratio"]  # recorded as the ratio it resolved to
+            if planned is None and options.width_multiple != 1:
+                ratio = params["ratio"] = align_ratio(geometry(lm), structure, ratio, options.width_multiple)
             t0 = time.perf_counter()
             if planned is None:
                 windows = ws.windows() if select_ in ("activation", *EXPERT_SELECTS) else None
@@ -222,6 +228,9 @@ def _resolve(options: Options, planned: Plan | None) -> tuple[str, str, float]:
         raise UserError(f"--ratio must be in (0, 1), got {options.ratio}")
     ratio = options.ratio if options.ratio is not None else (planned.ratio if planned else DEFAULT_RATIO)
     check_choice(structure, select_)
+    if options.width_multiple != 1 and planned is not None:
+        raise UserError("--width-multiple shapes the plan: give it to regularize (this workdir's plan is "
+                        "regularised already)")
     if options.target_params is not None and (options.ratio is not None or planned is not None):
         raise UserError("--target-params chooses the ratio: give it instead of --ratio, and to regularize "
                         "(not to the prune that applies a regularised plan)")

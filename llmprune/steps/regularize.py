@@ -25,7 +25,7 @@ from llmprune.options import (batch_option, check_all, check_device, device_opti
 from llmprune.selection import SELECTS, check_choice, select
 from llmprune.steps import KINDS
 from llmprune.steps.base import Step
-from llmprune.structured import STRUCTURES, Plan, check_supported
+from llmprune.structured import STRUCTURES, Plan, align_ratio, check_supported, geometry, width_multiple_option
 from llmprune.train import check_launcher
 from llmprune.workdir import Workdir
 
@@ -66,6 +66,7 @@ class RegularizeOptions:
     teacher: Optional[str] = teacher_option()
     target_params: Optional[str] = option(None, "A parameter budget instead of --ratio: a count (100M, 1.5B) or a "
                                           "fraction of the model (0.75).")
+    width_multiple: int = width_multiple_option()
     search_steps: int = option(0, "A combination's budget: score each candidate split after this many regularisation "
                                "steps of a copy (0: by direct removal, cheaper, but it favours fine structures).",
                                check=non_negative)
@@ -107,6 +108,8 @@ class RegularizeOptions:
             del p["target_params"]
         if not self.search_steps:  # scored by removal, as before the option existed
             del p["search_steps"]
+        if self.width_multiple == 1:  # widths as the ratio gives them, as before the option existed
+            del p["width_multiple"]
         if self.dataset is None:  # trained on the calibration windows: recorded as before the option existed
             for k in ("dataset", "text_field", "seqlen"):
                 del p[k]
@@ -233,19 +236,8 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         del text
         tx.step.params = o.params()  # a fallback trained on the calibration windows: recorded without the text
         n_passes = passes(o.steps, o.batch_size, o.grad_accum, train_w.shape[0])
-        budget = None
-        combined = None
-        if "+" in o.structure:
-            if o.target_params is None:
-                raise UserError(f"--structure {o.structure} splits a parameter budget between its structures: give "
-                                "--target-params (100M, or 0.75 of the model)")
-            combined, budget = search_combination(lm, o.structure, o.target_params, o.select, ws.windows(), o.device,
-                                                  o.seed, o.holdout, regularized=o)
-            tx.step.params["ratio"] = 0.0
-        elif o.target_params is not None:
-            budget = resolve_budget(lm, o.structure, o.target_params)
-            o = dataclasses.replace(o, ratio=budget["ratio"])
-            tx.step.params["ratio"] = o.ratio
+        o, combined, budget = _resolve_ratio(ws, lm, o)
+        tx.step.params["ratio"] = o.ratio
         plan = combined or select(lm, o.structure, o.ratio, o.select, windows, o.device, o.seed)
         where = resume_dir(ws, o, tx.step.params, plan, train_w, hold) if o.save_every else None
         distiller, correction = None, None
@@ -298,6 +290,25 @@ def resume_dir(ws: Workdir, o: RegularizeOptions, params: dict[str, Any], plan: 
     return resume.checkpoint_dir(ws.path, "regularize", [
         params, resume.files_under(ws.manifest(), *folders), plan.to_json(), resume.tensor_digest(train_w),
         resume.tensor_digest(hold), teacher])
+
+
+def _resolve_ratio(ws: Workdir, lm, o: RegularizeOptions):
+    """``(options, combined plan or None, budget or None)``: a combination's split searched for its budget (ratio 0
+    recorded), a single structure's budget as the ratio reaching it, that ratio aligned by ``--width-multiple``."""
+    if "+" in o.structure:
+        if o.target_params is None:
+            raise UserError(f"--structure {o.structure} splits a parameter budget between its structures: give "
+                            "--target-params (100M, or 0.75 of the model)")
+        combined, budget = search_combination(lm, o.structure, o.target_params, o.select, ws.windows(), o.device,
+                                              o.seed, o.holdout, regularized=o)
+        return dataclasses.replace(o, ratio=0.0), combined, budget
+    budget = None
+    if o.target_params is not None:
+        budget = resolve_budget(lm, o.structure, o.target_params)
+        o = dataclasses.replace(o, ratio=budget["ratio"])
+    if o.width_multiple != 1:
+        o = dataclasses.replace(o, ratio=align_ratio(geometry(lm), o.structure, o.ratio, o.width_multiple))
+    return o, None, budget
 
 
 STEP = Step("regularize", RegularizeOptions, run, "DReSS: choose the units to remove, then train so that their "

@@ -67,12 +67,14 @@ class Layers(Structure):
                 c.add_module(name, 0, list(range(rows)), [u] * rows, bias=True)
 
     def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
-        """``num_hidden_layers`` shrinks, the blocks that stay are renumbered and ``layer_types`` follows them."""
+        """``num_hidden_layers`` shrinks, the blocks that stay are renumbered and the config's per-block lists
+        (``Arch.per_layer``: ``layer_types``, SmolLM3's ``no_rope_layers``) keep the survivors' entries."""
         gone = set(removed)
         keep = [i for i in range(g.layers) if i not in gone]
         cfg.num_hidden_layers = len(keep)
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = [cfg.layer_types[i] for i in keep]
+        for key in _arch.arch_for(model.config.model_type).per_layer:
+            if getattr(cfg, key, None):
+                setattr(cfg, key, [getattr(cfg, key)[i] for i in keep])
         return Surgery(gone=gone, renumber={old: new for new, old in enumerate(keep)})
 
     def scorer(self, g: Geometry, parts: _arch.Parts, tokens: int, device: str) -> _Influence:
