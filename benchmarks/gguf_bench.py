@@ -1,8 +1,8 @@
 """GGUF in llama.cpp: the models llmprune makes, as llama.cpp runs them -- size, fidelity and speed.
 
 For each model (SmolLM2-135M-Instruct, Gemma-3-270M; the protocol of docs/benchmarks.md) and each state -- dense,
-blocks removed to -20% of the parameters, MLP channels removed to -20% (and, with --states, the same share of MLP
-channels keeping a width that is a multiple of 256), Wanda 2:4 -- and each GGUF type (f16,
+blocks removed to -20% of the parameters, MLP channels removed to -20% (and, with --states, the same budget keeping
+a width that is a multiple of 256: ``--width-multiple 256``), Wanda 2:4 -- and each GGUF type (f16,
 q4_k_m): the file's size, the perplexity llama.cpp computes on the first test windows against the perplexity
 transformers computes on the same windows for the same model, and llama.cpp's prefill and decode rates at batch 1
 on this machine's cores, timed alternately with the dense model's file of the same type (median of the paired
@@ -33,8 +33,9 @@ from prune_bench import LLMPRUNE, popen_rss, save_results  # noqa: E402
 STATES = {"dense": [], "blocks -20%": ["--method", "dress", "--structure", "layers", "--target-params", "0.8"],
           "MLP -20%": ["--method", "dress", "--structure", "mlp", "--target-params", "0.8"],
           "Wanda 2:4": ["--method", "wanda", "--pattern", "2:4"],
-          # the same share of MLP channels, but a kept width that is a whole number of k-quant super-blocks (256)
-          "MLP -20% aligned": ["--method", "dress", "--structure", "mlp", "--ratio", "0.3334"]}
+          # the same budget, the kept width the nearest whole number of k-quant super-blocks (256)
+          "MLP -20% aligned": ["--method", "dress", "--structure", "mlp", "--target-params", "0.8",
+                               "--width-multiple", "256"]}
 DEFAULT_STATES = "dense,blocks -20%,MLP -20%,Wanda 2:4"
 MODELS = {"smollm2": None, "gemma3-270m": "gemma3-270m"}
 
