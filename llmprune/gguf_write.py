@@ -7,6 +7,7 @@ then written tensor by tensor, so the peak is the model plus one converted tenso
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,7 +49,7 @@ def type_of(path: Path) -> str:
 # The activation each llama.cpp graph hard-codes: a config asking for another computes something else there.
 _ACTIVATIONS = {"GEMMA": ("gelu_pytorch_tanh", "gelu"), "GEMMA2": ("gelu_pytorch_tanh",),
                 "GEMMA3": ("gelu_pytorch_tanh",), "PHI2": ("gelu_new",)}
-_ROPE_TYPES = ("default", "linear")  # rope scalings written as GGUF keys; the others are refused
+_ROPE_TYPES = ("default", "linear", "llama3")  # rope scalings written as GGUF; the others are refused
 
 
 def file_name(stem: str, gguf_type: str) -> str:
@@ -99,8 +100,9 @@ def _refusal(config: Any, spec: _arch.Gguf) -> str:
         return f"layer types {sorted(set(types))} are not written as GGUF"
     for layer_type in ("full_attention", "sliding_attention") if spec.sliding else ("full_attention",):
         rope = _rope(config, layer_type)
-        if rope["type"] not in _ROPE_TYPES or (rope["type"] == "linear" and layer_type != "full_attention"):
-            return f"rope scaling {rope['type']!r} ({layer_type}) is not written as GGUF"
+        if rope["type"] not in _ROPE_TYPES or (rope["type"] == "linear" and layer_type != "full_attention") or (
+                rope["type"] == "llama3" and spec.arch != "LLAMA"):
+            return f"rope scaling {rope['type']!r} ({layer_type}) is not written as GGUF for {spec.arch.lower()}"
     scalar = _cfg(config, "query_pre_attn_scalar")
     if scalar is not None and int(scalar) != head_dim(config):
         return f"query_pre_attn_scalar {scalar} differs from head_dim {head_dim(config)}: llama.cpp scales by head_dim"
@@ -169,6 +171,27 @@ def metadata(writer: Any, config: Any, spec: _arch.Gguf, n_vocab: int) -> None:
             w.add_expert_shared_feed_forward_length(int(c.shared_expert_intermediate_size))
 
 
+def llama3_rope_factors(head_dim: int, theta: float, params: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's rotary scaling as the per-frequency divisors llama.cpp reads from ``rope_freqs.weight``: a
+    frequency whose wavelength is shorter than ``original context / high_freq_factor`` is kept (1), one longer than
+    ``original context / low_freq_factor`` is slowed by ``factor``, and between the two the divisor interpolates
+    smoothly (Meta's Llama 3.1 reference code; transformers' ``_compute_llama3_parameters``)."""
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    context = float(params.get("original_max_position_embeddings", 8192))
+    out = []
+    for freq in (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
 def rope_pairs(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """Reorder the rows of each head from transformers' halves layout (rotate ``x[:d/2]`` with ``x[d/2:]``) to
     the adjacent-pairs layout of llama.cpp's llama graph (rotate ``x[2i]`` with ``x[2i+1]``): row ``i`` of the
@@ -196,6 +219,12 @@ def tensors(model: Any, spec: _arch.Gguf) -> Iterator[Tensor]:
     parts = _arch.arch_for(config.model_type).parts
     tied = bool(_cfg(config, "tie_word_embeddings", False))
     heads, kv_heads = config.num_attention_heads, int(_cfg(config, "num_key_value_heads", config.num_attention_heads))
+    rope = _rope(config)
+    if rope["type"] == "llama3":
+        factors = llama3_rope_factors(int(head_dim(config) * rope["partial"]), rope["theta"],
+                                      _cfg(config, "rope_parameters", {}))
+        yield Tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape),
+                     lambda: factors)
     for hf_name, param in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the head from token_embd when output is absent

@@ -269,3 +269,36 @@ def test_smollm3_with_its_release_pattern_is_written(tmp_path):
     finally:
         llm.close()
     assert np.abs(got - ref).max() < 0.02 * max(1.0, np.abs(ref).max())
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path):
+    """Llama 3.1-style rotary scaling (``rope_type: llama3``) as ``rope_freqs.weight``: llama.cpp's logits equal
+    transformers' at positions past the original context, where the scaling changes the result."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    config = tf.LlamaConfig(**{**tiny.config("llama").to_dict(), "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    factors = gguf_write.llama3_rope_factors(16, 10000.0, config.rope_parameters)
+    assert factors.min() == 1 and factors.max() == 8 and ((factors > 1) & (factors < 8)).any()  # all three regimes
+    folder = tmp_path / "llama3"
+    model.save_pretrained(folder)
+    tiny.tokenizer().save_pretrained(folder)
+    path = gguf_write.write(model, tmp_path / "m.gguf", "f32", general={"general.name": "t"},
+                            add_tokenizer=lambda w: gguf_vocab.add_tokenizer(w, folder))
+    ids = torch.randint(0, tiny.VOCAB, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    llm = llamacpp.load(path, n_ctx=96)
+    try:
+        got = llamacpp.window_logits(llm, ids[0].tolist())
+    finally:
+        llm.close()
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
