@@ -394,14 +394,14 @@ def from_workdir(ws: Any, out: Path, gguf_type: str, name: str, license_: str | 
     from llmprune.current import load_current, model_digest
 
     manifest = ws.manifest()
-    check(AutoConfig.from_pretrained(ws.model_dir))  # refused before the model is loaded or anything written
+    spec = check(AutoConfig.from_pretrained(ws.model_dir))  # refused before the model is loaded or written
     if gguf_type in K_TYPES:
         llamacpp.require(f"--gguf-type {gguf_type}")
     model, _tok = load_current(ws)
     general = general_keys(manifest, name, license_, model_digest(manifest))
     src = source_gguf(manifest.get("base_model", {}))
     plain = out if gguf_type in PLAIN_TYPES else out.with_name(f".{out.name}.f32")
-    with report.progress(f"writing {plain.name}", sum(1 for _ in tensors(model, check(model.config)))) as advance:
+    with report.progress(f"writing {plain.name}", sum(1 for _ in tensors(model, spec))) as advance:
         write(model, plain, gguf_type if gguf_type in PLAIN_TYPES else "f32",
               add_tokenizer=lambda w: gguf_vocab.add_tokenizer(w, ws.model_dir, src), general=general,
               progress=lambda i, n, t: advance())

@@ -241,33 +241,39 @@ def test_gguf_folder_is_pushed_with_a_card_that_runs_it_from_the_hub(calibrated,
     assert "llama-cli -hf me/model-GGUF" in (out / "README.md").read_text()
 
 
-def test_smollm3_with_its_release_pattern_is_written(tmp_path):
-    """SmolLM3 as released (every fourth block without rotary embeddings, llama.cpp's fixed period) in llama.cpp."""
+def _judged(config, folder, gguf_type: str, seqlen: int):
+    """A random-init model of ``config`` (weights at the tiny models' scale) saved in ``folder``, written as a GGUF
+    at ``gguf_type``: (its config, transformers' logits, llama.cpp's logits) on one window of ``seqlen``."""
     from transformers import AutoModelForCausalLM
 
-    import transformers as tf
-
-    config = tf.SmolLM3Config(**{**tiny.config("smollm3").to_dict(), "num_hidden_layers": 4,
-                                 "no_rope_layers": [1, 1, 1, 0], "layer_types": None})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
-    folder = tmp_path / "smollm3"
     model.save_pretrained(folder)
     tiny.tokenizer().save_pretrained(folder)
-    path = gguf_write.write(model, tmp_path / "m.gguf", "f16", general={"general.name": "t"},
+    path = gguf_write.write(model, folder.parent / f"{folder.name}.gguf", gguf_type, general={"general.name": "t"},
                             add_tokenizer=lambda w: gguf_vocab.add_tokenizer(w, folder))
-    ids = torch.randint(0, tiny.VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, tiny.VOCAB, (1, seqlen), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits[0].numpy()
-    llm = llamacpp.load(path, n_ctx=24)
+    llm = llamacpp.load(path, n_ctx=seqlen)
     try:
         got = llamacpp.window_logits(llm, ids[0].tolist())
     finally:
         llm.close()
+    return ref, got
+
+
+def test_smollm3_with_its_release_pattern_is_written(tmp_path):
+    """SmolLM3 as released (every fourth block without rotary embeddings, llama.cpp's fixed period) in llama.cpp."""
+    import transformers as tf
+
+    config = tf.SmolLM3Config(**{**tiny.config("smollm3").to_dict(), "num_hidden_layers": 4,
+                                 "no_rope_layers": [1, 1, 1, 0], "layer_types": None})
+    ref, got = _judged(config, tmp_path / "smollm3", "f16", 24)
     assert np.abs(got - ref).max() < 0.02 * max(1.0, np.abs(ref).max())
 
 
@@ -275,30 +281,11 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     """Llama 3.1-style rotary scaling (``rope_type: llama3``) as ``rope_freqs.weight``: llama.cpp's logits equal
     transformers' at positions past the original context, where the scaling changes the result."""
     import transformers as tf
-    from transformers import AutoModelForCausalLM
 
     config = tf.LlamaConfig(**{**tiny.config("llama").to_dict(), "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
     factors = gguf_write.llama3_rope_factors(16, 10000.0, config.rope_parameters)
     assert factors.min() == 1 and factors.max() == 8 and ((factors > 1) & (factors < 8)).any()  # all three regimes
-    folder = tmp_path / "llama3"
-    model.save_pretrained(folder)
-    tiny.tokenizer().save_pretrained(folder)
-    path = gguf_write.write(model, tmp_path / "m.gguf", "f32", general={"general.name": "t"},
-                            add_tokenizer=lambda w: gguf_vocab.add_tokenizer(w, folder))
-    ids = torch.randint(0, tiny.VOCAB, (1, 96), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(ids).logits[0].numpy()
-    llm = llamacpp.load(path, n_ctx=96)
-    try:
-        got = llamacpp.window_logits(llm, ids[0].tolist())
-    finally:
-        llm.close()
+    ref, got = _judged(config, tmp_path / "llama3", "f32", 96)
     assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
