@@ -50,17 +50,28 @@ def tokenizer(folder: Path | None = None):
 
 def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
           max_shard_size: int = 2 * 10**9, tokenizer_dir: Path | None = None) -> dict:
-    """Write the checkpoint (safetensors shards, config, tokenizer) into ``out``; returns its config as a dict."""
+    """Write the Llama-shaped checkpoint of ``size`` (safetensors shards, config, tokenizer) into ``out``; returns its
+    config as a dict."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      dtype=str(dtype).removeprefix("torch."))
+    return write(out, cfg, dtype, seed, max_shard_size, tokenizer_dir)
+
+
+def write(out: Path, cfg, dtype: torch.dtype = torch.bfloat16, seed: int = 0, max_shard_size: int = 2 * 10**9,
+          tokenizer_dir: Path | None = None) -> dict:
+    """Write a random-init checkpoint of any family's ``cfg`` into ``out``, tensor by tensor: every tensor of two or
+    more dimensions ~ N(0, 0.02), vectors (norms, biases, per-head constants) 1, persistent buffers (a router's
+    correction bias) 0. Returns the config as a dict; a folder already written is kept."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from llmprune.precision import STORED_NAMES as NAMES
     from llmprune.shards import Planned, ShardWriter, plan_shards, shard_names
 
     if (out / "config.json").is_file():
         return json.loads((out / "config.json").read_text())
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                      dtype=str(dtype).removeprefix("torch."))
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(cfg)
     skeleton.tie_weights()
@@ -69,12 +80,18 @@ def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int =
         if id(p) not in seen:
             seen.add(id(p))
             tensors.append(Planned(name, NAMES[dtype], tuple(p.shape)))
+    persistent = set(skeleton.state_dict())
+    buffers = [(n, b) for n, b in skeleton.named_buffers() if n in persistent]
+    tensors += [Planned(n, NAMES[b.dtype], tuple(b.shape)) for n, b in buffers]
+    kind = {n: "buffer" for n, _ in buffers}
     plan = plan_shards(tensors, max_shard_size)
     part = out.with_name(out.name + ".part")
     writer = ShardWriter(part, dict(zip(shard_names(len(plan)), plan)))
     gen = torch.Generator().manual_seed(seed)
     for t in tensors:
-        if len(t.shape) == 1:  # RMSNorm weights
+        if kind.get(t.name) == "buffer":
+            value = torch.zeros(t.shape, dtype=dict(buffers)[t.name].dtype)
+        elif len(t.shape) == 1:  # RMSNorm weights and other vectors
             value = torch.ones(t.shape, dtype=dtype)
         else:
             value = torch.empty(t.shape, dtype=torch.float32).normal_(0, 0.02, generator=gen).to(dtype)

@@ -40,6 +40,9 @@ class Parts:
     qkv_fused: bool = False
     mlp_in_fused: bool = False
     mlp_width: str = "intermediate_size"  # config key of the MLP width
+    # The output projections of token mixers other than ``o`` that some blocks hold instead (Qwen3.5's linear
+    # attention: ``linear_attn.out_proj``): a block is removed with whichever of them and ``mlp_out`` it has.
+    mixer_outs: tuple[str, ...] = ()
     # structure -> why transformers' own modeling code cannot express the smaller model
     cannot: tuple[tuple[str, str], ...] = ()
 
@@ -68,6 +71,13 @@ class Experts:
     # Whether the router renormalises the weights over the chosen top-k (then removing an expert that a token does
     # not choose leaves that token's output exactly unchanged): a config key, or "" for always (Mixtral).
     renormalises: str = "norm_topk_prob"
+    # Per-expert tensors of the router besides its weight rows (and bias), cut with them when experts go: DeepSeek-V3's
+    # and GLM-4.5's ``e_score_correction_bias``, a buffer added to the scores when the top-k is chosen.
+    router_vectors: tuple[str, ...] = ()
+    # Config key of a group count for group-limited routing (DeepSeek-V3: the top-k is chosen only among the
+    # ``topk_group`` groups of experts with the best scores), or "". With more than one group, removing an expert
+    # changes its group's score and so other tokens' choices: expert removal is refused for such a config.
+    groups: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,8 @@ class Arch:
     logit_softcap: str = ""
     experts: Experts | None = None  # mixture-of-experts blocks
     # Modules inside a block whose weights are never pruned: routers and shared-expert gates (a handful of rows
-    # that decide where every token goes; zeroing half of them reroutes the model).
+    # that decide where every token goes; zeroing half of them reroutes the model), and depthwise convolution kernels
+    # (Qwen3.5's linear attention: a few taps per channel, no input to compare weights over).
     never_prune: tuple[str, ...] = ()
     # (model name fragment, checkpoint name fragment): the checkpoint's names differ from the modules' (Mixtral
     # releases keep ``block_sparse_moe`` for what transformers 5 calls ``mlp``)
@@ -148,6 +159,34 @@ _MOE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QWEN_MOE = Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                  parts=Parts(cannot=_MOE_CANNOT), experts=Experts(), never_prune=("mlp.gate",),
                  gguf=Gguf("QWEN3MOE", experts=True))
+
+# DeepSeek-V3 and GLM-4.5: sigmoid router scores, a score-correction bias used only to choose the top-k, the chosen
+# scores renormalised (``norm_topk_prob``) and scaled; shared experts (ordinary Linears, pruned like a dense MLP)
+# beside the routed ones; the first ``first_k_dense_replace`` blocks dense.
+_SIGMOID_EXPERTS = Experts(count="n_routed_experts", router_vectors=("e_score_correction_bias",), groups="n_group")
+_SIGMOID_NEVER = ("mlp.gate",)
+# Multi-head latent attention (DeepSeek-V2/V3): q and kv pass through low-rank latents (q_a_proj -> q_a_layernorm ->
+# q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj) whose norms run over the latent width, and each head's
+# query is split into a rotary and a non-rotary part of different widths.
+_MLA_HEADS = ("heads", "the latent projections of deepseek_v3 (q_b_proj, kv_b_proj) hold every head's rotary and "
+                       "non-rotary parts at different widths; removing heads is not supported")
+_MLA_HIDDEN = ("hidden", "the latent projections of deepseek_v3 couple the q and kv ranks to the hidden size through "
+                         "their own norms, and every expert of its mixture-of-experts blocks would be cut; "
+                         "not supported")
+_MLA_LORA = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+# Qwen3.5: hybrid blocks -- three of four replace attention by a gated linear attention (Gated DeltaNet: in_proj_qkv,
+# in_proj_z, in_proj_a, in_proj_b, a depthwise causal conv1d over the q/k/v channels, out_proj, a gated norm over each
+# value head), the rest are full attention whose q_proj also gives a per-channel output gate; RMSNorms scale by 1 + w.
+# The conv1d kernels (4 taps per channel) are never pruned. Blocks of two kinds hold different attention weights,
+# which the table's one attention per block cannot couple: heads and hidden are refused.
+_LINEAR_ATTN = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+_QWEN35_NEVER = ("linear_attn.conv1d",)
+_QWEN35_HEADS = ("heads", "its linear-attention blocks have heads of another kind (Gated DeltaNet key and value heads) "
+                          "and its full-attention q_proj holds an output gate beside each head's query; not supported")
+_QWEN35_HIDDEN = ("hidden", "the hidden size couples the linear-attention projections of some blocks and the "
+                            "attention projections of others; not supported")
+_QWEN35_GGUF = Gguf("", cannot="llmprune does not map Qwen3.5's linear-attention blocks onto llama.cpp yet")
 
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,  # Llama-2/3, SmolLM
@@ -201,6 +240,27 @@ ARCHS: dict[str, Arch] = {
                                                  "square can be near the norm's eps, which a narrower width weighs "
                                                  "differently: the removal is not exact"))),
                   gguf=Gguf("OLMO2", sliding=True)),
+    # GLM-4.5 / 4.6 / 4.7: Llama attention (q/k/v biases, partial rotary, optional per-head q/k norms) and
+    # DeepSeek-V3's MoE.
+    "glm4_moe": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
+                     parts=Parts(cannot=_MOE_CANNOT), experts=_SIGMOID_EXPERTS, never_prune=_SIGMOID_NEVER,
+                     gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's GLM4_MOE graph yet")),
+    "deepseek_v3": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MLA_LORA,
+                        parts=Parts(cannot=(*_MOE_CANNOT, _MLA_HEADS, _MLA_HIDDEN)), experts=_SIGMOID_EXPERTS,
+                        never_prune=_SIGMOID_NEVER,
+                        gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's DEEPSEEK2 graph yet "
+                                             "(its kv_b_proj is stored split per head there)")),
+    "qwen3_5_text": Arch(layers="model.layers", final=("model.norm",),
+                         lora_targets=(*_LLAMA_LIKE.lora_targets, *_LINEAR_ATTN),
+                         parts=Parts(norm_offset=1.0, mixer_outs=("linear_attn.out_proj",),
+                                     cannot=(_QWEN35_HEADS, _QWEN35_HIDDEN)),
+                         never_prune=_QWEN35_NEVER, gguf=_QWEN35_GGUF),
+    # Qwen3.5-MoE: the same blocks with Qwen2-MoE's experts (a router that always renormalises, a gated shared expert)
+    "qwen3_5_moe_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=(*_MOE_LORA, *_LINEAR_ATTN),
+                             parts=Parts(norm_offset=1.0, mixer_outs=("linear_attn.out_proj",),
+                                         cannot=(*_MOE_CANNOT, _QWEN35_HEADS)),
+                             experts=Experts(renormalises=""),
+                             never_prune=("mlp.gate", "mlp.shared_expert_gate", *_QWEN35_NEVER), gguf=_QWEN35_GGUF),
     "opt": Arch(
         layers="model.decoder.layers",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
@@ -248,8 +308,9 @@ def final_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def arch_of_block(block: nn.Module) -> Arch:
-    """The table row of the model a block belongs to (blocks carry no config of their own in every family)."""
-    config = getattr(block, "config", None) or getattr(getattr(block, "self_attn", None), "config", None)
+    """The table row of the model a block belongs to. Blocks carry no config of their own in every family: the first
+    module inside that does is asked (a Qwen3.5 linear-attention block's is its MLP's)."""
+    config = next((m.config for m in block.modules() if getattr(getattr(m, "config", None), "model_type", "")), None)
     if config is None:
         return _LLAMA_LIKE  # a block the table cannot place has no experts and nothing to exempt
-    return arch_for(getattr(config, "model_type", "llama")) if getattr(config, "model_type", "") in ARCHS else _LLAMA_LIKE
+    return ARCHS.get(config.model_type, _LLAMA_LIKE)

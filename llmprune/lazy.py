@@ -124,6 +124,7 @@ class Lazy:
         # them): name -> per expert, the shard tensors whose rows, concatenated, are that expert's slice.
         self.parts: dict[str, list[list[str]]] = {}
         self._own: set[str] = set()
+        self._read: set[str] = set()  # persistent buffers read from the shards (``load``)
         missing = self._map(model, row, groups, self._expert_sources(model, row, blocks))
         shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
                   **{n: tuple(b.shape) for n, b in model.named_buffers()}}
@@ -257,9 +258,13 @@ class Lazy:
                 else:
                     p.data = p.data.to(device)
             else:
+                # A persistent buffer the shards hold is read once: the skeleton's may be a real tensor at its init
+                # value (a router's correction bias is built as zeros), not a meta one.
                 b = owner._buffers[attr]
-                owner._buffers[attr] = (self.shards.get(name) if name in self.key and b.device.type == "meta"
-                                        else b).to(device)
+                fresh = name in self.key and (b.device.type == "meta" or name not in self._read)
+                owner._buffers[attr] = (self.shards.get(self.key[name]) if fresh else b).to(device)
+                if fresh:
+                    self._read.add(name)
 
     def unload(self, module: nn.Module, recurse: bool = True) -> None:
         for owner, attr, name, is_param in self._members(module, recurse):

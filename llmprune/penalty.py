@@ -43,9 +43,10 @@ class Penalty:
         self.slices: list[Slice] = []
         self.params: list[nn.Parameter] = []
         seen: set[int] = set()
+        params = dict(model.named_parameters(remove_duplicate=False))
         for sl in slices(model, plan):  # tied tensors (embeddings / lm_head) are one parameter: count it once
-            prm = model.get_parameter(sl.param)
-            if id(prm) not in seen:
+            prm = params.get(sl.param)  # None: a buffer cut with the unit (a router's correction bias), not trained
+            if prm is not None and id(prm) not in seen:
                 seen.add(id(prm))
                 self.slices.append(sl)
                 self.params.append(prm)

@@ -118,6 +118,20 @@ def unit_scores(model: nn.Module, structure: str, how: str, windows: torch.Tenso
     return Measured(structure, how, list(s) if k.per_block else [s], {})
 
 
+def take(order: list[int], n: int, keep: tuple[set[int], str] | None) -> list[int]:
+    """The first ``n`` units of ``order`` (most removable first), passing over any whose removal would leave none of
+    ``keep``'s set (``Structure.keep_one``); a ``UserError`` if fewer than ``n`` can go."""
+    chosen: list[int] = []
+    for u in order:
+        if len(chosen) == n:
+            break
+        if keep is None or u not in keep[0] or not keep[0] <= {*chosen, u}:
+            chosen.append(u)
+    if len(chosen) < n:
+        raise UserError(f"cannot remove {n} units: {keep[1] if keep else 'too few'}")
+    return sorted(chosen)
+
+
 def select(model: nn.Module, structure: str, ratio: float, how: str, windows: torch.Tensor | None,
            device: str = "cpu", seed: int = 0, batch_size: int = 4, weights=None,
            measured: Measured | None = None) -> Plan:
@@ -131,6 +145,7 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     k = STRUCTURES[structure]
     groups = g.layers if k.per_block else 1  # one list of units per block, or one for the model
     size = k.units(g)
+    keep = k.keep_one(model.config)
     meta: dict[str, Any] = {}
     if measured_selection(structure, how):
         assert windows is not None or measured is not None
@@ -139,12 +154,12 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
             raise ValueError(f"scores of {measured.structure}/{measured.selection} given for {structure}/{how}")
         m = measured or unit_scores(model, structure, how, windows, device, batch_size, weights)
         rows, meta = m.rows, m.meta
-        removed = [[] if r is None else sorted(torch.argsort(r, stable=True)[:n].tolist()) for r in rows]
+        removed = [[] if r is None else take(torch.argsort(r, stable=True).tolist(), n, keep) for r in rows]
     elif how == "tail":
-        removed = [k.tail(g, n)] * groups
+        removed = [take(k.tail(g, n), n, keep)] * groups
     elif how == "random":
         gen = torch.Generator().manual_seed(seed)
-        removed = [sorted(torch.randperm(size, generator=gen)[:n].tolist()) for _ in range(groups)]
+        removed = [take(torch.randperm(size, generator=gen).tolist(), n, keep) for _ in range(groups)]
     else:
         raise ValueError(how)
     removed = k.where_present(model, removed)

@@ -168,7 +168,7 @@ def check_supported(model: nn.Module, structure: str) -> None:
     a = _arch.arch_for(model.config.model_type)
     reason = dict(a.parts.cannot).get(structure)
     if structure in KINDS:
-        reason = KINDS[structure].missing(a) or reason
+        reason = KINDS[structure].missing(a, model.config) or reason
     if reason:
         raise UserError(f"--structure {structure} is not possible for {model.config.model_type}: {reason}")
 
@@ -195,6 +195,7 @@ def zero(model: nn.Module, plan: Plan) -> None:
     """Switch the plan's units off in place (the dense model with the removed parts at zero)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for sl in slices(model, plan):
-        params[sl.param].data.index_fill_(sl.dim, sl.index, 0)
+        if sl.param in params:  # not a buffer: a router's correction bias is no weight to switch off
+            params[sl.param].data.index_fill_(sl.dim, sl.index, 0)
 
 

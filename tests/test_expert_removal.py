@@ -37,9 +37,21 @@ def _unchosen(model, ids) -> tuple[list[list[int]], list[list[int]]]:
     return idle, busy
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def _one_group(model):
+    """DeepSeek-V3 with its two expert groups made one (GLM-4.5's routing): expert removal is then allowed."""
+    model.config.n_group = model.config.topk_group = 1
+    for block in _arch.blocks(model):
+        gate = getattr(block.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "n_group"):
+            gate.n_group = gate.topk_group = 1
+    return model
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3"])
 def test_removing_an_expert_no_token_chose_leaves_the_logits_unchanged(tiny_root, arch):
     model = _renormalising(tiny_root / arch)
+    if arch == "deepseek_v3":
+        model = _one_group(model)
     ids = torch.tensor([[7]])  # one token chooses 2 of the 4 experts: two per block are idle
     idle, busy = _unchosen(model, ids)
     with torch.no_grad():
@@ -89,7 +101,13 @@ def test_reap_and_frequency_match_an_independent_computation(tiny_root):
         torch.testing.assert_close(st.reap()[i], want_s / want_n.clamp(min=1), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+def test_group_limited_routing_refuses_expert_removal(tiny_root):
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "deepseek_v3")
+    with pytest.raises(UserError, match="best groups of 2"):
+        surgery.remove(model, Plan("experts", [[], [0]]))
+
+
+@pytest.mark.parametrize("arch", tiny.EXPERT_REMOVAL_TYPES)
 @pytest.mark.parametrize("select", ["reap", "frequency", "random"])
 def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_root, arch, select):
     wd = calibrated(arch, samples=12, seqlen=32)
@@ -100,7 +118,7 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
     small = AutoModelForCausalLM.from_pretrained(wd / "model")  # plain transformers, no llmprune code
     assert getattr(small.config, key) == 2 and small.config.num_experts_per_tok == 2
     moe = [b for b in _arch.blocks(dense) if _arch.get_module(b, "mlp.experts") is not None]
-    h, i = dense.config.hidden_size, getattr(dense.config, "moe_intermediate_size", dense.config.intermediate_size)
+    h, i = dense.config.hidden_size, getattr(dense.config, "moe_intermediate_size", None) or dense.config.intermediate_size
     per_expert = 3 * h * i + h  # gate, up and down, and its router row
     assert res["parameters_before"] - res["parameters"] == len(moe) * 2 * per_expert
     assert sum(p.numel() for p in small.parameters()) == res["parameters"]

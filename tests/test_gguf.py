@@ -20,7 +20,9 @@ WRITTEN = ("llama", "mistral", "qwen2", "qwen3", "phi", "gemma", "gemma3_text", 
 REFUSED = {"opt": "llama.cpp has no OPT architecture",
            "gemma2": "reads the output head from the embedding",  # the tiny Gemma 2 has a head of its own
            "qwen3_moe": "dense MLP layers between the expert layers",
-           "smollm3": "every 4th layer"}  # the tiny SmolLM3 leaves rotary embeddings out of its second block
+           "smollm3": "every 4th layer",
+           "glm4_moe": "no mapping", "deepseek_v3": "no mapping", "qwen3_5_text": "linear-attention blocks",
+           "qwen3_5_moe_text": "linear-attention blocks"}  # the tiny SmolLM3 leaves rotary embeddings out of its second block
 SAMPLE = "The model of a language predicts 12345 tokens, isn't it?  Weights\n\nare pruned when small."
 
 

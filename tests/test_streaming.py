@@ -228,7 +228,7 @@ def test_streamed_structured_removal_equals_in_memory(tiny_root, tmp_path, arch,
 
     src = tiny_root / arch
     reason = dict(_arch.arch_for(arch).parts.cannot).get(structure) or (
-        structure == "experts" and arch not in tiny.MOE_TYPES)
+        structure == "experts" and arch not in tiny.EXPERT_REMOVAL_TYPES)
     if reason:  # the architecture cannot express the smaller model: both paths refuse it
         lazy = Lazy(src)
         with pytest.raises(UserError, match="not possible"):

@@ -32,10 +32,10 @@ def _cases():
         for structure in S.STRUCTURES:
             if structure == "experts":
                 continue  # zeroing an expert is not removing it (its router logit stays): tests/test_expert_removal.py
-            if structure in dict(arch_for(arch).parts.cannot) and arch not in tiny.MOE_TYPES:
-                continue  # refused (OPT: hidden, heads; OLMo 3: heads), see test_refusals_in_the_table
-            if arch in tiny.MOE_TYPES and structure != "heads":
-                continue  # refused, see test_moe_refuses_structured_removal
+            if structure in dict(arch_for(arch).parts.cannot):
+                # refused (OPT: hidden, heads; OLMo 3: heads; DeepSeek-V3: heads), see test_refusals_in_the_table;
+                # MoE: all but heads and experts, see test_moe_refuses_structured_removal
+                continue
             yield arch, structure
 
 
@@ -96,7 +96,9 @@ def test_ratio_zero_is_the_identity(tiny_root):
 @pytest.mark.parametrize("arch,structure,why", [("opt", "hidden", "ties the attention width"),
                                                ("opt", "heads", "ties the attention width"),
                                                ("olmo3", "heads", "normalise across all heads"),
-                                               ("olmo3", "hidden", "near the norm's eps")])
+                                               ("olmo3", "hidden", "near the norm's eps"),
+                                               ("deepseek_v3", "heads", "latent projections"),
+                                               ("deepseek_v3", "hidden", "latent projections")])
 def test_refusals_in_the_table(tiny_root, arch, structure, why):
     from llmprune.errors import UserError
 
@@ -110,7 +112,7 @@ def test_moe_refuses_structured_removal(tiny_root, arch):
     from llmprune.errors import UserError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
-    for structure in [s for s in S.STRUCTURES if s not in ("experts", "heads")]:
+    for structure in [s for s in S.STRUCTURES if s not in ("experts", "heads")]:  # hidden, mlp, layers
         with pytest.raises(UserError, match="mixture-of-experts"):
             surgery.remove(model, S.Plan(structure, PLANS[structure]))
 

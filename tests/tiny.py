@@ -90,6 +90,28 @@ def config(model_type: str):
                                  shared_expert_intermediate_size=96, intermediate_size=128)
     if model_type == "mixtral":
         return tf.MixtralConfig(**common, **moe, num_local_experts=4, intermediate_size=32, sliding_window=None)
+    # DeepSeek-V3's MoE (sigmoid scores, a score-correction bias, scaled weights, shared experts, a dense first
+    # block): GLM-4.5 with one expert group (its release) and q/k/v biases and q/k norms; DeepSeek-V3 with two groups
+    # (the release: 8) and its latent attention, ranks and head widths all distinct.
+    sigmoid = dict(moe, n_routed_experts=4, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                   routed_scaling_factor=2.5, intermediate_size=128, pad_token_id=None, bos_token_id=0,
+                   eos_token_id=0)
+    if model_type == "glm4_moe":
+        return tf.Glm4MoeConfig(**common, **sigmoid, head_dim=16, n_group=1, topk_group=1, attention_bias=True,
+                                use_qk_norm=True)
+    if model_type == "deepseek_v3":
+        return tf.DeepseekV3Config(**common, **sigmoid, n_group=2, topk_group=1, q_lora_rank=48, kv_lora_rank=32,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)
+    # Qwen3.5: a linear-attention block, then a full-attention one (the release: three, then one); its MoE sibling
+    # with Qwen2-MoE's experts and gated shared expert.
+    hybrid = dict(num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                  linear_key_head_dim=8, linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"],
+                  pad_token_id=None, bos_token_id=0, eos_token_id=0)
+    if model_type == "qwen3_5_text":
+        return tf.Qwen3_5TextConfig(**common, **hybrid, intermediate_size=128)
+    if model_type == "qwen3_5_moe_text":
+        return tf.Qwen3_5MoeTextConfig(**common, **hybrid, num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, shared_expert_intermediate_size=96)
     if model_type == "opt":
         return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
@@ -102,9 +124,14 @@ def fast_options(method: str) -> dict:
     return {"ro_iters": 1, "alpha": 100.0} if method == "wandapp" else {}
 
 
-MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
+MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3", "qwen3_5_moe_text")
+# those whose experts can be removed (DeepSeek-V3's group-limited routing refuses it: tests/test_expert_removal.py)
+EXPERT_REMOVAL_TYPES = tuple(t for t in MOE_TYPES if t != "deepseek_v3")
+# The families released in 2025-2026 that the table added (issue #47): each runs the whole pipeline in
+# tests/test_families.py.
+FAMILIES_2026 = ("smollm3", "olmo3", "glm4_moe", "deepseek_v3", "qwen3_5_text", "qwen3_5_moe_text")
 ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-              "olmo3", *MOE_TYPES)
+              "olmo3", "qwen3_5_text", *MOE_TYPES)
 
 
 def build(model_type: str, out: Path, seed: int = 0) -> Path:
@@ -121,6 +148,9 @@ def build(model_type: str, out: Path, seed: int = 0) -> Path:
                 # norms away from their init (ones, or Gemma's zeros for 1 + w): a rescale that forgets Gemma's
                 # offset, or a norm left out of it, shows in the structured-removal exactness tests
                 p.add_(torch.randn_like(p), alpha=0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros at init: a removal that forgets to cut it shows
+                b.normal_(0, 0.1)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer().save_pretrained(out)

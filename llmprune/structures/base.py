@@ -50,7 +50,8 @@ def geometry(model: nn.Module) -> Geometry:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     spec = _arch.arch_for(c.model_type).experts
     experts = int(getattr(c, spec.count, 0) or 0) if spec is not None else 0
-    return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width), experts)
+    # An all-MoE config has no dense MLP width (Qwen3.5-MoE): 0, and its mlp structure is refused
+    return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width, 0), experts)
 
 
 @dataclass
@@ -77,7 +78,9 @@ class Coupling:
         self.a = _arch.arch_for(model.config.model_type)
         self.p = self.a.parts
         self.g = geometry(model)
-        self.params = dict(model.named_parameters(remove_duplicate=False))
+        # Parameters, and buffers that are cut with them (a router's per-expert correction bias); the penalty and
+        # ``structured.zero`` act on the parameters among the slices only.
+        self.params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
         self.out: list[Slice] = []
 
     def add(self, name: str, dim: int, index: list[int], unit: list[int]) -> None:
@@ -184,8 +187,12 @@ class Structure(ABC):
         refuses)."""
         return True
 
-    def missing(self, a: _arch.Arch) -> str | None:
-        """Why an architecture has no units of this kind at all, or None."""
+    def keep_one(self, config: Any) -> tuple[set[int], str] | None:
+        """A set of units of which a selection must leave at least one, and why; None if any units may go."""
+        return None
+
+    def missing(self, a: _arch.Arch, config: Any) -> str | None:
+        """Why a model of this architecture and ``config`` has no units of this kind that can go, or None."""
         return None
 
     def where_present(self, model: nn.Module, removed: list[Any]) -> list[Any]:

@@ -52,8 +52,14 @@ class Experts(Structure):
         """Every token keeps the top-k experts it is routed to."""
         return total - n >= getattr(config, "num_experts_per_tok", 1)
 
-    def missing(self, a: _arch.Arch) -> str | None:
-        return "it has no mixture-of-experts blocks" if a.experts is None else None
+    def missing(self, a: _arch.Arch, config: Any) -> str | None:
+        if a.experts is None:
+            return "it has no mixture-of-experts blocks"
+        groups = int(getattr(config, a.experts.groups, 1) or 1) if a.experts.groups else 1
+        if groups > 1:
+            return (f"its router chooses experts within the best groups of {groups} ({a.experts.groups}), so "
+                    "removing an expert changes its group's score and other tokens' choices")
+        return None
 
     def where_present(self, model: nn.Module, removed: list[Any]) -> list[Any]:
         # dense blocks of an MoE model (Qwen3-MoE's mlp_only_layers) have none to remove
@@ -68,6 +74,8 @@ class Experts(Structure):
             for param, _ in spec.params:
                 c.add(f"{c.blk(i, spec.path)}.{param}", 0, list(experts), unit)
             c.add_module(c.blk(i, spec.router), 0, list(experts), unit, bias=True)
+            for vector in spec.router_vectors:  # buffers, cut with the rows (``Coupling.add`` takes them)
+                c.add(f"{c.blk(i, spec.router)}.{vector}", 0, list(experts), unit)
 
     def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
         """The routed-expert count (``arch.Experts.count``) shrinks; ``num_experts_per_tok`` stays."""

@@ -61,10 +61,22 @@ class Layers(Structure):
         """A block whose two output projections are zero adds nothing to the residual stream: it is the
         identity."""
         for u, i in enumerate(removed):
-            for lin in (c.p.o, c.p.mlp_out):
+            for lin in (c.p.o, *c.p.mixer_outs, c.p.mlp_out):
                 name = c.blk(i, lin)
+                if f"{name}.weight" not in c.params:  # a mixer this block does not hold (Qwen3.5: one of two)
+                    continue
                 rows = c.params[f"{name}.weight"].shape[0]
                 c.add_module(name, 0, list(range(rows)), [u] * rows, bias=True)
+
+    def keep_one(self, config: Any) -> tuple[set[int], str] | None:
+        """A hybrid model keeps a full-attention block: transformers' Qwen3.5 cannot run on linear-attention blocks
+        alone (its cache has no attention layer to size the mask by), and such a model has lost its only attention
+        over the whole context."""
+        types = list(getattr(config, "layer_types", None) or [])
+        full = {i for i, t in enumerate(types) if t == "full_attention"}
+        if full and any(t == "linear_attention" for t in types):
+            return full, "a hybrid model must keep at least one full-attention block"
+        return None
 
     def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
         """``num_hidden_layers`` shrinks, the blocks that stay are renumbered and the config's per-block lists

@@ -1,0 +1,97 @@
+"""This year's families end to end through the commands a user runs: calibrate, prune (a method at 2:4), full
+recovery, eval, export, and every structured removal the family allows -- each export loads with plain
+``from_pretrained`` and computes what the workdir's model computes; what the family refuses is refused in one line.
+
+The per-operation equivalences (streamed == in memory, removal of zeroed units == zeroing, routed experts == the
+model's experts) are in test_streaming.py, test_structured.py and test_moe.py, over every architecture.
+"""
+
+import shutil
+
+import pytest
+import tiny
+import torch
+from conftest import cli
+from transformers import AutoModelForCausalLM
+
+from llmprune import structured
+
+STRUCTURES = ("hidden", "heads", "mlp", "layers", "experts")
+# What each family offers (the README's support table): the rest is refused with its reason.
+OFFERED = {"smollm3": {"hidden", "heads", "mlp", "layers"}, "olmo3": {"mlp", "layers"},
+           "glm4_moe": {"heads", "experts"},
+           "deepseek_v3": set(),  # latent attention, MoE blocks, and 8 expert groups in the release (2 here)
+           "qwen3_5_text": {"mlp", "layers"}, "qwen3_5_moe_text": {"experts"}}
+
+
+def _allowed(arch: str, structure: str, model) -> str | None:
+    """None if ``structure`` can be removed from ``model``, else the refusal's reason."""
+    try:
+        structured.check_supported(model, structure)
+    except Exception as e:  # UserError: the one line the command prints
+        return str(e)
+    return None
+
+
+def _same_function(folder, ref_folder) -> None:
+    ids = torch.randint(0, tiny.VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(ref_folder).eval()(ids).logits
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", tiny.FAMILIES_2026)
+def test_prune_recover_eval_export(calibrated, tiny_root, tmp_path, arch):
+    wd = calibrated(arch, samples=12, seqlen=32)
+    code, res = cli("prune", wd, "--method", "sparsegpt", "--pattern", "2:4")
+    assert code == 0 and res["sparsity"]["all"] == 0.5
+    code, res = cli("recover", wd, "--full", "--steps", 2, "--eval-every", 2, "--lr", 1e-3, "--batch-size", 4,
+                    "--holdout", 4)
+    assert code == 0
+    code, res = cli("eval", wd, "--dataset", tiny_root / "heldout.txt", "--seqlen", 32, "--max-windows", 2)
+    assert code == 0 and res["windows"] == 2 and res["perplexity"] > 1
+    code, _ = cli("export", wd, "--out", tmp_path / "out")
+    assert code == 0
+    _same_function(tmp_path / "out", wd / "model")
+
+
+@pytest.mark.parametrize("arch", tiny.FAMILIES_2026)
+def test_every_structure_is_removed_or_refused_in_one_line(calibrated, tmp_path, capsys, arch):
+    wd = calibrated(arch, samples=12, seqlen=32)
+    model = AutoModelForCausalLM.from_pretrained(wd / "model")
+    offered = set()
+    for structure in STRUCTURES:
+        reason = _allowed(arch, structure, model)
+        one = tmp_path / structure
+        shutil.copytree(wd, one)
+        ratio = 0.5 if structure in ("layers", "experts") else 0.25
+        code, res = cli("prune", one, "--method", "dress", "--structure", structure, "--ratio", ratio)
+        err = capsys.readouterr().err
+        if reason:
+            assert code != 0 and reason.split(": ", 1)[1] in " ".join(err.split()) and "Traceback" not in err
+            continue
+        offered.add(structure)
+        assert code == 0, err
+        small = AutoModelForCausalLM.from_pretrained(one / "model")
+        assert small.num_parameters() < model.num_parameters(), structure
+        assert cli("export", one, "--out", tmp_path / f"{structure}-out")[0] == 0
+        _same_function(tmp_path / f"{structure}-out", one / "model")
+    assert offered == OFFERED[arch]
+
+
+def test_a_hybrid_model_keeps_a_full_attention_block(tiny_root):
+    """Qwen3.5 (a linear-attention block, then a full-attention one): every selection passes over the only
+    full-attention block, and a count that cannot spare it is refused in one line."""
+    from llmprune.errors import UserError
+    from llmprune.selection import select, take
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "qwen3_5_text")
+    windows = torch.randint(0, tiny.VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    plans = [select(model, "layers", 0.5, "random", None, seed=s) for s in range(6)]
+    plans += [select(model, "layers", 0.5, "activation", windows), select(model, "layers", 0.5, "tail", None)]
+    assert all(p.removed == [0] for p in plans)
+    keep = structured.kind("layers").keep_one(model.config)
+    assert keep[0] == {1}
+    with pytest.raises(UserError, match="keep at least one full-attention block"):
+        take([1, 0], 2, keep)  # both blocks
