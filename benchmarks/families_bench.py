@@ -6,14 +6,14 @@ Three families of ~0.3B parameters, all with hidden size 1024, 16 blocks and Smo
 - ``qwen3_5_text``: Qwen3.5's hybrid blocks, three gated linear-attention blocks to one full-attention block (as
   released), MLP 4096;
 - ``deepseek_v3``: multi-head latent attention and a mixture of experts (a dense first block, then 8 routed experts
-  of width 1024, 2 per token, and one shared expert), one expert group.
+  of width 512, 2 per token, and one shared expert), one expert group.
 
 For each: ``calibrate`` (16 x 512 windows of the benchmark text), then ``prune --method wanda --pattern 2:4`` and
 ``prune --method sparsegpt --sparsity 0.5`` on hard-linked copies of the calibrated workdir, each in its own process
 (peak RSS from ``wait4``). Random weights: the seconds and memory are the figures here, not the perplexities.
 
-    python benchmarks/families_bench.py                      # about 25 minutes on 2 cores
-    python benchmarks/families_bench.py --families llama,qwen3_5_text --samples 8
+    python benchmarks/families_bench.py --samples 8 --seqlen 256     # about 7 minutes on 2 cores
+    python benchmarks/families_bench.py --families llama,qwen3_5_text
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ FAMILIES = {
     "qwen3_5_text": dict(intermediate_size=4096, linear_num_key_heads=8, linear_num_value_heads=16,
                          linear_key_head_dim=64, linear_value_head_dim=64,
                          layer_types=["linear_attention"] * 3 + ["full_attention"]),  # repeated to 16 below
-    "deepseek_v3": dict(intermediate_size=4096, moe_intermediate_size=1024, n_routed_experts=8, num_experts_per_tok=2,
+    "deepseek_v3": dict(intermediate_size=4096, moe_intermediate_size=512, n_routed_experts=8, num_experts_per_tok=2,
                         n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=384,
                         kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
                         num_key_value_heads=16),
@@ -107,7 +107,8 @@ def write(rows: list[dict], args) -> None:
         lines.append(f"| {r['family']} | {r['parameters'] / 1e6:.0f} | {r['calibrate_s']} | {r['wanda_s']} | "
                      f"{ratio(r, 'wanda_s')} | {r['wanda_rss_gb']} | {ratio(r, 'wanda_rss_gb')} | {r['sparsegpt_s']} | "
                      f"{ratio(r, 'sparsegpt_s')} | {r['sparsegpt_rss_gb']} | {ratio(r, 'sparsegpt_rss_gb')} |")
-    command = f"python benchmarks/families_bench.py --families {args.families} --samples {args.samples}"
+    command = (f"python benchmarks/families_bench.py --families {args.families} --samples {args.samples} "
+               f"--seqlen {args.seqlen}")
     for r in rows:
         r["command"] = command
     caption = (f"Random-init bf16 models streamed from disk, {args.samples} x {args.seqlen} calibration windows, one "
