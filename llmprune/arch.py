@@ -49,22 +49,36 @@ class Parts:
 
 @dataclass(frozen=True)
 class Experts:
-    """A block's mixture-of-experts weights, stored by transformers 5 as 3-D parameters ``[E, out, in]``.
+    """A block's mixture-of-experts weights, stored by transformers 5 as 3-D parameters ``[E, out, in]`` (or
+    ``[E, in, out]``: ``transposed``).
 
     The unit of pruning is one expert's 2-D slice ``param[e]`` (a Linear's ``[out, in]``, input from the tokens
     routed to e). The table also says how a checkpoint stores them -- one 2-D tensor per expert and source, the 3-D
-    parameter being the stack over experts of the concatenation (rows) of its sources -- which is how Hub releases
-    and ``save_pretrained`` write them (transformers converts on load and back on save).
+    parameter being the stack over experts of the concatenation (rows) of its sources -- which is how most Hub
+    releases and ``save_pretrained`` write them (transformers converts on load and back on save).
     """
 
     path: str = "mlp.experts"  # the module inside a block that holds the 3-D parameters
     # parameter -> its per-expert sources on disk, concatenated along rows: gate_up_proj[e] = [gate_e; up_e]
     params: tuple[tuple[str, tuple[str, ...]], ...] = (("gate_up_proj", ("gate_proj", "up_proj")),
                                                        ("down_proj", ("down_proj",)))
+    # (No sources: the checkpoint stores the 3-D parameter itself, as gpt-oss and Llama 4 releases do.)
     disk_path: str = "mlp.experts"  # where a checkpoint keeps expert e's tensors: ``{disk_path}.{e}.{source}.weight``
-    # The experts' forward, as data: out = sum over the top-k experts e of w_e(x) * down_e(act(gate_e x) * up_e x),
-    # gate and up the two row halves of gate_up_proj[e] ("gated"). A layout that computes anything else is not
-    # this row's (gpt-oss's clamped, interleaved one is not in the table).
+    # How a 3-D parameter holds expert e: ``[E, out, in]``, a Linear's weight per expert, or ``[E, in, out]``
+    # multiplied as ``x @ W[e]`` (gpt-oss, Llama 4), whose Linear weight is then ``W[e]`` transposed.
+    transposed: bool = False
+    # Per-expert biases ``[E, out]`` of the experts module: parameter -> its bias (gpt-oss). Never pruned; an
+    # expert's bias goes with it when experts are removed.
+    biases: tuple[tuple[str, str], ...] = ()
+    # The experts' forward, as data (``experts.routed`` replays it expert by expert; tests/test_moe.py proves each
+    # equal to the model's own):
+    # - "gated": out = sum over the top-k experts e of w_e(x) * down_e(act(gate_e x) * up_e x), gate and up the two
+    #   row halves of gate_up_proj[e];
+    # - "clamped" (gpt-oss): gate and up interleaved (even and odd rows), both clamped, the gate through
+    #   x * sigmoid(alpha x), multiplied by (up + 1), biases on both projections -- the experts module's own
+    #   ``_apply_gate``;
+    # - "prescaled" (Llama 4): every expert runs on every token whose input rows the router score has already
+    #   multiplied (zero rows for the tokens not routed to it), out_e = down_e(up_e x * act(gate_e x)).
     forward: str = "gated"
     router: str = "mlp.gate"  # the module holding the router's [E, H] weight (one row, one logit per expert)
     count: str = "num_experts"  # config key of the number of routed experts (Mixtral: num_local_experts)
@@ -188,6 +202,26 @@ _QWEN35_HIDDEN = ("hidden", "the hidden size couples the linear-attention projec
                             "attention projections of others; not supported")
 _QWEN35_GGUF = Gguf("", cannot="llmprune does not map Qwen3.5's linear-attention blocks onto llama.cpp yet")
 
+# gpt-oss: Llama-like attention with q/k/v/o biases and one learned attention sink per query head (a logit every
+# head's softmax also normalises over: removing heads would cut the sinks with them, which the table's head coupling
+# does not know yet), sliding-window and full-attention layers; every block a mixture of experts stored [E, in, out]
+# with biases, gate and up interleaved and clamped, a router with a bias whose softmax runs over the chosen top-k.
+_GPT_OSS_HEADS = ("heads", "its attention sinks (one learned logit per query head) would have to be cut with the "
+                           "heads; not supported")
+_GPT_OSS_EXPERTS = Experts(params=(("gate_up_proj", ()), ("down_proj", ())), transposed=True,
+                           biases=(("gate_up_proj", "gate_up_proj_bias"), ("down_proj", "down_proj_bias")),
+                           forward="clamped", router="mlp.router", count="num_local_experts", renormalises="")
+# Llama 4: MoE blocks (every one in Scout, every other one in Maverick: ``moe_layers``) hold 3-D experts stored
+# [E, in, out] whose input rows the router's sigmoid score has already multiplied, beside a shared expert (ordinary
+# Linears, pruned like a dense MLP); the router is a Linear (``feed_forward.router``) whose top-k logits pass through
+# a sigmoid, without renormalising -- removing an expert a token did not choose leaves its output unchanged. Dense
+# blocks' MLP is ``feed_forward`` itself, ``intermediate_size_mlp`` wide.
+_LLAMA4_EXPERTS = Experts(params=(("gate_up_proj", ()), ("down_proj", ())), path="feed_forward.experts",
+                          transposed=True, forward="prescaled", router="feed_forward.router",
+                          count="num_local_experts", renormalises="")
+_LLAMA4_PARTS = Parts(mlp_in=("feed_forward.gate_proj", "feed_forward.up_proj"), mlp_out="feed_forward.down_proj",
+                      mlp_width="intermediate_size_mlp", cannot=_MOE_CANNOT)
+
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,  # Llama-2/3, SmolLM
     "mistral": _LLAMA_LIKE,
@@ -261,6 +295,14 @@ ARCHS: dict[str, Arch] = {
                                          cannot=(*_MOE_CANNOT, _QWEN35_HEADS)),
                              experts=Experts(renormalises=""),
                              never_prune=("mlp.gate", "mlp.shared_expert_gate", *_QWEN35_NEVER), gguf=_QWEN35_GGUF),
+    "gpt_oss": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
+                    parts=Parts(cannot=(*_MOE_CANNOT, _GPT_OSS_HEADS)), experts=_GPT_OSS_EXPERTS,
+                    never_prune=("mlp.router",),
+                    gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's gpt-oss graph yet")),
+    "llama4_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA, parts=_LLAMA4_PARTS,
+                        experts=_LLAMA4_EXPERTS, never_prune=("feed_forward.router",),
+                        per_layer=("layer_types", "no_rope_layers"),
+                        gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's LLAMA4 graph yet")),
     "opt": Arch(
         layers="model.decoder.layers",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),

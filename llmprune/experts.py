@@ -5,7 +5,8 @@ them in one fused (grouped) kernel, so no per-expert module exists whose input a
 every method work on them unchanged (docs/methods.md, "Mixture-of-experts"):
 
 - ``views``: expert e's slice of each parameter as an ``nn.Linear`` whose weight *is* that slice (a view: pruning
-  it prunes the parameter), named ``mlp.experts.gate_up_proj[e]``. ``units.block_linears`` lists them with the
+  it prunes the parameter; transposed where the parameter is stored ``[E, in, out]``, as gpt-oss and Llama 4 store
+  it), named ``mlp.experts.gate_up_proj[e]``. ``units.block_linears`` lists them with the
   block's ordinary Linears.
 - ``routed``: for the duration of a pruning pass, the experts' forward is replaced by the same computation expert by
   expert through those views, so each view's hooks see exactly the tokens routed to its expert (and ``down_proj[e]``
@@ -27,17 +28,28 @@ from torch import nn
 from llmprune.arch import Experts, arch_of_block, get_module
 
 _ROUTED = "_llmprune_views"  # instance attribute of an experts module while ``routed``: its registered views
+# Instance attribute of an experts module while ``routed``: ``{e: (token rows, router weights)}`` of its last forward,
+# the rows it gave expert e and the weight the router gave e on each (``reap`` reads it).
+ROUTING = "_llmprune_routing"
 
 
-def _linear(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=requires_grad)
     return lin
+
+
+def _slice(p: torch.Tensor, e: int, spec: Experts) -> torch.Tensor:
+    """Expert e's weight in a Linear's orientation ``[out, in]``: a view of the 3-D parameter either way."""
+    return p[e].t() if spec.transposed else p[e]
 
 
 def views(block: nn.Module, spec: Experts) -> dict[str, nn.Linear]:
     """``{"mlp.experts.gate_up_proj[e]": Linear, ...}`` for every expert and parameter of the block (empty if the
-    block has no experts module: Qwen3-MoE keeps dense MLP layers between sparse ones).
+    block has no experts module: Qwen3-MoE keeps dense MLP layers between sparse ones). Each Linear's weight (and
+    bias, where the experts have biases) is a view of expert e's slice.
 
     Inside ``routed`` these are the registered views the pass runs through (the same objects for the hooks and the
     optimiser); outside, fresh views of the current parameters, kept by no one (a cache would keep a lazy model's
@@ -47,9 +59,14 @@ def views(block: nn.Module, spec: Experts) -> dict[str, nn.Linear]:
         return {}
     if _ROUTED in mod.__dict__:
         return mod.__dict__[_ROUTED]
-    params = [(name, getattr(mod, name)) for name, _ in spec.params]
-    return {f"{spec.path}.{name}[{e}]": _linear(p.data[e], p.requires_grad)
-            for e in range(params[0][1].shape[0]) for name, p in params}
+    biases = dict(spec.biases)
+    out = {}
+    for e in range(getattr(mod, spec.params[0][0]).shape[0]):
+        for name, _ in spec.params:
+            p = getattr(mod, name)
+            bias = getattr(mod, biases[name]).data[e] if name in biases else None
+            out[f"{spec.path}.{name}[{e}]"] = _linear(_slice(p.data, e, spec), bias, p.requires_grad)
+    return out
 
 
 def expert_count(name: str) -> int | None:
@@ -59,38 +76,78 @@ def expert_count(name: str) -> int | None:
     return int(name[name.rindex("[") + 1 : -1])
 
 
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if src.data_ptr() != dst.data_ptr() or src.dtype != dst.dtype:
+        dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+
+
 def write_back(block: nn.Module, spec: Experts) -> None:
-    """Copy every view's weight into its slice of the 3-D parameter. A no-op while they share memory; needed when a
-    pass replaced a view's tensor (``block.float()`` for Wanda++'s regional optimisation, a method that assigns
-    ``weight.data``)."""
+    """Copy every view's weight (and bias) into its slice of the 3-D parameter. A no-op while they share memory;
+    needed when a pass replaced a view's tensor (``block.float()`` for Wanda++'s regional optimisation, a method that
+    assigns ``weight.data``)."""
     mod = get_module(block, spec.path)
     vs = mod.__dict__.get(_ROUTED) if mod is not None else None
     if vs is None:
         return
+    biases = dict(spec.biases)
     with torch.no_grad():
         for name, lin in vs.items():
             base = name[: name.rindex("[")].rsplit(".", 1)[1]
-            p = getattr(mod, base)
-            dst = p.data[expert_count(name)]
-            if lin.weight.data_ptr() != dst.data_ptr() or lin.weight.dtype != dst.dtype:
-                dst.copy_(lin.weight.data.to(device=dst.device, dtype=dst.dtype))
+            e = expert_count(name)
+            _copy_into(_slice(getattr(mod, base).data, e, spec), lin.weight.data)
+            if base in biases:
+                _copy_into(getattr(mod, biases[base]).data[e], lin.bias.data)
 
 
-def _gated_forward(mod: nn.Module, views_by_expert: list[tuple[nn.Linear, nn.Linear]]):
-    """The experts' computation expert by expert, through the views: for each expert e and the tokens routed to it,
-    ``w * down_e(act(gate_e x) * up_e x)`` summed into the output, experts in increasing order (as transformers' own
-    eager loop does, so the sums round alike)."""
+def _routed_forward(mod: nn.Module, spec: Experts, views_by_expert: list[tuple[nn.Linear, nn.Linear]]):
+    """The experts' computation expert by expert, through the views (the table's ``Experts.forward``): for each
+    expert e and the tokens routed to it, ``w * down_e(gate(gate_up_e x))`` summed into the output, experts in
+    increasing order (as transformers' own eager loop does, so the sums round alike). Each call records the routing
+    it followed (``ROUTING``)."""
+    if spec.forward == "prescaled":
+        return _prescaled_forward(mod, views_by_expert)
+    if spec.forward == "clamped":
+        gate = mod._apply_gate  # gpt-oss's own: interleaved, clamped, (up + 1) * gate * sigmoid(alpha * gate)
+    else:
+        def gate(gate_up: torch.Tensor) -> torch.Tensor:
+            g, up = gate_up.chunk(2, dim=-1)
+            return mod.act_fn(g) * up
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        routing = mod.__dict__[ROUTING] = {}
         for e, (gate_up, down) in enumerate(views_by_expert):
             token_idx, pos = torch.where(top_k_index == e)
+            routing[e] = (token_idx, top_k_weights[token_idx, pos])
             if token_idx.numel() == 0:
                 continue
-            gate, up = gate_up(hidden_states[token_idx]).chunk(2, dim=-1)
-            y = down(mod.act_fn(gate) * up) * top_k_weights[token_idx, pos, None]
+            y = down(gate(gate_up(hidden_states[token_idx]))) * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
+
+    return forward
+
+
+def _prescaled_forward(mod: nn.Module, views_by_expert: list[tuple[nn.Linear, nn.Linear]]):
+    """Llama 4's experts: the input is every token once per expert ``[E * T, H]``, each row already multiplied by the
+    router's score for that expert -- zero for a token the router did not choose (its top-k scores pass a sigmoid,
+    the rest are sigmoid(-inf) = 0). Expert e runs on its non-zero rows only (a zero row gives a zero output: no
+    biases), so its statistics are those of the tokens routed to it; the router weight is inside the input, so the
+    recorded weights are 1."""
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        n = len(views_by_expert)
+        x = hidden_states.view(n, -1, hidden_states.shape[-1])
+        out = torch.zeros_like(x)
+        routing = mod.__dict__[ROUTING] = {}
+        for e, (gate_up, down) in enumerate(views_by_expert):
+            rows = torch.where(x[e].ne(0).any(dim=-1))[0]
+            routing[e] = (rows, torch.ones(rows.numel(), dtype=x.dtype, device=x.device))
+            if rows.numel() == 0:
+                continue
+            g, up = gate_up(x[e, rows]).chunk(2, dim=-1)
+            out[e, rows] = down(up * mod.act_fn(g)).to(out.dtype)
+        return out.view(-1, hidden_states.shape[-1])
 
     return forward
 
@@ -109,7 +166,7 @@ def routed(block: nn.Module, spec: Experts | None) -> Iterator[None]:
     by_expert = [tuple(vs[f"{spec.path}.{n}[{e}]"] for n in names) for e in range(getattr(mod, names[0]).shape[0])]
     saved = mod.__dict__.get("forward")
     mod.add_module("_views", nn.ModuleList(nn.ModuleList(pair) for pair in by_expert))
-    mod.forward = _gated_forward(mod, by_expert)
+    mod.forward = _routed_forward(mod, spec, by_expert)
     mod.__dict__[_ROUTED] = vs
     try:
         yield
@@ -119,6 +176,7 @@ def routed(block: nn.Module, spec: Experts | None) -> Iterator[None]:
         finally:
             del mod._modules["_views"]
             del mod.__dict__[_ROUTED]
+            mod.__dict__.pop(ROUTING, None)
             if saved is None:
                 del mod.forward
             else:

@@ -205,6 +205,8 @@ class Lazy:
             if mod is None:
                 continue
             for param, sources in spec.params:
+                if not sources:  # stored as the 3-D parameter itself (gpt-oss, Llama 4)
+                    continue
                 p = getattr(mod, param)
                 out[f"{row.layers}.{i}.{spec.path}.{param}"] = [
                     [f"{row.layers}.{i}.{spec.disk_path}.{e}.{src}.weight" for src in sources] for e in range(p.shape[0])

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llmprune import precision, validate
+from llmprune import precision, quantized, validate
 from llmprune.arch import arch_for
 from llmprune.errors import UserError, first_line
 
@@ -60,8 +60,8 @@ def resolve_source(source: str, revision: str | None) -> Source:
 
 def load_source(source: str, revision: str | None, dtype: str, trust_remote_code: bool):
     """Load ``(model, tokenizer, base)`` whole into memory from a Hub id, a local HF folder or a ``.gguf`` file
-    (``calibrate`` streams the first two with ``copy_weights`` instead; a GGUF file must be dequantized by
-    transformers, which loads it whole).
+    (``calibrate`` streams the first two with ``copy_weights`` instead; a GGUF file, or a quantized folder, must be
+    dequantized by transformers, which loads it whole).
 
     ``base`` describes the source for the manifest (id or path, revision or file hash, model type).
     """
@@ -83,15 +83,21 @@ def load_source(source: str, revision: str | None, dtype: str, trust_remote_code
         if src.kind == "hub":
             kwargs["revision"] = revision
         torch_dtype = parse_dtype(dtype)
+        qc = quantized.declared(Path(where)) if src.kind == "folder" else None
+        if qc is not None:  # a quantized release: dequantized by transformers as it loads (llmprune.quantized)
+            kwargs["quantization_config"] = quantized.dequantizing(qc, f"model {source}")
+            base["quantization"] = quantized.record(qc)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
+        tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items()
+                                                            if k not in ("use_safetensors", "quantization_config")})
         model = checked_from_pretrained(where, f"model {source}", UserError, dtype=torch_dtype, **kwargs)
     except (UserError, MemoryError):
         raise
     except Exception as e:  # whatever reading the user's files raises: the source is refused, exit 1
         raise UserError(f"cannot load model {source}: {first_line(e)}") from None
-    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
-        # The weights are dequantized; the GGUF quantization config would make save_pretrained refuse or lie.
+    if getattr(model.config, "quantization_config", None) is not None and (
+            "gguf_file" in kwargs or "quantization_config" in kwargs):
+        # The weights are dequantized; a quantization config would make save_pretrained refuse or lie.
         del model.config.quantization_config
         model.config.__dict__.pop("quantization_config", None)
     if hasattr(model, "hf_quantizer"):

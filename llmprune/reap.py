@@ -9,7 +9,8 @@ under both.
 
 The statistics come from one block-by-block walk: each MoE block runs its experts expert by expert through their
 views (``experts.routed``, proved equal to the model's own forward), so a hook on expert e's ``down_proj`` sees
-exactly ``f_e(x)`` for the tokens routed to e, and a hook on the experts module the routing that chose them.
+exactly ``f_e(x)`` for the tokens routed to e, and the routed forward records the routing that chose them. (Llama 4
+multiplies the router's weight into the experts' input: there ``f_e`` already carries it and the weight counted is 1.)
 """
 
 from __future__ import annotations
@@ -52,25 +53,17 @@ def _observe(block: nn.Module, spec: _arch.Experts, n_experts: int) -> tuple[Exp
     mod = _arch.get_module(block, spec.path)
     tokens = torch.zeros(n_experts, dtype=torch.long)
     total = torch.zeros(n_experts, dtype=torch.float64)
-    routing: dict[str, torch.Tensor] = {}
-
-    def see_routing(_mod, args, kwargs):
-        # the experts' forward is (hidden_states, top_k_index, top_k_weights), by position or by name
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        got = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-        routing["index"], routing["weights"] = got["top_k_index"], got["top_k_weights"]
 
     def see_expert(e: int):
         def hook(_lin, _inputs, out):
-            token_idx, pos = torch.where(routing["index"] == e)  # the rows the routed forward gave this expert
+            token_idx, weights = mod.__dict__[experts.ROUTING][e]  # what the routed forward gave this expert
             tokens[e] += token_idx.numel()
-            total[e] += reap_terms(routing["weights"][token_idx, pos].detach(), out.detach()).sum().cpu()
+            total[e] += reap_terms(weights.detach(), out.detach()).sum().cpu()
         return hook
 
     views = experts.views(block, spec)
     down = spec.params[-1][0]  # the parameter whose output is the expert's output (down_proj)
-    handles = [mod.register_forward_pre_hook(see_routing, with_kwargs=True)]
-    handles += [views[f"{spec.path}.{down}[{e}]"].register_forward_hook(see_expert(e)) for e in range(n_experts)]
+    handles = [views[f"{spec.path}.{down}[{e}]"].register_forward_hook(see_expert(e)) for e in range(n_experts)]
     return ExpertStats([tokens], [total]), handles
 
 

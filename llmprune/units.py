@@ -39,6 +39,7 @@ def described(block: nn.Module) -> set[str]:
         names |= {f"{mod}.{attr}" for attr, _ in (get_module(block, mod) or nn.Module()).named_parameters()}
     if a.experts is not None:
         names |= {f"{a.experts.path}.{p}" for p, _ in a.experts.params}
+        names |= {f"{a.experts.path}.{b}" for _, b in a.experts.biases}
     return names
 
 
@@ -54,7 +55,8 @@ def weight_of(model: nn.Module, name: str):
     expert's slice of a 3-D parameter (``model.layers.0.mlp.experts.gate_up_proj[3]``, a view of it)."""
     if name.endswith("]"):
         base, _, e = name[:-1].rpartition("[")
-        return model.get_parameter(base).data[int(e)]
+        w = model.get_parameter(base).data[int(e)]
+        return w.t() if arch_for(model.config.model_type).experts.transposed else w
     return model.get_submodule(name).weight
 
 

@@ -47,7 +47,8 @@ def _one_group(model):
     return model
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss",
+                                  "llama4_text"])
 def test_removing_an_expert_no_token_chose_leaves_the_logits_unchanged(tiny_root, arch):
     model = _renormalising(tiny_root / arch)
     if arch == "deepseek_v3":
@@ -112,14 +113,17 @@ def test_group_limited_routing_refuses_expert_removal(tiny_root):
 def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_root, arch, select):
     wd = calibrated(arch, samples=12, seqlen=32)
     dense = AutoModelForCausalLM.from_pretrained(wd / "model")
-    key = _arch.arch_for(dense.config.model_type).experts.count
+    spec = _arch.arch_for(dense.config.model_type).experts
+    key = spec.count
     code, res = cli("prune", wd, "--method", "dress", "--structure", "experts", "--ratio", 0.5, "--select", select)
     assert code == 0 and res["select"] == select
     small = AutoModelForCausalLM.from_pretrained(wd / "model")  # plain transformers, no llmprune code
-    assert getattr(small.config, key) == 2 and small.config.num_experts_per_tok == 2
-    moe = [b for b in _arch.blocks(dense) if _arch.get_module(b, "mlp.experts") is not None]
+    assert getattr(small.config, key) == 2 and small.config.num_experts_per_tok == dense.config.num_experts_per_tok
+    moe = [b for b in _arch.blocks(dense) if _arch.get_module(b, spec.path) is not None]
     h, i = dense.config.hidden_size, getattr(dense.config, "moe_intermediate_size", None) or dense.config.intermediate_size
     per_expert = 3 * h * i + h  # gate, up and down, and its router row
+    if spec.biases:  # gpt-oss: the biases of gate, up and down, and of its router row
+        per_expert += 2 * i + h + 1
     assert res["parameters_before"] - res["parameters"] == len(moe) * 2 * per_expert
     assert sum(p.numel() for p in small.parameters()) == res["parameters"]
     # The streamed removal wrote exactly what removing the plan in memory gives.
@@ -128,7 +132,7 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
     got = small.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     for block, removed in zip(_arch.blocks(dense), plan.removed):
-        if _arch.get_module(block, "mlp.experts") is None:
+        if _arch.get_module(block, spec.path) is None:
             assert removed == []  # a dense block of an MoE model has none to remove
     if select != "random":
         assert res["plan"]["tokens"] and res["plan"]["scores"]

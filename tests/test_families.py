@@ -21,7 +21,9 @@ STRUCTURES = ("hidden", "heads", "mlp", "layers", "experts")
 OFFERED = {"smollm3": {"hidden", "heads", "mlp", "layers"}, "olmo3": {"mlp", "layers"},
            "glm4_moe": {"heads", "experts"},
            "deepseek_v3": set(),  # latent attention, MoE blocks, and 8 expert groups in the release (2 here)
-           "qwen3_5_text": {"mlp", "layers"}, "qwen3_5_moe_text": {"experts"}}
+           "qwen3_5_text": {"mlp", "layers"}, "qwen3_5_moe_text": {"experts"},
+           "gpt_oss": {"experts"},  # attention sinks per head: heads refused
+           "llama4_text": {"heads", "experts"}}
 
 
 def _allowed(arch: str, structure: str, model) -> str | None:

@@ -27,10 +27,14 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
-@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+# Llama 4's experts have one implementation (transformers refuses to set another): its own, None.
+IMPLS = [(a, i) for a in tiny.MOE_TYPES for i in (["grouped_mm", "eager"] if a != "llama4_text" else [None])]
+
+
+@pytest.mark.parametrize("arch,impl", IMPLS)
 def test_routed_experts_compute_what_the_model_computes(tiny_root, arch, impl):
-    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch, experts_implementation=impl).eval()
+    kw = {"experts_implementation": impl} if impl else {}
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch, **kw).eval()
     ids = torch.randint(0, tiny.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = _logits(model, ids)
     blocks = [b for b in _arch.blocks(model) if experts.views(b, _arch.arch_for(arch).experts)]
@@ -63,27 +67,43 @@ def test_views_are_the_parameters_and_routed_statistics_are_the_routed_tokens(ti
 
     stats = engine.collect(block, acts, "cpu", RowNorms)
     seen = []
-    handle = block.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    moe = block.get_submodule(spec.path.rpartition(".")[0])  # the MoE module: router, experts (, shared expert)
+    handle = moe.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     with torch.no_grad():
         engine.block_output(block, acts.hidden[0], acts.kwargs[0])
     handle.remove()
     h = seen[0].reshape(-1, model.config.hidden_size)  # the MoE block's input: what the router sees
-    with torch.no_grad():
-        _, _, top = block.mlp.gate(h)
+    top, weights = _route(block, spec, h)
     for e in range(mod.gate_up_proj.shape[0]):
         routed = (top == e).any(-1)
         name = f"{spec.path}.gate_up_proj[{e}]"
+        x = h[routed]
+        if spec.forward == "prescaled":  # Llama 4 multiplies the router's weight into the expert's input
+            x = x * weights[routed][top[routed] == e][:, None]
         if routed.any():
-            torch.testing.assert_close(stats[name].norms("sum"), h[routed].norm(dim=0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(stats[name].norms("sum"), x.norm(dim=0), rtol=1e-4, atol=1e-5)
         else:
             assert name not in stats
 
 
+@torch.no_grad()
+def _route(block, spec, h):
+    """The top-k experts of each token and their router weights, from the block's own router: ``(logits, weights,
+    index)`` from most families' routers, ``(scores over all experts, logits)`` from Llama 4's."""
+    out = block.get_submodule(spec.router)(h)
+    if spec.forward == "prescaled":
+        scores, logits = out
+        top = logits.topk(block.get_submodule(spec.router).top_k, dim=-1).indices
+        return top, scores.gather(1, top)
+    return out[2], out[1]
+
+
 def _never_route(model, expert: int) -> None:
     """Make every router of ``model`` skip ``expert`` (its logit -inf), so it receives no calibration token."""
+    spec = _arch.arch_for(model.config.model_type).experts
     for block in _arch.blocks(model):
-        gate = getattr(block.mlp, "gate", None)
-        if gate is None:  # a dense MLP layer (Qwen3-MoE's mlp_only_layers)
+        gate = _arch.get_module(block, spec.router)
+        if gate is None or not experts.has_experts(block):  # a dense MLP layer (Qwen3-MoE's mlp_only_layers)
             continue
         weight = gate.weight
 
@@ -91,6 +111,9 @@ def _never_route(model, expert: int) -> None:
             hidden_states = hidden_states.reshape(-1, _w.shape[1])
             logits = nn.functional.linear(hidden_states, _w)
             logits[:, expert] = -torch.inf
+            if spec.forward == "prescaled":  # Llama 4's router: the top-k logits' sigmoids, 0 elsewhere; the logits
+                top, idx = torch.topk(logits, _gate.top_k, dim=-1)
+                return torch.zeros_like(logits).scatter_(1, idx, torch.sigmoid(top)), logits
             probs = torch.softmax(logits.float(), dim=-1)
             top, idx = torch.topk(probs, _gate.top_k, dim=-1)
             top = top / top.sum(-1, keepdim=True)
@@ -142,8 +165,9 @@ def test_routers_and_shared_expert_gates_are_never_pruned(calibrated, arch):
     code, ev = cli("eval", wd, "--dataset", wd.parent / "corpus.txt" if (wd.parent / "corpus.txt").exists()
                    else _corpus(wd), "--seqlen", 32, "--max-windows", 2)
     assert code == 0
-    assert ev["sparsity"]["mlp.experts.gate_up_proj"] == pytest.approx(0.5)
-    assert ev["sparsity"]["mlp.experts.down_proj"] == pytest.approx(0.5)
+    path = _arch.arch_for(arch).experts.path
+    assert ev["sparsity"][f"{path}.gate_up_proj"] == pytest.approx(0.5)
+    assert ev["sparsity"][f"{path}.down_proj"] == pytest.approx(0.5)
 
 
 def _corpus(wd):

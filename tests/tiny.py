@@ -112,6 +112,23 @@ def config(model_type: str):
     if model_type == "qwen3_5_moe_text":
         return tf.Qwen3_5MoeTextConfig(**common, **hybrid, num_experts=4, num_experts_per_tok=2,
                                        moe_intermediate_size=32, shared_expert_intermediate_size=96)
+    # gpt-oss: experts stored [E, in, out] with biases, gate and up interleaved, a clamp low enough to bite on
+    # these activations (the release: 7.0), a router with a bias, per-head attention sinks, q/k/v/o biases, both
+    # layer types with a window shorter than the tests' sequences.
+    if model_type == "gpt_oss":
+        return tf.GptOssConfig(**{**common, "max_position_embeddings": 4096 * 32}, **moe,  # the length of its YaRN
+                               num_local_experts=4, intermediate_size=32, head_dim=16,
+                               sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                               swiglu_limit=0.5, pad_token_id=None, bos_token_id=0, eos_token_id=0)
+    # Llama 4: a dense block then an MoE one (interleaved as in Maverick) with a shared expert beside the experts,
+    # each token's router score multiplied into the experts' input, one expert per token (the release); chunked
+    # attention with a chunk shorter than the tests' sequences on the rotary block, temperature tuning on the
+    # block without rotary embeddings.
+    if model_type == "llama4_text":
+        return tf.Llama4TextConfig(**common, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                   num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=128,
+                                   interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=8,
+                                   floor_scale=4, pad_token_id=None, bos_token_id=0, eos_token_id=0)
     if model_type == "opt":
         return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
@@ -124,12 +141,14 @@ def fast_options(method: str) -> dict:
     return {"ro_iters": 1, "alpha": 100.0} if method == "wandapp" else {}
 
 
-MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3", "qwen3_5_moe_text")
+MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3", "qwen3_5_moe_text", "gpt_oss",
+             "llama4_text")
 # those whose experts can be removed (DeepSeek-V3's group-limited routing refuses it: tests/test_expert_removal.py)
 EXPERT_REMOVAL_TYPES = tuple(t for t in MOE_TYPES if t != "deepseek_v3")
 # The families released in 2025-2026 that the table added (issue #47): each runs the whole pipeline in
 # tests/test_families.py.
-FAMILIES_2026 = ("smollm3", "olmo3", "glm4_moe", "deepseek_v3", "qwen3_5_text", "qwen3_5_moe_text")
+FAMILIES_2026 = ("smollm3", "olmo3", "glm4_moe", "deepseek_v3", "qwen3_5_text", "qwen3_5_moe_text", "gpt_oss",
+                 "llama4_text")
 ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
               "olmo3", "qwen3_5_text", *MOE_TYPES)
 

@@ -91,7 +91,7 @@ def _calibrate(ws: Workdir, o: CalibrateOptions, text: str) -> dict[str, Any]:
     with ws.step("calibrate", o.params(), create={}) as tx:
         out = tx.stage("model")
         # A safetensors source (a folder, a Hub snapshot) is copied tensor by tensor, never held whole; a GGUF
-        # file is dequantized by transformers, which loads it whole.
+        # file, or a quantized release, is dequantized by transformers, which loads it whole.
         lm, tok, base, write = (_load_gguf if src.kind == "gguf" else _open_safetensors)(src, o, out)
         validate.check_vocabulary(len(tok), lm.get_input_embeddings().weight.shape[0], f"model {o.model}", UserError)
         if o.seqlen is None:  # the default fits the model: a 1024-token model gets 1024-token windows
@@ -154,16 +154,38 @@ def _load_gguf(src, o: CalibrateOptions, out):
     from pathlib import Path
 
     from llmprune import provenance
-    from llmprune.errors import UserError
-    from llmprune.modeling import load_source, non_finite, save_model
+    from llmprune.modeling import load_source, save_model
 
     lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
     base.update(provenance.of_gguf(Path(src.where)))
+    _refuse_non_finite(lm, o.model)
+    return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
+
+
+def _check_config(folder, o: CalibrateOptions) -> None:
+    """A family llmprune describes, with a config that describes itself sanely (what ``Lazy`` checks on a streamed
+    source, for one loaded whole)."""
+    from transformers import AutoConfig
+
+    from llmprune import validate
+    from llmprune.arch import arch_for
+    from llmprune.errors import first_line
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=o.trust_remote_code)
+    except Exception as e:  # whatever a damaged config.json raises: one line
+        raise UserError(f"cannot read the config of model {o.model}: {first_line(e)}") from None
+    arch_for(config.model_type)
+    validate.check_config(config, f"model {o.model}", UserError)
+
+
+def _refuse_non_finite(lm, what: str) -> None:
+    from llmprune.modeling import non_finite
+
     bad, first = non_finite(lm)
     if bad:
-        raise UserError(f"model {o.model} holds {bad:,} NaN or infinite weights (the first in {first}); "
+        raise UserError(f"model {what} holds {bad:,} NaN or infinite weights (the first in {first}); "
                         "a model must be finite to be pruned")
-    return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
 
 
 def _open_safetensors(src, o: CalibrateOptions, out):
@@ -171,10 +193,9 @@ def _open_safetensors(src, o: CalibrateOptions, out):
 
     from transformers import AutoTokenizer
 
-    from llmprune import provenance
-    from llmprune.errors import UserError
+    from llmprune import provenance, quantized
     from llmprune.lazy import Lazy
-    from llmprune.modeling import copy_weights, hub_snapshot, quiet_transformers
+    from llmprune.modeling import copy_weights, hub_snapshot, load_source, quiet_transformers, save_model
 
     quiet_transformers()
     folder = Path(src.where) if src.kind == "folder" else hub_snapshot(src.where, o.revision)
@@ -182,6 +203,12 @@ def _open_safetensors(src, o: CalibrateOptions, out):
     if src.kind == "hub":
         base["commit"] = folder.name  # the snapshot folder is named by the commit it holds
     base.update(provenance.of_folder(folder, src.where if src.kind == "hub" else None))
+    if quantized.declared(folder) is not None:  # packed weights: transformers dequantizes them, loading the model whole
+        _check_config(folder, o)  # before minutes of loading and dequantizing
+        lm, tok, loaded = load_source(str(folder), None, o.dtype, o.trust_remote_code)
+        base.update(model_type=loaded["model_type"], quantization=loaded["quantization"])
+        _refuse_non_finite(lm, o.model)
+        return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
     lazy = Lazy(folder, error=UserError)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=o.trust_remote_code)

@@ -66,12 +66,12 @@ class Experts(Structure):
         return [r if m else [] for r, m in zip(removed, moe_blocks(model))]
 
     def couple(self, c: Coupling, removed: list[Any]) -> None:
-        """An expert: row e of both 3-D parameters and of the router go together."""
+        """An expert: row e of both 3-D parameters (and of their biases), and of the router, go together."""
         spec, u = c.a.experts, 0
         for i, experts in enumerate(removed):
             unit = list(range(u, u + len(experts)))
             u += len(experts)
-            for param, _ in spec.params:
+            for param in [p for p, _ in spec.params] + [b for _, b in spec.biases]:
                 c.add(f"{c.blk(i, spec.path)}.{param}", 0, list(experts), unit)
             c.add_module(c.blk(i, spec.router), 0, list(experts), unit, bias=True)
             for vector in spec.router_vectors:  # buffers, cut with the rows (``Coupling.add`` takes them)
