@@ -80,14 +80,17 @@ class Experts:
     # - "prescaled" (Llama 4): every expert runs on every token whose input rows the router score has already
     #   multiplied (zero rows for the tokens not routed to it), out_e = down_e(up_e x * act(gate_e x)).
     forward: str = "gated"
-    router: str = "mlp.gate"  # the module holding the router's [E, H] weight (one row, one logit per expert)
+    router: str = "mlp.gate"  # the module that routes: called on the tokens, it chooses each one's top-k experts
     count: str = "num_experts"  # config key of the number of routed experts (Mixtral: num_local_experts)
+    top_k: str = "num_experts_per_tok"  # config key of the experts each token is routed to (Gemma 4: top_k_experts)
     # Whether the router renormalises the weights over the chosen top-k (then removing an expert that a token does
     # not choose leaves that token's output exactly unchanged): a config key, or "" for always (Mixtral).
     renormalises: str = "norm_topk_prob"
-    # Per-expert tensors of the router besides its weight rows (and bias), cut with them when experts go: DeepSeek-V3's
-    # and GLM-4.5's ``e_score_correction_bias``, a buffer added to the scores when the top-k is chosen.
-    router_vectors: tuple[str, ...] = ()
+    # The router's tensors (names inside it) that hold one row or entry per expert, cut with the expert: its [E, H]
+    # weight (one logit per expert) and bias where it has one; DeepSeek-V3's and GLM-4.5's
+    # ``e_score_correction_bias``, a buffer added to the scores when the top-k is chosen; Gemma 4's projection and
+    # ``per_expert_scale``.
+    router_cuts: tuple[str, ...] = ("weight", "bias")
     # Config key of a group count for group-limited routing (DeepSeek-V3: the top-k is chosen only among the
     # ``topk_group`` groups of experts with the best scores), or "". With more than one group, removing an expert
     # changes its group's score and so other tokens' choices: expert removal is refused for such a config.
@@ -140,6 +143,12 @@ class Arch:
     gguf: Gguf = Gguf("", cannot="no GGUF mapping for this family")
     # Config lists with one entry per decoder block: block removal keeps the survivors' entries.
     per_layer: tuple[str, ...] = ("layer_types",)
+    # Embeddings besides the input embedding that the token ids index before the first block (Gemma 4's per-layer
+    # embeddings): a streamed model reads only the rows the windows use, of each.
+    token_embeddings: tuple[str, ...] = ()
+    # (config key, why): a config that sets the key (to anything but 0, false or empty) is refused for every
+    # operation, at ``calibrate`` -- a variant of the family the table does not describe.
+    refuse: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA_LIKE = Arch(
@@ -177,7 +186,8 @@ _QWEN_MOE = Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE
 # DeepSeek-V3 and GLM-4.5: sigmoid router scores, a score-correction bias used only to choose the top-k, the chosen
 # scores renormalised (``norm_topk_prob``) and scaled; shared experts (ordinary Linears, pruned like a dense MLP)
 # beside the routed ones; the first ``first_k_dense_replace`` blocks dense.
-_SIGMOID_EXPERTS = Experts(count="n_routed_experts", router_vectors=("e_score_correction_bias",), groups="n_group")
+_SIGMOID_EXPERTS = Experts(count="n_routed_experts", router_cuts=("weight", "e_score_correction_bias"),
+                           groups="n_group")
 _SIGMOID_NEVER = ("mlp.gate",)
 # Multi-head latent attention (DeepSeek-V2/V3): q and kv pass through low-rank latents (q_a_proj -> q_a_layernorm ->
 # q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj) whose norms run over the latent width, and each head's
@@ -221,6 +231,23 @@ _LLAMA4_EXPERTS = Experts(params=(("gate_up_proj", ()), ("down_proj", ())), path
                           count="num_local_experts", renormalises="")
 _LLAMA4_PARTS = Parts(mlp_in=("feed_forward.gate_proj", "feed_forward.up_proj"), mlp_out="feed_forward.down_proj",
                       mlp_width="intermediate_size_mlp", cannot=_MOE_CANNOT)
+
+# Gemma 4: Gemma 3's blocks (norms before and after attention and MLP, sliding and full-attention layers) whose
+# full-attention layers have a head width and KV head count of their own (``per_layer_config``; their keys double as
+# values where ``attention_k_eq_v``), q/k/v norms, per-layer inputs (PLE: a second embedding of every token, one
+# slice per block, gated into the residual stream after the MLP) and a learned per-block output scale. The MoE
+# release runs a mixture of experts beside the dense MLP of every block: a router of its own (norm, scale,
+# projection, softmax over all experts, the top-k renormalised, a per-expert scale) and experts [E, out, in].
+_GEMMA4_EXPERTS = Experts(params=(("gate_up_proj", ()), ("down_proj", ())), path="experts", router="router",
+                          router_cuts=("proj.weight", "per_expert_scale"), top_k="top_k_experts", renormalises="")
+_GEMMA4_CANNOT = (
+    ("heads", "its sliding and full-attention blocks have different head widths and KV head counts (and full-attention "
+              "keys can serve as values); not supported"),
+    ("hidden", "its per-layer input embeddings and projections couple the hidden size; not supported"),
+    ("layers", "its per-layer input embedding holds a slice for every block, and per_layer_config is keyed by block "
+               "index; not supported"))
+_GEMMA4_KV_SHARING = ("num_kv_shared_layers", "gemma4_text blocks that reuse the keys and values of earlier blocks "
+                                              "(Gemma 4 E2B / E4B) are not supported yet")
 
 ARCHS: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,  # Llama-2/3, SmolLM
@@ -303,6 +330,12 @@ ARCHS: dict[str, Arch] = {
                         experts=_LLAMA4_EXPERTS, never_prune=("feed_forward.router",),
                         per_layer=("layer_types", "no_rope_layers"),
                         gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's LLAMA4 graph yet")),
+    "gemma4_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
+                        parts=Parts(embed_scaled=True, norms=(*_GEMMA2_PARTS.norms, "post_per_layer_input_norm"),
+                                    cannot=_GEMMA4_CANNOT),
+                        logit_softcap="final_logit_softcapping", experts=_GEMMA4_EXPERTS, never_prune=("router",),
+                        token_embeddings=("model.embed_tokens_per_layer",), refuse=(_GEMMA4_KV_SHARING,),
+                        gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's GEMMA4 graph yet")),
     "opt": Arch(
         layers="model.decoder.layers",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
@@ -323,6 +356,31 @@ def arch_for(model_type: str) -> Arch:
         raise UserError(
             f"model type '{model_type}' is not supported; supported: {', '.join(sorted(ARCHS))}"
         ) from None
+
+
+def config_values(config, key: str) -> list:
+    """Every value ``config`` gives ``key``: one, or one per block where the config is heterogeneous (Gemma 4's
+    ``head_dim`` and ``num_key_value_heads`` differ between its sliding and full-attention blocks, and transformers
+    refuses a global read of them)."""
+    spec = config.__dict__.get("_heterogeneity_spec")
+    if spec is not None and key in spec.per_layer_attributes:
+        return [getattr(layer, key, None) for layer in config.per_layer_config]
+    return [getattr(config, key, None)]
+
+
+def config_value(config, key: str, default=None):
+    """``config.key``; for a per-block key of a heterogeneous config, the global value it keeps beside the
+    per-block ones (what a homogeneous reading would see: only code that the table lets run on such a family, which
+    never relies on it being every block's, reads it)."""
+    spec = config.__dict__.get("_heterogeneity_spec")
+    if spec is None or key not in spec.per_layer_attributes:
+        return getattr(config, key, default)
+    before = config.allow_global_per_layer_attribute_access
+    config.allow_global_per_layer_attribute_access = True  # transformers' documented opt-in
+    try:
+        return getattr(config, key, default)
+    finally:
+        config.allow_global_per_layer_attribute_access = before
 
 
 def logit_softcap(config) -> float | None:

@@ -20,6 +20,8 @@ that reads each module from the shards when it is loaded): the walk itself does 
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections import UserDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -167,7 +169,23 @@ def _before_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside and id(m) not in after]
 
 
+@dataclass(frozen=True)
+class _Scratch:
+    """A mutable container that the model hands every block of one forward pass to share state through (Gemma 4's
+    ``shared_kv_states``, which a block fills with its keys and values for later blocks to reuse). Recorded as its
+    type and replayed as a fresh empty one on every call: exact while no block reads what another wrote, which the
+    table guarantees by refusing the configs that share (``arch.Arch.refuse``); and no block's state is kept alive
+    in the captured arguments, nor merged across chunks."""
+
+    kind: type
+
+    @staticmethod
+    def of(value: Any) -> Any:
+        return _Scratch(type(value)) if isinstance(value, UserDict) else value
+
+
 def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    kwargs = {k: v.kind() if isinstance(v, _Scratch) else v for k, v in kwargs.items()}
     out = block(hidden, **kwargs)
     # Decoder layers return a tensor in recent transformers releases and a tuple in older ones.
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -198,12 +216,17 @@ def capture(
     # the model's own loop hands every block what it would hand it, at the cost of none of them); the last one stops
     # the pass. ``forward`` is an instance attribute for the duration: the block keeps every other attribute the
     # model's loop may read (``attention_type``...), and an instance ``forward`` already there is put back after.
+    # Arguments after the hidden states that the model's loop passes by position (Gemma 4's per-layer input) are
+    # recorded by their names in the block's signature, and replayed as keywords.
+    positional = [list(inspect.signature(type(layer).forward).parameters)[2:] for layer in layers]
+
     def stand_in(i: int):
         def forward(*args, **kw):
             h = args[0] if args else kw.pop("hidden_states")
             if i == 0:
                 hidden.append(h.to(device=store, dtype=act_dtype or h.dtype))
-            by_block[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            named = dict(zip(positional[i], args[1:]))
+            by_block[i].append({k: _Scratch.of(v) for k, v in {**named, **kw}.items() if k != "hidden_states"})
             if i == len(layers) - 1:
                 raise _Captured
             return h

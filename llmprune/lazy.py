@@ -285,14 +285,17 @@ class Lazy:
         them. A few thousand distinct tokens of a 128k-262k vocabulary: the capture needs megabytes of the
         embedding, not its gigabyte(s). The embedding goes back to ``meta`` (full shape) with the other modules
         before the first block."""
+        from llmprune.arch import arch_for
+
         emb = model.get_input_embeddings()
-        name = f"{self._names[id(emb)]}.weight"
-        vocab = self._shapes[name][0]
+        names = [f"{self._names[id(emb)]}.weight"]
+        names += [f"{n}.weight" for n in arch_for(model.config.model_type).token_embeddings]
         used, renumbered = torch.unique(windows, return_inverse=True)
-        if used.numel() and not 0 <= int(used[0]) <= int(used[-1]) < vocab:
-            raise IndexError(f"token ids {int(used[0])}..{int(used[-1])} outside the vocabulary ({vocab})")
-        rows = self.shards.pick_rows(self.key[name], used)
-        self._set(name, nn.Parameter(rows.to(device), requires_grad=False))
+        for name in names:  # each embedding the token ids index (Gemma 4's per-layer one too): the same rows
+            vocab = self._shapes[name][0]
+            if used.numel() and not 0 <= int(used[0]) <= int(used[-1]) < vocab:
+                raise IndexError(f"token ids {int(used[0])}..{int(used[-1])} outside the vocabulary ({vocab})")
+            self._set(name, nn.Parameter(self.shards.pick_rows(self.key[name], used).to(device), requires_grad=False))
         return renumbered.reshape(windows.shape)
 
     def head_rows(self, model: nn.Module, start: int, stop: int, device: str):

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
+from llmprune.arch import ARCHS, config_values
 from llmprune.errors import StepFailed
 from llmprune.precision import PRUNABLE
 
@@ -23,7 +24,7 @@ from llmprune.precision import PRUNABLE
 SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                "head_dim", "vocab_size", "ffn_dim")
 # Sizes where 0 means "none" (no experts, no sliding window): whole numbers, 0 allowed.
-COUNT_FIELDS = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+COUNT_FIELDS = ("num_experts", "num_local_experts", "num_experts_per_tok", "top_k_experts", "moe_intermediate_size",
                 "shared_expert_intermediate_size", "sliding_window")
 MAX_SIZE = 1 << 24
 MAX_LAYERS = 4096
@@ -32,17 +33,22 @@ _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def check_config(config: Any, what: str, error: type[Exception]) -> None:
-    """Sizes positive integers within bounds, RoPE parameters that transformers' own validation accepts."""
+    """Sizes positive integers within bounds, RoPE parameters that transformers' own validation accepts, and none
+    of the variants its family's table row refuses (``arch.Arch.refuse``)."""
+    row = ARCHS.get(getattr(config, "model_type", ""))
+    for key, why in row.refuse if row is not None else ():
+        if getattr(config, key, None):
+            raise error(f"{what} sets {key} = {getattr(config, key)!r}: {why}")
     for name in (*SIZE_FIELDS, *COUNT_FIELDS, "max_position_embeddings"):
-        v = getattr(config, name, None)
-        if v is None:
-            continue
-        bound = MAX_POSITIONS if name in ("max_position_embeddings", "sliding_window") else \
-            MAX_LAYERS if name == "num_hidden_layers" else MAX_SIZE
-        low = 0 if name in COUNT_FIELDS else 1
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= bound:
-            raise error(f"the config of {what} gives {name} = {v!r}; it must be a whole number in "
-                        f"[{low}, {bound:,}]")
+        for v in config_values(config, name):  # per block where the config is heterogeneous (Gemma 4)
+            if v is None:
+                continue
+            bound = MAX_POSITIONS if name in ("max_position_embeddings", "sliding_window") else \
+                MAX_LAYERS if name == "num_hidden_layers" else MAX_SIZE
+            low = 0 if name in COUNT_FIELDS else 1
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= bound:
+                raise error(f"the config of {what} gives {name} = {v!r}; it must be a whole number in "
+                            f"[{low}, {bound:,}]")
     _check_rope(config, what, error)
 
 

@@ -118,12 +118,14 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
     code, res = cli("prune", wd, "--method", "dress", "--structure", "experts", "--ratio", 0.5, "--select", select)
     assert code == 0 and res["select"] == select
     small = AutoModelForCausalLM.from_pretrained(wd / "model")  # plain transformers, no llmprune code
-    assert getattr(small.config, key) == 2 and small.config.num_experts_per_tok == dense.config.num_experts_per_tok
+    assert getattr(small.config, key) == 2 and getattr(small.config, spec.top_k) == getattr(dense.config, spec.top_k)
     moe = [b for b in _arch.blocks(dense) if _arch.get_module(b, spec.path) is not None]
     h, i = dense.config.hidden_size, getattr(dense.config, "moe_intermediate_size", None) or dense.config.intermediate_size
     per_expert = 3 * h * i + h  # gate, up and down, and its router row
     if spec.biases:  # gpt-oss: the biases of gate, up and down, and of its router row
         per_expert += 2 * i + h + 1
+    if "per_expert_scale" in spec.router_cuts:  # Gemma 4: the router's scale of the expert's weight
+        per_expert += 1
     assert res["parameters_before"] - res["parameters"] == len(moe) * 2 * per_expert
     assert sum(p.numel() for p in small.parameters()) == res["parameters"]
     # The streamed removal wrote exactly what removing the plan in memory gives.

@@ -23,7 +23,8 @@ OFFERED = {"smollm3": {"hidden", "heads", "mlp", "layers"}, "olmo3": {"mlp", "la
            "deepseek_v3": set(),  # latent attention, MoE blocks, and 8 expert groups in the release (2 here)
            "qwen3_5_text": {"mlp", "layers"}, "qwen3_5_moe_text": {"experts"},
            "gpt_oss": {"experts"},  # attention sinks per head: heads refused
-           "llama4_text": {"heads", "experts"}}
+           "llama4_text": {"heads", "experts"},
+           "gemma4_text": {"mlp", "experts"}}  # the dense MLP beside the experts; two head geometries, PLE
 
 
 def _allowed(arch: str, structure: str, model) -> str | None:
@@ -97,3 +98,23 @@ def test_a_hybrid_model_keeps_a_full_attention_block(tiny_root):
     assert keep[0] == {1}
     with pytest.raises(UserError, match="keep at least one full-attention block"):
         take([1, 0], 2, keep)  # both blocks
+
+
+def test_gemma4_blocks_sharing_keys_and_values_are_refused_at_calibrate(tiny_root, tmp_path, capsys):
+    """Gemma 4 E2B / E4B: the last blocks reuse the keys and values of earlier ones, which a block-by-block walk
+    cannot replay: refused in one line, before anything is written."""
+    from transformers import Gemma4TextConfig
+
+    cfg = tiny.config("gemma4_text").to_dict()
+    cfg.update(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"],
+               num_kv_shared_layers=1)
+    cfg.pop("per_layer_config", None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma4TextConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    model.save_pretrained(tmp_path / "e2b-like")
+    tiny.tokenizer().save_pretrained(tmp_path / "e2b-like")
+    code, _ = cli("calibrate", tmp_path / "wd", "--model", tmp_path / "e2b-like", "--dataset", tiny_root / "corpus.txt",
+                  "--samples", 4, "--seqlen", 16)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code != 0 and "num_kv_shared_layers = 1" in err and "reuse the keys and values" in err
+    assert "Traceback" not in err and not (tmp_path / "wd").exists()

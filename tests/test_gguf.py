@@ -22,7 +22,8 @@ REFUSED = {"opt": "llama.cpp has no OPT architecture",
            "qwen3_moe": "dense MLP layers between the expert layers",
            "smollm3": "every 4th layer",
            "glm4_moe": "no mapping", "deepseek_v3": "no mapping", "qwen3_5_text": "linear-attention blocks",
-           "qwen3_5_moe_text": "linear-attention blocks", "gpt_oss": "no mapping", "llama4_text": "no mapping"}  # the tiny SmolLM3 leaves rotary embeddings out of its second block
+           "qwen3_5_moe_text": "linear-attention blocks", "gpt_oss": "no mapping", "llama4_text": "no mapping",
+           "gemma4_text": "no mapping"}  # the tiny SmolLM3 leaves rotary embeddings out of its second block
 SAMPLE = "The model of a language predicts 12345 tokens, isn't it?  Weights\n\nare pruned when small."
 
 

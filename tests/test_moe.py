@@ -66,20 +66,24 @@ def test_views_are_the_parameters_and_routed_statistics_are_the_routed_tokens(ti
     from llmprune.stats import RowNorms
 
     stats = engine.collect(block, acts, "cpu", RowNorms)
-    seen = []
-    moe = block.get_submodule(spec.path.rpartition(".")[0])  # the MoE module: router, experts (, shared expert)
-    handle = moe.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    seen = {}
+    # what the router sees, and what the experts do (Gemma 4: another norm of the same residual stream)
+    handles = [block.get_submodule(spec.router).register_forward_pre_hook(
+        lambda m, a: seen.__setitem__("router", a[0].detach())),
+        mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("experts", a[0].detach()))]
     with torch.no_grad():
         engine.block_output(block, acts.hidden[0], acts.kwargs[0])
-    handle.remove()
-    h = seen[0].reshape(-1, model.config.hidden_size)  # the MoE block's input: what the router sees
+    for handle in handles:
+        handle.remove()
+    h = seen["router"].reshape(-1, model.config.hidden_size)
     top, weights = _route(block, spec, h)
     for e in range(mod.gate_up_proj.shape[0]):
         routed = (top == e).any(-1)
         name = f"{spec.path}.gate_up_proj[{e}]"
-        x = h[routed]
         if spec.forward == "prescaled":  # Llama 4 multiplies the router's weight into the expert's input
-            x = x * weights[routed][top[routed] == e][:, None]
+            x = h[routed] * weights[routed][top[routed] == e][:, None]
+        else:
+            x = seen["experts"].reshape(-1, model.config.hidden_size)[routed]
         if routed.any():
             torch.testing.assert_close(stats[name].norms("sum"), x.norm(dim=0), rtol=1e-4, atol=1e-5)
         else:
@@ -104,6 +108,9 @@ def _never_route(model, expert: int) -> None:
     for block in _arch.blocks(model):
         gate = _arch.get_module(block, spec.router)
         if gate is None or not experts.has_experts(block):  # a dense MLP layer (Qwen3-MoE's mlp_only_layers)
+            continue
+        if isinstance(getattr(gate, "proj", None), nn.Linear):  # Gemma 4: the router's logits are its Linear's
+            gate.proj.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([expert]), -torch.inf))
             continue
         weight = gate.weight
 

@@ -107,7 +107,9 @@ def test_refusals_in_the_table(tiny_root, arch, structure, why):
         surgery.remove(model, S.Plan(structure, PLANS[structure]))
 
 
-@pytest.mark.parametrize("arch", tiny.MOE_TYPES)
+# Gemma 4 runs its experts beside a dense MLP, whose channels are removed as in any model (the zeroed-units test
+# above); its other refusals have reasons of their own (tests/test_families.py).
+@pytest.mark.parametrize("arch", [a for a in tiny.MOE_TYPES if a != "gemma4_text"])
 def test_moe_refuses_structured_removal(tiny_root, arch):
     from llmprune.errors import UserError
 

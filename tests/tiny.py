@@ -129,6 +129,15 @@ def config(model_type: str):
                                    num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=128,
                                    interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=8,
                                    floor_scale=4, pad_token_id=None, bos_token_id=0, eos_token_id=0)
+    # Gemma 4: a sliding block, then a full-attention one with its own head width and KV head count whose keys serve
+    # as values; per-layer inputs; the MoE release's experts beside the dense MLP of each block; a logit cap.
+    if model_type == "gemma4_text":
+        return tf.Gemma4TextConfig(**common, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                   global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"], enable_moe_block=True,
+                                   num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                                   final_logit_softcapping=3.0, pad_token_id=None, bos_token_id=0, eos_token_id=0)
     if model_type == "opt":
         return tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64)
@@ -142,13 +151,13 @@ def fast_options(method: str) -> dict:
 
 
 MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3", "qwen3_5_moe_text", "gpt_oss",
-             "llama4_text")
+             "llama4_text", "gemma4_text")
 # those whose experts can be removed (DeepSeek-V3's group-limited routing refuses it: tests/test_expert_removal.py)
 EXPERT_REMOVAL_TYPES = tuple(t for t in MOE_TYPES if t != "deepseek_v3")
 # The families released in 2025-2026 that the table added (issue #47): each runs the whole pipeline in
 # tests/test_families.py.
 FAMILIES_2026 = ("smollm3", "olmo3", "glm4_moe", "deepseek_v3", "qwen3_5_text", "qwen3_5_moe_text", "gpt_oss",
-                 "llama4_text")
+                 "llama4_text", "gemma4_text")
 ARCH_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
               "olmo3", "qwen3_5_text", *MOE_TYPES)
 

@@ -46,8 +46,9 @@ def geometry(model: nn.Module) -> Geometry:
     c = model.config
     parts = _arch.arch_for(c.model_type).parts
     heads = c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    # the global values of a heterogeneous config (Gemma 4), whose heads the table refuses to remove
+    kv = _arch.config_value(c, "num_key_value_heads") or heads
+    head_dim = _arch.config_value(c, "head_dim") or c.hidden_size // heads
     spec = _arch.arch_for(c.model_type).experts
     experts = int(getattr(c, spec.count, 0) or 0) if spec is not None else 0
     # An all-MoE config has no dense MLP width (Qwen3.5-MoE): 0, and its mlp structure is refused

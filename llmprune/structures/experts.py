@@ -50,7 +50,8 @@ class Experts(Structure):
 
     def removable(self, config: Any, total: int, n: int) -> bool:
         """Every token keeps the top-k experts it is routed to."""
-        return total - n >= getattr(config, "num_experts_per_tok", 1)
+        spec = _arch.arch_for(config.model_type).experts
+        return total - n >= (getattr(config, spec.top_k, 1) if spec is not None else 1)
 
     def missing(self, a: _arch.Arch, config: Any) -> str | None:
         if a.experts is None:
@@ -73,15 +74,15 @@ class Experts(Structure):
             u += len(experts)
             for param in [p for p, _ in spec.params] + [b for _, b in spec.biases]:
                 c.add(f"{c.blk(i, spec.path)}.{param}", 0, list(experts), unit)
-            c.add_module(c.blk(i, spec.router), 0, list(experts), unit, bias=True)
-            for vector in spec.router_vectors:  # buffers, cut with the rows (``Coupling.add`` takes them)
-                c.add(f"{c.blk(i, spec.router)}.{vector}", 0, list(experts), unit)
+            for cut in spec.router_cuts:  # parameters or buffers (``Coupling.add`` takes both; absent ones none)
+                c.add(f"{c.blk(i, spec.router)}.{cut}", 0, list(experts), unit)
 
     def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
-        """The routed-expert count (``arch.Experts.count``) shrinks; ``num_experts_per_tok`` stays."""
+        """The routed-expert count (``arch.Experts.count``) shrinks; the experts per token (``top_k``) stay."""
         r = same_count([len(x) for x, moe in zip(removed, moe_blocks(model)) if moe], "experts", "MoE block")
         if not self.removable(cfg, g.experts, r):
-            raise UserError(f"removing {r} of {g.experts} experts leaves fewer than the {cfg.num_experts_per_tok} "
+            raise UserError(f"removing {r} of {g.experts} experts leaves fewer than the "
+                            f"{getattr(cfg, _arch.arch_for(cfg.model_type).experts.top_k)} "
                             "each token is routed to")
         setattr(cfg, _arch.arch_for(model.config.model_type).experts.count, g.experts - r)
         return Surgery(experts={i: renumbered(g.experts, gone) for i, gone in enumerate(removed) if gone})
