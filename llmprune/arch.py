@@ -349,10 +349,36 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+@dataclass(frozen=True)
+class Multimodal:
+    """A vision-language release whose language model is a family of the table (``calibrate --text-only`` takes the
+    language model alone): where the checkpoint keeps the text model's tensors, and the prefixes of everything else it
+    holds (vision and audio towers, projectors), which is not kept."""
+
+    text: tuple[tuple[str, str], ...]  # (the text model's name prefix, the checkpoint's)
+    others: tuple[str, ...]
+
+
+_QWEN35_VL = Multimodal(text=(("model.", "model.language_model."),), others=("model.visual.",))
+# model_type of the release -> where its language model is (its config's ``text_config`` says which family)
+MULTIMODAL: dict[str, Multimodal] = {
+    "qwen3_5": _QWEN35_VL,
+    "qwen3_5_moe": _QWEN35_VL,
+    "llama4": Multimodal(text=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
+                         others=("vision_model.", "multi_modal_projector.")),
+    "gemma4": Multimodal(text=(("model.", "model.language_model."),),
+                         others=("model.vision_tower.", "model.embed_vision.", "model.audio_tower.",
+                                 "model.embed_audio.")),
+}
+
+
 def arch_for(model_type: str) -> Arch:
     try:
         return ARCHS[model_type]
     except KeyError:
+        if model_type in MULTIMODAL:
+            raise UserError(f"model type '{model_type}' is a vision-language release: calibrate --text-only takes its "
+                            "language model alone") from None
         raise UserError(
             f"model type '{model_type}' is not supported; supported: {', '.join(sorted(ARCHS))}"
         ) from None

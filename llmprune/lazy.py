@@ -72,21 +72,27 @@ def _release_freed_memory() -> None:
 _trim = None
 
 
-def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception]):
-    """``(model, table row)``: the model built from ``folder``'s config on the ``meta`` device, once the config has
-    been checked against itself and against the blocks the shards hold (``validate``)."""
+def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception], text_only: bool):
+    """``(model, table row, Multimodal or None)``: the model built from ``folder``'s config on the ``meta`` device,
+    once the config has been checked against itself and against the blocks the shards hold (``validate``). A
+    vision-language release (``arch.MULTIMODAL``) gives its language model, when ``text_only`` allows it."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmprune.arch import arch_for
+    from llmprune.arch import MULTIMODAL, arch_for
 
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:  # anything a config file can make the parser raise is a config that cannot be read
         raise error(f"cannot read the config of {what}: {first_line(e)}") from None
+    wrapper = MULTIMODAL.get(config.model_type) if text_only else None
+    names = shards.names()
+    if wrapper is not None:
+        config = config.get_text_config()
+        names = [n for n in names if any(n.startswith(theirs) for _, theirs in wrapper.text)]
     row = arch_for(config.model_type)
     validate.check_config(config, what, error)
-    validate.check_block_count(config, shards.names(), what, error)
+    validate.check_block_count(config, names, what, error)
     try:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
@@ -94,7 +100,9 @@ def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception])
         raise error(f"cannot build {what} from its config: {first_line(e)}") from None
     model.tie_weights()  # under init_empty_weights the tie is only declared; make it the same Parameter
     model.eval()
-    return model, row
+    if wrapper is not None:
+        model.config.architectures = [type(model).__name__]  # what a text-only checkpoint of it declares
+    return model, row, wrapper
 
 
 class Lazy:
@@ -107,14 +115,17 @@ class Lazy:
 
     lazy = True
 
-    def __init__(self, folder: str | Path, error: type[Exception] = IntegrityError):
+    def __init__(self, folder: str | Path, error: type[Exception] = IntegrityError, text_only: bool = False):
         from llmprune.arch import blocks
 
         self.folder = Path(folder)
         self.shards = ShardSet(self.folder, error)
         what = f"the model in {self.folder}"
-        model, row = _skeleton(self.folder, self.shards, what, error)
+        model, row, self.multimodal = _skeleton(self.folder, self.shards, what, error, text_only)
         self.model = model
+        # The tensors of a vision-language release that are not its language model's (``text_only``): not kept.
+        self.dropped = sorted(n for n in self.shards.names() if self.multimodal is not None
+                              and any(n.startswith(p) for p in self.multimodal.others))
         # Every name a parameter answers to (a tied head and embedding are one Parameter, one tensor on disk).
         groups: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -143,6 +154,9 @@ class Lazy:
              ) -> list[str]:
         """Fill ``key``, ``parts`` and ``_own`` from the shards' names; returns what the shards lack."""
         def on_disk(n: str) -> str | None:
+            for ours, theirs in self.multimodal.text if self.multimodal is not None else ():
+                if n.startswith(ours) and theirs + n[len(ours):] in self.shards:
+                    return theirs + n[len(ours):]
             if n in self.shards:
                 return n
             for ours, theirs in row.renames:
@@ -166,8 +180,8 @@ class Lazy:
             self._own.add(next(n for n in names if on_disk(n) is not None))
         persistent = set(model.state_dict())
         for name, _ in model.named_buffers():
-            if name in persistent and name in self.shards:
-                self.key[name] = name
+            if name in persistent and on_disk(name) is not None:
+                self.key[name] = on_disk(name)
                 self._own.add(name)
             elif name in persistent:
                 missing.append(name)
@@ -180,7 +194,8 @@ class Lazy:
         wrong = sorted({key for name, key in self.key.items() if self.shards.entries[key].shape != shapes[name]})
         wrong += sorted(name for name, sources in self.parts.items() if self._stacked_shape(sources) != shapes[name])
         used = set(self.key.values()) | {k for sources in self.parts.values() for e in sources for k in e}
-        extra = sorted(set(self.shards.names()) - used - set(self.key))  # a tied weight stored twice is not extra
+        # a tied weight stored twice is not extra; nor a vision-language release's towers, taken text-only
+        extra = sorted(set(self.shards.names()) - used - set(self.key) - set(self.dropped))
         problems = [f"{len(names)} tensor(s) {label} ({', '.join(names[:3])}"
                     + (f" and {len(names) - 3} more)" if len(names) > 3 else ")")
                     for names, label in ((missing, "missing"), (wrong, "of the wrong shape"),
@@ -223,6 +238,14 @@ class Lazy:
     def _stacked(self, name: str) -> torch.Tensor:
         """A 3-D expert parameter read from its per-expert tensors: ``stack_e(cat(sources of e))``."""
         return torch.stack([torch.cat([self.shards.get(k) for k in e]) for e in self.parts[name]])
+
+    def own_name(self, stored: str) -> str:
+        """The name the model gives a stored tensor, where it differs from the checkpoint's (the language model of a
+        vision-language release); otherwise the stored name, which copies keep (a release's per-expert layout)."""
+        for ours, theirs in self.multimodal.text if self.multimodal is not None else ():
+            if stored.startswith(theirs):
+                return ours + stored[len(theirs):]
+        return stored
 
     def owned(self, name: str) -> list[str]:
         """The shard tensors that hold the model's tensor ``name`` (none for an alias of a tied weight)."""

@@ -36,6 +36,8 @@ class CalibrateOptions:
                         choices=_DTYPES, strict=False)
     text_field: str = text_field_option()
     trust_remote_code: bool = option(False, "Allow code from the model repository to run.")
+    text_only: bool = option(False, "Take the language model of a vision-language release (Qwen3.5, Llama 4, Gemma "
+                             "4) alone; its vision and audio towers are not kept.")
     max_shard_size: str = option("2GB", "Largest safetensors shard.")
     keep_teacher: bool = option(True, "Keep the model as calibrated in WORK/teacher/ (hard links: no extra space "
                                 "until a step replaces the model) for --distill.")
@@ -168,13 +170,16 @@ def _check_config(folder, o: CalibrateOptions) -> None:
     from transformers import AutoConfig
 
     from llmprune import validate
-    from llmprune.arch import arch_for
+    from llmprune.arch import MULTIMODAL, arch_for
     from llmprune.errors import first_line
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=o.trust_remote_code)
     except Exception as e:  # whatever a damaged config.json raises: one line
         raise UserError(f"cannot read the config of model {o.model}: {first_line(e)}") from None
+    if config.model_type in MULTIMODAL:
+        raise UserError(f"model {o.model} is a quantized vision-language release ({config.model_type}); its language "
+                        "model is not read from a quantized checkpoint yet: use the unquantized release")
     arch_for(config.model_type)
     validate.check_config(config, f"model {o.model}", UserError)
 
@@ -209,7 +214,12 @@ def _open_safetensors(src, o: CalibrateOptions, out):
         base.update(model_type=loaded["model_type"], quantization=loaded["quantization"])
         _refuse_non_finite(lm, o.model)
         return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
-    lazy = Lazy(folder, error=UserError)
+    lazy = Lazy(folder, error=UserError, text_only=o.text_only)
+    if lazy.multimodal is not None:
+        from transformers import AutoConfig
+
+        base["multimodal"] = {"model_type": AutoConfig.from_pretrained(folder).model_type,
+                              "kept": "language model", "tensors_not_kept": len(lazy.dropped)}
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=o.trust_remote_code)
     except (OSError, ValueError) as e:
