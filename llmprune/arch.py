@@ -43,6 +43,9 @@ class Parts:
     # The output projections of token mixers other than ``o`` that some blocks hold instead (Qwen3.5's linear
     # attention: ``linear_attn.out_proj``): a block is removed with whichever of them and ``mlp_out`` it has.
     mixer_outs: tuple[str, ...] = ()
+    # Per-query-head parameters (one entry per query head), cut with their heads: gpt-oss's attention sinks, a
+    # learned logit each head's softmax also normalises over.
+    head_vectors: tuple[str, ...] = ()
     # structure -> why transformers' own modeling code cannot express the smaller model
     cannot: tuple[tuple[str, str], ...] = ()
 
@@ -212,12 +215,10 @@ _QWEN35_HIDDEN = ("hidden", "the hidden size couples the linear-attention projec
                             "attention projections of others; not supported")
 _QWEN35_GGUF = Gguf("", cannot="llmprune does not map Qwen3.5's linear-attention blocks onto llama.cpp yet")
 
-# gpt-oss: Llama-like attention with q/k/v/o biases and one learned attention sink per query head (a logit every
-# head's softmax also normalises over: removing heads would cut the sinks with them, which the table's head coupling
-# does not know yet), sliding-window and full-attention layers; every block a mixture of experts stored [E, in, out]
-# with biases, gate and up interleaved and clamped, a router with a bias whose softmax runs over the chosen top-k.
-_GPT_OSS_HEADS = ("heads", "its attention sinks (one learned logit per query head) would have to be cut with the "
-                           "heads; not supported")
+# gpt-oss: Llama-like attention with q/k/v/o biases and one learned attention sink per query head (a logit that only
+# its own head's softmax normalises over: cut with the head, removal stays exact), sliding-window and full-attention
+# layers; every block a mixture of experts stored [E, in, out] with biases, gate and up interleaved and clamped, a
+# router with a bias whose softmax runs over the chosen top-k.
 _GPT_OSS_EXPERTS = Experts(params=(("gate_up_proj", ()), ("down_proj", ())), transposed=True,
                            biases=(("gate_up_proj", "gate_up_proj_bias"), ("down_proj", "down_proj_bias")),
                            forward="clamped", router="mlp.router", count="num_local_experts", renormalises="")
@@ -323,7 +324,7 @@ ARCHS: dict[str, Arch] = {
                              experts=Experts(renormalises=""),
                              never_prune=("mlp.gate", "mlp.shared_expert_gate", *_QWEN35_NEVER), gguf=_QWEN35_GGUF),
     "gpt_oss": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
-                    parts=Parts(cannot=(*_MOE_CANNOT, _GPT_OSS_HEADS)), experts=_GPT_OSS_EXPERTS,
+                    parts=Parts(head_vectors=("self_attn.sinks",), cannot=_MOE_CANNOT), experts=_GPT_OSS_EXPERTS,
                     never_prune=("mlp.router",),
                     gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's gpt-oss graph yet")),
     "llama4_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA, parts=_LLAMA4_PARTS,

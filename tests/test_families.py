@@ -22,7 +22,7 @@ OFFERED = {"smollm3": {"hidden", "heads", "mlp", "layers"}, "olmo3": {"mlp", "la
            "glm4_moe": {"heads", "experts"},
            "deepseek_v3": set(),  # latent attention, MoE blocks, and 8 expert groups in the release (2 here)
            "qwen3_5_text": {"mlp", "layers"}, "qwen3_5_moe_text": {"experts"},
-           "gpt_oss": {"experts"},  # attention sinks per head: heads refused
+           "gpt_oss": {"heads", "experts"},  # the attention sinks go with their heads
            "llama4_text": {"heads", "experts"},
            "gemma4_text": {"mlp", "experts"}}  # the dense MLP beside the experts; two head geometries, PLE
 

@@ -21,15 +21,17 @@ class Heads(Structure):
         return g.kv_heads
 
     def couple(self, c: Coupling, removed: list[Any]) -> None:
-        """A KV group: its key and value rows, the rows of every query head that reads it, and their columns of
-        o."""
+        """A KV group: its key and value rows, the rows of every query head that reads it, their columns of o, and
+        their entries of any per-head vector (``Parts.head_vectors``: gpt-oss's sinks)."""
         p, g, u = c.p, c.g, 0
         for i, groups in enumerate(removed):
-            q_rows, kv_rows, q_unit, kv_unit = [], [], [], []
+            q_rows, kv_rows, q_unit, kv_unit, heads, head_unit = [], [], [], [], [], []
             for grp in groups:
                 for h in range(grp * g.rep, (grp + 1) * g.rep):
                     q_rows += range(h * g.head_dim, (h + 1) * g.head_dim)
                     q_unit += [u] * g.head_dim
+                    heads.append(h)
+                    head_unit.append(u)
                 kv_rows += range(grp * g.head_dim, (grp + 1) * g.head_dim)
                 kv_unit += [u] * g.head_dim
                 u += 1
@@ -42,6 +44,8 @@ class Heads(Structure):
                 c.add_module(c.blk(i, p.k), 0, kv_rows, kv_unit, bias=True)
                 c.add_module(c.blk(i, p.v), 0, kv_rows, kv_unit, bias=True)
             c.add(f"{c.blk(i, p.o)}.weight", 1, q_rows, q_unit)
+            for vector in p.head_vectors:
+                c.add(c.blk(i, vector), 0, heads, head_unit)
 
     def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
         """``num_attention_heads`` and ``num_key_value_heads`` shrink (the KV cache too)."""
