@@ -98,6 +98,9 @@ class Experts:
     # ``topk_group`` groups of experts with the best scores), or "". With more than one group, removing an expert
     # changes its group's score and so other tokens' choices: expert removal is refused for such a config.
     groups: str = ""
+    # The output projections of the shared experts beside the routed ones (ordinary Linears): with the routed experts'
+    # down projections, what a block's mixture adds to the residual stream.
+    shared_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,13 @@ class Arch:
     # (config key, why): a config that sets the key (to anything but 0, false or empty) is refused for every
     # operation, at ``calibrate`` -- a variant of the family the table does not describe.
     refuse: tuple[tuple[str, str], ...] = ()
+    # How a config places its kinds of blocks (MoE families with dense blocks), which block removal keeps true:
+    # lists of block indices (Qwen-MoE's ``mlp_only_layers``, Llama 4's ``moe_layers``: renumbered), counts of
+    # leading blocks (DeepSeek-V3's ``first_k_dense_replace``: the survivors among them), and a period (Qwen-MoE's
+    # ``decoder_sparse_step``: above 1 every N-th block is sparse, a pattern removal would shift -- refused).
+    layer_indices: tuple[str, ...] = ()
+    leading_blocks: tuple[str, ...] = ()
+    layer_period: str = ""
 
 
 _LLAMA_LIKE = Arch(
@@ -172,25 +182,27 @@ _GEMMA2_PARTS = Parts(norm_offset=1.0, embed_scaled=True,
 
 # Mixture-of-experts: Qwen-MoE and Mixtral keep routed experts as 3-D parameters and a router ``mlp.gate`` (a plain
 # [E, H] weight); Qwen2-MoE adds a shared expert (ordinary Linears, pruned like a dense MLP) and its one-row gate.
-# Removing whole experts (--structure experts) slices the expert parameters and the router's rows together, and
-# KV groups (heads) touch the attention only; hidden channels and MLP channels would have to cut every expert along
-# with the rest, and a block's identity under DReSS's zeroing would need its experts zeroed too: refused for now.
+# Removing whole experts (--structure experts) slices the expert parameters and the router's rows together, KV
+# groups (heads) touch the attention only, and a whole block is the identity once its attention output, every
+# expert's down projection (and bias) and its shared experts' are zero; hidden channels and MLP channels would have
+# to cut every expert along with the rest: refused for now.
 _MOE_WHY = ("this structure does not slice mixture-of-experts blocks yet (every expert and the router would have to "
             "be cut together); --structure experts removes whole experts")
-_MOE_CANNOT = tuple((structure, _MOE_WHY) for structure in ("hidden", "mlp", "layers"))
+_MOE_CANNOT = tuple((structure, _MOE_WHY) for structure in ("hidden", "mlp"))
 # LoRA adapts the attention of MoE models by default: peft (0.21) maps the MLP names gate_proj / up_proj /
 # down_proj onto the 3-D expert parameters (its transformers-4 compatibility layer), dropping the dense and shared
 # MLP Linears of those names, and the zero-mask training of ``recovery`` covers Linears only.
 _MOE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QWEN_MOE = Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                  parts=Parts(cannot=_MOE_CANNOT), experts=Experts(), never_prune=("mlp.gate",),
+                 layer_indices=("mlp_only_layers",), layer_period="decoder_sparse_step",
                  gguf=Gguf("QWEN3MOE", experts=True))
 
 # DeepSeek-V3 and GLM-4.5: sigmoid router scores, a score-correction bias used only to choose the top-k, the chosen
 # scores renormalised (``norm_topk_prob``) and scaled; shared experts (ordinary Linears, pruned like a dense MLP)
 # beside the routed ones; the first ``first_k_dense_replace`` blocks dense.
 _SIGMOID_EXPERTS = Experts(count="n_routed_experts", router_cuts=("weight", "e_score_correction_bias"),
-                           groups="n_group")
+                           groups="n_group", shared_out=("mlp.shared_experts.down_proj",))
 _SIGMOID_NEVER = ("mlp.gate",)
 # Multi-head latent attention (DeepSeek-V2/V3): q and kv pass through low-rank latents (q_a_proj -> q_a_layernorm ->
 # q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj) whose norms run over the latent width, and each head's
@@ -229,7 +241,8 @@ _GPT_OSS_EXPERTS = Experts(params=(("gate_up_proj", ()), ("down_proj", ())), tra
 # blocks' MLP is ``feed_forward`` itself, ``intermediate_size_mlp`` wide.
 _LLAMA4_EXPERTS = Experts(params=(("gate_up_proj", ()), ("down_proj", ())), path="feed_forward.experts",
                           transposed=True, forward="prescaled", router="feed_forward.router",
-                          count="num_local_experts", renormalises="")
+                          count="num_local_experts", renormalises="",
+                          shared_out=("feed_forward.shared_expert.down_proj",))
 _LLAMA4_PARTS = Parts(mlp_in=("feed_forward.gate_proj", "feed_forward.up_proj"), mlp_out="feed_forward.down_proj",
                       mlp_width="intermediate_size_mlp", cannot=_MOE_CANNOT)
 
@@ -280,7 +293,8 @@ ARCHS: dict[str, Arch] = {
     ),
     "qwen3_moe": _QWEN_MOE,
     "qwen2_moe": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
-                      parts=Parts(cannot=_MOE_CANNOT), experts=Experts(),
+                      parts=Parts(cannot=_MOE_CANNOT), experts=Experts(shared_out=("mlp.shared_expert.down_proj",)),
+                      layer_indices=("mlp_only_layers",), layer_period="decoder_sparse_step",
                       never_prune=("mlp.gate", "mlp.shared_expert_gate"), gguf=Gguf("QWEN2MOE", experts=True)),
     "mixtral": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                     parts=Parts(cannot=_MOE_CANNOT),
@@ -306,10 +320,11 @@ ARCHS: dict[str, Arch] = {
     # DeepSeek-V3's MoE.
     "glm4_moe": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                      parts=Parts(cannot=_MOE_CANNOT), experts=_SIGMOID_EXPERTS, never_prune=_SIGMOID_NEVER,
+                     leading_blocks=("first_k_dense_replace",),
                      gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's GLM4_MOE graph yet")),
     "deepseek_v3": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MLA_LORA,
                         parts=Parts(cannot=(*_MOE_CANNOT, _MLA_HEADS, _MLA_HIDDEN)), experts=_SIGMOID_EXPERTS,
-                        never_prune=_SIGMOID_NEVER,
+                        never_prune=_SIGMOID_NEVER, leading_blocks=("first_k_dense_replace",),
                         gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's DEEPSEEK2 graph yet "
                                              "(its kv_b_proj is stored split per head there)")),
     "qwen3_5_text": Arch(layers="model.layers", final=("model.norm",),
@@ -321,7 +336,7 @@ ARCHS: dict[str, Arch] = {
     "qwen3_5_moe_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=(*_MOE_LORA, *_LINEAR_ATTN),
                              parts=Parts(norm_offset=1.0, mixer_outs=("linear_attn.out_proj",),
                                          cannot=(*_MOE_CANNOT, _QWEN35_HEADS)),
-                             experts=Experts(renormalises=""),
+                             experts=Experts(renormalises="", shared_out=("mlp.shared_expert.down_proj",)),
                              never_prune=("mlp.gate", "mlp.shared_expert_gate", *_QWEN35_NEVER), gguf=_QWEN35_GGUF),
     "gpt_oss": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                     parts=Parts(head_vectors=("self_attn.sinks",), cannot=_MOE_CANNOT), experts=_GPT_OSS_EXPERTS,
@@ -329,7 +344,7 @@ ARCHS: dict[str, Arch] = {
                     gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's gpt-oss graph yet")),
     "llama4_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA, parts=_LLAMA4_PARTS,
                         experts=_LLAMA4_EXPERTS, never_prune=("feed_forward.router",),
-                        per_layer=("layer_types", "no_rope_layers"),
+                        per_layer=("layer_types", "no_rope_layers"), layer_indices=("moe_layers",),
                         gguf=Gguf("", cannot="llmprune has no mapping onto llama.cpp's LLAMA4 graph yet")),
     "gemma4_text": Arch(layers="model.layers", final=("model.norm",), lora_targets=_MOE_LORA,
                         parts=Parts(embed_scaled=True, norms=(*_GEMMA2_PARTS.norms, "post_per_layer_input_norm"),

@@ -114,9 +114,28 @@ def test_moe_refuses_structured_removal(tiny_root, arch):
     from llmprune.errors import UserError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
-    for structure in [s for s in S.STRUCTURES if s not in ("experts", "heads")]:  # hidden, mlp, layers
+    for structure in ("hidden", "mlp"):  # heads, experts and whole blocks are removed (the zeroed-units test)
         with pytest.raises(UserError, match="mixture-of-experts"):
             surgery.remove(model, S.Plan(structure, PLANS[structure]))
+
+
+@pytest.mark.parametrize("arch,key,before,after", [("qwen3_moe", "mlp_only_layers", [1], [0]),
+                                                   ("deepseek_v3", "first_k_dense_replace", 1, 0),
+                                                   ("llama4_text", "moe_layers", [1], [0])])
+def test_removing_a_block_keeps_the_config_placing_the_dense_and_sparse_blocks(tiny_root, arch, key, before, after):
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / arch)
+    assert getattr(model.config, key) == before
+    small = surgery.remove(model, S.Plan("layers", [0]))
+    assert getattr(small.config, key) == after  # the dense (or sparse) block that stays is still one
+
+
+def test_a_periodic_sparse_block_pattern_refuses_block_removal(tiny_root):
+    from llmprune.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "qwen3_moe")
+    model.config.decoder_sparse_step = 2
+    with pytest.raises(UserError, match="period of 2 blocks"):
+        surgery.remove(model, S.Plan("layers", [0]))
 
 
 def test_activation_selection_is_deterministic_and_keeps_the_loud_channels(tiny_root):

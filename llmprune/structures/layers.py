@@ -58,15 +58,25 @@ class Layers(Structure):
         return list(range(g.layers - 1 - n, g.layers - 1))
 
     def couple(self, c: Coupling, removed: list[Any]) -> None:
-        """A block whose two output projections are zero adds nothing to the residual stream: it is the
-        identity."""
+        """A block whose output projections are zero adds nothing to the residual stream: it is the identity. Those
+        of its token mixer and its MLP -- or, in a mixture-of-experts block, every routed expert's down projection
+        (and its bias) and the shared experts'."""
+        spec = c.a.experts
+        shared = spec.shared_out if spec is not None else ()
         for u, i in enumerate(removed):
-            for lin in (c.p.o, *c.p.mixer_outs, c.p.mlp_out):
+            for lin in (c.p.o, *c.p.mixer_outs, c.p.mlp_out, *shared):
                 name = c.blk(i, lin)
-                if f"{name}.weight" not in c.params:  # a mixer this block does not hold (Qwen3.5: one of two)
+                if f"{name}.weight" not in c.params:  # a part this block does not hold (Qwen3.5: one of two mixers)
                     continue
                 rows = c.params[f"{name}.weight"].shape[0]
                 c.add_module(name, 0, list(range(rows)), [u] * rows, bias=True)
+            if spec is not None:  # every expert of the block (dim 0 of its 3-D down projection), its bias too
+                down = spec.params[-1][0]
+                for param in (down, *(b for p, b in spec.biases if p == down)):
+                    name = f"{c.blk(i, spec.path)}.{param}"
+                    if name in c.params:  # a dense block of an MoE model has none
+                        n = c.params[name].shape[0]
+                        c.add(name, 0, list(range(n)), [u] * n)
 
     def keep_one(self, config: Any) -> tuple[set[int], str] | None:
         """A hybrid model keeps a full-attention block: transformers' Qwen3.5 cannot run on linear-attention blocks
@@ -78,16 +88,33 @@ class Layers(Structure):
             return full, "a hybrid model must keep at least one full-attention block"
         return None
 
+    def missing(self, a: _arch.Arch, config: Any) -> str | None:
+        period = getattr(config, a.layer_period, None) if a.layer_period else None
+        if period not in (None, 0, 1):
+            return (f"its sparse blocks recur with a period of {period} blocks ({a.layer_period}), a pattern that "
+                    "removing blocks would shift")
+        return None
+
     def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
         """``num_hidden_layers`` shrinks, the blocks that stay are renumbered and the config's per-block lists
-        (``Arch.per_layer``: ``layer_types``, SmolLM3's ``no_rope_layers``) keep the survivors' entries."""
+        (``Arch.per_layer``: ``layer_types``, SmolLM3's ``no_rope_layers``) keep the survivors' entries; lists of
+        block indices (``Arch.layer_indices``) keep the survivors', renumbered, and counts of leading blocks
+        (``Arch.leading_blocks``) the survivors among them."""
+        a = _arch.arch_for(model.config.model_type)
         gone = set(removed)
         keep = [i for i in range(g.layers) if i not in gone]
+        new = {old: n for n, old in enumerate(keep)}
         cfg.num_hidden_layers = len(keep)
-        for key in _arch.arch_for(model.config.model_type).per_layer:
+        for key in a.per_layer:
             if getattr(cfg, key, None):
                 setattr(cfg, key, [getattr(cfg, key)[i] for i in keep])
-        return Surgery(gone=gone, renumber={old: new for new, old in enumerate(keep)})
+        for key in a.layer_indices:
+            if getattr(cfg, key, None) is not None:
+                setattr(cfg, key, [new[i] for i in getattr(cfg, key) if i in new])
+        for key in a.leading_blocks:
+            if getattr(cfg, key, None) is not None:
+                setattr(cfg, key, sum(1 for i in keep if i < getattr(cfg, key)))
+        return Surgery(gone=gone, renumber=new)
 
     def scorer(self, g: Geometry, parts: _arch.Parts, tokens: int, device: str) -> _Influence:
         return _Influence()
