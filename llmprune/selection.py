@@ -118,15 +118,19 @@ def unit_scores(model: nn.Module, structure: str, how: str, windows: torch.Tenso
     return Measured(structure, how, list(s) if k.per_block else [s], {})
 
 
-def take(order: list[int], n: int, keep: tuple[set[int], str] | None) -> list[int]:
+def take(order: list[int], n: int, keep: tuple[set[int], str] | None, groups: int = 1, size: int = 0) -> list[int]:
     """The first ``n`` units of ``order`` (most removable first), passing over any whose removal would leave none of
-    ``keep``'s set (``Structure.keep_one``); a ``UserError`` if fewer than ``n`` can go."""
+    ``keep``'s set (``Structure.keep_one``), and, with ``groups`` contiguous groups of the ``size`` units, any beyond
+    ``n / groups`` from one group (``Structure.groups``); a ``UserError`` if fewer than ``n`` can go."""
     chosen: list[int] = []
+    per = [0] * groups
     for u in order:
         if len(chosen) == n:
             break
-        if keep is None or u not in keep[0] or not keep[0] <= {*chosen, u}:
+        grp = u // (size // groups) if groups > 1 else 0
+        if (keep is None or u not in keep[0] or not keep[0] <= {*chosen, u}) and per[grp] < n // groups:
             chosen.append(u)
+            per[grp] += 1
     if len(chosen) < n:
         raise UserError(f"cannot remove {n} units: {keep[1] if keep else 'too few'}")
     return sorted(chosen)
@@ -146,6 +150,7 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
     groups = g.layers if k.per_block else 1  # one list of units per block, or one for the model
     size = k.units(g)
     keep = k.keep_one(model.config)
+    balance = k.groups(g)  # units that must go evenly from equal groups (a group-limited router's experts)
     meta: dict[str, Any] = {}
     if measured_selection(structure, how):
         assert windows is not None or measured is not None
@@ -154,12 +159,13 @@ def select(model: nn.Module, structure: str, ratio: float, how: str, windows: to
             raise ValueError(f"scores of {measured.structure}/{measured.selection} given for {structure}/{how}")
         m = measured or unit_scores(model, structure, how, windows, device, batch_size, weights)
         rows, meta = m.rows, m.meta
-        removed = [[] if r is None else take(torch.argsort(r, stable=True).tolist(), n, keep) for r in rows]
+        removed = [[] if r is None else take(torch.argsort(r, stable=True).tolist(), n, keep, balance, size)
+                   for r in rows]
     elif how == "tail":
-        removed = [take(k.tail(g, n), n, keep)] * groups
+        removed = [take(k.tail(g, n), n, keep, balance, size)] * groups
     elif how == "random":
         gen = torch.Generator().manual_seed(seed)
-        removed = [take(torch.randperm(size, generator=gen).tolist(), n, keep) for _ in range(groups)]
+        removed = [take(torch.randperm(size, generator=gen).tolist(), n, keep, balance, size) for _ in range(groups)]
     else:
         raise ValueError(how)
     removed = k.where_present(model, removed)

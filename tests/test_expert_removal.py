@@ -15,6 +15,7 @@ from llmprune import arch as _arch
 from llmprune import surgery
 from llmprune import budget, reap, structured
 from llmprune.errors import UserError
+from llmprune.selection import select
 from llmprune.structured import Plan
 
 
@@ -42,8 +43,8 @@ def _one_group(model):
     model.config.n_group = model.config.topk_group = 1
     for block in _arch.blocks(model):
         gate = getattr(block.mlp, "gate", None)
-        if gate is not None and hasattr(gate, "n_group"):
-            gate.n_group = gate.topk_group = 1
+        if gate is not None and hasattr(gate, "num_group"):  # the router's own copy of the config's n_group
+            gate.num_group = gate.topk_group = 1
     return model
 
 
@@ -102,10 +103,20 @@ def test_reap_and_frequency_match_an_independent_computation(tiny_root):
         torch.testing.assert_close(st.reap()[i], want_s / want_n.clamp(min=1), rtol=1e-4, atol=1e-6)
 
 
-def test_group_limited_routing_refuses_expert_removal(tiny_root):
-    model = AutoModelForCausalLM.from_pretrained(tiny_root / "deepseek_v3")
-    with pytest.raises(UserError, match="best groups of 2"):
+def test_group_limited_routing_removes_experts_evenly_from_every_group(tiny_root):
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "deepseek_v3")  # 2 groups of 4 experts
+    with pytest.raises(UserError, match=r"the same number must go from every group \(asked: \[1, 0\]\)"):
         surgery.remove(model, Plan("experts", [[], [0]]))
+    with pytest.raises(UserError, match="fewer than"):  # a group must keep the two experts that score it
+        surgery.remove(model, Plan("experts", [[], [0, 1, 2, 4, 5, 6]]))
+    for how in ("random", "tail"):  # every selection takes as many from each group
+        plan = select(model, "experts", 0.5, how, None, seed=1)
+        assert sorted(e // 4 for e in plan.removed[1]) == [0, 0, 1, 1]
+    small = surgery.remove(model, Plan("experts", [[], [1, 6]]))
+    assert small.config.n_routed_experts == 6 and small.config.n_group == 2
+    ids = torch.randint(0, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(small(ids).logits).all()  # three experts per group: the router runs
 
 
 @pytest.mark.parametrize("arch", tiny.EXPERT_REMOVAL_TYPES)
@@ -118,7 +129,9 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
     code, res = cli("prune", wd, "--method", "dress", "--structure", "experts", "--ratio", 0.5, "--select", select)
     assert code == 0 and res["select"] == select
     small = AutoModelForCausalLM.from_pretrained(wd / "model")  # plain transformers, no llmprune code
-    assert getattr(small.config, key) == 2 and getattr(small.config, spec.top_k) == getattr(dense.config, spec.top_k)
+    total = getattr(dense.config, key)  # 4 (DeepSeek-V3: 8, in two groups)
+    assert getattr(small.config, key) == total // 2
+    assert getattr(small.config, spec.top_k) == getattr(dense.config, spec.top_k)
     moe = [b for b in _arch.blocks(dense) if _arch.get_module(b, spec.path) is not None]
     h, i = dense.config.hidden_size, getattr(dense.config, "moe_intermediate_size", None) or dense.config.intermediate_size
     per_expert = 3 * h * i + h  # gate, up and down, and its router row
@@ -126,7 +139,7 @@ def test_pruned_experts_load_plainly_with_the_analytic_count(calibrated, tiny_ro
         per_expert += 2 * i + h + 1
     if "per_expert_scale" in spec.router_cuts:  # Gemma 4: the router's scale of the expert's weight
         per_expert += 1
-    assert res["parameters_before"] - res["parameters"] == len(moe) * 2 * per_expert
+    assert res["parameters_before"] - res["parameters"] == len(moe) * (total // 2) * per_expert
     assert sum(p.numel() for p in small.parameters()) == res["parameters"]
     # The streamed removal wrote exactly what removing the plan in memory gives.
     plan = Plan.from_json(res["plan"])

@@ -20,7 +20,7 @@ STRUCTURES = ("hidden", "heads", "mlp", "layers", "experts")
 # What each family offers (the README's support table): the rest is refused with its reason.
 OFFERED = {"smollm3": {"hidden", "heads", "mlp", "layers"}, "olmo3": {"mlp", "layers"},
            "glm4_moe": {"heads", "experts", "layers"},
-           "deepseek_v3": {"layers"},  # latent attention, MoE blocks, and 8 expert groups in the release (2 here)
+           "deepseek_v3": {"layers", "experts"},  # latent attention; experts evenly from its groups
            "qwen3_5_text": {"mlp", "layers"}, "qwen3_5_moe_text": {"experts", "layers"},
            "gpt_oss": {"heads", "experts", "layers"},  # the attention sinks go with their heads
            "llama4_text": {"heads", "experts", "layers"},

@@ -100,7 +100,8 @@ def config(model_type: str):
         return tf.Glm4MoeConfig(**common, **sigmoid, head_dim=16, n_group=1, topk_group=1, attention_bias=True,
                                 use_qk_norm=True)
     if model_type == "deepseek_v3":
-        return tf.DeepseekV3Config(**common, **sigmoid, n_group=2, topk_group=1, q_lora_rank=48, kv_lora_rank=32,
+        return tf.DeepseekV3Config(**common, **{**sigmoid, "n_routed_experts": 8}, n_group=2, topk_group=1,
+                                   q_lora_rank=48, kv_lora_rank=32,
                                    qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)
     # Qwen3.5: a linear-attention block, then a full-attention one (the release: three, then one); its MoE sibling
     # with Qwen2-MoE's experts and gated shared expert.
@@ -152,8 +153,8 @@ def fast_options(method: str) -> dict:
 
 MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe", "deepseek_v3", "qwen3_5_moe_text", "gpt_oss",
              "llama4_text", "gemma4_text")
-# those whose experts can be removed (DeepSeek-V3's group-limited routing refuses it: tests/test_expert_removal.py)
-EXPERT_REMOVAL_TYPES = tuple(t for t in MOE_TYPES if t != "deepseek_v3")
+# those whose experts can be removed: all (DeepSeek-V3's group-limited router, evenly from every group)
+EXPERT_REMOVAL_TYPES = MOE_TYPES
 # The families released in 2025-2026 that the table added (issue #47): each runs the whole pipeline in
 # tests/test_families.py.
 FAMILIES_2026 = ("smollm3", "olmo3", "glm4_moe", "deepseek_v3", "qwen3_5_text", "qwen3_5_moe_text", "gpt_oss",

@@ -36,6 +36,7 @@ class Geometry:
     head_dim: int
     mlp: int
     experts: int = 0  # routed experts per mixture-of-experts block (0: a dense model)
+    expert_groups: int = 1  # groups a group-limited router chooses among (DeepSeek-V3: 8), contiguous in index
 
     @property
     def rep(self) -> int:  # query heads per KV group
@@ -51,8 +52,10 @@ def geometry(model: nn.Module) -> Geometry:
     head_dim = _arch.config_value(c, "head_dim") or c.hidden_size // heads
     spec = _arch.arch_for(c.model_type).experts
     experts = int(getattr(c, spec.count, 0) or 0) if spec is not None else 0
+    groups = int(getattr(c, spec.groups, 1) or 1) if spec is not None and spec.groups else 1
     # An all-MoE config has no dense MLP width (Qwen3.5-MoE): 0, and its mlp structure is refused
-    return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width, 0), experts)
+    return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width, 0), experts,
+                    groups)
 
 
 @dataclass
@@ -182,6 +185,10 @@ class Structure(ABC):
         """The last ``n`` unit indices (``--select tail``, and any ``n`` units where only their number matters)."""
         total = self.units(g)
         return list(range(total - n, total))
+
+    def groups(self, g: Geometry) -> int:
+        """Contiguous equal groups of units that must each lose the same number (1: any units may go)."""
+        return 1
 
     def removable(self, config: Any, total: int, n: int) -> bool:
         """Whether a model of ``config`` can do without ``n`` of its ``total`` units (beyond what ``count``

@@ -10,6 +10,7 @@ router's softmax runs over all experts, so removing one raises the weights of th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,19 +49,36 @@ class Experts(Structure):
     def units(self, g: Geometry) -> int:
         return g.experts
 
+    def groups(self, g: Geometry) -> int:
+        """A group-limited router (DeepSeek-V3: ``n_group`` contiguous groups of experts; a token chooses among the
+        best ``topk_group`` groups, each scored by its two best experts) needs every group the same size: the same
+        number of experts goes from each. Not exact then even for tokens that chose none of them -- a group's score
+        can change -- so DReSS measures the gap on the model with the experts removed, as it does for every router."""
+        return g.expert_groups
+
+    def count(self, g: Geometry, n: int) -> int:
+        return g.expert_groups * math.floor(n / g.expert_groups + 0.5)
+
+    def fewest(self, g: Geometry) -> float:
+        # ``count`` removes any once half a group's worth is asked for (rounded up), the request itself rounded half up
+        return math.ceil(g.expert_groups / 2) - 0.5
+
+    def tail(self, g: Geometry, n: int) -> list[int]:
+        """The last ``n / groups`` experts of every group."""
+        size, per = g.experts // g.expert_groups, n // g.expert_groups
+        return sorted(grp * size + i for grp in range(g.expert_groups) for i in range(size - per, size))
+
     def removable(self, config: Any, total: int, n: int) -> bool:
-        """Every token keeps the top-k experts it is routed to."""
+        """Every token keeps the top-k experts it is routed to; a group-limited router keeps two experts per group
+        (it scores a group by its two best)."""
         spec = _arch.arch_for(config.model_type).experts
-        return total - n >= (getattr(config, spec.top_k, 1) if spec is not None else 1)
+        if spec is None:
+            return total - n >= 1
+        groups = int(getattr(config, spec.groups, 1) or 1) if spec.groups else 1
+        return total - n >= getattr(config, spec.top_k, 1) and (groups == 1 or (total - n) // groups >= 2)
 
     def missing(self, a: _arch.Arch, config: Any) -> str | None:
-        if a.experts is None:
-            return "it has no mixture-of-experts blocks"
-        groups = int(getattr(config, a.experts.groups, 1) or 1) if a.experts.groups else 1
-        if groups > 1:
-            return (f"its router chooses experts within the best groups of {groups} ({a.experts.groups}), so "
-                    "removing an expert changes its group's score and other tokens' choices")
-        return None
+        return "it has no mixture-of-experts blocks" if a.experts is None else None
 
     def where_present(self, model: nn.Module, removed: list[Any]) -> list[Any]:
         # dense blocks of an MoE model (Qwen3-MoE's mlp_only_layers) have none to remove
@@ -80,6 +98,12 @@ class Experts(Structure):
     def resize(self, model: nn.Module, removed: list[Any], g: Geometry, cfg: Any) -> Surgery:
         """The routed-expert count (``arch.Experts.count``) shrinks; the experts per token (``top_k``) stay."""
         r = same_count([len(x) for x, moe in zip(removed, moe_blocks(model)) if moe], "experts", "MoE block")
+        size = g.experts // g.expert_groups
+        for x in removed:
+            per = [sum(1 for e in x if e // size == grp) for grp in range(g.expert_groups)]
+            if len(set(per)) > 1:
+                raise UserError(f"its router chooses among {g.expert_groups} groups of {size} experts: the same "
+                                f"number must go from every group (asked: {per})")
         if not self.removable(cfg, g.experts, r):
             raise UserError(f"removing {r} of {g.experts} experts leaves fewer than the "
                             f"{getattr(cfg, _arch.arch_for(cfg.model_type).experts.top_k)} "
