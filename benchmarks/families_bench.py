@@ -1,18 +1,20 @@
 """What this year's block designs cost to prune: Wanda 2:4 and SparseGPT 50% on random-init models of a realistic
 shape, streamed from disk, against a Llama of about the same size.
 
-Three families of ~0.3B parameters, all with hidden size 1024, 16 blocks and SmolLM2's 49,152-token vocabulary:
+Five families of ~0.3B parameters, all with hidden size 1024, 16 blocks and SmolLM2's 49,152-token vocabulary:
 - ``llama``: the reference (16 heads, 4 KV groups, MLP 4096);
 - ``qwen3_5_text``: Qwen3.5's hybrid blocks, three gated linear-attention blocks to one full-attention block (as
   released), MLP 4096;
 - ``deepseek_v3``: multi-head latent attention and a mixture of experts (a dense first block, then 8 routed experts
-  of width 512, 2 per token, and one shared expert), one expert group.
+  of width 512, 2 per token, and one shared expert), one expert group;
+- ``gpt_oss``: 8 experts of width 512 stored ``[E, in, out]`` with biases, 2 per token, attention sinks;
+- ``llama4_text``: dense and MoE blocks alternating, 8 experts of width 512 beside a shared one, 1 per token.
 
 For each: ``calibrate`` (16 x 512 windows of the benchmark text), then ``prune --method wanda --pattern 2:4`` and
 ``prune --method sparsegpt --sparsity 0.5`` on hard-linked copies of the calibrated workdir, each in its own process
 (peak RSS from ``wait4``). Random weights: the seconds and memory are the figures here, not the perplexities.
 
-    python benchmarks/families_bench.py --samples 8 --seqlen 256     # about 7 minutes on 2 cores
+    python benchmarks/families_bench.py --samples 8 --seqlen 256     # about 12 minutes on 2 cores
     python benchmarks/families_bench.py --families llama,qwen3_5_text
 """
 
@@ -42,6 +44,13 @@ FAMILIES = {
                         n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=384,
                         kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
                         num_key_value_heads=16),
+    # gpt-oss: 8 experts of width 512 stored [E, in, out] with biases, 2 per token, attention sinks, sliding and full
+    # layers (its YaRN needs its own context length)
+    "gpt_oss": dict(intermediate_size=512, num_local_experts=8, num_experts_per_tok=2, sliding_window=128,
+                    layer_types=["sliding_attention", "full_attention"], max_position_embeddings=131072),
+    # Llama 4: dense and MoE blocks alternating (Maverick), 8 experts of width 512 and a shared one, 1 per token
+    "llama4_text": dict(intermediate_size=512, intermediate_size_mlp=4096, num_local_experts=8, num_experts_per_tok=1,
+                        interleave_moe_layer_step=2),
 }
 
 

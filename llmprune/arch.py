@@ -65,7 +65,7 @@ class Experts:
     # parameter -> its per-expert sources on disk, concatenated along rows: gate_up_proj[e] = [gate_e; up_e]
     params: tuple[tuple[str, tuple[str, ...]], ...] = (("gate_up_proj", ("gate_proj", "up_proj")),
                                                        ("down_proj", ("down_proj",)))
-    # (No sources: the checkpoint stores the 3-D parameter itself, as gpt-oss and Llama 4 releases do.)
+    # (No sources: the checkpoint stores the 3-D parameter itself, as gpt-oss, Llama 4 and Gemma 4 releases do.)
     disk_path: str = "mlp.experts"  # where a checkpoint keeps expert e's tensors: ``{disk_path}.{e}.{source}.weight``
     # How a 3-D parameter holds expert e: ``[E, out, in]``, a Linear's weight per expert, or ``[E, in, out]``
     # multiplied as ``x @ W[e]`` (gpt-oss, Llama 4), whose Linear weight is then ``W[e]`` transposed.
@@ -95,8 +95,8 @@ class Experts:
     # ``per_expert_scale``.
     router_cuts: tuple[str, ...] = ("weight", "bias")
     # Config key of a group count for group-limited routing (DeepSeek-V3: the top-k is chosen only among the
-    # ``topk_group`` groups of experts with the best scores), or "". With more than one group, removing an expert
-    # changes its group's score and so other tokens' choices: expert removal is refused for such a config.
+    # ``topk_group`` groups of experts with the best scores), or "". With more than one group, experts go evenly
+    # from every group (``structures/experts.py``).
     groups: str = ""
     # The output projections of the shared experts beside the routed ones (ordinary Linears): with the routed experts'
     # down projections, what a block's mixture adds to the residual stream.
@@ -398,6 +398,12 @@ def arch_for(model_type: str) -> Arch:
         raise UserError(
             f"model type '{model_type}' is not supported; supported: {', '.join(sorted(ARCHS))}"
         ) from None
+
+
+def expert_groups(config) -> int:
+    """The groups a group-limited router chooses among (``Experts.groups``; 1 without)."""
+    spec = arch_for(config.model_type).experts
+    return int(getattr(config, spec.groups, 1) or 1) if spec is not None and spec.groups else 1
 
 
 def config_values(config, key: str) -> list:

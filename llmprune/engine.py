@@ -171,9 +171,9 @@ def _before_blocks(model: nn.Module) -> list[nn.Module]:
 
 @dataclass(frozen=True)
 class _Scratch:
-    """A mutable container that the model hands every block of one forward pass to share state through (Gemma 4's
-    ``shared_kv_states``, which a block fills with its keys and values for later blocks to reuse). Recorded as its
-    type and replayed as a fresh empty one on every call: exact while no block reads what another wrote, which the
+    """Stands for a mutable container that the model hands every block of one forward pass to share state through
+    (Gemma 4's ``shared_kv_states``, which a block fills with its keys and values for later blocks to reuse): the
+    container is recorded as its type and replayed as a fresh empty one on every call: exact while no block reads what another wrote, which the
     table guarantees by refusing the configs that share (``arch.Arch.refuse``); and no block's state is kept alive
     in the captured arguments, nor merged across chunks."""
 
@@ -218,13 +218,17 @@ def capture(
     # model's loop may read (``attention_type``...), and an instance ``forward`` already there is put back after.
     # Arguments after the hidden states that the model's loop passes by position (Gemma 4's per-layer input) are
     # recorded by their names in the block's signature, and replayed as keywords.
-    positional = [list(inspect.signature(type(layer).forward).parameters)[2:] for layer in layers]
+    positional = [[n for n, p in inspect.signature(type(layer).forward).parameters.items()
+                   if p.kind is p.POSITIONAL_OR_KEYWORD][2:] for layer in layers]
 
     def stand_in(i: int):
         def forward(*args, **kw):
             h = args[0] if args else kw.pop("hidden_states")
             if i == 0:
                 hidden.append(h.to(device=store, dtype=act_dtype or h.dtype))
+            if len(args) - 1 > len(positional[i]):  # a block taking *args: its arguments would be replayed wrongly
+                raise RuntimeError(f"block {i} is called with {len(args) - 1} positional arguments its signature "
+                                   "does not name")
             named = dict(zip(positional[i], args[1:]))
             by_block[i].append({k: _Scratch.of(v) for k, v in {**named, **kw}.items() if k != "hidden_states"})
             if i == len(layers) - 1:

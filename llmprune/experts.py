@@ -41,7 +41,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool
     return lin
 
 
-def _slice(p: torch.Tensor, e: int, spec: Experts) -> torch.Tensor:
+def expert_weight(p: torch.Tensor, e: int, spec: Experts) -> torch.Tensor:
     """Expert e's weight in a Linear's orientation ``[out, in]``: a view of the 3-D parameter either way."""
     return p[e].t() if spec.transposed else p[e]
 
@@ -65,7 +65,7 @@ def views(block: nn.Module, spec: Experts) -> dict[str, nn.Linear]:
         for name, _ in spec.params:
             p = getattr(mod, name)
             bias = getattr(mod, biases[name]).data[e] if name in biases else None
-            out[f"{spec.path}.{name}[{e}]"] = _linear(_slice(p.data, e, spec), bias, p.requires_grad)
+            out[f"{spec.path}.{name}[{e}]"] = _linear(expert_weight(p.data, e, spec), bias, p.requires_grad)
     return out
 
 
@@ -94,7 +94,7 @@ def write_back(block: nn.Module, spec: Experts) -> None:
         for name, lin in vs.items():
             base = name[: name.rindex("[")].rsplit(".", 1)[1]
             e = expert_count(name)
-            _copy_into(_slice(getattr(mod, base).data, e, spec), lin.weight.data)
+            _copy_into(expert_weight(getattr(mod, base).data, e, spec), lin.weight.data)
             if base in biases:
                 _copy_into(getattr(mod, biases[base]).data[e], lin.bias.data)
 
@@ -104,14 +104,14 @@ def _routed_forward(mod: nn.Module, spec: Experts, views_by_expert: list[tuple[n
     expert e and the tokens routed to it, ``w * down_e(gate(gate_up_e x))`` summed into the output, experts in
     increasing order (as transformers' own eager loop does, so the sums round alike). Each call records the routing
     it followed (``ROUTING``)."""
-    if spec.forward == "prescaled":
-        return _prescaled_forward(mod, views_by_expert)
     if spec.forward == "clamped":
         gate = mod._apply_gate  # gpt-oss's own: interleaved, clamped, (up + 1) * gate * sigmoid(alpha * gate)
     else:
         def gate(gate_up: torch.Tensor) -> torch.Tensor:
             g, up = gate_up.chunk(2, dim=-1)
             return mod.act_fn(g) * up
+    if spec.forward == "prescaled":
+        return _prescaled_forward(mod, views_by_expert, gate)
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
@@ -128,7 +128,7 @@ def _routed_forward(mod: nn.Module, spec: Experts, views_by_expert: list[tuple[n
     return forward
 
 
-def _prescaled_forward(mod: nn.Module, views_by_expert: list[tuple[nn.Linear, nn.Linear]]):
+def _prescaled_forward(mod: nn.Module, views_by_expert: list[tuple[nn.Linear, nn.Linear]], gate):
     """Llama 4's experts: the input is every token once per expert ``[E * T, H]``, each row already multiplied by the
     router's score for that expert -- zero for a token the router did not choose (its top-k scores pass a sigmoid,
     the rest are sigmoid(-inf) = 0). Expert e runs on its non-zero rows only (a zero row gives a zero output: no
@@ -145,8 +145,7 @@ def _prescaled_forward(mod: nn.Module, views_by_expert: list[tuple[nn.Linear, nn
             routing[e] = (rows, torch.ones(rows.numel(), dtype=x.dtype, device=x.device))
             if rows.numel() == 0:
                 continue
-            g, up = gate_up(x[e, rows]).chunk(2, dim=-1)
-            out[e, rows] = down(up * mod.act_fn(g)).to(out.dtype)
+            out[e, rows] = down(gate(gate_up(x[e, rows]))).to(out.dtype)
         return out.view(-1, hidden_states.shape[-1])
 
     return forward

@@ -12,8 +12,10 @@ bf16); statistics are accumulated in fp32 by ``stats``, whatever the weights' dt
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -72,12 +74,27 @@ def _release_freed_memory() -> None:
 _trim = None
 
 
-def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception], text_only: bool):
-    """``(model, table row, Multimodal or None)``: the model built from ``folder``'s config on the ``meta`` device,
-    once the config has been checked against itself and against the blocks the shards hold (``validate``). A
-    vision-language release (``arch.MULTIMODAL``) gives its language model, when ``text_only`` allows it."""
+@dataclass
+class _Source:
+    """What ``_skeleton`` read: the model (on ``meta``), its table row, and what of the checkpoint it does not use --
+    a vision-language release's towers (``multimodal``, with ``text_only``) and the tensors the model class itself
+    ignores on load (``_keys_to_ignore_on_load_unexpected``: DeepSeek-V3's and GLM-4.5's multi-token-prediction
+    block, Qwen3.5's ``mtp.*``)."""
+
+    model: nn.Module
+    row: Any
+    multimodal: Any  # arch.Multimodal or None
+    release_type: str  # the checkpoint's own model_type (a vision-language release's, where text_only)
+    unused: list[str]
+
+
+def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception], text_only: bool) -> _Source:
+    """The model built from ``folder``'s config on the ``meta`` device, once the config has been checked against
+    itself and against the blocks the shards hold (``validate``). A vision-language release (``arch.MULTIMODAL``)
+    gives its language model, when ``text_only`` allows it."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from llmprune.arch import MULTIMODAL, arch_for
 
@@ -85,12 +102,17 @@ def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception],
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:  # anything a config file can make the parser raise is a config that cannot be read
         raise error(f"cannot read the config of {what}: {first_line(e)}") from None
+    release_type = config.model_type
     wrapper = MULTIMODAL.get(config.model_type) if text_only else None
-    names = shards.names()
+    unused: list[str] = []
     if wrapper is not None:
-        config = config.get_text_config()
-        names = [n for n in names if any(n.startswith(theirs) for _, theirs in wrapper.text)]
+        config = _text_config(config, folder)
+        unused = [n for n in shards.names() if any(n.startswith(p) for p in wrapper.others)]
     row = arch_for(config.model_type)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    ignored = [re.compile(p) for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unused += [n for n in shards.names() if n not in unused and any(p.search(n) for p in ignored)]
+    names = [n for n in shards.names() if n not in set(unused)]
     validate.check_config(config, what, error)
     validate.check_block_count(config, names, what, error)
     try:
@@ -102,7 +124,19 @@ def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception],
     model.eval()
     if wrapper is not None:
         model.config.architectures = [type(model).__name__]  # what a text-only checkpoint of it declares
-    return model, row, wrapper
+    return _Source(model, row, wrapper, release_type, sorted(unused))
+
+
+def _text_config(config, folder: Path):
+    """The language model's config of a vision-language release. A release may declare ``tie_word_embeddings`` at
+    the top only, which transformers does not hand down: an explicit top-level value is copied in."""
+    import json
+
+    text = config.get_text_config()
+    top = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if isinstance(top, dict) and "tie_word_embeddings" in top:
+        text.tie_word_embeddings = bool(top["tie_word_embeddings"])
+    return text
 
 
 class Lazy:
@@ -121,11 +155,11 @@ class Lazy:
         self.folder = Path(folder)
         self.shards = ShardSet(self.folder, error)
         what = f"the model in {self.folder}"
-        model, row, self.multimodal = _skeleton(self.folder, self.shards, what, error, text_only)
+        src = _skeleton(self.folder, self.shards, what, error, text_only)
+        model, row, self.multimodal, self.release_type = src.model, src.row, src.multimodal, src.release_type
         self.model = model
-        # The tensors of a vision-language release that are not its language model's (``text_only``): not kept.
-        self.dropped = sorted(n for n in self.shards.names() if self.multimodal is not None
-                              and any(n.startswith(p) for p in self.multimodal.others))
+        # Tensors of the checkpoint the model does not use (``_Source``): not read, not kept.
+        self.dropped = src.unused
         # Every name a parameter answers to (a tied head and embedding are one Parameter, one tensor on disk).
         groups: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -136,7 +170,7 @@ class Lazy:
         self.parts: dict[str, list[list[str]]] = {}
         self._own: set[str] = set()
         self._read: set[str] = set()  # persistent buffers read from the shards (``load``)
-        missing = self._map(model, row, groups, self._expert_sources(model, row, blocks))
+        missing = self._map(model, row, groups, self._expert_sources(model, row, blocks, self._disk_name))
         shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
                   **{n: tuple(b.shape) for n, b in model.named_buffers()}}
         self._check_cover(missing, shapes, what, error)
@@ -154,9 +188,8 @@ class Lazy:
              ) -> list[str]:
         """Fill ``key``, ``parts`` and ``_own`` from the shards' names; returns what the shards lack."""
         def on_disk(n: str) -> str | None:
-            for ours, theirs in self.multimodal.text if self.multimodal is not None else ():
-                if n.startswith(ours) and theirs + n[len(ours):] in self.shards:
-                    return theirs + n[len(ours):]
+            if self._disk_name(n) in self.shards:
+                return self._disk_name(n)
             if n in self.shards:
                 return n
             for ours, theirs in row.renames:
@@ -208,7 +241,7 @@ class Lazy:
                                   for e in sources for k in e}}, what, error)
 
     @staticmethod
-    def _expert_sources(model: nn.Module, row, blocks) -> dict[str, list[list[str]]]:
+    def _expert_sources(model: nn.Module, row, blocks, disk_name) -> dict[str, list[list[str]]]:
         """Where a checkpoint in the per-expert layout keeps each 3-D expert parameter of ``model``: ``{name: [[shard
         tensors of expert 0], ...]}`` (the table's ``Experts.disk_path`` and sources)."""
         spec = row.experts
@@ -224,7 +257,8 @@ class Lazy:
                     continue
                 p = getattr(mod, param)
                 out[f"{row.layers}.{i}.{spec.path}.{param}"] = [
-                    [f"{row.layers}.{i}.{spec.disk_path}.{e}.{src}.weight" for src in sources] for e in range(p.shape[0])
+                    [disk_name(f"{row.layers}.{i}.{spec.disk_path}.{e}.{src}.weight") for src in sources]
+                    for e in range(p.shape[0])
                 ]
         return out
 
@@ -238,6 +272,14 @@ class Lazy:
     def _stacked(self, name: str) -> torch.Tensor:
         """A 3-D expert parameter read from its per-expert tensors: ``stack_e(cat(sources of e))``."""
         return torch.stack([torch.cat([self.shards.get(k) for k in e]) for e in self.parts[name]])
+
+    def _disk_name(self, name: str) -> str:
+        """Where a checkpoint keeps the model's tensor ``name``: under the language model's prefix in a
+        vision-language release, as itself otherwise."""
+        for ours, theirs in self.multimodal.text if self.multimodal is not None else ():
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return name
 
     def own_name(self, stored: str) -> str:
         """The name the model gives a stored tensor, where it differs from the checkpoint's (the language model of a
@@ -312,7 +354,8 @@ class Lazy:
 
         emb = model.get_input_embeddings()
         names = [f"{self._names[id(emb)]}.weight"]
-        names += [f"{n}.weight" for n in arch_for(model.config.model_type).token_embeddings]
+        names += [f"{n}.weight" for n in arch_for(model.config.model_type).token_embeddings
+                  if f"{n}.weight" in self._shapes]  # Gemma 4 has per-layer embeddings in some configs only
         used, renumbered = torch.unique(windows, return_inverse=True)
         for name in names:  # each embedding the token ids index (Gemma 4's per-layer one too): the same rows
             vocab = self._shapes[name][0]

@@ -170,7 +170,8 @@ def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2G
         floating = STORED[entries[name].dtype].is_floating_point
         return NAMES[target] if target is not None and floating else entries[name].dtype
 
-    planned = [Planned(lazy.own_name(n), out_dtype(n), entries[n].shape) for n in order]
+    own = {n: lazy.own_name(n) for n in order}  # the text model's names for a vision-language release's tensors
+    planned = [Planned(own[n], out_dtype(n), entries[n].shape) for n in order]
     plan = plan_shards(planned, convert_file_size_to_int(int(max_shard_size) if max_shard_size.isdigit()
                                                          else max_shard_size))
     writer = ShardWriter(out, dict(zip(shard_names(len(plan)), plan)))
@@ -187,9 +188,9 @@ def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2G
                     n = validate.non_finite_count(t)
                     bad, first = bad + n, first or (name if n else None)
                     if entries[name].shape:
-                        writer.put_rows(lazy.own_name(name), start, t, last=stop == rows)
+                        writer.put_rows(own[name], start, t, last=stop == rows)
                     else:
-                        writer.put(lazy.own_name(name), t)
+                        writer.put(own[name], t)
                 advance()
         if bad:
             raise UserError(f"{what} holds {bad:,} NaN or infinite weights (the first in {first}); a model must be "

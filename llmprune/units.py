@@ -55,8 +55,7 @@ def weight_of(model: nn.Module, name: str):
     expert's slice of a 3-D parameter (``model.layers.0.mlp.experts.gate_up_proj[3]``, a view of it)."""
     if name.endswith("]"):
         base, _, e = name[:-1].rpartition("[")
-        w = model.get_parameter(base).data[int(e)]
-        return w.t() if arch_for(model.config.model_type).experts.transposed else w
+        return experts.expert_weight(model.get_parameter(base).data, int(e), arch_for(model.config.model_type).experts)
     return model.get_submodule(name).weight
 
 

@@ -118,3 +118,24 @@ def test_gemma4_blocks_sharing_keys_and_values_are_refused_at_calibrate(tiny_roo
     err = " ".join(capsys.readouterr().err.split())
     assert code != 0 and "num_kv_shared_layers = 1" in err and "reuse the keys and values" in err
     assert "Traceback" not in err and not (tmp_path / "wd").exists()
+
+
+def test_gemma4_without_per_layer_inputs_streams(tiny_root, tmp_path):
+    """The 26B-A4B and 31B releases have no per-layer embeddings (``hidden_size_per_layer_input`` 0): the streamed
+    walk reads only the embeddings the model has, and gives the in-memory perplexity."""
+    from transformers import Gemma4TextConfig
+
+    from llmprune import evaluate
+    from llmprune.lazy import Lazy
+
+    cfg = tiny.config("gemma4_text").to_dict()
+    cfg.update(hidden_size_per_layer_input=0)
+    cfg.pop("per_layer_config", None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma4TextConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    model.save_pretrained(tmp_path / "g4")
+    windows = torch.randint(0, tiny.VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    lazy = Lazy(tmp_path / "g4")
+    streamed = evaluate.perplexity(lazy.model, windows, batch_size=2, weights=lazy)
+    in_memory = evaluate.perplexity(model.eval(), windows, batch_size=2)
+    assert streamed == pytest.approx(in_memory, rel=1e-5)

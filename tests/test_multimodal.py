@@ -25,11 +25,15 @@ def _text_config(model_type: str) -> dict:
 def _release(kind: str, out):
     """A tiny random-init vision-language model of the kind, saved as a release is."""
     torch.manual_seed(0)
-    if kind == "qwen3_5":
+    if kind.startswith("qwen3_5"):
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
-        model = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=_text_config("qwen3_5_text"),
-                                                                      vision_config=vision))
+        if kind == "qwen3_5":
+            model = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=_text_config("qwen3_5_text"),
+                                                                          vision_config=vision))
+        else:  # its experts saved one tensor per expert, under the language model's prefix
+            model = tf.Qwen3_5MoeForConditionalGeneration(tf.Qwen3_5MoeConfig(
+                text_config=_text_config("qwen3_5_moe_text"), vision_config=vision))
     elif kind == "llama4":
         vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
                       patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=64,
@@ -49,7 +53,7 @@ def _release(kind: str, out):
     return model
 
 
-@pytest.mark.parametrize("kind", sorted(set(MULTIMODAL) - {"qwen3_5_moe"}))
+@pytest.mark.parametrize("kind", sorted(MULTIMODAL))
 def test_text_only_takes_the_language_model_of_a_vision_language_release(tiny_root, tmp_path, capsys, kind):
     release = _release(kind, tmp_path / "release")
     wd = tmp_path / "wd"
@@ -80,5 +84,25 @@ def test_text_only_takes_the_language_model_of_a_vision_language_release(tiny_ro
             torch.testing.assert_close(text(input_ids=ids).logits, own(input_ids=ids).logits, atol=0, rtol=0)
     manifest = json.loads((wd / "manifest.json").read_text())
     assert manifest["base_model"]["multimodal"]["model_type"] == kind
-    assert manifest["base_model"]["multimodal"]["tensors_not_kept"] > 0
+    assert manifest["base_model"]["tensors_not_kept"] > 0
     assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0  # an ordinary workdir from here on
+
+
+def test_tensors_the_model_class_ignores_are_not_kept(tiny_root, tmp_path):
+    """Releases ship blocks their transformers class never loads (DeepSeek-V3's and GLM-4.5's multi-token-prediction
+    block, Qwen3.5's ``mtp.*``): calibrate leaves them out, as transformers does, and counts them."""
+    from safetensors.torch import save_file
+
+    folder = tiny.build("qwen3_5_text", tmp_path / "qwen3.5")
+    save_file({"mtp.fc.weight": torch.ones(64, 128), "mtp.layers.0.mlp.down_proj.weight": torch.ones(64, 32)},
+              folder / "mtp.safetensors")
+    index = {"metadata": {}, "weight_map": {**{k: "model.safetensors" for k in load_file(folder / "model.safetensors")},
+                                          "mtp.fc.weight": "mtp.safetensors",
+                                          "mtp.layers.0.mlp.down_proj.weight": "mtp.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    wd = tmp_path / "wd"
+    code, _ = cli("calibrate", wd, "--model", folder, "--dataset", tiny_root / "corpus.txt", "--samples", 4,
+                  "--seqlen", 16)
+    assert code == 0
+    assert json.loads((wd / "manifest.json").read_text())["base_model"]["tensors_not_kept"] == 2
+    assert not any(k.startswith("mtp.") for f in (wd / "model").glob("*.safetensors") for k in load_file(f))

@@ -216,10 +216,9 @@ def _open_safetensors(src, o: CalibrateOptions, out):
         return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
     lazy = Lazy(folder, error=UserError, text_only=o.text_only)
     if lazy.multimodal is not None:
-        from transformers import AutoConfig
-
-        base["multimodal"] = {"model_type": AutoConfig.from_pretrained(folder).model_type,
-                              "kept": "language model", "tensors_not_kept": len(lazy.dropped)}
+        base["multimodal"] = {"model_type": lazy.release_type, "kept": "language model"}
+    if lazy.dropped:  # towers of a vision-language release, multi-token-prediction blocks the model class ignores
+        base["tensors_not_kept"] = len(lazy.dropped)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=o.trust_remote_code)
     except (OSError, ValueError) as e:

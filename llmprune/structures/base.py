@@ -52,10 +52,9 @@ def geometry(model: nn.Module) -> Geometry:
     head_dim = _arch.config_value(c, "head_dim") or c.hidden_size // heads
     spec = _arch.arch_for(c.model_type).experts
     experts = int(getattr(c, spec.count, 0) or 0) if spec is not None else 0
-    groups = int(getattr(c, spec.groups, 1) or 1) if spec is not None and spec.groups else 1
     # An all-MoE config has no dense MLP width (Qwen3.5-MoE): 0, and its mlp structure is refused
     return Geometry(c.hidden_size, c.num_hidden_layers, heads, kv, head_dim, getattr(c, parts.mlp_width, 0), experts,
-                    groups)
+                    _arch.expert_groups(c))
 
 
 @dataclass

@@ -69,13 +69,21 @@ class Experts(Structure):
         return sorted(grp * size + i for grp in range(g.expert_groups) for i in range(size - per, size))
 
     def removable(self, config: Any, total: int, n: int) -> bool:
+        return self._why_not(config, total, n) is None
+
+    @staticmethod
+    def _why_not(config: Any, total: int, n: int) -> str | None:
         """Every token keeps the top-k experts it is routed to; a group-limited router keeps two experts per group
-        (it scores a group by its two best)."""
+        (it scores a group by its two best), and top-k experts within the groups it chooses."""
         spec = _arch.arch_for(config.model_type).experts
-        if spec is None:
-            return total - n >= 1
-        groups = int(getattr(config, spec.groups, 1) or 1) if spec.groups else 1
-        return total - n >= getattr(config, spec.top_k, 1) and (groups == 1 or (total - n) // groups >= 2)
+        k, groups = getattr(config, spec.top_k, 1) if spec else 1, _arch.expert_groups(config)
+        if total - n < k:
+            return f"removing {n} of {total} experts leaves fewer than the {k} each token is routed to"
+        per, chosen = (total - n) // groups, getattr(config, "topk_group", 1) or 1
+        if groups > 1 and (per < 2 or per * chosen < k):
+            return (f"removing {n} of {total} experts leaves {per} in each of its {groups} expert groups: its router "
+                    f"scores a group by its two best experts and takes {k} from the {chosen} groups it chooses")
+        return None
 
     def missing(self, a: _arch.Arch, config: Any) -> str | None:
         return "it has no mixture-of-experts blocks" if a.experts is None else None
@@ -104,10 +112,8 @@ class Experts(Structure):
             if len(set(per)) > 1:
                 raise UserError(f"its router chooses among {g.expert_groups} groups of {size} experts: the same "
                                 f"number must go from every group (asked: {per})")
-        if not self.removable(cfg, g.experts, r):
-            raise UserError(f"removing {r} of {g.experts} experts leaves fewer than the "
-                            f"{getattr(cfg, _arch.arch_for(cfg.model_type).experts.top_k)} "
-                            "each token is routed to")
+        if (why := self._why_not(cfg, g.experts, r)) is not None:
+            raise UserError(why)
         setattr(cfg, _arch.arch_for(model.config.model_type).experts.count, g.experts - r)
         return Surgery(experts={i: renumbered(g.experts, gone) for i, gone in enumerate(removed) if gone})
 
