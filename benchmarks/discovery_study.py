@@ -3,7 +3,9 @@ module tree alone.
 
 For each model type of ``AutoModelForCausalLM`` in the installed transformers, the model is built on the ``meta``
 device from its default config with two blocks (no weights, no memory), its decoder blocks found (the ``ModuleList``
-of two blocks holding the most parameters), and every tensor of two or more dimensions in a block sorted into:
+of two blocks holding the most parameters), and every tensor of two or more dimensions in either block sorted into
+(a family whose default config makes its first blocks dense -- DeepSeek-V3's ``first_k_dense_replace`` is 3 -- shows
+no experts here):
 
 - ``linear``: the weight of an ``nn.Linear`` -- what llmprune's methods prune, input captured by a hook;
 - ``experts``: a 3-D parameter of a module named ``experts`` (routed experts stored per expert: each slice a Linear
@@ -50,9 +52,11 @@ def probe(model_type: str) -> dict:
     path, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
     linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
     kinds: dict[str, list[str]] = {"linear": [], "experts": [], "declared": [], "other": []}
-    for name, p in blocks[0].named_parameters():
-        if p.dim() < 2:
+    seen = set()
+    for name, p in ((n.split(".", 1)[1], p) for n, p in blocks.named_parameters()):  # both blocks: one may be dense
+        if p.dim() < 2 or name in seen:
             continue
+        seen.add(name)
         owner = name.rpartition(".")[0]
         parts = set(owner.split("."))
         kind = ("linear" if id(p) in linear and not parts & {"gate", "router"} and "conv" not in name
@@ -85,7 +89,7 @@ def main() -> None:
             lines.append(f"| {cls} | {len(got)} | {sum(r['in_table'] for r in got)} | "
                          f"{', '.join(r['model_type'] for r in got[:12])}{' ...' if len(got) > 12 else ''} |")
     other = [r for r in rows if r["class"] == "other"]
-    lines += ["", "Tensors a generic description cannot place (first of each family, block 0):", ""]
+    lines += ["", "Tensors a generic description cannot place (the first four of each family):", ""]
     lines += [f"- {r['model_type']}: {', '.join(r['other'])}" for r in other]
     table = "\n".join(lines)
     caption = (f"# Discovery study: the blocks of every causal-LM family of transformers {transformers.__version__}\n\n"

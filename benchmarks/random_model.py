@@ -62,8 +62,8 @@ def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int =
 def write(out: Path, cfg, dtype: torch.dtype = torch.bfloat16, seed: int = 0, max_shard_size: int = 2 * 10**9,
           tokenizer_dir: Path | None = None) -> dict:
     """Write a random-init checkpoint of any family's ``cfg`` into ``out``, tensor by tensor: every tensor of two or
-    more dimensions ~ N(0, 0.02), vectors (norms, biases, per-head constants) 1, persistent buffers (a router's
-    correction bias) 0. Returns the config as a dict; a folder already written is kept."""
+    more dimensions ~ N(0, 0.02), biases 0, other vectors (norms, per-head constants) 1, persistent buffers (a
+    router's correction bias) 0. Returns the config as a dict; a folder already written is kept."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -91,6 +91,8 @@ def write(out: Path, cfg, dtype: torch.dtype = torch.bfloat16, seed: int = 0, ma
     for t in tensors:
         if kind.get(t.name) == "buffer":
             value = torch.zeros(t.shape, dtype=dict(buffers)[t.name].dtype)
+        elif len(t.shape) == 1 and t.name.endswith("bias"):  # a bias of ones in every block would add one
+            value = torch.zeros(t.shape, dtype=dtype)  # direction to the residual stream that every router follows
         elif len(t.shape) == 1:  # RMSNorm weights and other vectors
             value = torch.ones(t.shape, dtype=dtype)
         else:
