@@ -104,15 +104,14 @@ def _skeleton(folder: Path, shards: ShardSet, what: str, error: type[Exception],
         raise error(f"cannot read the config of {what}: {first_line(e)}") from None
     release_type = config.model_type
     wrapper = MULTIMODAL.get(config.model_type) if text_only else None
-    unused: list[str] = []
     if wrapper is not None:
         config = _text_config(config, folder)
-        unused = [n for n in shards.names() if any(n.startswith(p) for p in wrapper.others)]
     row = arch_for(config.model_type)
     cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     ignored = [re.compile(p) for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()]
-    unused += [n for n in shards.names() if n not in unused and any(p.search(n) for p in ignored)]
-    names = [n for n in shards.names() if n not in set(unused)]
+    towers = wrapper.others if wrapper is not None else ()
+    unused = {n for n in shards.names() if n.startswith(towers) or any(p.search(n) for p in ignored)}
+    names = [n for n in shards.names() if n not in unused]
     validate.check_config(config, what, error)
     validate.check_block_count(config, names, what, error)
     try:

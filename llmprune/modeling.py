@@ -192,9 +192,7 @@ def copy_weights(lazy, out: Path, dtype: str = "auto", max_shard_size: str = "2G
                     else:
                         writer.put(own[name], t)
                 advance()
-        if bad:
-            raise UserError(f"{what} holds {bad:,} NaN or infinite weights (the first in {first}); a model must be "
-                            "finite to be pruned")
+        validate.refuse_non_finite_source(bad, first, what)
         writer.close()
     finally:
         writer.abort()

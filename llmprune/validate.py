@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from llmprune.arch import ARCHS, config_values
-from llmprune.errors import StepFailed
+from llmprune.errors import StepFailed, UserError
 from llmprune.precision import PRUNABLE
 
 # Sizes a decoder config may carry: each, when present, a positive integer below the bound. A bound far above any
@@ -122,6 +122,13 @@ def check_vocabulary(tokens: int, rows: int, what: str, error: type[Exception]) 
 def non_finite_count(t: torch.Tensor) -> int:
     """NaN and infinite entries of a tensor (none in an integer one)."""
     return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+
+
+def refuse_non_finite_source(count: int, first: str | None, what: str) -> None:
+    """A model brought in must be finite: ``count`` NaN or infinite weights (the first in ``first``) refuse it."""
+    if count:
+        raise UserError(f"{what} holds {count:,} NaN or infinite weights (the first in {first}); a model must be "
+                        "finite to be pruned")
 
 
 def refuse_produced(count: int, first: str | None) -> None:

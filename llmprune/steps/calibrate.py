@@ -155,12 +155,12 @@ def keep_teacher(tx, model_dir) -> None:
 def _load_gguf(src, o: CalibrateOptions, out):
     from pathlib import Path
 
-    from llmprune import provenance
-    from llmprune.modeling import load_source, save_model
+    from llmprune import provenance, validate
+    from llmprune.modeling import load_source, non_finite, save_model
 
     lm, tok, base = load_source(o.model, o.revision, o.dtype, o.trust_remote_code)
     base.update(provenance.of_gguf(Path(src.where)))
-    _refuse_non_finite(lm, o.model)
+    validate.refuse_non_finite_source(*non_finite(lm), f"model {o.model}")
     return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
 
 
@@ -184,23 +184,14 @@ def _check_config(folder, o: CalibrateOptions) -> None:
     validate.check_config(config, f"model {o.model}", UserError)
 
 
-def _refuse_non_finite(lm, what: str) -> None:
-    from llmprune.modeling import non_finite
-
-    bad, first = non_finite(lm)
-    if bad:
-        raise UserError(f"model {what} holds {bad:,} NaN or infinite weights (the first in {first}); "
-                        "a model must be finite to be pruned")
-
-
 def _open_safetensors(src, o: CalibrateOptions, out):
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    from llmprune import provenance, quantized
+    from llmprune import provenance, quantized, validate
     from llmprune.lazy import Lazy
-    from llmprune.modeling import copy_weights, hub_snapshot, load_source, quiet_transformers, save_model
+    from llmprune.modeling import copy_weights, hub_snapshot, load_source, non_finite, quiet_transformers, save_model
 
     quiet_transformers()
     folder = Path(src.where) if src.kind == "folder" else hub_snapshot(src.where, o.revision)
@@ -212,7 +203,7 @@ def _open_safetensors(src, o: CalibrateOptions, out):
         _check_config(folder, o)  # before minutes of loading and dequantizing
         lm, tok, loaded = load_source(str(folder), None, o.dtype, o.trust_remote_code)
         base.update(model_type=loaded["model_type"], quantization=loaded["quantization"])
-        _refuse_non_finite(lm, o.model)
+        validate.refuse_non_finite_source(*non_finite(lm), f"model {o.model}")
         return lm, tok, base, lambda: save_model(lm, tok, out, o.max_shard_size)
     lazy = Lazy(folder, error=UserError, text_only=o.text_only)
     if lazy.multimodal is not None:
