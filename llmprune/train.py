@@ -50,9 +50,18 @@ def check_launcher() -> None:
 
 
 def accelerator(device: str, grad_accum: int = 1):
+    import os
+
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     check_launcher()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one device setting per process (a shared state, set by the first Accelerator): without
+        # this, a CPU run earlier in the process (a test session, a recipe) keeps a later --device cuda run on the
+        # CPU. Under a launch the state holds the process group and is left alone.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum)
 
 

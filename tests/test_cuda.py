@@ -75,7 +75,10 @@ def test_masked_lora_recovery_on_cuda(calibrated):
     assert cli("prune", wd, "--method", "wanda", "--pattern", "2:4")[0] == 0
     code, res = cli("recover", wd, "--steps", 3, "--eval-every", 3, "--batch-size", 4, "--holdout", 4,
                     "--device", "cuda")
-    assert code == 0 and res["weights_remasked"] == 0
+    # A merge writes every position, the pruned ones included, so weights are always re-masked (on the CPU too);
+    # trained through the mask, the re-masked merge is the trained model -- as tests/test_recover.py asserts there.
+    assert code == 0 and res["sparsity"]["all"] == pytest.approx(0.5)
+    assert res["ppl_remasked"] == pytest.approx(res["ppl_adapter"], rel=1e-3)
 
 
 def test_dress_for_experts_and_a_budget_search_on_cuda(calibrated):

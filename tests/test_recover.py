@@ -395,3 +395,16 @@ def test_the_zero_pattern_to_keep_is_read_from_the_record(calibrated):
     assert not is_sparse(manifest("wanda", {"zero_pattern": None}))  # the record wins over the registry
     assert not is_sparse(manifest("dress", {}))  # an older record: the registry says dress leaves no zeros
     assert is_sparse(manifest("a-future-method", {}))  # unknown: keep its zeros
+
+
+def test_one_training_runs_device_never_leaks_into_the_next(monkeypatch):
+    """accelerate's shared state is set by the first Accelerator of a process; each training starts from a fresh one,
+    so a CPU run before a --device cuda run (one test session, one recipe) does not keep the second on the CPU."""
+    from accelerate.state import PartialState
+
+    from llmprune import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train.accelerator("cpu").state.use_distributed is False and PartialState()._cpu is True
+    train.accelerator("auto")
+    assert PartialState()._cpu is False  # without the reset it stays True: the first run's setting
