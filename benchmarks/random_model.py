@@ -33,6 +33,9 @@ SIZES = {
                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
     "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                intermediate_size=11008, vocab_size=49152, tie_word_embeddings=False),
+    # the GPU check's rehearsal on a CPU (benchmarks/gpu_check.py --rehearse): the same script, seconds per step
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=128, vocab_size=49152, tie_word_embeddings=False),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
 }
@@ -49,21 +52,24 @@ def tokenizer(folder: Path | None = None):
 
 
 def build(out: Path, size: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-          max_shard_size: int = 2 * 10**9, tokenizer_dir: Path | None = None) -> dict:
-    """Write the Llama-shaped checkpoint of ``size`` (safetensors shards, config, tokenizer) into ``out``; returns its
-    config as a dict."""
+          max_shard_size: int = 2 * 10**9, tokenizer_dir: Path | None = None, layers: int | None = None,
+          device: str = "cpu") -> dict:
+    """Write the Llama-shaped checkpoint of ``size`` (safetensors shards, config, tokenizer) into ``out``, with
+    ``layers`` blocks instead of the size's; returns its config as a dict."""
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+    shape = dict(SIZES[size], **({"num_hidden_layers": layers} if layers else {}))
+    cfg = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                       dtype=str(dtype).removeprefix("torch."))
-    return write(out, cfg, dtype, seed, max_shard_size, tokenizer_dir)
+    return write(out, cfg, dtype, seed, max_shard_size, tokenizer_dir, device)
 
 
 def write(out: Path, cfg, dtype: torch.dtype = torch.bfloat16, seed: int = 0, max_shard_size: int = 2 * 10**9,
-          tokenizer_dir: Path | None = None) -> dict:
+          tokenizer_dir: Path | None = None, device: str = "cpu") -> dict:
     """Write a random-init checkpoint of any family's ``cfg`` into ``out``, tensor by tensor: every tensor of two or
     more dimensions ~ N(0, 0.02), biases 0, other vectors (norms, per-head constants) 1, persistent buffers (a
-    router's correction bias) 0. Returns the config as a dict; a folder already written is kept."""
+    router's correction bias) 0, drawn on ``device`` (a GPU draws a 7B model's in seconds; the CPU's generator is one
+    thread). Returns the config as a dict; a folder already written is kept."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -87,7 +93,7 @@ def write(out: Path, cfg, dtype: torch.dtype = torch.bfloat16, seed: int = 0, ma
     plan = plan_shards(tensors, max_shard_size)
     part = out.with_name(out.name + ".part")
     writer = ShardWriter(part, dict(zip(shard_names(len(plan)), plan)))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     for t in tensors:
         if kind.get(t.name) == "buffer":
             value = torch.zeros(t.shape, dtype=dict(buffers)[t.name].dtype)
@@ -96,7 +102,8 @@ def write(out: Path, cfg, dtype: torch.dtype = torch.bfloat16, seed: int = 0, ma
         elif len(t.shape) == 1:  # RMSNorm weights and other vectors
             value = torch.ones(t.shape, dtype=dtype)
         else:
-            value = torch.empty(t.shape, dtype=torch.float32).normal_(0, 0.02, generator=gen).to(dtype)
+            value = torch.empty(t.shape, dtype=torch.float32, device=device).normal_(0, 0.02, generator=gen)
+            value = value.to(dtype).cpu()
         writer.put(t.name, value)
         del value
     writer.close()
@@ -114,11 +121,14 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, help="a saved tokenizer folder (default: from the benchmark GGUF)")
     ap.add_argument("--save-tokenizer", action="store_true", help="only save the tokenizer into OUT (for a machine "
                     "without PyPI: benchmarks/gpu_check.sh)")
+    ap.add_argument("--layers", type=int, help="blocks (default: the size's)")
+    ap.add_argument("--device", default="cpu", help="where the random weights are drawn (cpu, cuda)")
     args = ap.parse_args()
     if args.save_tokenizer:
         tokenizer(args.tokenizer).save_pretrained(args.out)
     else:
-        build(args.out, args.size, getattr(torch, args.dtype), tokenizer_dir=args.tokenizer)
+        build(args.out, args.size, getattr(torch, args.dtype), tokenizer_dir=args.tokenizer, layers=args.layers,
+              device=args.device)
     print(args.out)
 
 

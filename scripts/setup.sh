@@ -4,6 +4,8 @@
 # source with cmake and g++ the first time, a few minutes; pip caches the wheel) extras. Safe to re-run.
 # torch comes from a wheel pip finds without the network (a --find-links folder) when there is one, else from
 # PyTorch's CPU index; TORCH_INDEX=URL names another index (a CUDA one, say).
+# --tests also builds .venv-device (scripts/device_venv.sh: the GPU machines' package versions), which the test
+# suite's rehearsal of the GPU check runs in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -32,3 +34,6 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,eval,gguf]"
 .venv/bin/python -c "import torch, transformers, llmprune; print(f'llmprune {llmprune.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"
+if [ "${1:-}" = --tests ]; then
+  bash scripts/device_venv.sh
+fi
