@@ -153,7 +153,7 @@ def load_teacher(ws, given: str | None, student: nn.Module, dtype: str = "float3
 
 def prepare_teacher(ws, given: str | None, student: nn.Module, tok, windows: torch.Tensor, hold: torch.Tensor,
                     steps: int, *, where, keep: bool, seed: int, batch_size: int, grad_accum: int,
-                    grad_checkpointing: bool, device: str) -> tuple[nn.Module, dict | None]:
+                    grad_checkpointing: bool, device: str, precision: str = "fp32") -> tuple[nn.Module, dict | None]:
     """The teacher a training step distils from, and its correction record (None with ``steps`` 0): the corrected
     teacher an interrupted run kept in ``where`` (its resume folder) if there is one, else ``load_teacher``'s,
     corrected ``steps`` steps on ``windows`` and, with ``keep``, kept in ``where`` for a rerun."""
@@ -166,7 +166,8 @@ def prepare_teacher(ws, given: str | None, student: nn.Module, tok, windows: tor
     if not steps:
         return teacher, None
     correction = correct_teacher(teacher, windows, hold, steps, seed=seed, batch_size=batch_size,
-                                 grad_accum=grad_accum, grad_checkpointing=grad_checkpointing, device=device)
+                                 grad_accum=grad_accum, grad_checkpointing=grad_checkpointing, device=device,
+                                 precision=precision)
     if keep and where is not None:
         resume.keep_teacher(teacher, tok, where, correction, ws.shard_size)
     return teacher, correction
@@ -174,7 +175,7 @@ def prepare_teacher(ws, given: str | None, student: nn.Module, tok, windows: tor
 
 def correct_teacher(teacher: nn.Module, windows: torch.Tensor, hold: torch.Tensor, steps: int, *, seed: int = 0,
                     batch_size: int = 1, grad_accum: int = 1, grad_checkpointing: bool = False,
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu", precision: str = "fp32") -> dict:
     """Teacher correction (module docstring): fine-tune every weight of ``teacher`` ``steps`` steps on the LM loss
     over ``windows`` -- exactly what ``recover --full --steps N`` does to the dense model -- and freeze it again.
     Returns its record: the held-out perplexity on ``hold`` before and after, the steps, the time."""
@@ -183,7 +184,7 @@ def correct_teacher(teacher: nn.Module, windows: torch.Tensor, hold: torch.Tenso
     before = exp_nll(heldout_nll(teacher, hold))
     teacher.requires_grad_(True)
     spec = TrainSpec(steps=steps, lr=TEACHER_LR, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                     grad_checkpointing=grad_checkpointing, eval_every=0)
+                     grad_checkpointing=grad_checkpointing, eval_every=0, precision=precision)
     hist = train(teacher, windows, spec, device=device, description="correcting the teacher",
                  evaluate=lambda m, step: {"ppl": round(exp_nll(heldout_nll(m, hold)), 4)})
     teacher.eval().requires_grad_(False)

@@ -159,6 +159,12 @@ def batch_option(default: int = 4, what: str = "Windows per forward pass.") -> i
     return option(default, what, check=positive, panel=DEVICE_PANEL)
 
 
+def precision_option() -> str:
+    return option("auto", "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16: the passes under bf16 autocast, the "
+                  "weights and optimizer state kept in fp32; recorded as resolved.",
+                  choices=("auto", "fp32", "bf16"), strict=False, panel=DEVICE_PANEL)
+
+
 def grad_checkpointing_option() -> bool:
     return option(False, "Trade compute for activation memory.", panel=DEVICE_PANEL)
 

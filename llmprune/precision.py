@@ -27,6 +27,23 @@ STORED_NAMES = {v: k for k, v in STORED.items()}
 PRUNABLE = ("F64", "F32", "F16", "BF16")  # what a weight may be stored as: integers and 8-bit floats are not
 
 
+# Training precision (regularize, recover --precision): the forward and backward passes under bf16 autocast, the
+# weights, gradients and AdamW state in fp32 (mixed precision; half-precision weights drift under AdamW's small
+# updates). ``auto`` is bf16 on CUDA, where tensor cores make it about twice as fast, and fp32 on the CPU, where a
+# CPU without bf16 units runs it slower (benchmarks/README.md, Wanda++ --ro-dtype bf16).
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def training_precision(asked: str, device: str) -> str:
+    """``fp32`` or ``bf16``: ``asked`` (auto, fp32, bf16 and their aliases) on the resolved ``device``."""
+    if asked == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    name = canonical(asked, "--precision")
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"--precision {asked}: use auto, fp32 or bf16 (fp16 would need loss scaling)")
+    return {"float32": "fp32", "bfloat16": "bf16"}[name]
+
+
 def canonical(name: str, flag: str = "--dtype", auto: bool = False) -> str:
     """``name`` as its canonical spelling (``bf16`` -> ``bfloat16``); ``auto`` passes where the option takes it.
     Anything else is a one-line error naming ``flag`` and what it accepts."""

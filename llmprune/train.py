@@ -31,6 +31,7 @@ class TrainSpec:
     seed: int = 0
     grad_checkpointing: bool = False
     eval_every: int = 0  # 0: only at the end
+    precision: str = "fp32"  # or "bf16": autocast passes, fp32 weights and optimizer state (precision.py)
 
 
 def check_launcher() -> None:
@@ -49,7 +50,7 @@ def check_launcher() -> None:
                         "shard); run them with DDP: accelerate launch --num_processes N [--cpu] -m llmprune ...")
 
 
-def accelerator(device: str, grad_accum: int = 1):
+def accelerator(device: str, grad_accum: int = 1, precision: str = "fp32"):
     import os
 
     from accelerate import Accelerator
@@ -62,7 +63,8 @@ def accelerator(device: str, grad_accum: int = 1):
         # CPU. Under a launch the state holds the process group and is left alone.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum)
+    return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum,
+                       mixed_precision="bf16" if precision == "bf16" else "no")
 
 
 def _cycle(loader: Iterable) -> Iterable:
@@ -171,7 +173,7 @@ def _prepare(model: nn.Module, windows: torch.Tensor, spec: TrainSpec, device: s
     on every run (what a resumed run relies on)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    acc = accelerator(device, spec.grad_accum)
+    acc = accelerator(device, spec.grad_accum, spec.precision)
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
     loader = DataLoader(TensorDataset(windows), batch_size=spec.batch_size, shuffle=True, generator=gen,
@@ -191,12 +193,13 @@ def _micro_step(acc, wrapped, opt, ids: torch.Tensor, distiller, extra_loss, ste
     the optimiser step accelerate applies once the accumulation is complete. Returns (LM loss, KD loss or 0)."""
     kd_value = 0.0
     with acc.accumulate(wrapped):
-        if distiller is None:
-            loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
-            objective = loss
-        else:
-            objective, loss, kd = distiller.objective(ids, wrapped(input_ids=ids, use_cache=False).logits)
-            kd_value = kd.item()
+        with acc.autocast():  # bf16 training: the teacher's forward too (a no-op in fp32)
+            if distiller is None:
+                loss = wrapped(input_ids=ids, labels=ids, use_cache=False).loss
+                objective = loss
+            else:
+                objective, loss, kd = distiller.objective(ids, wrapped(input_ids=ids, use_cache=False).logits)
+                kd_value = kd.item()
         extra = extra_loss(acc.unwrap_model(wrapped)) if extra_loss else None
         total = objective + extra if extra is not None else objective
         if not torch.isfinite(total):

@@ -3,6 +3,7 @@ and `accelerate launch` with two processes follows the single-process loss curve
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -408,3 +409,35 @@ def test_one_training_runs_device_never_leaks_into_the_next(monkeypatch):
     assert train.accelerator("cpu").state.use_distributed is False and PartialState()._cpu is True
     train.accelerator("auto")
     assert PartialState()._cpu is False  # without the reset it stays True: the first run's setting
+
+
+def test_bf16_precision_trains_under_autocast_and_keeps_fp32_state(calibrated, monkeypatch, tmp_path, capsys):
+    """--precision bf16: the passes under bf16 autocast, the weights and AdamW's state in fp32; recorded as resolved
+    (auto is fp32 on the CPU); close to the fp32 run, not equal to it."""
+    from llmprune import train as train_mod
+
+    seen = []
+    real = train_mod._micro_step
+
+    def spy(acc, wrapped, opt, *a, **k):
+        seen.append((acc.mixed_precision, {p.dtype for p in wrapped.parameters()},
+                     {s["exp_avg"].dtype for s in opt.state.values() if "exp_avg" in s}))
+        return real(acc, wrapped, opt, *a, **k)
+
+    monkeypatch.setattr(train_mod, "_micro_step", spy)
+    res, base = {}, calibrated("llama", samples=20, seqlen=64)
+    for precision in ("auto", "bf16"):
+        wd = tmp_path / precision
+        shutil.copytree(base, wd)
+        code, res[precision] = cli("recover", wd, "--full", "--steps", 4, "--eval-every", 4, *FAST[:-2],
+                                   "--precision", precision)
+        assert code == 0
+        step = [s for s in json.loads((wd / "manifest.json").read_text())["steps"] if s["command"] == "recover"][-1]
+        assert step["params"]["precision"] == {"auto": "fp32", "bf16": "bf16"}[precision]
+    assert {s[0] for s in seen[:4]} == {"no"} and {s[0] for s in seen[4:]} == {"bf16"}
+    assert all(s[1] == {torch.float32} and s[2] <= {torch.float32} for s in seen)
+    a, b = res["auto"]["ppl_after"], res["bf16"]["ppl_after"]
+    assert a != b and b == pytest.approx(a, rel=0.05)
+    capsys.readouterr()
+    assert run(["recover", str(base), "--precision", "fp16"]) == 1
+    assert "fp16 would need loss scaling" in capsys.readouterr().err

@@ -115,7 +115,7 @@ def score_after_regularizing(model: nn.Module, plan: Plan, fit: torch.Tensor, he
 
     work = copy.deepcopy(model)
     spec = TrainSpec(steps=o.search_steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
-                     grad_checkpointing=o.grad_checkpointing, eval_every=o.search_steps)
+                     grad_checkpointing=o.grad_checkpointing, eval_every=o.search_steps, precision=o.precision)
     regularize(work, fit, held, plan, norm=o.norm, shrink=o.shrink, lam=search_lambda(o), spec=spec, device=o.device)
     small = remove(work, plan)
     del work

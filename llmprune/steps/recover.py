@@ -20,7 +20,9 @@ from llmprune.distill import (KD_OPTIONS, distill_option, kd_temperature_option,
 from llmprune.errors import UserError
 from llmprune.modeling import save_model
 from llmprune.options import (batch_option, check_all, check_device, device_option, grad_checkpointing_option, option,
+                              precision_option,
                               positive, specs, text_field_option)
+from llmprune.precision import training_precision
 from llmprune.recovery import add_lora, is_sparse, mask_adapters, save_adapter, targets_for, verify
 from llmprune.stats import exp_nll
 from llmprune.steps import KINDS
@@ -69,6 +71,7 @@ class RecoverOptions:
     seed: int = option(0, "Seed of the data order and the adapter's init.")
     grad_checkpointing: bool = grad_checkpointing_option()
     device: str = device_option("where the model is trained")
+    precision: str = precision_option()
     full: bool = option(False, "Train every weight instead of a LoRA adapter (structured models have no zeros to "
                         "keep; a sparse model's pattern is re-applied after each step).", flag="--full")
     distill: bool = distill_option()
@@ -111,7 +114,8 @@ class RecoverOptions:
         check_all(o)
         if not 0 <= o.dropout < 1 or o.save_every < 0:
             raise UserError("--lora-dropout must be in [0, 1) and --save-every >= 0")
-        return dataclasses.replace(o, device=check_device(o.device))
+        device = check_device(o.device)
+        return dataclasses.replace(o, device=device, precision=training_precision(o.precision, device))
 
     def params(self) -> dict[str, Any]:
         p = {k: v for k, v in asdict(self).items() if k != "save_every"}
@@ -190,7 +194,7 @@ class Recovery:
             teacher, self.correction = distill.prepare_teacher(
                 self.ws, o.teacher, lm, self.tok, self.train_w, hold, o.teacher_steps, where=self.resume_dir,
                 keep=bool(o.save_every), seed=o.seed, batch_size=o.batch_size, grad_accum=o.grad_accum,
-                grad_checkpointing=o.grad_checkpointing, device=o.device)
+                grad_checkpointing=o.grad_checkpointing, device=o.device, precision=o.precision)
             self.distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         if o.dataset is None and o.epochs is None:
             # Fresh windows of the calibration text are what generalises after DReSS, which already trained on these
@@ -208,7 +212,8 @@ class Recovery:
         o = self.opts
         self.ppl_before = exp_nll(training.heldout_nll(model, hold))
         spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, batch_size=o.batch_size, grad_accum=o.grad_accum,
-                         seed=o.seed, grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
+                         seed=o.seed, grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every,
+                         precision=o.precision)
         # All weights trained on a sparse model: the pattern comes back after each step, so it holds throughout.
         keep = (lambda m, step, lr: reapply(m, masks)) if o.full and masks else None
         return train(model, self.train_w, spec, device=o.device,

@@ -20,8 +20,10 @@ from llmprune.errors import UserError
 from llmprune.methods.dress import DEFAULT_RATIO, DEFAULT_SELECT, DEFAULT_STRUCTURE, resolve_budget, search_combination
 from llmprune.penalty import NORMS, SHRINKS, regularize
 from llmprune.planfile import PlanRecord
+from llmprune.precision import training_precision
 from llmprune.options import (batch_option, check_all, check_device, device_option, fraction_open,
-                              grad_checkpointing_option, non_negative, option, positive, text_field_option)
+                              grad_checkpointing_option, non_negative, option, positive, precision_option,
+                              text_field_option)
 from llmprune.selection import SELECTS, check_choice, select
 from llmprune.steps import KINDS
 from llmprune.steps.base import Step
@@ -60,6 +62,7 @@ class RegularizeOptions:
     seed: int = option(0, "Seed of the data order (and of --select random).")
     grad_checkpointing: bool = grad_checkpointing_option()
     device: str = device_option("where the model is trained")
+    precision: str = precision_option()
     distill: bool = distill_option()
     kd_temperature: Optional[float] = kd_temperature_option()
     kd_weight: Optional[float] = kd_weight_option()
@@ -98,7 +101,8 @@ class RegularizeOptions:
                                 kd_temperature=temperature, kd_weight=weight)
         o.check()
         check_launcher()
-        return dataclasses.replace(o, device=check_device(o.device))
+        device = check_device(o.device)
+        return dataclasses.replace(o, device=device, precision=training_precision(o.precision, device))
 
     def params(self) -> dict[str, Any]:
         p = dataclasses.asdict(self)
@@ -247,7 +251,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             teacher, correction = distill.prepare_teacher(
                 ws, o.teacher, lm, tok, train_w, hold, o.teacher_steps, where=where, keep=True, seed=o.seed,
                 batch_size=o.batch_size, grad_accum=o.grad_accum, grad_checkpointing=o.grad_checkpointing,
-                device=o.device)
+                device=o.device, precision=o.precision)
             distiller = distill.Distiller(teacher, o.kd_temperature, o.kd_weight)
         if fallback is not None:  # only once the plan holds: a refused one needs no warning before it
             report.warn(f"training on the {train_w.shape[0]} calibration windows: {fallback}; give --dataset to "
@@ -257,7 +261,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
                                   "; without --calibration-windows regularize trains on fresh windows of the "
                                   "calibration text")
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
-                         grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every)
+                         grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every, precision=o.precision)
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
                           device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol, distiller=distiller,
                           resume_dir=where, save_every=o.save_every)
