@@ -19,6 +19,11 @@ def has_adapter(manifest: dict[str, Any]) -> bool:
     return any(k.startswith("adapter/") for k in manifest["files"])
 
 
+def dense_parameters(manifest: dict[str, Any]) -> int:
+    """The parameters of the model as calibrated: the dense teacher's size."""
+    return next(s["metrics"]["parameters"] for s in manifest["steps"] if s["command"] == "calibrate")
+
+
 def pending_adapter(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The ``recover --no-merge`` step whose adapter is part of the workdir's current model, or None.
 

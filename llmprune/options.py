@@ -165,6 +165,12 @@ def precision_option() -> str:
                   choices=("auto", "fp32", "bf16"), strict=False, panel=DEVICE_PANEL)
 
 
+def memory_check_option() -> bool:
+    return option(True, "Estimate the step's peak memory before loading anything (recorded) and refuse a step "
+                  "that would not fit, naming what would.", flag="--memory-check/--no-memory-check",
+                  panel=DEVICE_PANEL)
+
+
 def grad_checkpointing_option() -> bool:
     return option(False, "Trade compute for activation memory.", panel=DEVICE_PANEL)
 

@@ -13,14 +13,14 @@ from typing import Any, Optional
 
 import torch
 
-from llmprune import data, distill, evaluate, resume
-from llmprune.current import load_current, pending_adapter
+from llmprune import data, distill, evaluate, memory, resume
+from llmprune.current import dense_parameters, load_current, pending_adapter
 from llmprune.distill import (KD_OPTIONS, distill_option, kd_temperature_option, kd_weight_option, resolve_options,
                               teacher_option, teacher_steps_option)
 from llmprune.errors import UserError
 from llmprune.modeling import save_model
 from llmprune.options import (batch_option, check_all, check_device, device_option, grad_checkpointing_option, option,
-                              precision_option,
+                              memory_check_option, precision_option,
                               positive, specs, text_field_option)
 from llmprune.precision import training_precision
 from llmprune.recovery import add_lora, is_sparse, mask_adapters, save_adapter, targets_for, verify
@@ -72,6 +72,7 @@ class RecoverOptions:
     grad_checkpointing: bool = grad_checkpointing_option()
     device: str = device_option("where the model is trained")
     precision: str = precision_option()
+    memory_check: bool = memory_check_option()
     full: bool = option(False, "Train every weight instead of a LoRA adapter (structured models have no zeros to "
                         "keep; a sparse model's pattern is re-applied after each step).", flag="--full")
     distill: bool = distill_option()
@@ -160,6 +161,12 @@ class Recovery:
         text = data.training_text(o.dataset, o.text_field) if o.dataset is not None else None
         self.resume_dir = self._resume_dir(text)
         windows = self.ws.windows() if o.dataset is None else None  # before the step: fail fast on bad input
+        self.memory = memory.training_check(
+            self.ws.path / "model", memory.Setting(
+                batch=o.batch_size, seqlen=o.seqlen or self.manifest["calibration"]["seqlen"], full=o.full,
+                lora_rank=o.rank, lora_dropout=o.dropout > 0, grad_checkpointing=o.grad_checkpointing,
+                precision=o.precision, teacher_parameters=dense_parameters(self.manifest) if o.distill else 0),
+            o.device, "recover", o.memory_check)
         with self.ws.step("recover", o.params()) as tx:
             self.ws.record_inputs(tx, "model")
             model, hold, masks = self._setup(tx, text, windows)
@@ -224,7 +231,7 @@ class Recovery:
 
     def _save(self, tx, model, hold: torch.Tensor, masks: dict[str, torch.Tensor], hist: dict[str, Any]) -> dict[str, Any]:
         o = self.opts
-        m = {"ppl_before": round(self.ppl_before, 4), "steps": hist["steps"],
+        m = {"ppl_before": round(self.ppl_before, 4), "steps": hist["steps"], "memory_estimate": self.memory,
              "resumed_from": hist.get("resumed_from"), "train_s": hist["seconds"], "curve": hist["evals"],
              "loss": hist["loss"], "targets": self.names, "pruned_layers": len(masks),
              "masked_adapters": self.masked_layers, "mode": "full" if o.full else "lora",

@@ -22,7 +22,8 @@ from llmprune.penalty import NORMS, SHRINKS, regularize
 from llmprune.planfile import PlanRecord
 from llmprune.precision import training_precision
 from llmprune.options import (batch_option, check_all, check_device, device_option, fraction_open,
-                              grad_checkpointing_option, non_negative, option, positive, precision_option,
+                              grad_checkpointing_option, memory_check_option, non_negative, option, positive,
+                              precision_option,
                               text_field_option)
 from llmprune.selection import SELECTS, check_choice, select
 from llmprune.steps import KINDS
@@ -63,6 +64,7 @@ class RegularizeOptions:
     grad_checkpointing: bool = grad_checkpointing_option()
     device: str = device_option("where the model is trained")
     precision: str = precision_option()
+    memory_check: bool = memory_check_option()
     distill: bool = distill_option()
     kd_temperature: Optional[float] = kd_temperature_option()
     kd_weight: Optional[float] = kd_weight_option()
@@ -230,6 +232,14 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     default_text = o.dataset is None and not o.calibration_windows
     if default_text:
         text, o, fallback = calibration_text(ws, o)
+    from llmprune import memory
+    from llmprune.current import dense_parameters
+
+    manifest = ws.manifest()
+    estimate = memory.training_check(ws.path / "model", memory.Setting(
+        batch=o.batch_size, seqlen=o.seqlen or manifest["calibration"]["seqlen"], full=True,
+        grad_checkpointing=o.grad_checkpointing, precision=o.precision,
+        teacher_parameters=dense_parameters(manifest) if o.distill else 0), o.device, "regularize", o.memory_check)
     with ws.step("regularize", o.params()) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
@@ -273,7 +283,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             "train_s": hist["seconds"], "train_windows": train_w.shape[0],
             "trained_on": o.dataset if o.dataset is not None else "calibration windows",
             "passes": round(n_passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if o.dataset else {}), "peak_rss_mib": round(peak, 1),
-            "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
+            "memory_estimate": estimate, "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
                                                              if o.distill else {}),
             **({"teacher_correction": correction} if correction else {})}
         PlanRecord(plan, regularized=True, applied=False).write(tx)
