@@ -146,13 +146,10 @@ def estimate(g: Geometry, s: Setting) -> dict[str, int]:
 
 def training_check(folder: Path, s: Setting, device: str, step: str, enforce: bool = True) -> dict:
     """Estimate (and, with ``enforce``, check) the peak memory of a training step on the model in ``folder``,
-    before it is loaded; print the estimate in one line and return it as recorded."""
-    from llmprune import report
-
+    before it is loaded; returned as recorded (the step prints ``report_line`` of it once its inputs are checked, so
+    a bad option stays one line)."""
     g = geometry(folder)
-    record = check(g, s, device, step) if enforce else _record(estimate(g, s), device)
-    report.info(report_line(record))
-    return record
+    return check(g, s, device, step) if enforce else _record(estimate(g, s), device)
 
 
 def report_line(record: dict) -> str:

@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +54,14 @@ def test_the_rehearsal_passes_every_step_in_the_device_environment(tmp_path):
     assert all(f"| {s} | True |" in table for s in STEPS)
 
 
+@pytest.mark.slow  # the failure paths: in the slower tier, the rehearsal itself in the fast one
 def test_a_failed_preflight_stops_the_check_with_its_reason(tmp_path):
     code, rows, log = check(tmp_path, ROOT / ".venv" / "bin" / "python", "--carried", str(tmp_path / "nothing"))
     assert code == 1 and [r["step"] for r in rows] == ["preflight"] and not rows[0]["ok"]
     assert "calib.txt is missing" in rows[0]["error"] and "tokenizer.json is missing" in rows[0]["error"]
 
 
+@pytest.mark.slow
 def test_steps_past_the_deadline_are_cut_off_and_fail_the_check(tmp_path):
     """The whole rehearsal takes tens of seconds; under a 12-second deadline later steps cannot finish, each row
     says so, every step still has its row, and the exit status is non-zero."""

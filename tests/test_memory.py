@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
 from conftest import cli
 from llmprune import memory
 from llmprune.cli import run

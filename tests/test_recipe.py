@@ -16,7 +16,8 @@ from conftest import cli
 from llmprune.cli import run
 from llmprune.errors import UserError
 
-TIMING = ("_s", "seconds", "peak_rss_mib", "started", "versions", "resumed_from")
+# what a run measures of the machine it ran on (times, memory, free memory), not what it computed
+TIMING = ("_s", "seconds", "peak_rss_mib", "started", "versions", "resumed_from", "memory_estimate")
 
 
 def recipe(tiny_root: Path, tmp_path: Path, pattern: str = "2:4", name: str = "r.toml") -> Path:

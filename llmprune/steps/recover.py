@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from llmprune import data, distill, evaluate, memory, resume
+from llmprune import data, distill, evaluate, memory, report, resume
 from llmprune.current import dense_parameters, load_current, pending_adapter
 from llmprune.distill import (KD_OPTIONS, distill_option, kd_temperature_option, kd_weight_option, resolve_options,
                               teacher_option, teacher_steps_option)
@@ -217,6 +217,7 @@ class Recovery:
 
     def _train(self, model, hold: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
         o = self.opts
+        report.info(memory.report_line(self.memory))
         self.ppl_before = exp_nll(training.heldout_nll(model, hold))
         spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, batch_size=o.batch_size, grad_accum=o.grad_accum,
                          seed=o.seed, grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every,

@@ -272,6 +272,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
                                   "calibration text")
         spec = TrainSpec(steps=o.steps, lr=o.lr, batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed,
                          grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every, precision=o.precision)
+        report.info(memory.report_line(estimate))
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
                           device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol, distiller=distiller,
                           resume_dir=where, save_every=o.save_every)
