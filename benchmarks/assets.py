@@ -269,7 +269,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", choices=MODELS, default=MODELS[0], help="which real model's paths to print")
     ap.add_argument("--all", action="store_true", help="fetch every benchmark model (CI caches them all first)")
     ap.add_argument("--shell", action="store_true",
-                    help="print `export MODEL=... CALIB=... TEST=... DOCS_TUNE=... DOCS_TEST=... SAMPLES=64 SEQLEN=512` "
+                    help="print `export MODEL=... CALIB=... TEST=... DOCS_TUNE=... DOCS_TEST=... FICTION=... SAMPLES=64 SEQLEN=512` "
                          "for eval in a shell")
     args = ap.parse_args()
     if args.all:
