@@ -50,6 +50,13 @@ def check_launcher() -> None:
                         "shard); run them with DDP: accelerate launch --num_processes N [--cpu] -m llmprune ...")
 
 
+def load_libraries() -> None:
+    """Import what training runs on (accelerate; peft for LoRA) now rather than at its first use: a memory check
+    measures this process's size as the base the step stands on, and these libraries are part of it."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+
+
 def accelerator(device: str, grad_accum: int = 1, precision: str = "fp32"):
     import os
 

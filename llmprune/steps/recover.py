@@ -161,6 +161,7 @@ class Recovery:
         text = data.training_text(o.dataset, o.text_field) if o.dataset is not None else None
         self.resume_dir = self._resume_dir(text)
         windows = self.ws.windows() if o.dataset is None else None  # before the step: fail fast on bad input
+        training.load_libraries()
         self.memory = memory.training_check(
             self.ws.path / "model", memory.Setting(
                 batch=o.batch_size, seqlen=o.seqlen or self.manifest["calibration"]["seqlen"], full=o.full,

@@ -224,6 +224,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     from llmprune import data, distill, resume
     from llmprune.current import load_current
     from llmprune.modeling import save_model
+    from llmprune import train as training
     from llmprune.train import TrainSpec, passes, warn_repeated_windows
 
     started = time.time()
@@ -236,6 +237,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     from llmprune.current import dense_parameters
 
     manifest = ws.manifest()
+    training.load_libraries()
     estimate = memory.training_check(ws.path / "model", memory.Setting(
         batch=o.batch_size, seqlen=o.seqlen or manifest["calibration"]["seqlen"], full=True,
         grad_checkpointing=o.grad_checkpointing, precision=o.precision,
