@@ -224,8 +224,8 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 540; 170 "
                     "rehearsing)")
     ap.add_argument("--blocks", type=int, default=None, help="blocks of the model (default 4; 2 rehearsing)")
-    ap.add_argument("--samples", type=int, default=None, help="calibration windows (default 128; 8 rehearsing)")
-    ap.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 64 rehearsing)")
+    ap.add_argument("--samples", type=int, default=None, help="calibration windows (default 128; 4 rehearsing)")
+    ap.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 32 rehearsing)")
     ap.add_argument("--carried", type=Path, default=ROOT / ".gpu", help="the carried folder (tokenizer, calib.txt)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("WORK", "/tmp/llmprune-gpu-check")))
     ap.add_argument("--out", type=Path, default=None, help="default: $OUT, else benchmarks/results/gpu-check")
@@ -236,8 +236,8 @@ def main() -> int:
         return 0
     r = args.rehearse
     args.deadline = args.deadline or (170 if r else 540)
-    args.blocks, args.samples = args.blocks or (2 if r else 4), args.samples or (8 if r else 128)
-    args.seqlen = args.seqlen or (64 if r else 2048)
+    args.blocks, args.samples = args.blocks or (2 if r else 4), args.samples or (4 if r else 128)
+    args.seqlen = args.seqlen or (32 if r else 2048)
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else
                        ROOT / "benchmarks/results" / ("gpu-check-rehearsal" if r else "gpu-check"))
     check = Check(out, args.deadline, r)

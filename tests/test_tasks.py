@@ -99,6 +99,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # lm-eval itself: seconds to import and index its tasks
 def test_lm_eval_runs_a_local_task_offline(calibrated, tiny_root, tmp_path, monkeypatch):
     """A task YAML on local data runs with the Hub unreachable; its accuracy is one of k/6 over the 6 examples."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -135,9 +136,23 @@ def test_bad_tasks_are_one_line(calibrated, tiny_root, tmp_path, capsys, monkeyp
         "missing task file": (["--tasks", str(tmp_path / "none.yaml")], "does not exist"),
         "broken task file": (["--tasks", str(tmp_path / "bad.yaml")], "is not YAML"),
     }
+    _all_one_line(cases, base, capsys)
+
+
+@pytest.mark.slow  # lm-eval's task index takes seconds to build: in the slower tier
+def test_bad_lm_eval_tasks_are_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "dscache"))
+    wd = calibrated("llama")
+    base = ["eval", str(wd), "--dataset", str(tiny_root / "heldout.txt"), "--seqlen", "64", "--max-windows", "1"]
     # lm-eval is the `eval` extra, which the setup installs: these run, never skip
-    cases["unknown task"] = (["--tasks", "no_such_task_x"], "unknown lm-eval task(s) no_such_task_x")
-    cases["Hub task offline"] = (["--tasks", "arc_easy", "--limit", "2"], "'arc_easy' reads its data from the Hub")
+    _all_one_line({"unknown task": (["--tasks", "no_such_task_x"], "unknown lm-eval task(s) no_such_task_x"),
+                   "Hub task offline": (["--tasks", "arc_easy", "--limit", "2"],
+                                        "'arc_easy' reads its data from the Hub")}, base, capsys)
+
+
+def _all_one_line(cases: dict, base: list[str], capsys) -> None:
     for name, (args, expected) in cases.items():
         capsys.readouterr()
         code = run([*base, *args])
