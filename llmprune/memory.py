@@ -113,11 +113,11 @@ class Setting:
     teacher_parameters: int = 0  # 0: no distillation
     grad_checkpointing: bool = False
     precision: str = "fp32"
-    shards: int = 1  # FSDP: weights, gradients and optimizer state split over this many devices
 
 
 def estimate(g: Geometry, s: Setting) -> dict[str, int]:
-    """Bytes of each part and the two phases' peaks (``training``, ``evaluation``) on the training device."""
+    """Bytes of each part, of the three phases that can set the peak (``training``, ``optimizer_step``,
+    ``evaluation``) and the ``peak``, on the training device."""
     trainable = g.parameters if s.full else sum(s.lora_rank * (i + o) for i, o in g.block_linears)
     act = 2 if s.precision == "bf16" else FP32
     tokens = s.batch * s.seqlen
@@ -125,10 +125,10 @@ def estimate(g: Geometry, s: Setting) -> dict[str, int]:
     kept = (g.layers * g.hidden + per_block) if s.grad_checkpointing else g.layers * per_block
     logits = g.vocab * tokens * FP32
     parts = {
-        "weights": g.parameters * FP32 // s.shards,
-        "gradients": trainable * FP32 // s.shards,
-        "optimizer": 2 * trainable * FP32 // s.shards,
-        "bf16_copy": trainable * 2 // s.shards if s.precision == "bf16" else 0,
+        "weights": g.parameters * FP32,
+        "gradients": trainable * FP32,
+        "optimizer": 2 * trainable * FP32,
+        "bf16_copy": trainable * 2 if s.precision == "bf16" else 0,
         "teacher": s.teacher_parameters * FP32,
         # the blocks' kept values, the head's log-probabilities, and the logits and their gradient at the top
         "activations": int(kept * tokens * act) + 3 * logits + 3 * g.hidden * tokens * FP32,
@@ -137,7 +137,7 @@ def estimate(g: Geometry, s: Setting) -> dict[str, int]:
     held = parts["weights"] + parts["optimizer"] + parts["teacher"]
     parts["training"] = sum(parts.values())
     # AdamW's step (torch's multi-tensor version): one temporary the size of what is trained, beside the gradients
-    parts["optimizer_step"] = held + parts["gradients"] + trainable * FP32 // s.shards
+    parts["optimizer_step"] = held + parts["gradients"] + trainable * FP32
     # the held-out evaluation: logits, log-probabilities and the loss's temporaries of EVAL_BATCH windows
     parts["evaluation"] = held + 3 * g.vocab * EVAL_BATCH * s.seqlen * FP32
     parts["peak"] = max(parts["training"], parts["optimizer_step"], parts["evaluation"])
