@@ -120,12 +120,18 @@ def test_lm_eval_runs_a_local_task_offline(calibrated, tiny_root, tmp_path, monk
     assert "acc_stderr" in task
 
 
-def test_bad_tasks_are_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def offline_eval(calibrated, tiny_root, tmp_path, monkeypatch) -> list[str]:
+    """An eval command on a tiny workdir, with the Hub and its datasets offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "dscache"))
     wd = calibrated("llama")
-    base = ["eval", str(wd), "--dataset", str(tiny_root / "heldout.txt"), "--seqlen", "64", "--max-windows", "1"]
+    return ["eval", str(wd), "--dataset", str(tiny_root / "heldout.txt"), "--seqlen", "64", "--max-windows", "1"]
+
+
+def test_bad_tasks_are_one_line(offline_eval, tiny_root, tmp_path, capsys):
+    base = offline_eval
     (tmp_path / "bad.yaml").write_text("just: [a list\n")
     cases = {
         "no source": (["--tasks", "lastword:"], "needs a text source"),
@@ -140,12 +146,8 @@ def test_bad_tasks_are_one_line(calibrated, tiny_root, tmp_path, capsys, monkeyp
 
 
 @pytest.mark.slow  # lm-eval's task index takes seconds to build: in the slower tier
-def test_bad_lm_eval_tasks_are_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "dscache"))
-    wd = calibrated("llama")
-    base = ["eval", str(wd), "--dataset", str(tiny_root / "heldout.txt"), "--seqlen", "64", "--max-windows", "1"]
+def test_bad_lm_eval_tasks_are_one_line(offline_eval, capsys):
+    base = offline_eval
     # lm-eval is the `eval` extra, which the setup installs: these run, never skip
     _all_one_line({"unknown task": (["--tasks", "no_such_task_x"], "unknown lm-eval task(s) no_such_task_x"),
                    "Hub task offline": (["--tasks", "arc_easy", "--limit", "2"],
