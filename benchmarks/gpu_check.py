@@ -135,11 +135,8 @@ def preflight(check: Check, args) -> bool:
 
 def cuda_tests(check: Check, args) -> bool:
     log, xml = check.out / "cuda-tests.txt", check.out / "cuda-tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-rA", "-p", "no:cacheprovider",
-           f"--junitxml={xml}"]
-    if args.rehearse:
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "--collect-only", "-q",
-               "-p", "no:cacheprovider"]
+    pytest = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"]
+    cmd = [*pytest, "--collect-only", "-q"] if args.rehearse else [*pytest, "-rA", f"--junitxml={xml}"]
     code, out, secs, _ = check.run("cuda tests", cmd, CAPS["cuda tests"], log)
     (check.out / "cuda-tests.out").write_text(out)
     if code is None:

@@ -149,7 +149,9 @@ def training_check(folder: Path, s: Setting, device: str, step: str, enforce: bo
     before it is loaded; returned as recorded (the step prints ``report_line`` of it once its inputs are checked, so
     a bad option stays one line)."""
     g = geometry(folder)
-    return check(g, s, device, step) if enforce else _record(estimate(g, s), device)
+    if enforce:
+        return check(g, s, device, step)
+    return _record(estimate(g, s), device, _base_bytes(device), available_bytes(device))
 
 
 def report_line(record: dict) -> str:
@@ -180,14 +182,14 @@ def available_bytes(device: str) -> int:
 
 def check(g: Geometry, s: Setting, device: str, step: str) -> dict:
     """The estimate as recorded (MiB), or one line refusing a step that would not fit, naming what would."""
-    parts = estimate(g, s)
-    record = _record(parts, device)
-    need, have = record["peak_mib"] * MIB, record["available_mib"] * MIB
+    parts, base, have = estimate(g, s), _base_bytes(device), available_bytes(device)
+    record = _record(parts, device, base, have)
+    need = parts["peak"] + base
     if need <= have:
         return record
     fits, kinds = [], set()
     for kind, how, other in _alternatives(s):
-        if kind not in kinds and estimate(g, other)["peak"] + record["base_mib"] * MIB <= have:
+        if kind not in kinds and estimate(g, other)["peak"] + base <= have:
             fits.append(how)
             kinds.add(kind)  # the largest batch size that fits, not every one
     raise UserError(f"{step} needs about {_size(need)} on {device} (weights {_size(parts['weights'])}, optimizer "
@@ -201,11 +203,16 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / MIB:.0f} MiB"
 
 
-def _record(parts: dict[str, int], device: str) -> dict:
-    base = 0 if device.startswith("cuda") else process_bytes()
+def _base_bytes(device: str) -> int:
+    """What the step stands on besides its own parts: this process, on the CPU (a GPU holds none of it)."""
+    return 0 if device.startswith("cuda") else process_bytes()
+
+
+def _record(parts: dict[str, int], device: str, base: int, have: int) -> dict:
+    """The estimate as recorded, in MiB (computed in bytes: the comparison never uses the rounded values)."""
     record = {k: round(v / MIB) for k, v in parts.items() if v}
     record.update(device=device, base_mib=round(base / MIB), peak_mib=round((parts["peak"] + base) / MIB),
-                  available_mib=round(available_bytes(device) / MIB))
+                  available_mib=round(have / MIB))
     return record
 
 
