@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from llmprune import sharding
 from llmprune.stats import exp_nll
 from llmprune.structured import Plan, Slice, slices
 from llmprune.structures import STRUCTURES
@@ -41,7 +42,7 @@ class Penalty:
         self.norm = norm
         self.plan = plan
         self.slices: list[Slice] = []
-        self.params: list[nn.Parameter] = []
+        self.names: list[str] = []
         seen: set[int] = set()
         params = dict(model.named_parameters(remove_duplicate=False))
         for sl in slices(model, plan):  # tied tensors (embeddings / lm_head) are one parameter: count it once
@@ -49,7 +50,8 @@ class Penalty:
             if prm is not None and id(prm) not in seen:
                 seen.add(id(prm))
                 self.slices.append(sl)
-                self.params.append(prm)
+                self.names.append(sl.param)
+        self.bind(model)
         self.n_units = 1 + max((int(s.unit.max()) for s in self.slices), default=-1)
         with torch.no_grad():
             self.init = self.unit_norms().detach().clamp_min(1e-12)
@@ -57,23 +59,44 @@ class Penalty:
             # Entries per unit, for the element-wise (l1) threshold.
             self.count = torch.zeros(self.n_units)
             for sl, prm in zip(self.slices, self.params):
-                per_row = self._rows(prm, sl).shape[1]
+                per_row = prm.numel() // prm.shape[sl.dim]
                 self.count.index_add_(0, sl.unit, torch.full((len(sl.index),), float(per_row)))
+
+    def bind(self, model: nn.Module) -> "Penalty":
+        """Act on ``model``'s parameters of the same names: the model trained may be a sharded twin of the one the
+        penalty was measured on (``sharding``), whose parameters are other objects."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.params: list[nn.Parameter] = [params[n] for n in self.names]
+        self.sharded = any(sharding.is_sharded(p) for p in self.params)
+        return self
 
     @staticmethod
     def _rows(prm: torch.Tensor, sl: Slice) -> torch.Tensor:
         """The slice as [positions, everything else]."""
         return prm.index_select(sl.dim, sl.index.to(prm.device)).movedim(sl.dim, 0).reshape(len(sl.index), -1)
 
+    def _parts(self) -> Iterator[tuple[Slice, torch.Tensor]]:
+        """Each slice as ``(slice, rows)`` where rows is [positions, everything else]: the whole slice of a whole
+        parameter (differentiable: the ``loss`` mode's gradient flows through it), or, of a sharded one, the
+        positions of the rows this process holds (the slice re-indexed to them)."""
+        for sl, prm in zip(self.slices, self.params):
+            if not sharding.is_sharded(prm):
+                yield sl, self._rows(prm, sl)
+                continue
+            t, start = sharding.local(prm)
+            if sl.dim == 0:  # rows split across processes: this process's positions only
+                mine = (sl.index >= start) & (sl.index < start + t.shape[0])
+                sl = Slice(sl.param, 0, sl.index[mine] - start, sl.unit[mine])
+            yield sl, self._rows(t, sl)
+
     def unit_norms(self) -> torch.Tensor:
         """``group``: [units]; ``l2``: [slices, units] (zero where a slice has no part of a unit); ``l1``: [units]."""
         per: list[torch.Tensor] = []
-        for sl, prm in zip(self.slices, self.params):
-            rows = self._rows(prm, sl)
+        for sl, rows in self._parts():
             val = rows.abs().sum(1) if self.norm == "l1" else rows.float().pow(2).sum(1)
             acc = torch.zeros(self.n_units, dtype=val.dtype, device=val.device).index_add(0, sl.unit.to(val.device), val)
             per.append(acc)
-        stacked = torch.stack(per)
+        stacked = sharding.sum_over_processes(torch.stack(per), self.sharded)
         if self.norm == "l1":
             return stacked.sum(0)
         if self.norm == "group":
@@ -81,8 +104,10 @@ class Penalty:
         return stacked.clamp_min(1e-30).sqrt() * (stacked > 0)
 
     def _total_norm(self) -> float:
-        sq = sum(self._rows(prm, sl).double().pow(2).sum().item() for sl, prm in zip(self.slices, self.params))
-        return math.sqrt(sq)
+        sq = torch.zeros((), dtype=torch.float64)
+        for _, rows in self._parts():
+            sq += rows.double().pow(2).sum().cpu()
+        return math.sqrt(sharding.sum_over_processes(sq, self.sharded).item())
 
     def relative_norm(self) -> float:
         """L2 norm of everything selected, relative to its value before regularisation (0 = ready to remove)."""
@@ -99,8 +124,7 @@ class Penalty:
         """One proximal step: every unit's norm shrinks by ``lam`` times its initial norm (to zero at most)."""
         if self.norm == "l1":
             thresh = lam * self.init / self.count.clamp_min(1)  # per entry: the unit's L1 shrinks by lam * init
-            for sl, prm in zip(self.slices, self.params):
-                rows = self._rows(prm, sl)
+            for (sl, rows), prm in zip(self._parts(), self.params):
                 t = thresh.to(rows.device)[sl.unit.to(rows.device)].unsqueeze(1).to(rows.dtype)
                 self._write(prm, sl, rows.sign() * (rows.abs() - t).clamp_min(0))
             return
@@ -109,28 +133,30 @@ class Penalty:
         # A unit within float rounding of the threshold goes to exactly zero (it would keep ~1e-8 of its norm).
         scale = torch.where(norms <= thresh * (1 + 1e-5), 0.0, 1 - thresh / norms.clamp_min(1e-30))
         scales = [scale] * len(self.slices) if self.norm == "group" else list(scale)
-        for sl, prm, sc in zip(self.slices, self.params, scales):
-            rows = self._rows(prm, sl)
+        for (sl, rows), prm, sc in zip(self._parts(), self.params, scales):
             self._write(prm, sl, rows * sc[sl.unit.to(sc.device)].unsqueeze(1).to(rows.dtype))
 
     @staticmethod
     def _write(prm: torch.Tensor, sl: Slice, rows: torch.Tensor) -> None:
-        other = [n for i, n in enumerate(prm.shape) if i != sl.dim]
+        """Write ``rows`` (as ``_parts`` gave them: a sharded parameter's slice re-indexed to its local rows)."""
+        t = sharding.local(prm)[0]
+        other = [n for i, n in enumerate(t.shape) if i != sl.dim]
         rows = rows.reshape(len(sl.index), *other).movedim(0, sl.dim)
-        prm.data.index_copy_(sl.dim, sl.index.to(prm.device), rows.to(prm.dtype))
+        t.index_copy_(sl.dim, sl.index.to(t.device), rows.to(t.dtype))
 
     @contextlib.contextmanager
     def zeroed(self) -> Iterator[None]:
         """The model with the selected slices at zero, restored afterwards (to measure what removal costs)."""
         with torch.no_grad():
-            saved = [self._rows(prm, sl).clone() for sl, prm in zip(self.slices, self.params)]
-            for sl, prm in zip(self.slices, self.params):
-                prm.data.index_fill_(sl.dim, sl.index.to(prm.device), 0)
+            saved = [(sl, rows.clone()) for sl, rows in self._parts()]
+            for (sl, _), prm in zip(saved, self.params):
+                t = sharding.local(prm)[0]
+                t.index_fill_(sl.dim, sl.index.to(t.device), 0)
         try:
             yield
         finally:
             with torch.no_grad():
-                for sl, prm, rows in zip(self.slices, self.params, saved):
+                for (sl, rows), prm in zip(saved, self.params):
                     self._write(prm, sl, rows)
 
 
@@ -148,6 +174,7 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
     pen = Penalty(model, plan, norm)
 
     def measure(m: nn.Module, step: int) -> dict[str, Any]:
+        pen.bind(m)
         nll = heldout_nll(m, holdout)
         if not all(STRUCTURES[s].zeroing_removes for s in plan.structure.split("+")):
             # A router row at zero still gives its expert a logit of 0, which can win the top-k: zeroing is not
@@ -165,11 +192,12 @@ def regularize(model: nn.Module, train_windows: torch.Tensor, holdout: torch.Ten
     hist = train(
         model, train_windows, spec, device=device,
         extra_loss=(lambda m: pen.loss(lam)) if shrink == "loss" else None,
-        after_step=(lambda m, step, lr: pen.shrink(lam)) if shrink == "prox" else None,
+        after_step=(lambda m, step, lr: pen.bind(m).shrink(lam)) if shrink == "prox" else None,
         evaluate=measure,
         stop=(lambda m: m["gap"] <= gap_tol and m["relative_norm"] <= norm_tol) if until_converged else None,
         description=f"regularizing {plan.structure}", distiller=distiller, resume_dir=resume_dir,
         save_every=save_every,
     )
+    pen.bind(model)  # the model trained was a sharded twin under FSDP: its weights are back in ``model``
     hist["evals"].insert(0, before)
     return hist

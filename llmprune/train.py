@@ -2,7 +2,8 @@
 
 Going through ``accelerate`` means the same loop runs on one CPU, one GPU, or many processes under
 ``accelerate launch`` (DDP on gloo or NCCL) without a code change: the data loader is sharded and gradients are
-averaged by the wrapper. Hooks let each caller add to the loss (a penalty), act after each optimiser step (a
+averaged by the wrapper. Under an FSDP launch the loop trains a sharded twin of the model (``sharding``) and
+gathers its weights back at the end, so callers hold a plain module before and after either way. Hooks let each caller add to the loss (a penalty), act after each optimiser step (a
 proximal shrink) and measure every few steps (a held-out perplexity, a stopping test).
 """
 
@@ -18,7 +19,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from llmprune import report
+from llmprune import report, sharding
+from llmprune.arch import arch_for, blocks
 from llmprune.report import progress
 
 
@@ -35,19 +37,12 @@ class TrainSpec:
 
 
 def check_launcher() -> None:
-    """Refuse a launch the training steps cannot honour, before any work.
-
-    Under FSDP every process holds a shard of each weight, and the steps save (and merge) the model each process
-    holds: refused until they gather the full state first. On the CPU, accelerate (1.15) would not even shard: its
-    state only turns FSDP on for accelerator devices, so a configuration asking for FSDP runs as plain DDP.
-    """
-    import os
-
+    """Refuse a launch the training steps cannot honour, before any work: an FSDP configuration other than the one
+    ``sharding`` implements (FSDP2 over 2 or more processes)."""
     from llmprune.errors import UserError
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UserError("FSDP is not supported by regularize and recover yet (each process would save only its "
-                        "shard); run them with DDP: accelerate launch --num_processes N [--cpu] -m llmprune ...")
+    if sharding.requested() and (problem := sharding.config_problem()):
+        raise UserError(f"FSDP: {problem}")
 
 
 def load_libraries() -> None:
@@ -70,8 +65,16 @@ def accelerator(device: str, grad_accum: int = 1, precision: str = "fp32"):
         # CPU. Under a launch the state holds the process group and is left alone.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum,
-                       mixed_precision="bf16" if precision == "bf16" else "no")
+    # Under FSDP accelerate runs as a plain multi-process launch (process group, data sharding, mixed precision) and
+    # ``sharding`` shards the model: accelerate 1.15 would not shard on the CPU, and its own FSDP wrapping would hide
+    # the parameters the penalty and the masks write.
+    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        return Accelerator(cpu=device == "cpu", gradient_accumulation_steps=grad_accum,
+                           mixed_precision="bf16" if precision == "bf16" else "no")
+    finally:
+        if fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp
 
 
 def _cycle(loader: Iterable) -> Iterable:
@@ -116,6 +119,10 @@ def train(
         distiller.to(acc.device)  # each process holds its own frozen teacher; it is never wrapped or trained
     t0 = time.perf_counter()
     step, history, batches = _start(loader, spec, resume_dir, trainable, opt, distiller is not None)
+    if wrapped is not model and sharding.requested():  # what this process held: the evidence the model was sharded
+        history["sharding"] = {"processes": sharding.processes(),
+                               "parameters": sum(p.numel() for p in wrapped.parameters()),
+                               "parameters_held": sum(sharding.local(p)[0].numel() for p in wrapped.parameters())}
     acc_loss, acc_kd, micro = 0.0, 0.0, 0
     stopped = False
     with progress(description, total=spec.steps) as advance:
@@ -146,7 +153,12 @@ def train(
                 _checkpoint(acc, resume_dir, step, history, trainable, opt)
             if last or stopped:
                 break
-    model = acc.unwrap_model(wrapped)
+    if wrapped is not model and sharding.requested():
+        opt.state.clear()  # the moments' shards go before the whole weights come back (memory.estimate: gathered)
+        sharding.gather(wrapped, model)  # the trained weights, whole, back in the model the caller holds
+        del wrapped
+    else:
+        model = acc.unwrap_model(wrapped)
     if spec.grad_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
@@ -185,12 +197,25 @@ def _prepare(model: nn.Module, windows: torch.Tensor, spec: TrainSpec, device: s
     gen = torch.Generator().manual_seed(spec.seed)
     loader = DataLoader(TensorDataset(windows), batch_size=spec.batch_size, shuffle=True, generator=gen,
                         drop_last=windows.shape[0] >= spec.batch_size)
-    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)  # constant rate: every step shrinks alike
     if spec.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
+    if sharding.requested():
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's blocks
+        if arch_for(base.config.model_type).experts:
+            from llmprune.errors import UserError
+
+            raise UserError("FSDP: models with experts are not supported yet (their 3-D expert weights would be "
+                            "sharded by expert); run this step with DDP (accelerate launch --num_processes N)")
+        # The trainable parameters are the sharded twin's: every parameter of the model with requires_grad.
+        wrapped = sharding.shard(model, blocks(base), acc.device)
+        trainable = [p for p in wrapped.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
+        opt, loader = acc.prepare(opt, loader)
+        return acc, wrapped, opt, loader, trainable
+    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)  # constant rate: every step shrinks alike
     wrapped, opt, loader = acc.prepare(model, opt, loader)
     return acc, wrapped, opt, loader, trainable
 
@@ -220,9 +245,10 @@ def _micro_step(acc, wrapped, opt, ids: torch.Tensor, distiller, extra_loss, ste
 
 def _checkpoint(acc, resume_dir: Path, step: int, history: dict[str, Any], trainable, opt) -> None:
     """Save the run's state (main process), every process waiting for it; a full disk costs the checkpoint only."""
+    tensors = checkpoint_tensors(trainable, opt, keep=acc.is_main_process)  # every process: FSDP gathers
     if acc.is_main_process:
         try:
-            save_checkpoint(resume_dir, step, history, trainable, opt)
+            save_checkpoint(resume_dir, step, history, tensors)
         except OSError as e:
             report.warn(f"could not write the checkpoint of step {step} ({e}); training goes on, and an "
                         "interrupted run resumes from an earlier checkpoint, if any")
@@ -242,21 +268,35 @@ def _state_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def save_checkpoint(where: Path, step: int, history: dict[str, Any], params: list[nn.Parameter], opt) -> None:
-    """Trainable parameters and AdamW state as safetensors, step and history as JSON (no pickle), written
-    atomically: the JSON, written last, is what marks the checkpoint complete; it holds the tensors' SHA-256 and its
-    own, so a damaged checkpoint is recognised instead of trusted."""
+def checkpoint_tensors(params: list[nn.Parameter], opt, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable parameters and their AdamW state, whole, on the CPU (``keep``: this process writes them).
+    Sharded (FSDP) tensors are gathered: a collective every process takes part in, so a checkpoint is the same
+    file whether one process or many trained (and resumes under either)."""
+    tensors = {}
+    sharded = any(sharding.is_sharded(p) for p in params)
+    if not (keep or sharded):
+        return tensors
+    for i, p in enumerate(params):
+        entries = [(f"param.{i}", p.detach())] + [(f"{k}.{i}", v if torch.is_tensor(v) else torch.tensor(v))
+                                                   for k, v in opt.state.get(p, {}).items()]
+        for key, t in entries:
+            whole = sharding.full(t.detach())
+            if keep:
+                tensors[key] = whole.cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()  # LoRA dropout draws continue where they stopped
+    return tensors
+
+
+def save_checkpoint(where: Path, step: int, history: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The ``checkpoint_tensors`` as safetensors, step and history as JSON (no pickle), written atomically: the
+    JSON, written last, is what marks the checkpoint complete; it holds the tensors' SHA-256 and its own, so a
+    damaged checkpoint is recognised instead of trusted."""
     from safetensors.torch import save_file
 
     from llmprune.fsio import atomic_write_text, sha256_file
 
     where.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for i, p in enumerate(params):
-        tensors[f"param.{i}"] = p.detach().cpu().contiguous()
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"{k}.{i}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()  # LoRA dropout draws continue where they stopped
+    params = [k for k in tensors if k.startswith("param.")]
     name = STATE_TENSORS.format(step=step)
     tmp = where / (name + ".tmp")
     save_file(tensors, tmp)
@@ -305,8 +345,9 @@ def load_checkpoint(where: Path, params: list[nn.Parameter], opt, max_step: int)
     torch.set_rng_state(tensors.pop("rng.cpu"))
     with torch.no_grad():
         for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
-            state = {k.rsplit(".", 1)[0]: v.to(p.device) for k, v in tensors.items()
+            rows, start = sharding.local(p)  # under FSDP, this process's rows of the whole tensors saved
+            rows.copy_(tensors[f"param.{i}"][start:start + rows.shape[0]])
+            state = {k.rsplit(".", 1)[0]: sharding.like(v, p) for k, v in tensors.items()
                      if k.endswith(f".{i}") and not k.startswith("param.")}
             if state:
                 opt.state[p] = state
@@ -385,9 +426,9 @@ def heldout_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) ->
     nll, count = 0.0, 0
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s : s + batch_size].to(dev)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        nll += out.loss.item() * n
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()  # the logits go at once, not
+        n = ids.shape[0] * (ids.shape[1] - 1)  # beside the next batch's (memory.estimate's evaluation phase)
+        nll += loss * n
         count += n
     if was_training:
         model.train()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune import experts
+from llmprune import experts, sharding
 from llmprune.arch import arch_for, arch_of_block, blocks, get_module
 
 
@@ -88,8 +88,9 @@ def reapply(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Zero the recorded pattern again; returns how many weights the merge had made non-zero."""
     changed = 0
     for name, mask in masks.items():
-        w = weight_of(model, name)
-        mask = mask.to(w.device)  # the masks are taken on the CPU; accelerate may have moved the model since
+        w, start = sharding.local(weight_of(model, name))  # under FSDP: this process's rows of the weight
+        # the masks are taken on the CPU; accelerate may have moved the model since
+        mask = mask[start:start + w.shape[0]].to(w.device)
         changed += int((w[mask] != 0).sum())
         w.masked_fill_(mask, 0)
     return changed

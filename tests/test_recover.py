@@ -329,21 +329,6 @@ def test_two_processes_follow_the_single_process_loss_curve(calibrated, tmp_path
         assert 0.5 < kd[0] / one["kd"][0] < 2
 
 
-@pytest.mark.parametrize("command", ["recover", "regularize"])
-def test_an_fsdp_launch_is_refused_before_any_work(calibrated, monkeypatch, capsys, command):
-    """accelerate sets ACCELERATE_USE_FSDP for an FSDP configuration: the steps would save one process's shard (and
-    on the CPU accelerate would quietly run DDP), so the launch is one line and exit 1, the workdir unchanged."""
-    wd = calibrated("llama")
-    before = (wd / "manifest.json").read_text()
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    capsys.readouterr()
-    args = ["--steps", 1] if command == "recover" else ["--ratio", 0.25, "--steps", 1]
-    code, _ = cli(command, wd, *args)
-    err = capsys.readouterr().err
-    assert code == 1 and "FSDP is not supported" in err and "Traceback" not in err
-    assert (wd / "manifest.json").read_text() == before
-
-
 def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_run(calibrated, monkeypatch, capsys):
     """A full disk while checkpointing: the step warns and trains on to the end and commits, as a run without
     checkpoints would."""

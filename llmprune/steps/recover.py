@@ -238,7 +238,8 @@ class Recovery:
              "loss": hist["loss"], "targets": self.names, "pruned_layers": len(masks),
              "masked_adapters": self.masked_layers, "mode": "full" if o.full else "lora",
              "objective": "distill" if o.distill else "lm",
-             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             **({"sharding": hist["sharding"]} if "sharding" in hist else {})}
         if o.distill:
             m.update(kd=hist["kd"], final_kd=hist["final_kd"],
                      teacher_parameters=sum(p.numel() for p in self.distiller.teacher.parameters()))

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from llmprune import report
+from llmprune import report, sharding, structures
 from llmprune.distill import (KD_OPTIONS, distill_option, kd_temperature_option, kd_weight_option, resolve_options,
                               teacher_option, teacher_steps_option)
 from llmprune.errors import UserError
@@ -103,6 +103,13 @@ class RegularizeOptions:
                                 kd_temperature=temperature, kd_weight=weight)
         o.check()
         check_launcher()
+        if sharding.requested():
+            if o.shrink == "loss":
+                raise UserError("FSDP: --shrink loss puts the penalty's gradient beside the sharded gradients, which "
+                                "is not implemented; use --shrink prox (the default) or DDP")
+            if not all(structures.STRUCTURES[s].zeroing_removes for s in o.structure.split("+")):
+                raise UserError(f"FSDP: --structure {o.structure} measures its gap on the model with the units "
+                                "removed, which a sharded model cannot be; run it with DDP")
         device = check_device(o.device)
         return dataclasses.replace(o, device=device, precision=training_precision(o.precision, device))
 
@@ -288,7 +295,8 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
             "passes": round(n_passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if o.dataset else {}), "peak_rss_mib": round(peak, 1),
             "memory_estimate": estimate, "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
                                                              if o.distill else {}),
-            **({"teacher_correction": correction} if correction else {})}
+            **({"teacher_correction": correction} if correction else {}),
+            **({"sharding": hist["sharding"]} if "sharding" in hist else {})}
         PlanRecord(plan, regularized=True, applied=False).write(tx)
         save_model(lm, tok, tx.stage("model"), ws.shard_size)
     resume.clear(ws.path, "regularize", where, started)  # with --save-every 0 too: older runs' are stale now
