@@ -64,6 +64,11 @@ def stage(out: Path, name: str, make) -> tuple[Path, dict]:
     return wd, info
 
 
+def tag(extra: str, what: str = "reg") -> str:
+    """A stage's name suffix for the extra options it ran with: a stage run with other options is another stage."""
+    return f"@{what}" + extra.replace("--", "").replace(" ", "") if extra else ""
+
+
 def branch(src: Path, wd: Path) -> None:
     if wd.exists():
         shutil.rmtree(wd)
@@ -130,10 +135,10 @@ def main() -> None:
         if run == "direct":
             _, info = stage(out, "direct", lambda wd: removed(wd, None))
         elif kind == "reg":
-            _, info = stage(out, run, lambda wd: removed(wd, spec))
+            _, info = stage(out, run + tag(args.reg), lambda wd: removed(wd, spec))
         elif kind == "rec":
             reg_data, how, steps, data = spec.split("/")
-            src, reg_info = stage(out, f"reg={reg_data}", lambda wd: removed(wd, reg_data))
+            src, reg_info = stage(out, f"reg={reg_data}" + tag(args.reg), lambda wd: removed(wd, reg_data))
             extra = [*KINDS[how], *((corrected() if how.endswith("kdc") else teacher) if "kd" in how else [])]
 
             def make(wd: Path) -> dict:
@@ -142,10 +147,11 @@ def main() -> None:
                                           data_spec(data, paths), *extra, *args.recover.split()])
                 return dict(reg_info, recover_s=wall, recover_rss_mib=rss, train_s=r.get("train_s"),
                             rec_kind=how, rec_steps=int(steps), rec_data=data, **evaluate(wd, paths, args))
-            _, info = stage(out, run, make)
+            _, info = stage(out, run + tag(args.reg) + tag(args.recover, "rec"), make)
         else:
             sys.exit(f"unknown run {run!r}")
-        row(run, info)
+        row(run + (f" [regularize {args.reg}]" if args.reg and kind != "direct" else "")
+            + (f" [recover {args.recover}]" if args.recover and kind == "rec" else ""), info)
     f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
     lines = ["| run | parameters | Wikipedia test ppl | x dense | documentation ppl | x dense | regularize s | "
              "recover s |", "|---|---|---|---|---|---|---|---|",

@@ -165,6 +165,11 @@ def precision_option() -> str:
                   choices=("auto", "fp32", "bf16"), strict=False, panel=DEVICE_PANEL)
 
 
+def schedule_option() -> str:
+    return option("constant", "Learning-rate schedule: constant, or cosine (a linear warmup over the first 10% of "
+                  "the steps, then a cosine decay to zero).", choices=("constant", "cosine"))
+
+
 def memory_check_option() -> bool:
     return option(True, "Estimate the step's peak memory before loading anything (recorded) and refuse a step "
                   "that would not fit, naming what would.", flag="--memory-check/--no-memory-check",

@@ -34,6 +34,24 @@ class TrainSpec:
     grad_checkpointing: bool = False
     eval_every: int = 0  # 0: only at the end
     precision: str = "fp32"  # or "bf16": autocast passes, fp32 weights and optimizer state (precision.py)
+    schedule: str = "constant"  # or "cosine": a linear warmup, then a cosine decay to zero (``rate``)
+
+
+WARMUP = 0.1  # of the steps, for the cosine schedule
+
+
+def rate(step: int, steps: int, lr: float, schedule: str) -> float:
+    """The learning rate of optimiser step ``step`` (1-based) of ``steps``. ``constant``: ``lr`` throughout (what
+    DReSS's proximal step needs: every step shrinks alike). ``cosine``: a linear warmup over the first ``WARMUP`` of
+    the steps -- a fresh AdamW moves every weight by about ``lr`` at its first steps, whatever the gradient -- then
+    a half cosine to zero (Loshchilov & Hutter 2017, "SGDR", eq. 5 with one cycle), so the last steps average out
+    the noise of single-window batches instead of ending on one."""
+    if schedule == "constant":
+        return lr
+    warm = max(1, round(WARMUP * steps))
+    if step <= warm:
+        return lr * step / warm
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 def check_launcher() -> None:
@@ -128,6 +146,8 @@ def train(
     with progress(description, total=spec.steps) as advance:
         advance(step)
         for (ids,) in batches:
+            for group in opt.param_groups:  # the rate of the step this micro-batch belongs to (resumes exactly)
+                group["lr"] = rate(step + 1, spec.steps, spec.lr, spec.schedule)
             loss, kd = _micro_step(acc, wrapped, opt, ids, distiller, extra_loss, step)
             acc_loss, acc_kd, micro = acc_loss + loss, acc_kd + kd, micro + 1
             if not acc.sync_gradients:

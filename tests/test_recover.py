@@ -426,3 +426,33 @@ def test_bf16_precision_trains_under_autocast_and_keeps_fp32_state(calibrated, m
     capsys.readouterr()
     assert run(["recover", str(base), "--precision", "fp16"]) == 1
     assert "fp16 would need loss scaling" in capsys.readouterr().err
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+    from llmprune.train import rate
+
+    lrs = [rate(s, 50, 1e-3, "cosine") for s in range(1, 51)]
+    assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])  # 10% of the steps: a linear warmup
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == 0.0  # then a monotone decay to zero
+    assert rate(7, 50, 1e-3, "constant") == 1e-3
+
+
+def test_recover_with_the_cosine_schedule_is_recorded_and_resumes_exactly(calibrated, monkeypatch):
+    """The rate is a function of the step: a run killed after a checkpoint resumes on the same rates, to the
+    weights of an uninterrupted run; ``schedule`` is recorded (a constant rate, as before the option, is not)."""
+    wd = calibrated("llama", samples=20, seqlen=64)
+    ref = wd.parent / "ref"
+    shutil.copytree(wd, ref)
+    opts = ["--steps", 8, "--eval-every", 4, "--save-every", 3, "--schedule", "cosine", *FAST]
+    code, whole = cli("recover", ref, *opts)
+    assert code == 0
+    killed_at_evaluation(monkeypatch, ["recover", wd, *opts], 3)  # before training, step 4, then step 8
+    code, res = cli("recover", wd, *opts)
+    assert code == 0 and res["resumed_from"] == 6
+    a, b = _weights(wd), _weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = json.loads((wd / "manifest.json").read_text())["steps"]
+    assert steps[-1]["params"]["schedule"] == "cosine"
+    assert cli("recover", wd, "--steps", 2, *FAST)[0] == 0
+    assert "schedule" not in json.loads((wd / "manifest.json").read_text())["steps"][-1]["params"]

@@ -20,7 +20,7 @@ from llmprune.distill import (KD_OPTIONS, distill_option, kd_temperature_option,
 from llmprune.errors import UserError
 from llmprune.modeling import save_model
 from llmprune.options import (batch_option, check_all, check_device, device_option, grad_checkpointing_option, option,
-                              memory_check_option, precision_option,
+                              memory_check_option, precision_option, schedule_option,
                               positive, specs, text_field_option)
 from llmprune.precision import training_precision
 from llmprune.recovery import add_lora, is_sparse, mask_adapters, save_adapter, targets_for, verify
@@ -61,6 +61,7 @@ class RecoverOptions:
     dropout: Optional[float] = option(None, f"LoRA dropout (default {LORA_DEFAULTS['dropout']}; also --dropout).",
                                       panel=LORA, flag="--lora-dropout", aliases=("--dropout",))
     targets: str = option("auto", "auto (the architecture's table) or a comma list: q_proj,v_proj,...", panel=LORA)
+    schedule: str = schedule_option()
     batch_size: int = batch_option(1, "Windows per micro-batch.")
     grad_accum: int = option(1, "Micro-batches per optimiser step.", check=positive)
     merge: bool = option(True, "Fold the adapter into the weights and re-apply the zero pattern.", panel=LORA)
@@ -126,6 +127,8 @@ class RecoverOptions:
                 del p[k]
         if not self.teacher_steps:  # recorded only when the teacher was corrected: older records stay as they were
             del p["teacher_steps"]
+        if self.schedule == "constant":  # the rate every run had before the option existed: recorded as before
+            del p["schedule"]
         return p
 
 
@@ -220,9 +223,9 @@ class Recovery:
         o = self.opts
         report.info(memory.report_line(self.memory))
         self.ppl_before = exp_nll(training.heldout_nll(model, hold))
-        spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, batch_size=o.batch_size, grad_accum=o.grad_accum,
-                         seed=o.seed, grad_checkpointing=o.grad_checkpointing, eval_every=o.eval_every,
-                         precision=o.precision)
+        spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, schedule=o.schedule, batch_size=o.batch_size,
+                         grad_accum=o.grad_accum, seed=o.seed, grad_checkpointing=o.grad_checkpointing,
+                         eval_every=o.eval_every, precision=o.precision)
         # All weights trained on a sparse model: the pattern comes back after each step, so it holds throughout.
         keep = (lambda m, step, lr: reapply(m, masks)) if o.full and masks else None
         return train(model, self.train_w, spec, device=o.device,
