@@ -53,6 +53,19 @@ def evaluate(wd: Path, paths: dict, args) -> dict:
                 docs_windows=ev[1]["windows"], eval_s=wall)
 
 
+def held_out_test(wd: Path, paths: dict, args) -> dict:
+    """The documentation's evaluation text (docs-test), measured once per stage for the reported rows (``--test``)
+    and kept in the stage's record: choices are made on docs-tune, figures are reported on docs-test."""
+    rec = wd / "study.json"
+    info = json.loads(rec.read_text())
+    if "docs_test_ppl" not in info:
+        cmd = [*LLMPRUNE, "eval", str(wd), "--dataset", paths["docs_test"], "--seqlen", str(args.seqlen)]
+        res, _, _ = popen_rss(cmd + (["--max-windows", str(args.docs_windows)] if args.docs_windows else []))
+        info.update(docs_test_ppl=res["perplexity"], docs_test_windows=res["windows"])
+        rec.write_text(json.dumps(info))
+    return info
+
+
 def stage(out: Path, name: str, make) -> tuple[Path, dict]:
     """A stage's workdir and its record, made by ``make(wd) -> dict`` once (record in WD/study.json) and reused."""
     wd = out / name.replace("/", "_").replace("=", "-").replace(":", "").replace("+", "_")
@@ -85,6 +98,8 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=50, help="full LM steps on calib that correct the teacher "
                     "of the *-kdc recoveries (Sreenivas et al. 2024)")
     ap.add_argument("--docs", choices=("docs_tune", "docs_test"), default="docs_tune")
+    ap.add_argument("--test", action="store_true", help="also measure every row (and dense) on the documentation's "
+                    "evaluation text, docs-test: the figures to report")
     ap.add_argument("--docs-windows", type=int, default=105, help="documentation windows evaluated (0: all)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -98,13 +113,19 @@ def main() -> None:
     sel = ["--structure", args.structure, "--target-params", args.target_params, "--select", "activation"]
     teacher = [] if (base / "teacher").is_dir() else ["--teacher", paths["model"]]
 
-    _, dense = stage(out, "dense", lambda wd: (branch(base, wd), evaluate(wd, paths, args))[1])
+    dense_wd, dense = stage(out, "dense", lambda wd: (branch(base, wd), evaluate(wd, paths, args))[1])
+    if args.test:
+        dense = held_out_test(dense_wd, paths, args)
     rows = []
 
-    def row(run: str, info: dict) -> None:
+    def row(run: str, info: dict, wd: Path | None = None) -> None:
+        if args.test and wd is not None:
+            info = held_out_test(wd, paths, args)
         r = dict(info, run=run, model=args.model, structure=args.structure, target_params=args.target_params,
                  docs=args.docs, wiki_x=info["wiki_ppl"] / dense["wiki_ppl"],
                  docs_x=info["docs_ppl"] / dense["docs_ppl"])
+        if "docs_test_ppl" in info and "docs_test_ppl" in dense:
+            r["docs_test_x"] = info["docs_test_ppl"] / dense["docs_test_ppl"]
         rows.append(r)
         print(json.dumps(r), flush=True)
         append_results(out, [r])
@@ -133,9 +154,9 @@ def main() -> None:
     for run in args.runs.split(","):
         kind, _, spec = run.partition("=")
         if run == "direct":
-            _, info = stage(out, "direct", lambda wd: removed(wd, None))
+            wd, info = stage(out, "direct", lambda wd: removed(wd, None))
         elif kind == "reg":
-            _, info = stage(out, run + tag(args.reg), lambda wd: removed(wd, spec))
+            wd, info = stage(out, run + tag(args.reg), lambda wd: removed(wd, spec))
         elif kind == "rec":
             reg_data, how, steps, data = spec.split("/")
             src, reg_info = stage(out, f"reg={reg_data}" + tag(args.reg), lambda wd: removed(wd, reg_data))
@@ -147,19 +168,23 @@ def main() -> None:
                                           data_spec(data, paths), *extra, *args.recover.split()])
                 return dict(reg_info, recover_s=wall, recover_rss_mib=rss, train_s=r.get("train_s"),
                             rec_kind=how, rec_steps=int(steps), rec_data=data, **evaluate(wd, paths, args))
-            _, info = stage(out, run + tag(args.reg) + tag(args.recover, "rec"), make)
+            wd, info = stage(out, run + tag(args.reg) + tag(args.recover, "rec"), make)
         else:
             sys.exit(f"unknown run {run!r}")
         row(run + (f" [regularize {args.reg}]" if args.reg and kind != "direct" else "")
-            + (f" [recover {args.recover}]" if args.recover and kind == "rec" else ""), info)
+            + (f" [recover {args.recover}]" if args.recover and kind == "rec" else ""), info, wd)
     f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
-    lines = ["| run | parameters | Wikipedia test ppl | x dense | documentation ppl | x dense | regularize s | "
-             "recover s |", "|---|---|---|---|---|---|---|---|",
-             f"| dense | – | {dense['wiki_ppl']:.2f} | 1.00 | {dense['docs_ppl']:.2f} | 1.00 | – | – |"]
+    test = args.test and "docs_test_ppl" in dense
+    lines = ["| run | parameters | Wikipedia test ppl | x dense | docs-tune ppl | x dense | "
+             + ("docs-test ppl | x dense | " if test else "") + "regularize s | recover s |",
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if test else ""),
+             f"| dense | – | {dense['wiki_ppl']:.2f} | 1.00 | {dense['docs_ppl']:.2f} | 1.00 | "
+             + (f"{dense['docs_test_ppl']:.2f} | 1.00 | " if test else "") + "– | – |"]
     for r in rows:
         lines.append(f"| {r['run']} | {f(r.get('parameters'), ',')} | {r['wiki_ppl']:.2f} | {r['wiki_x']:.2f} | "
-                     f"{r['docs_ppl']:.2f} | {r['docs_x']:.2f} | {f(r.get('regularize_s'), '.0f')} | "
-                     f"{f(r.get('recover_s') or r.get('teacher_s'), '.0f')} |")
+                     f"{r['docs_ppl']:.2f} | {r['docs_x']:.2f} | "
+                     + (f"{r['docs_test_ppl']:.2f} | {r['docs_test_x']:.2f} | " if test else "")
+                     + f"{f(r.get('regularize_s'), '.0f')} | {f(r.get('recover_s') or r.get('teacher_s'), '.0f')} |")
     caption = (f"{args.model}, {args.structure} @ {args.target_params}, {args.samples} x {args.seqlen} calibration "
                f"windows; Wikipedia test {rows[0]['wiki_windows'] if rows else '?'} windows, {args.docs} "
                f"{rows[0]['docs_windows'] if rows else '?'} windows of {args.seqlen}. Command: python "

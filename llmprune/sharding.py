@@ -133,6 +133,12 @@ def _release(params) -> None:
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
+def record(twin: nn.Module) -> dict:
+    """What this process holds of the sharded twin: the evidence, in the step's record, that the model was sharded."""
+    return {"processes": processes(), "parameters": sum(p.numel() for p in twin.parameters()),
+            "parameters_held": sum(local(p)[0].numel() for p in twin.parameters())}
+
+
 @torch.no_grad()
 def gather(twin: nn.Module, model: nn.Module) -> None:
     """Write the trained weights of the sharded ``twin`` back into ``model``'s parameters, whole, on every process

@@ -35,6 +35,7 @@ class TrainSpec:
     eval_every: int = 0  # 0: only at the end
     precision: str = "fp32"  # or "bf16": autocast passes, fp32 weights and optimizer state (precision.py)
     schedule: str = "constant"  # or "cosine": a linear warmup, then a cosine decay to zero (``rate``)
+    passed: int = 0  # windows of the seeded order a previous step trained on: training starts after them
 
 
 WARMUP = 0.1  # of the steps, for the cosine schedule
@@ -137,10 +138,8 @@ def train(
         distiller.to(acc.device)  # each process holds its own frozen teacher; it is never wrapped or trained
     t0 = time.perf_counter()
     step, history, batches = _start(loader, spec, resume_dir, trainable, opt, distiller is not None)
-    if wrapped is not model and sharding.requested():  # what this process held: the evidence the model was sharded
-        history["sharding"] = {"processes": sharding.processes(),
-                               "parameters": sum(p.numel() for p in wrapped.parameters()),
-                               "parameters_held": sum(sharding.local(p)[0].numel() for p in wrapped.parameters())}
+    if wrapped is not model and sharding.requested():
+        history["sharding"] = sharding.record(wrapped)
     acc_loss, acc_kd, micro = 0.0, 0.0, 0
     stopped = False
     with progress(description, total=spec.steps) as advance:
@@ -173,16 +172,7 @@ def train(
                 _checkpoint(acc, resume_dir, step, history, trainable, opt)
             if last or stopped:
                 break
-    if wrapped is not model and sharding.requested():
-        opt.state.clear()  # the moments' shards go before the whole weights come back (memory.estimate: gathered)
-        sharding.gather(wrapped, model)  # the trained weights, whole, back in the model the caller holds
-        del wrapped
-    else:
-        model = acc.unwrap_model(wrapped)
-    if spec.grad_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.eval()
-    acc.free_memory()
+    model = _finish(acc, wrapped, model, opt, spec)
     history.update(steps=step, stopped_early=stopped, seconds=round(time.perf_counter() - t0, 2),
                    final_loss=_mean_tail(history["loss"]))
     if distiller is not None:
@@ -190,15 +180,33 @@ def train(
     return history
 
 
+def _finish(acc, wrapped, model: nn.Module, opt, spec: TrainSpec) -> nn.Module:
+    """The trained model, plain, in eval mode: unwrapped from DDP, or its weights gathered back from the sharded
+    twin (FSDP); accelerate's references released."""
+    if wrapped is not model and sharding.requested():
+        opt.state.clear()  # the moments' shards go before the whole weights come back (memory.estimate: gathered)
+        sharding.gather(wrapped, model)  # the trained weights, whole, back in the model the caller holds
+    else:
+        model = acc.unwrap_model(wrapped)
+    if spec.grad_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    acc.free_memory()
+    return model
+
+
 def _start(loader, spec: TrainSpec, resume_dir: Path | None, trainable, opt, kd: bool):
     """``(step, history, batches)``: from the checkpoint in ``resume_dir`` if there is one (its step, its history, the
     batches after those it consumed, in the same seeded order), else from the start."""
     history: dict[str, Any] = {"loss": [], "evals": [], **({"kd": []} if kd else {})}
-    step, skip = 0, 0
+    import os
+
+    # ``passed`` windows in micro-batches of this run (each micro-batch takes batch_size windows on every process)
+    step, skip = 0, spec.passed // (spec.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
     resumed = load_checkpoint(resume_dir, trainable, opt, spec.steps) if resume_dir is not None else None
     if resumed is not None:
         step, history = resumed
-        skip = step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
+        skip += step * spec.grad_accum  # micro-batches already consumed, in the same seeded order
         history["resumed_from"] = step
     batches = _cycle(loader)
     for _ in range(skip):
@@ -407,6 +415,20 @@ def mixture_windows(model: nn.Module, tok, parts: list, seqlen: int, seed: int) 
         chosen.append(w[torch.randperm(w.shape[0], generator=gen)[:n]])
     mixed = torch.cat(chosen)
     return mixed[torch.randperm(mixed.shape[0], generator=gen)].clone()
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """SHA-256 of a step's training windows (token ids): how a later step knows it was given the same windows."""
+    import hashlib
+
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def windows_seen(steps: int, batch_size: int, grad_accum: int) -> int:
+    """Windows ``steps`` optimiser steps trained on, over every process of a launch."""
+    import os
+
+    return steps * batch_size * grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def passes(steps: int, batch_size: int, grad_accum: int, windows: int) -> float:

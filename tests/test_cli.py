@@ -40,7 +40,7 @@ def test_calibration_is_reproducible_by_seed(tiny_root, tmp_path):
     assert a.shape == (8, 32) and (a == b).all() and not (a == c).all()
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", pytest.param(".parquet", marks=pytest.mark.needs("pyarrow"))])
 def test_structured_local_sources(tiny_root, tmp_path, suffix):
     import tiny
 
@@ -191,6 +191,7 @@ def _gguf(path, arch: str, before: dict | None = None) -> None:
     w.close()
 
 
+@pytest.mark.needs("gguf")
 def test_gguf_architecture_is_read_from_the_header(tmp_path):
     """The header reader skips every value type on its way to general.architecture, and agrees with the gguf
     package's full parse."""
@@ -210,6 +211,7 @@ def test_gguf_architecture_is_read_from_the_header(tmp_path):
     assert meta == {k: v[0] for k, v in before.items()}
 
 
+@pytest.mark.needs("gguf")  # one of the bad inputs is a damaged GGUF file
 def test_bad_input_is_one_line(calibrated, tiny_root, tmp_path, capsys, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -5,6 +5,7 @@ import pytest
 from llmprune import data
 
 
+@pytest.mark.needs("datasets")
 @pytest.mark.parametrize("source", ["wikitext2", "hf:someone/corpus", "hf:someone/corpus:cfg"])
 def test_recovery_trains_on_the_train_split_and_eval_reads_the_test_split(monkeypatch, source):
     import datasets

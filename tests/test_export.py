@@ -168,6 +168,7 @@ def test_card_names_hub_datasets_and_source(tmp_path):
     assert "`org/model` (revision abc123)" in card and "/nowhere" not in card and "local.txt" in card
 
 
+@pytest.mark.needs("gguf")
 def test_provenance_of_gguf_and_cached_snapshot(tmp_path):
     """A GGUF's general.license and general.source.* give the license and Hub id (general.base_model.* names the
     model's parents, not the model); a folder in the Hugging Face cache layout gives its Hub id."""

@@ -15,6 +15,8 @@ from conftest import cli
 from llmprune import gguf_vocab, gguf_write, llamacpp
 from llmprune.errors import UserError
 
+pytestmark = pytest.mark.needs("gguf", "llama_cpp")
+
 # Families llama.cpp runs, as the tiny configs build them; the others are refused, each for a reason of its own.
 WRITTEN = ("llama", "mistral", "qwen2", "qwen3", "phi", "gemma", "gemma3_text", "phi3", "olmo3", "qwen2_moe", "mixtral")
 REFUSED = {"opt": "llama.cpp has no OPT architecture",

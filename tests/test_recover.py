@@ -456,3 +456,23 @@ def test_recover_with_the_cosine_schedule_is_recorded_and_resumes_exactly(calibr
     assert steps[-1]["params"]["schedule"] == "cosine"
     assert cli("recover", wd, "--steps", 2, *FAST)[0] == 0
     assert "schedule" not in json.loads((wd / "manifest.json").read_text())["steps"][-1]["params"]
+
+
+def test_recover_starts_after_the_windows_regularize_trained_on(calibrated, tiny_root, tmp_path, capsys):
+    """Given the text and seed regularize trained on, recover's windows are the same ones in the same order: it
+    starts after those regularize used (retraining on them made the model worse on held-out text). Another seed
+    (another order) starts at the beginning; the two runs differ."""
+    wd = calibrated("llama", samples=12, seqlen=32)
+    text = ["--dataset", tiny_root / "heldout.txt", "--seqlen", 16]
+    code, reg = cli("regularize", wd, "--structure", "mlp", "--ratio", 0.25, "--steps", 6, "--batch-size", 2,
+                    "--holdout", 3, "--eval-every", 6, *text)
+    assert code == 0 and reg["windows_seen"] == 12 and reg["train_windows"] > 12
+    assert cli("prune", wd, "--method", "dress")[0] == 0
+    other = tmp_path / "other"
+    shutil.copytree(wd, other)
+    capsys.readouterr()
+    code, res = cli("recover", wd, "--full", "--steps", 3, "--holdout", 3, "--eval-every", 3, *text)
+    assert code == 0 and res["windows_passed"] == 12
+    assert "recover starts after the 12 of these" in " ".join(capsys.readouterr().err.split())
+    code, res2 = cli("recover", other, "--full", "--steps", 3, "--holdout", 3, "--eval-every", 3, "--seed", 1, *text)
+    assert code == 0 and res2["windows_passed"] == 0 and res2["loss"] != res["loss"]

@@ -100,6 +100,7 @@ metric_list:
 
 
 @pytest.mark.slow  # lm-eval itself: seconds to import and index its tasks
+@pytest.mark.needs("lm_eval")
 def test_lm_eval_runs_a_local_task_offline(calibrated, tiny_root, tmp_path, monkeypatch):
     """A task YAML on local data runs with the Hub unreachable; its accuracy is one of k/6 over the 6 examples."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -130,6 +131,7 @@ def offline_eval(calibrated, tiny_root, tmp_path, monkeypatch) -> list[str]:
     return ["eval", str(wd), "--dataset", str(tiny_root / "heldout.txt"), "--seqlen", "64", "--max-windows", "1"]
 
 
+@pytest.mark.needs("lm_eval")
 def test_bad_tasks_are_one_line(offline_eval, tiny_root, tmp_path, capsys):
     base = offline_eval
     (tmp_path / "bad.yaml").write_text("just: [a list\n")
@@ -146,6 +148,7 @@ def test_bad_tasks_are_one_line(offline_eval, tiny_root, tmp_path, capsys):
 
 
 @pytest.mark.slow  # lm-eval's task index takes seconds to build: in the slower tier
+@pytest.mark.needs("lm_eval")
 def test_bad_lm_eval_tasks_are_one_line(offline_eval, capsys):
     base = offline_eval
     # lm-eval is the `eval` extra, which the setup installs: these run, never skip

@@ -28,7 +28,7 @@ from llmprune.stats import exp_nll
 from llmprune.steps import KINDS
 from llmprune.steps.base import Step
 from llmprune import train as training
-from llmprune.train import (TrainSpec, check_launcher, mixture_windows, passes, split_holdout, train,
+from llmprune.train import (TrainSpec, check_launcher, mixture_windows, passes, split_holdout, train, windows_digest,
                             warn_repeated_windows)
 from llmprune.units import reapply, zero_masks
 from llmprune.workdir import Workdir
@@ -139,6 +139,21 @@ def run(ws: Workdir, o: RecoverOptions) -> dict[str, Any]:
     return Recovery(ws.require_calibration(), o).run()
 
 
+def after_regularize(manifest: dict, windows: torch.Tensor, seed: int) -> int:
+    """The windows of ``windows``' seeded order that the workdir's last ``regularize`` trained on, when it was given
+    the very same windows and seed (``--dataset`` naming the text it trained on; its default, the calibration text,
+    is the one recover's ``--dataset`` then names): recovery starts after them. Retraining on them made recovery
+    after DReSS worse on held-out text than no recovery at all (docs/benchmarks.md, "Generalisation")."""
+    reg = next((s for s in reversed(manifest["steps"]) if s["command"] == "regularize"), None)
+    m = reg["metrics"] if reg else {}
+    if m.get("windows_sha256") != windows_digest(windows) or m.get("seed") != seed:
+        return 0
+    n = int(m["windows_seen"])
+    report.info(f"recover starts after the {min(n, windows.shape[0])} of these {windows.shape[0]} windows that "
+                "regularize trained on" + (" (every one: it repeats them)" if n >= windows.shape[0] else ""))
+    return n
+
+
 class Recovery:
     """The ``recover`` step, in order: setup (the model, the data, the adapter) -> train -> save (the adapter, and
     with ``merge`` the merged model with its zero pattern re-applied and verified)."""
@@ -192,6 +207,7 @@ class Recovery:
         else:
             self.ws.record_inputs(tx, "calib")
         self.train_w, hold = split_holdout(windows, o.holdout)
+        self.passed = after_regularize(self.manifest, self.train_w, o.seed)
         self.n_steps = o.steps if o.steps is not None else (
             math.ceil(o.epochs * self.train_w.shape[0] / (o.batch_size * o.grad_accum)) if o.epochs is not None
             else 100)
@@ -223,7 +239,8 @@ class Recovery:
         o = self.opts
         report.info(memory.report_line(self.memory))
         self.ppl_before = exp_nll(training.heldout_nll(model, hold))
-        spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, schedule=o.schedule, batch_size=o.batch_size,
+        spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, schedule=o.schedule, passed=self.passed,
+                         batch_size=o.batch_size,
                          grad_accum=o.grad_accum, seed=o.seed, grad_checkpointing=o.grad_checkpointing,
                          eval_every=o.eval_every, precision=o.precision)
         # All weights trained on a sparse model: the pattern comes back after each step, so it holds throughout.
@@ -242,6 +259,7 @@ class Recovery:
              "masked_adapters": self.masked_layers, "mode": "full" if o.full else "lora",
              "objective": "distill" if o.distill else "lm",
              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "windows_passed": self.passed,
              **({"sharding": hist["sharding"]} if "sharding" in hist else {})}
         if o.distill:
             m.update(kd=hist["kd"], final_kd=hist["final_kd"],

@@ -29,7 +29,7 @@ from llmprune.selection import SELECTS, check_choice, select
 from llmprune.steps import KINDS
 from llmprune.steps.base import Step
 from llmprune.structured import STRUCTURES, Plan, align_ratio, check_supported, geometry, width_multiple_option
-from llmprune.train import check_launcher
+from llmprune.train import check_launcher, windows_digest, windows_seen
 from llmprune.workdir import Workdir
 
 
@@ -224,8 +224,6 @@ def training_windows(ws: Workdir, lm: nn.Module, tok, text: str | list | None, w
 def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
     """The ``regularize`` step: choose the units, train the whole model while they are driven to zero, and record
     the plan as regularised and pending (``prune --method dress`` applies it)."""
-    import resource
-
     o = o.prepare()
     ws.require_calibration()
     from llmprune import data, distill, resume
@@ -285,18 +283,7 @@ def run(ws: Workdir, o: RegularizeOptions) -> dict[str, Any]:
         hist = regularize(lm, train_w, hold, plan, norm=o.norm, shrink=o.shrink, lam=o.lam, spec=spec,
                           device=o.device, until_converged=o.until_converged, gap_tol=o.gap_tol, distiller=distiller,
                           resume_dir=where, save_every=o.save_every)
-        last = hist["evals"][-1]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        tx.step.metrics = {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
-            "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
-            "stopped_early": hist["stopped_early"], "resumed_from": hist.get("resumed_from"),
-            "train_s": hist["seconds"], "train_windows": train_w.shape[0],
-            "trained_on": o.dataset if o.dataset is not None else "calibration windows",
-            "passes": round(n_passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if o.dataset else {}), "peak_rss_mib": round(peak, 1),
-            "memory_estimate": estimate, "loss": hist["loss"], "evals": hist["evals"], **({"budget": budget} if budget else {}), **({"kd": hist["kd"], "final_kd": hist["final_kd"]}
-                                                             if o.distill else {}),
-            **({"teacher_correction": correction} if correction else {}),
-            **({"sharding": hist["sharding"]} if "sharding" in hist else {})}
+        tx.step.metrics = _record(o, plan, hist, train_w, n_passes, estimate, budget, correction)
         PlanRecord(plan, regularized=True, applied=False).write(tx)
         save_model(lm, tok, tx.stage("model"), ws.shard_size)
     resume.clear(ws.path, "regularize", where, started)  # with --save-every 0 too: older runs' are stale now
@@ -334,6 +321,28 @@ def _resolve_ratio(ws: Workdir, lm, o: RegularizeOptions):
     if o.width_multiple != 1:
         o = dataclasses.replace(o, ratio=align_ratio(geometry(lm), o.structure, o.ratio, o.width_multiple))
     return o, None, budget
+
+
+def _record(o, plan, hist: dict, train_w, n_passes: float, estimate: dict, budget, correction) -> dict[str, Any]:
+    """The regularize step's metrics."""
+    import resource
+
+    last = hist["evals"][-1]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"plan": plan.to_json(), "units_removed": plan.n_units, **{k: last[k] for k in (
+        "relative_norm", "ppl", "ppl_zeroed", "gap")}, "before": hist["evals"][0], "steps": hist["steps"],
+        "stopped_early": hist["stopped_early"], "resumed_from": hist.get("resumed_from"),
+        "train_s": hist["seconds"], "train_windows": train_w.shape[0],
+        # what recover needs to continue after these windows when it is given the same ones (same text and seed)
+        "windows_seen": windows_seen(hist["steps"], o.batch_size, o.grad_accum),
+        "windows_sha256": windows_digest(train_w), "seed": o.seed,
+        "trained_on": o.dataset if o.dataset is not None else "calibration windows",
+        "passes": round(n_passes * hist["steps"] / o.steps, 3), **({"seqlen": train_w.shape[1]} if o.dataset else {}),
+        "peak_rss_mib": round(peak, 1), "memory_estimate": estimate, "loss": hist["loss"], "evals": hist["evals"],
+        **({"budget": budget} if budget else {}),
+        **({"kd": hist["kd"], "final_kd": hist["final_kd"]} if o.distill else {}),
+        **({"teacher_correction": correction} if correction else {}),
+        **({"sharding": hist["sharding"]} if "sharding" in hist else {})}
 
 
 STEP = Step("regularize", RegularizeOptions, run, "DReSS: choose the units to remove, then train so that their "

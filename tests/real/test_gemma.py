@@ -17,7 +17,7 @@ from conftest import cli
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import assets  # noqa: E402
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.needs("gguf")]  # the models come as GGUF files (PyPI)
 SEQLEN = 512
 EVAL_WINDOWS = 8  # of the 101 test windows
 # At 100 examples the dense / SparseGPT / magnitude accuracies (0.27 / 0.145 / 0.005 at 200, benchmarks/results)

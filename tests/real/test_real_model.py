@@ -16,7 +16,7 @@ from conftest import cli
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import assets  # noqa: E402
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.needs("gguf")]  # the models come as GGUF files (PyPI)
 SEQLEN = 512
 EVAL_WINDOWS = 20  # of the 105 test windows
 # Last-word examples (of the test split's paragraphs). 100 keep the checks' three models apart: dense 0.465 at 200
