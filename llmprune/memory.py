@@ -27,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmprune import sharding
 from llmprune.errors import UserError
 from llmprune.shards import read_header
 
@@ -113,22 +115,32 @@ class Setting:
     teacher_parameters: int = 0  # 0: no distillation
     grad_checkpointing: bool = False
     precision: str = "fp32"
+    shards: int = 1  # FSDP over this many processes (llmprune/sharding.py); 1: every process holds everything
 
 
 def estimate(g: Geometry, s: Setting) -> dict[str, int]:
-    """Bytes of each part, of the three phases that can set the peak (``training``, ``optimizer_step``,
-    ``evaluation``) and the ``peak``, on the training device."""
+    """Bytes of each part, of the phases that can set the peak (``training``, ``optimizer_step``, ``evaluation``;
+    under FSDP also ``gathered``) and the ``peak``, on the training device (per process).
+
+    Under FSDP (``shards`` N > 1) each process holds 1/N of the weights, gradients and AdamW moments, plus the whole
+    weights (and, while its backward runs, the whole gradients) of the block computing and of the next one
+    prefetched, and the root unit's (embeddings, head, final norm: unsharded from the forward to the end of the
+    backward); after training the whole trained weights come back beside the weights' shards (``gathered``)."""
+    n = max(s.shards, 1)
     trainable = g.parameters if s.full else sum(s.lora_rank * (i + o) for i, o in g.block_linears)
     act = 2 if s.precision == "bf16" else FP32
     tokens = s.batch * s.seqlen
     per_block = block_values_per_token(g) + (0 if s.full else lora_values_per_token(g, s.lora_dropout, s.lora_rank))
     kept = (g.layers * g.hidden + per_block) if s.grad_checkpointing else g.layers * per_block
     logits = g.vocab * tokens * FP32
+    block = sum(i * o for i, o in g.block_linears) // max(g.layers, 1)
+    live = (2 * block + max(g.parameters - g.layers * block, 0)) if n > 1 else 0  # unsharded while computing
+    live_grads = (2 * trainable // max(g.layers, 1)) if n > 1 else 0
     parts = {
-        "weights": g.parameters * FP32,
-        "gradients": trainable * FP32,
-        "optimizer": 2 * trainable * FP32,
-        "bf16_copy": trainable * 2 if s.precision == "bf16" else 0,
+        "weights": (g.parameters // n + live) * FP32,
+        "gradients": (trainable // n + live_grads) * FP32,
+        "optimizer": 2 * (trainable // n) * FP32,
+        "bf16_copy": trainable // n * 2 if s.precision == "bf16" else 0,
         "teacher": s.teacher_parameters * FP32,
         # the blocks' kept values, the head's log-probabilities, and the logits and their gradient at the top
         "activations": int(kept * tokens * act) + 3 * logits + 3 * g.hidden * tokens * FP32,
@@ -137,10 +149,12 @@ def estimate(g: Geometry, s: Setting) -> dict[str, int]:
     held = parts["weights"] + parts["optimizer"] + parts["teacher"]
     parts["training"] = sum(parts.values())
     # AdamW's step (torch's multi-tensor version): one temporary the size of what is trained, beside the gradients
-    parts["optimizer_step"] = held + parts["gradients"] + trainable * FP32
+    parts["optimizer_step"] = held + parts["gradients"] + trainable // n * FP32
     # the held-out evaluation: logits, log-probabilities and the loss's temporaries of EVAL_BATCH windows
     parts["evaluation"] = held + 3 * g.vocab * EVAL_BATCH * s.seqlen * FP32
-    parts["peak"] = max(parts["training"], parts["optimizer_step"], parts["evaluation"])
+    if n > 1:  # sharding.gather, the optimizer's state freed: the whole trained weights beside the shards
+        parts["gathered"] = g.parameters * FP32 + parts["weights"] + parts["teacher"]
+    parts["peak"] = max(parts[k] for k in ("training", "optimizer_step", "evaluation", "gathered") if k in parts)
     return parts
 
 
@@ -149,6 +163,8 @@ def training_check(folder: Path, s: Setting, device: str, step: str, enforce: bo
     before it is loaded; returned as recorded (the step prints ``report_line`` of it once its inputs are checked, so
     a bad option stays one line)."""
     g = geometry(folder)
+    if sharding.requested():
+        s = dataclasses.replace(s, shards=sharding.processes())
     if enforce:
         return check(g, s, device, step)
     return _record(estimate(g, s), device, _base_bytes(device), available_bytes(device))
@@ -184,19 +200,28 @@ def check(g: Geometry, s: Setting, device: str, step: str) -> dict:
     """The estimate as recorded (MiB), or one line refusing a step that would not fit, naming what would."""
     parts, base, have = estimate(g, s), _base_bytes(device), available_bytes(device)
     record = _record(parts, device, base, have)
-    need = parts["peak"] + base
+    # On the CPU the processes of a launch (DDP or FSDP) share the host's memory: each needs its own share of it.
+    procs = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = (parts["peak"] + base) * procs
     if need <= have:
         return record
     fits, kinds = [], set()
-    for kind, how, other in _alternatives(s):
-        if kind not in kinds and estimate(g, other)["peak"] + base <= have:
+    for kind, how, other in _alternatives(s, device):
+        if kind not in kinds and (estimate(g, other)["peak"] + base) * procs <= have:
             fits.append(how)
             kinds.add(kind)  # the largest batch size that fits, not every one
-    raise UserError(f"{step} needs about {_size(need)} on {device} (weights {_size(parts['weights'])}, optimizer "
+    where = f"{device} ({procs} processes)" if procs > 1 else device
+    raise UserError(f"{step} needs about {_size(need)} on {where} (weights {_size(parts['weights'])}, optimizer "
                     f"{_size(parts['optimizer'])}, activations {_size(parts['activations'])}) and {_size(have)} is "
                     "free; "
                     + ("it would fit with " + " or ".join(fits) if fits else "nothing smaller of this step fits:"
                        " a machine with more memory") + " (--no-memory-check runs it anyway)")
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _size(n: float) -> str:
@@ -216,9 +241,13 @@ def _record(parts: dict[str, int], device: str, base: int, have: int) -> dict:
     return record
 
 
-def _alternatives(s: Setting):
-    """(kind, what to say, the setting it names) for each change that makes a step smaller. FSDP is not offered:
-    regularize and recover refuse it until they gather the sharded weights before saving."""
+def _alternatives(s: Setting, device: str):
+    """(kind, what to say, the setting it names) for each change that makes a step smaller. FSDP is offered over
+    the machine's GPUs: on the CPU its processes share one memory, so sharding saves nothing there."""
+    gpus = _gpus() if device.startswith("cuda") else 0
+    if s.shards == 1 and gpus > 1:
+        yield "fsdp", (f"FSDP over {gpus} GPUs (accelerate launch --config_file {sharding.CONFIG} --num_processes "
+                       f"{gpus} -m llmprune ...)"), dataclasses.replace(s, shards=gpus)
     if not s.grad_checkpointing:
         yield "ckpt", "--grad-checkpointing", dataclasses.replace(s, grad_checkpointing=True)
     if s.full:

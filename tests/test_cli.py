@@ -307,6 +307,7 @@ def test_out_of_memory_is_one_line_with_advice_and_loses_nothing(calibrated, tmp
     capsys.readouterr()
     assert run(["prune", str(wd), "--method", "wanda"]) == 2  # a step that failed, not bad input
     err = capsys.readouterr().err.strip()
+    err = err[err.index("error: "):]  # after the memory estimate's line
     assert err.startswith("error: out of") and "Traceback" not in err and len(err.splitlines()) <= 2
     assert "--batch-size" in err.replace("\n", " ") and "left as it was" in err.replace("\n", " ")
     assert (wd / "manifest.json").read_bytes() == before and not (wd / ".staging").exists()
@@ -324,8 +325,8 @@ def test_prune_takes_exactly_the_registered_methods_options(capsys):
     from llmprune.options import specs as option_specs
 
     declared = {o.name for m in METHODS.values() for o in option_specs(m.Options)}
-    general = {"method", "sparsity", "pattern", "true_sequential", "device", "act_dtype", "batch_size", "owl_lambda",
-               "owl_m"}
+    general = {"method", "sparsity", "pattern", "true_sequential", "device", "act_dtype", "batch_size", "memory_check",
+               "owl_lambda", "owl_m"}
     opts = {p.name for p in typer.main.get_command(app).commands["prune"].params} - {"workdir", "as_json"}
     assert opts == declared | general
     assert run(["prune", "--help"]) == 0

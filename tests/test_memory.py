@@ -110,3 +110,127 @@ def test_a_step_that_cannot_fit_is_refused_naming_what_would(calibrated, monkeyp
     code, _ = cli("recover", wd, "--full", "--batch-size", "8", "--holdout", "4", "--steps", "1",
                   "--no-memory-check")
     assert code == 0
+
+
+def _llama7b() -> memory.Geometry:
+    """Llama-2-7B's shapes (32 blocks of hidden 4096, MLP 11008, vocabulary 32000), without a file."""
+    h, i, layers, vocab = 4096, 11008, 32, 32000
+    block = ((h, h),) * 4 + ((h, i), (h, i), (i, h))
+    params = layers * (4 * h * h + 3 * h * i + 2 * h) + 2 * vocab * h + h
+    return memory.Geometry(parameters=params, hidden=h, layers=layers, mlp_width=i, kv_width=h, vocab=vocab,
+                           block_linears=block * layers)
+
+
+def test_fsdp_shards_the_states_and_keeps_a_unit_whole():
+    """Under FSDP over N processes each holds 1/N of the weights, gradients and moments plus the whole weights of
+    two blocks and the root unit; after training the whole weights come back (``gathered``). For 7B over 8 GPUs
+    the per-process peak falls from ~113 GB (more than an H100) to about a fifth of it."""
+    g = _llama7b()
+    one = memory.estimate(g, memory.Setting(batch=1, seqlen=2048, full=True))
+    eight = memory.estimate(g, memory.Setting(batch=1, seqlen=2048, full=True, shards=8))
+    block = sum(i * o for i, o in g.block_linears) // g.layers
+    root = g.parameters - g.layers * block
+    assert eight["optimizer"] == 2 * 4 * (g.parameters // 8)
+    assert eight["weights"] == 4 * (g.parameters // 8 + 2 * block + root)
+    assert eight["activations"] == one["activations"]  # each process its own batch
+    assert eight["gathered"] == 4 * g.parameters + eight["weights"] and "gathered" not in one
+    assert one["peak"] > 100 * 2**30 and eight["peak"] < one["peak"] / 3
+
+
+def test_a_step_too_large_for_one_gpu_is_offered_fsdp(monkeypatch):
+    """On a machine with 8 GPUs, a 7B regularisation that does not fit one names FSDP over the 8 (and the config
+    to launch with); on the CPU, where the processes share one memory, FSDP is not offered."""
+    g = _llama7b()
+    s = memory.Setting(batch=1, seqlen=2048, full=True, grad_checkpointing=True)
+    monkeypatch.setattr(memory, "_gpus", lambda: 8)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 80 * 2**30)
+    with pytest.raises(memory.UserError) as e:
+        memory.check(g, s, "cuda", "regularize")
+    assert "FSDP over 8 GPUs" in str(e.value) and "configs/fsdp.yaml" in str(e.value)
+    monkeypatch.setattr(memory, "process_bytes", lambda: 0)
+    with pytest.raises(memory.UserError) as e:
+        memory.check(g, s, "cpu", "regularize")
+    assert "FSDP" not in str(e.value)
+
+
+# --- prune (llmprune.prune_memory) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_the_prune_estimate_is_printed_and_recorded(calibrated, capsys, method):
+    from llmprune import prune_memory
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    capsys.readouterr()
+    code, res = cli("prune", wd, "--method", method, "--sparsity", "0.5", "--device", "cpu")
+    assert code == 0
+    est = res["memory_estimate"]
+    assert est["device"] == "cpu" and est["peak_mib"] >= est["base_mib"] > 0 and est["available_mib"] > 0
+    assert est["activations_on"] == "cpu" and est["chunk_windows"] == 4
+    assert "memory: about" in capsys.readouterr().err
+    step = json.loads((wd / "manifest.json").read_text())["steps"][-1]
+    assert step["command"] == "prune" and step["metrics"]["memory_estimate"] == est
+    g, b = memory.geometry(wd / "model"), prune_memory.blocks(wd / "model")
+    parts = prune_memory.estimate(g, b, prune_memory.PruneSetting(method, samples=20, seqlen=64), "cpu", 1 << 40)
+    assert est["method"] == round(parts["method"] / memory.MIB) and est["peak"] == round(parts["peak"] / memory.MIB)
+
+
+def test_a_prune_that_cannot_fit_is_refused_naming_what_would(calibrated, monkeypatch, capsys):
+    """With less memory free than Wanda at --batch-size 4 needs but enough at 2, the prune is refused before the
+    model is loaded (a bad option is still its own error first), naming that; --no-memory-check runs it."""
+    from llmprune import prune_memory
+
+    wd = calibrated("llama", samples=20, seqlen=64)
+    g, b = memory.geometry(wd / "model"), prune_memory.blocks(wd / "model")
+    base = 100 * memory.MIB
+    monkeypatch.setattr(memory, "process_bytes", lambda: base)
+    two = prune_memory.estimate(g, b, prune_memory.PruneSetting("wanda", 20, 64, batch=2), "cpu", 0)["peak"]
+    four = prune_memory.estimate(g, b, prune_memory.PruneSetting("wanda", 20, 64, batch=4), "cpu", 0)["peak"]
+    assert four > two
+    monkeypatch.setattr(memory, "available_bytes", lambda device: base + two + 1)
+    manifest = (wd / "manifest.json").read_text()
+    capsys.readouterr()
+    assert run(["prune", str(wd), "--method", "wanda", "--sparsity", "1.5", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "needs about" not in err and "sparsity" in err  # the option's own error, not the memory check's
+    assert run(["prune", str(wd), "--method", "wanda", "--sparsity", "0.5", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "prune needs about" in err and "it would fit with --batch-size 2" in err and "Traceback" not in err
+    assert "--no-memory-check" in err and len(err.strip().splitlines()) == 1
+    assert (wd / "manifest.json").read_text() == manifest  # nothing ran
+    code, _ = cli("prune", wd, "--method", "wanda", "--sparsity", "0.5", "--device", "cpu", "--no-memory-check")
+    assert code == 0
+
+
+def test_the_prune_estimate_scales_as_it_should():
+    """Twice the samples, twice the activations; bf16 activations half of fp32; SparseGPT's statistics pass holds
+    4 in^2 bytes per Linear (one fp32 Hessian each) on top of Wanda's; the factorisation of a square Linear three
+    matrices of its width; Wanda++'s RO adds the block's optimiser state and its dense outputs."""
+    from llmprune import prune_memory as pm
+
+    g = _llama7b()
+    layer = g.block_linears[: len(g.block_linears) // g.layers]
+    b = pm.Blocks(block_bytes=2 * sum(i * o for i, o in layer), block_parameters=sum(i * o for i, o in layer),
+                  model_bytes=2 * g.parameters, linears=layer, weight_bytes=2)
+    cpu = 1 << 50
+
+    def parts(method="wanda", **kw):
+        return pm.estimate(g, b, pm.PruneSetting(method, **{"samples": 128, "seqlen": 2048, **kw}), "cpu", cpu)
+
+    one, two = parts(), parts(samples=256)
+    assert two["activations"] == 2 * one["activations"] == 2 * 3 * 128 * 2048 * g.hidden * 4
+    assert parts(act_bytes=2)["activations"] == one["activations"] // 2
+    assert parts(batch=8)["forward"] == 2 * one["forward"] and parts(batch=8)["activations"] == one["activations"]
+    sgpt = parts("sparsegpt")
+    copy = 128 * 2048 * g.hidden * 4
+    assert sgpt["statistics"] == sgpt["weights"] + 2 * copy + sgpt["forward"] + 4 * sum(i * i for i, _ in layer)
+    square = pm.Blocks(1, 1, 1, ((4096, 4096),), 2)
+    assert pm.hessian_bytes(square, pm.PruneSetting("sparsegpt", 1, 1)) == 3 * 4 * 4096**2
+    # the widest input (the MLP's down projection, 11008) sets SparseGPT's peak: three matrices of its width
+    assert sgpt["method"] == 3 * 4 * 11008**2 and sgpt["pruning"] == sgpt["weights"] + 2 * copy + sgpt["method"]
+    assert sgpt["peak"] == sgpt["propagation"]  # 128 x 2048 fp32 windows of 4096 values: 4.3 GB a copy, three live
+    wpp = parts("wandapp", wandapp=pm.RO(iters=2, samples=32))
+    rgs = parts("wandapp", wandapp=pm.RO(iters=0))
+    assert wpp["activations"] - rgs["activations"] == 64 * 2048 * g.hidden * 4  # the dense outputs of 2 x 32 draws
+    assert wpp["method"] > rgs["method"] + 2 * 4 * sum(i * o for i, o in layer)  # fp32 gradients and RMSprop's state
+    # on a GPU whose half cannot hold two copies, the copies go to host memory and the device keeps a chunk
+    gpu = pm.estimate(g, b, pm.PruneSetting("wanda", 128, 2048), "cuda", 4 * copy - 1)
+    assert gpu["activations"] == 0 and gpu["host"] == 3 * copy

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from llmprune import arch as _arch
-from llmprune import engine, evaluate, owl, precision, report, units
-from llmprune.current import open_current
+from llmprune import engine, evaluate, owl, precision, prune_memory, report, units
+from llmprune.current import open_current, pending_adapter
 from llmprune.errors import UserError
 from llmprune.masks import parse_pattern
 from llmprune.methods import METHODS, method_options
 from llmprune.methods.base import PruneSpec
-from llmprune.options import (DEVICE_PANEL, OptionSpec, batch_option, check_all, check_device, device_option, option,
-                              strip_optional)
+from llmprune.options import (DEVICE_PANEL, OptionSpec, batch_option, check_all, check_device, device_option,
+                              memory_check_option, option, strip_optional)
 from llmprune import pruning
 from llmprune.pruning import check_not_already, check_options_belong, check_pattern, method_for
 from llmprune.steps import KINDS
@@ -43,6 +43,7 @@ class PruneOptions:
     act_dtype: str = option("float32", "Dtype of the stored activations: float32, bfloat16, float16 (also fp32, bf16, "
                             "fp16).", choices=tuple(precision.TORCH), strict=False, panel=DEVICE_PANEL)
     batch_size: int = batch_option()
+    memory_check: bool = memory_check_option()
     owl_lambda: Optional[float] = option(
         None, "OWL (Yin et al. 2024): one sparsity per block at the same overall --sparsity, blocks with more outlier "
         "Wanda scores keeping more weights; the spread of the block sparsities (the paper: 0.08). Unstructured "
@@ -108,12 +109,14 @@ def run(ws: Workdir, req: PruneOptions) -> dict[str, Any]:
     if owl_settings is not None:
         params.update(owl_lambda=owl_settings.lam, owl_m=owl_settings.m)
     spec = PruneSpec(pat, s, opts, req.true_sequential)
+    estimate = _memory_check(ws, method, spec, owl_settings is not None, req, act_dtype)
     with ws.step("prune", params) as tx:
         ws.record_inputs(tx, "model")
         ws.record_inputs(tx, "calib")
         lm, tok, weights = open_current(ws, tokenizer=False)  # the in-memory path still gets one
         check_pattern(lm, spec)
         windows = ws.windows() if method.needs_data or owl_settings is not None else None
+        report.info(prune_memory.report_line(estimate, method.name))  # once the inputs check out: errors stay one line
         out = tx.stage("model")
         peak: dict[str, Any] = {}
         with engine.peak_device_memory(req.device, peak):
@@ -123,13 +126,13 @@ def run(ws: Workdir, req: PruneOptions) -> dict[str, Any]:
         fallback = {"no_token_weights": len(result["no_tokens"])} if _arch.arch_for(lm.config.model_type).experts else {}
         blocks = evaluate.block_sparsity(result["after"])
         owl_info = result.get("owl", {})
-        tx.step.metrics = {**result["times"], **peak, **summ, **fallback, **owl_info,
+        tx.step.metrics = {**result["times"], **peak, **summ, **fallback, **owl_info, "memory_estimate": estimate,
                            "layer_sparsity": evaluate.layer_sparsity(result["after"]), "block_sparsity": blocks,
                            # the zeros a later step must keep (recover re-applies them); None: no pattern to keep
                            "zero_pattern": str(pat) if method.exact_zeros else None}
     # ``sparsity`` is the achieved one per layer type (from the summary); ``target_sparsity`` what was asked for.
     return {"method": method.name, "pattern": str(pat), "target_sparsity": s, **result["times"], **peak, **summ,
-            **fallback, **owl_info, "block_sparsity": blocks}
+            **fallback, **owl_info, "block_sparsity": blocks, "memory_estimate": estimate}
 
 
 def warn_stacked(ws: Workdir) -> None:
@@ -157,6 +160,22 @@ def _check_owl(req: PruneOptions, pat, s: float) -> owl.Settings | None:
     settings = owl.Settings(req.owl_lambda, owl.DEFAULT_M if req.owl_m is None else req.owl_m)
     owl.check(s, settings.lam, settings.m)
     return settings
+
+
+def _memory_check(ws: Workdir, method, spec: PruneSpec, owl: bool, req: PruneOptions, act_dtype: str) -> dict:
+    """The prune's peak memory, estimated from the config and the shards' headers before the model is loaded, and
+    (unless ``--no-memory-check``) a prune that would not fit refused in one line naming what would."""
+    manifest = ws.manifest()
+    opts = spec.options
+    ro = None
+    if method.name == "wandapp":
+        ro = prune_memory.RO(grads=opts.alpha > 0, iters=opts.ro_iters, samples=opts.ro_samples, batch=opts.ro_batch,
+                             adam=opts.ro_optim == "adam", fixed=opts.ro_mask == "fixed")
+    setting = prune_memory.PruneSetting(
+        method=method.name, samples=manifest["calibration"]["samples"], seqlen=manifest["calibration"]["seqlen"],
+        batch=req.batch_size, act_bytes=precision.TORCH[act_dtype].itemsize, true_sequential=spec.true_sequential,
+        removed=spec.sparsity, data=method.needs_data or owl, whole=pending_adapter(manifest) is not None, wandapp=ro)
+    return prune_memory.check(ws.model_dir, setting, req.device, req.memory_check)
 
 
 def _prune_and_write(lm, tok, weights, method, spec, owl_settings, windows, req, out, ws, tx) -> dict[str, Any]:
