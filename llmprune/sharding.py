@@ -2,7 +2,7 @@
 
 ``regularize`` and ``recover`` train every weight of the model (DReSS trains the whole model), so at 7B the
 weights, gradients and optimizer state (about 16 bytes a parameter) do not fit one device. Under
-``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (accelerate sets ``ACCELERATE_USE_FSDP``) the steps
+``accelerate launch --config_file llmprune/configs/fsdp.yaml`` (accelerate sets ``ACCELERATE_USE_FSDP``) the steps
 shard the model with PyTorch's FSDP2 (``fully_shard``: each decoder block one unit, the rest of the model the root
 unit; every parameter split along its first dimension in ``ceil(n / processes)``-row chunks), which runs on gloo
 (CPU) and NCCL alike -- accelerate 1.15 only turns FSDP on for accelerator devices, so the sharding is done here and
@@ -44,7 +44,7 @@ def config_problem() -> str | None:
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
         return (f"the launch asks for FSDP version {version}; llmprune shards with FSDP2 (set fsdp_version: 2, as "
-                "configs/accelerate/fsdp.yaml does)")
+                "llmprune/configs/fsdp.yaml does)")
     if processes() < 2:
         return "FSDP needs at least 2 processes (accelerate launch --num_processes N)"
     if _flag("FSDP_ACTIVATION_CHECKPOINTING"):

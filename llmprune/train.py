@@ -1,10 +1,11 @@
 """One training loop for every step that trains (DReSS ``regularize``, LoRA ``recover``), through ``accelerate``.
 
-Going through ``accelerate`` means the same loop runs on one CPU, one GPU, or many processes under
-``accelerate launch`` (DDP on gloo or NCCL) without a code change: the data loader is sharded and gradients are
-averaged by the wrapper. Under an FSDP launch the loop trains a sharded twin of the model (``sharding``) and
-gathers its weights back at the end, so callers hold a plain module before and after either way. Hooks let each caller add to the loss (a penalty), act after each optimiser step (a
-proximal shrink) and measure every few steps (a held-out perplexity, a stopping test).
+Going through ``accelerate`` means the same loop runs on one CPU, one GPU, or many processes under ``accelerate
+launch`` (DDP on gloo or NCCL) without a code change: the data loader is sharded and gradients are averaged by the
+wrapper. Under an FSDP launch the loop trains a sharded twin of the model (``sharding``) and gathers its weights
+back at the end, so callers hold a plain module before and after either way. Hooks let each caller add to the loss
+(a penalty), act after each optimiser step (a proximal shrink) and measure every few steps (a held-out perplexity, a
+stopping test).
 """
 
 from __future__ import annotations
