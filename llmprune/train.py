@@ -79,7 +79,7 @@ def accelerator(device: str, grad_accum: int = 1, precision: str = "fp32"):
     from accelerate.state import AcceleratorState, GradientState
 
     check_launcher()
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if sharding.processes() == 1:
         # accelerate keeps one device setting per process (a shared state, set by the first Accelerator): without
         # this, a CPU run earlier in the process (a test session, a recipe) keeps a later --device cuda run on the
         # CPU. Under a launch the state holds the process group and is left alone.
@@ -200,10 +200,8 @@ def _start(loader, spec: TrainSpec, resume_dir: Path | None, trainable, opt, kd:
     """``(step, history, batches)``: from the checkpoint in ``resume_dir`` if there is one (its step, its history, the
     batches after those it consumed, in the same seeded order), else from the start."""
     history: dict[str, Any] = {"loss": [], "evals": [], **({"kd": []} if kd else {})}
-    import os
-
     # ``passed`` windows in micro-batches of this run (each micro-batch takes batch_size windows on every process)
-    step, skip = 0, spec.passed // (spec.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
+    step, skip = 0, spec.passed // windows_seen(1, spec.batch_size, 1)
     resumed = load_checkpoint(resume_dir, trainable, opt, spec.steps) if resume_dir is not None else None
     if resumed is not None:
         step, history = resumed
@@ -427,17 +425,13 @@ def windows_digest(windows: torch.Tensor) -> str:
 
 def windows_seen(steps: int, batch_size: int, grad_accum: int) -> int:
     """Windows ``steps`` optimiser steps trained on, over every process of a launch."""
-    import os
-
-    return steps * batch_size * grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    return steps * batch_size * grad_accum * sharding.processes()
 
 
 def passes(steps: int, batch_size: int, grad_accum: int, windows: int) -> float:
     """Passes over ``windows`` that ``steps`` optimiser steps make; under ``accelerate launch`` each step takes
     every process's batch."""
-    import os
-
-    return steps * batch_size * grad_accum * int(os.environ.get("WORLD_SIZE", "1")) / windows
+    return windows_seen(steps, batch_size, grad_accum) / windows
 
 
 def warn_repeated_windows(steps: int, n_passes: float, windows: int, hint: str | None = None) -> None:

@@ -240,8 +240,7 @@ class Recovery:
         report.info(memory.report_line(self.memory))
         self.ppl_before = exp_nll(training.heldout_nll(model, hold))
         spec = TrainSpec(steps=self.n_steps, lr=o.learning_rate, schedule=o.schedule, passed=self.passed,
-                         batch_size=o.batch_size,
-                         grad_accum=o.grad_accum, seed=o.seed, grad_checkpointing=o.grad_checkpointing,
+                         batch_size=o.batch_size, grad_accum=o.grad_accum, seed=o.seed, grad_checkpointing=o.grad_checkpointing,
                          eval_every=o.eval_every, precision=o.precision)
         # All weights trained on a sparse model: the pattern comes back after each step, so it holds throughout.
         keep = (lambda m, step, lr: reapply(m, masks)) if o.full and masks else None
